@@ -1,0 +1,356 @@
+//! `watchqctl`: look at and listen to watchqd.
+
+use std::collections::{BTreeMap, HashMap};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use futures_util::StreamExt;
+use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
+
+use watchqd::client::{ManagerProxy, ReceivedObject, SubscriptionProxy};
+
+#[derive(Parser, Debug)]
+#[command(
+    version,
+    about = "Look at and listen to watchqd (honours DBUS_SYSTEM_BUS_ADDRESS)"
+)]
+struct Args {
+    /// Bus address instead of the system bus.
+    #[arg(long, global = true, value_name = "ADDRESS")]
+    address: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The daemon's version and which sources this kernel offers.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print events as they happen, until interrupted.
+    Monitor {
+        /// One JSON object per line instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Events the daemon keeps for us if we fall behind.
+        #[arg(long, value_name = "N")]
+        queue_depth: Option<u32>,
+        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name).
+        #[arg(long = "match", value_name = "KEY=VALUE")]
+        matches: Vec<String>,
+        /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
+        #[arg(long = "subtype", value_name = "NAME")]
+        subtypes: Vec<String>,
+        /// Sources to watch (default: every available one).
+        sources: Vec<String>,
+    },
+    /// The current devices (block and USB) with their attributes.
+    Devices {
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("watchqctl: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), String> {
+    let conn = watchqd::client::connect(args.address.as_deref())
+        .await
+        .map_err(|e| format!("cannot connect to the bus: {e}"))?;
+    let manager = ManagerProxy::new(&conn).await.map_err(|e| e.to_string())?;
+    match args.command {
+        Command::Status { json } => status(&manager, json).await,
+        Command::Devices { json } => devices(&manager, json).await,
+        Command::Monitor {
+            json,
+            queue_depth,
+            matches,
+            subtypes,
+            sources,
+        } => {
+            monitor(
+                &conn,
+                &manager,
+                MonitorOptions {
+                    json,
+                    queue_depth,
+                    matches,
+                    subtypes,
+                    sources,
+                },
+            )
+            .await
+        }
+    }
+}
+
+fn describe(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, Some(message), _) => format!("{message} ({name})"),
+        zbus::Error::MethodError(name, None, _)
+            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown" =>
+        {
+            "watchqd is not running on this bus (org.watchq1 has no owner)".to_owned()
+        }
+        other => other.to_string(),
+    }
+}
+
+async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
+    let version = manager.version().await.map_err(|e| describe(&e))?;
+    let sources = manager.sources().await.map_err(|e| describe(&e))?;
+    if json {
+        let value = serde_json::json!({
+            "version": version,
+            "sources": sources.iter().map(|s| serde_json::json!({
+                "name": s.name, "available": s.available, "reason": s.reason, "subtypes": s.subtypes,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{value}");
+        return Ok(());
+    }
+    println!("watchqd {version}");
+    for source in sources {
+        if source.available {
+            println!(
+                "  {:<12} available    ({})",
+                source.name,
+                source.subtypes.join(", ")
+            );
+        } else {
+            println!("  {:<12} unavailable: {}", source.name, source.reason);
+        }
+    }
+    Ok(())
+}
+
+async fn devices(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
+    let (seq, objects) = manager
+        .snapshot("devices")
+        .await
+        .map_err(|e| describe(&e))?;
+    if json {
+        let list: Vec<_> = objects.iter().map(object_json).collect();
+        println!("{}", serde_json::json!({ "seq": seq, "devices": list }));
+        return Ok(());
+    }
+    for (id, _, attributes, _) in &objects {
+        println!("{id}\n    {}", attrs_text(attributes, &[]));
+    }
+    Ok(())
+}
+
+fn object_json(object: &ReceivedObject) -> serde_json::Value {
+    let (id, changes, attributes, properties) = object;
+    serde_json::json!({
+        "id": id, "changes": changes,
+        "attributes": attrs_json(attributes), "properties": properties,
+    })
+}
+
+struct MonitorOptions {
+    json: bool,
+    queue_depth: Option<u32>,
+    matches: Vec<String>,
+    subtypes: Vec<String>,
+    sources: Vec<String>,
+}
+
+async fn monitor(
+    conn: &zbus::Connection,
+    manager: &ManagerProxy<'_>,
+    options: MonitorOptions,
+) -> Result<(), String> {
+    let available = manager.sources().await.map_err(|e| describe(&e))?;
+    let sources: Vec<String> = if options.sources.is_empty() {
+        available
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| s.name.clone())
+            .collect()
+    } else {
+        options.sources.clone()
+    };
+    let mut spec: HashMap<&str, Variant<'_>> = HashMap::new();
+    for m in &options.matches {
+        let (key, value) = m
+            .split_once('=')
+            .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
+        spec.insert(key, Variant::from(value));
+    }
+
+    let mut subscribe_options = HashMap::new();
+    if let Some(depth) = options.queue_depth {
+        subscribe_options.insert("queue-depth", Variant::from(depth));
+    }
+    let path = manager
+        .subscribe(subscribe_options)
+        .await
+        .map_err(|e| describe(&e))?;
+    // Listen before any watch exists so that no event can be missed.
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.watchq1")
+        .interface("org.watchq1.Subscription")
+        .path(path.clone())
+        .build()
+        .map_err(|e| e.to_string())?;
+    let mut stream = MessageStream::for_match_rule(rule, conn, None)
+        .await
+        .map_err(|e| e.to_string())?;
+    let subscription = SubscriptionProxy::builder(conn)
+        .path(path.clone())
+        .build()
+        .await
+        .map_err(|e| e.to_string())?;
+    for (index, source) in sources.iter().enumerate() {
+        let tag = u64::try_from(index).unwrap_or(u64::MAX) + 1;
+        let spec = spec
+            .iter()
+            .map(|(k, v)| (*k, v.try_clone().unwrap_or_else(|_| Variant::from(""))))
+            .collect();
+        subscription
+            .add_watch(source, tag, spec)
+            .await
+            .map_err(|e| format!("cannot watch {source}: {}", describe(&e)))?;
+    }
+    if !options.subtypes.is_empty() {
+        let subtypes: Vec<&str> = options.subtypes.iter().map(String::as_str).collect();
+        let filter: Vec<(&str, &[&str])> = sources
+            .iter()
+            .map(|s| (s.as_str(), subtypes.as_slice()))
+            .collect();
+        subscription
+            .set_filter(&filter)
+            .await
+            .map_err(|e| format!("cannot set the filter: {}", describe(&e)))?;
+    }
+    if !options.json {
+        eprintln!(
+            "watching {} (subscription {path}); Ctrl-C to stop",
+            sources.join(", ")
+        );
+    }
+
+    let interrupted = tokio::signal::ctrl_c();
+    tokio::pin!(interrupted);
+    loop {
+        tokio::select! {
+            _ = &mut interrupted => break,
+            message = stream.next() => {
+                let Some(Ok(message)) = message else {
+                    return Err("the bus connection closed".into());
+                };
+                print_signal(&message, options.json);
+            }
+        }
+    }
+    let _ = subscription.close().await;
+    Ok(())
+}
+
+type DeviceChangedBody = (
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    HashMap<String, OwnedVariant>,
+    BTreeMap<String, String>,
+);
+
+fn print_signal(message: &zbus::Message, json: bool) {
+    let header = message.header();
+    let Some(member) = header.member() else {
+        return;
+    };
+    let body = message.body();
+    let line = match member.as_str() {
+        "DeviceChanged" => body.deserialize::<DeviceChangedBody>().ok().map(
+            |(seq, tag, action, subsystem, sys_path, attributes, properties)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "DeviceChanged", "seq": seq, "tag": tag, "source": "devices",
+                        "action": action, "subsystem": subsystem, "sys_path": sys_path,
+                        "attributes": attrs_json(&attributes), "properties": properties,
+                    })
+                    .to_string()
+                } else {
+                    let name = attributes
+                        .get("name")
+                        .and_then(|v| <&str>::try_from(&**v).ok())
+                        .unwrap_or(sys_path.as_str());
+                    format!(
+                        "#{seq:<6} devices {action:<12} {subsystem:<6} {name:<10} {}",
+                        attrs_text(&attributes, &["name", "subsystem", "kernel-seqnum"])
+                    )
+                }
+            },
+        ),
+        "Lost" => body.deserialize::<(u64, u64, String, String)>().ok().map(|(seq, count, source, reason)| {
+            if json {
+                serde_json::json!({"signal": "Lost", "seq": seq, "count": count, "source": source, "reason": reason}).to_string()
+            } else if count == 0 {
+                format!("#{seq:<6} LOST an unknown number of {source} events ({reason}); state was rescanned")
+            } else {
+                format!("#{seq:<6} LOST {count} {source} events ({reason})")
+            }
+        }),
+        "WatchRemoved" => body.deserialize::<(u64, u64, String)>().ok().map(|(seq, tag, reason)| {
+            if json {
+                serde_json::json!({"signal": "WatchRemoved", "seq": seq, "tag": tag, "reason": reason}).to_string()
+            } else {
+                format!("#{seq:<6} watch {tag} removed: {reason}")
+            }
+        }),
+        _ => None,
+    };
+    if let Some(line) = line {
+        println!("{line}");
+    }
+}
+
+fn variant_json(value: &Variant<'_>) -> serde_json::Value {
+    match value {
+        Variant::Str(s) => serde_json::Value::from(s.as_str()),
+        Variant::U64(v) => serde_json::Value::from(*v),
+        Variant::U32(v) => serde_json::Value::from(*v),
+        Variant::I64(v) => serde_json::Value::from(*v),
+        Variant::I32(v) => serde_json::Value::from(*v),
+        Variant::Bool(v) => serde_json::Value::from(*v),
+        other => serde_json::Value::from(format!("{other}")),
+    }
+}
+
+fn attrs_json(attributes: &HashMap<String, OwnedVariant>) -> serde_json::Value {
+    let sorted: BTreeMap<&String, serde_json::Value> = attributes
+        .iter()
+        .map(|(k, v)| (k, variant_json(v)))
+        .collect();
+    serde_json::json!(sorted)
+}
+
+fn attrs_text(attributes: &HashMap<String, OwnedVariant>, skip: &[&str]) -> String {
+    let sorted: BTreeMap<&String, &OwnedVariant> = attributes.iter().collect();
+    sorted
+        .into_iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| match variant_json(v) {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}

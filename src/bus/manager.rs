@@ -1,0 +1,73 @@
+//! `org.watchq1.Manager` at `/org/watchq1`.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::{interface, OwnedObjectPath, OwnedVariant};
+
+use super::error::BusError;
+use super::types::{SnapshotObject, SourceInfo};
+use super::Service;
+use crate::source::Availability;
+
+pub const PATH: &str = "/org/watchq1";
+
+pub struct Manager {
+    pub(super) service: Arc<Service>,
+}
+
+/// The entry point: subscriptions, what this kernel offers, and snapshots.
+#[interface(name = "org.watchq1.Manager")]
+impl Manager {
+    /// Creates a subscription owned by the caller's connection and returns its path.
+    /// Options: "queue-depth" (u): events kept for the subscriber before newer ones are
+    /// dropped and counted in Lost.
+    async fn subscribe(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))?;
+        self.service.subscribe(sender, &options).await
+    }
+
+    /// Current objects of a source: (the source's generation, [(id, changes, attributes,
+    /// properties)]). For a snapshot aligned with a subscription's events, use the
+    /// subscription's Snapshot method.
+    async fn snapshot(&self, source: &str) -> Result<(u64, Vec<SnapshotObject>), BusError> {
+        let (seq, objects) = self.service.hub.snapshot(source, None)?;
+        Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
+    }
+
+    /// The daemon's version.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn version(&self) -> String {
+        env!("CARGO_PKG_VERSION").to_owned()
+    }
+
+    /// Every source: (name, available on this kernel, why not, subtype names in number
+    /// order).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn sources(&self) -> Vec<SourceInfo> {
+        self.service
+            .hub
+            .sources()
+            .into_iter()
+            .map(|s| {
+                let (available, reason) = match s.availability {
+                    Availability::Available => (true, String::new()),
+                    Availability::Unavailable(reason) => (false, reason),
+                };
+                SourceInfo {
+                    name: s.name.to_owned(),
+                    available,
+                    reason,
+                    subtypes: s.subtypes.iter().map(|t| (*t).to_owned()).collect(),
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,304 @@
+//! The D-Bus adapter: objects, identity lookup, and delivery of outboxes as unicast
+//! signals with flow control.
+//!
+//! Flow control: the bus daemon queues what a slow reader does not read until its own
+//! limit, then drops silently (dbus-daemon) or disconnects the reader (dbus-broker), and
+//! tells the sender neither. So the daemon keeps at most `in_flight` signals per
+//! subscriber on the bus. Messages between two peers are delivered in order, and every
+//! D-Bus library answers `org.freedesktop.DBus.Peer.Ping` when it reaches it, so a Ping
+//! reply proves that everything sent before the Ping was read: that is the credit. No
+//! cooperation is needed from clients, and a subscriber that stops reading costs the
+//! daemon one bounded outbox.
+
+pub mod error;
+pub mod manager;
+pub mod subscription;
+pub mod types;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use zbus::fdo::DBusProxy;
+use zbus::names::{BusName, UniqueName};
+use zbus::object_server::SignalEmitter;
+use zbus::{Connection, OwnedObjectPath, OwnedVariant};
+
+use crate::dispatch::{Delivery, Hub};
+use crate::policy::Identity;
+use error::BusError;
+use subscription::SubscriptionObject;
+
+pub const BUS_NAME: &str = "org.watchq1";
+
+pub struct Service {
+    conn: Connection,
+    hub: Arc<Hub>,
+    dbus: DBusProxy<'static>,
+}
+
+impl Service {
+    /// Serves the Manager object; the caller requests the name afterwards, so that no
+    /// client can reach a half-built daemon.
+    pub async fn serve(conn: &Connection, hub: Arc<Hub>) -> zbus::Result<Arc<Service>> {
+        let service = Arc::new(Service {
+            conn: conn.clone(),
+            hub,
+            dbus: DBusProxy::new(conn).await?,
+        });
+        conn.object_server()
+            .at(
+                manager::PATH,
+                manager::Manager {
+                    service: Arc::clone(&service),
+                },
+            )
+            .await?;
+        Ok(service)
+    }
+
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+
+    async fn identity(&self, sender: &UniqueName<'_>) -> Result<Identity, BusError> {
+        let credentials = self
+            .dbus
+            .get_connection_credentials(BusName::Unique(sender.to_owned()))
+            .await
+            .map_err(|e| BusError::Unavailable(format!("cannot identify the caller: {e}")))?;
+        let uid = credentials.unix_user_id().ok_or_else(|| {
+            BusError::AccessDenied("the bus does not know the caller's uid".into())
+        })?;
+        Ok(Identity {
+            unique_name: sender.to_string(),
+            uid,
+            pid: credentials.process_id(),
+        })
+    }
+
+    async fn subscribe(
+        self: &Arc<Self>,
+        sender: &UniqueName<'_>,
+        options: &HashMap<String, OwnedVariant>,
+    ) -> Result<OwnedObjectPath, BusError> {
+        let mut depth = None;
+        for (key, value) in options {
+            match key.as_str() {
+                "queue-depth" => {
+                    let requested = u32::try_from(value.clone()).map_err(|_| {
+                        BusError::InvalidArgument(format!(
+                            "option 'queue-depth' must be a u32 (D-Bus type 'u'), got '{}'",
+                            value.value_signature()
+                        ))
+                    })?;
+                    depth = Some(usize::try_from(requested).unwrap_or(usize::MAX));
+                }
+                other => {
+                    return Err(BusError::InvalidArgument(format!(
+                        "unknown Subscribe option '{other}'; known: queue-depth"
+                    )))
+                }
+            }
+        }
+        let identity = self.identity(sender).await?;
+        let uid = identity.uid;
+        let subscribed = self.hub.subscribe(identity, depth)?;
+        let id = subscribed.id;
+        let path = subscription::path(id);
+        self.conn
+            .object_server()
+            .at(
+                path.as_str(),
+                SubscriptionObject {
+                    id,
+                    service: Arc::clone(self),
+                },
+            )
+            .await?;
+        let owner = sender.to_owned();
+        let service = Arc::clone(self);
+        tokio::spawn(async move { service.deliver(id, owner, subscribed.notify).await });
+        // The owner may have left before we started watching for that.
+        if !self
+            .dbus
+            .name_has_owner(BusName::Unique(sender.to_owned()))
+            .await
+            .unwrap_or(false)
+        {
+            self.close(id).await;
+        }
+        tracing::info!(subscription = id, owner = %sender, uid, "subscribed");
+        OwnedObjectPath::try_from(path).map_err(|e| BusError::ZBus(e.into()))
+    }
+
+    /// Ends a subscription: state, object and delivery task.
+    pub async fn close(&self, id: u64) {
+        if self.hub.close(id) {
+            let path = subscription::path(id);
+            if let Err(e) = self
+                .conn
+                .object_server()
+                .remove::<SubscriptionObject, _>(path.as_str())
+                .await
+            {
+                tracing::warn!(subscription = id, "removing the object failed: {e}");
+            }
+            tracing::info!(subscription = id, "subscription closed");
+        }
+    }
+
+    /// Closes the subscriptions of every connection that leaves the bus. Runs for the
+    /// daemon's life.
+    pub async fn reap_departed(self: Arc<Self>) -> zbus::Result<()> {
+        let mut changes = self.dbus.receive_name_owner_changed().await?;
+        while let Some(change) = changes.next().await {
+            let Ok(args) = change.args() else { continue };
+            if args.new_owner().is_some() || !args.name().starts_with(':') {
+                continue;
+            }
+            for id in self.hub.subscriptions_of(args.name()) {
+                tracing::debug!(subscription = id, owner = %args.name(), "owner left the bus");
+                self.close(id).await;
+            }
+        }
+        Err(zbus::Error::Failure("NameOwnerChanged stream ended".into()))
+    }
+
+    /// Sends one subscription's outbox as unicast signals, keeping at most the
+    /// configured window unacknowledged.
+    async fn deliver(self: Arc<Self>, id: u64, owner: UniqueName<'static>, notify: Arc<Notify>) {
+        let window = self.hub.delivery().in_flight;
+        let path = subscription::path(id);
+        let emitter = match SignalEmitter::new(&self.conn, path.as_str()) {
+            Ok(emitter) => emitter.set_destination(BusName::Unique(owner.clone())),
+            Err(e) => {
+                tracing::error!(subscription = id, "cannot emit signals: {e}");
+                return;
+            }
+        };
+        let mut in_flight = 0usize;
+        // The outstanding Ping and how many signals its reply will acknowledge.
+        let mut ping: Option<(
+            std::pin::Pin<Box<dyn std::future::Future<Output = PingOutcome> + Send>>,
+            usize,
+        )> = None;
+        loop {
+            let credit = window.saturating_sub(in_flight);
+            if credit > 0 {
+                let Some(batch) = self.hub.take(id, credit) else {
+                    return; // closed
+                };
+                for delivery in &batch {
+                    if let Err(e) = emit(&emitter, delivery).await {
+                        tracing::warn!(subscription = id, "sending a signal failed: {e}");
+                    }
+                }
+                in_flight += batch.len();
+                if !batch.is_empty() && in_flight < window {
+                    continue;
+                }
+            }
+            if ping.is_none() && in_flight >= window / 2 {
+                let conn = self.conn.clone();
+                let owner = owner.clone();
+                ping = Some((Box::pin(ping_peer(conn, owner)), in_flight));
+            }
+            match &mut ping {
+                Some((reply, covered)) => {
+                    tokio::select! {
+                        outcome = reply => {
+                            match outcome {
+                                PingOutcome::Read => in_flight -= *covered,
+                                PingOutcome::Retry => {}
+                                PingOutcome::Gone => {
+                                    self.close(id).await;
+                                    return;
+                                }
+                            }
+                            ping = None;
+                        }
+                        () = notify.notified(), if in_flight < window => {}
+                    }
+                }
+                None => notify.notified().await,
+            }
+        }
+    }
+}
+
+enum PingOutcome {
+    /// The peer answered: it has read everything sent before the Ping.
+    Read,
+    /// The bus gave up waiting (NoReply); the peer may still be alive but stuck.
+    Retry,
+    /// The peer is gone.
+    Gone,
+}
+
+async fn ping_peer(conn: Connection, owner: UniqueName<'static>) -> PingOutcome {
+    let reply = conn
+        .call_method(
+            Some(BusName::Unique(owner)),
+            "/",
+            Some("org.freedesktop.DBus.Peer"),
+            "Ping",
+            &(),
+        )
+        .await;
+    match reply {
+        Ok(_) => PingOutcome::Read,
+        Err(zbus::Error::MethodError(name, _, _)) => match name.as_str() {
+            "org.freedesktop.DBus.Error.NoReply" | "org.freedesktop.DBus.Error.Timeout" => {
+                PingOutcome::Retry
+            }
+            "org.freedesktop.DBus.Error.ServiceUnknown"
+            | "org.freedesktop.DBus.Error.NameHasNoOwner"
+            | "org.freedesktop.DBus.Error.Disconnected" => PingOutcome::Gone,
+            // Any other error was sent by the peer itself (a library that does not
+            // implement Peer still answers UnknownMethod), which proves it read.
+            _ => PingOutcome::Read,
+        },
+        Err(e) => {
+            tracing::debug!("ping failed: {e}");
+            PingOutcome::Retry
+        }
+    }
+}
+
+async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<()> {
+    match delivery {
+        Delivery::Event { seq, tag, record } => match record.source {
+            crate::source::devices::NAME => {
+                let registry_subtype = crate::source::devices::SUBTYPES
+                    .get(usize::from(record.subtype))
+                    .copied()
+                    .unwrap_or("change");
+                SubscriptionObject::device_changed(
+                    emitter,
+                    *seq,
+                    *tag,
+                    registry_subtype,
+                    record.attr_str("subsystem").unwrap_or_default(),
+                    &record.object_id,
+                    types::AttrMap(&record.attributes),
+                    &record.properties,
+                )
+                .await
+            }
+            other => Err(zbus::Error::Failure(format!(
+                "no signal for source {other}"
+            ))),
+        },
+        Delivery::Lost {
+            seq,
+            count,
+            source,
+            reason,
+        } => SubscriptionObject::lost(emitter, *seq, *count, source, reason.as_str()).await,
+        Delivery::WatchRemoved { seq, tag, reason } => {
+            SubscriptionObject::watch_removed(emitter, *seq, *tag, reason).await
+        }
+    }
+}

@@ -1,0 +1,191 @@
+//! `org.watchq1.Subscription` at `/org/watchq1/subscription/N`: only its owner may call it.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+
+use zbus::message::Header;
+use zbus::object_server::SignalEmitter;
+use zbus::{interface, OwnedVariant};
+
+use super::error::BusError;
+use super::types::{AttrMap, SnapshotObject};
+use super::Service;
+use crate::event::Attrs;
+
+pub const PATH_PREFIX: &str = "/org/watchq1/subscription";
+
+pub fn path(id: u64) -> String {
+    format!("{PATH_PREFIX}/{id}")
+}
+
+pub struct SubscriptionObject {
+    pub(super) id: u64,
+    pub(super) service: Arc<Service>,
+}
+
+impl SubscriptionObject {
+    fn caller<'h>(header: &'h Header<'_>) -> Result<&'h str, BusError> {
+        header
+            .sender()
+            .map(|s| s.as_str())
+            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))
+    }
+
+    fn check_owner(&self, header: Option<&Header<'_>>) -> Result<(), BusError> {
+        // Local reads (no header) come from the daemon itself.
+        let Some(header) = header else { return Ok(()) };
+        let caller = Self::caller(header)?;
+        match self.service.hub.owner_of(self.id) {
+            Some(owner) if owner == caller => Ok(()),
+            Some(_) => Err(BusError::AccessDenied(format!(
+                "subscription {} belongs to another connection",
+                self.id
+            ))),
+            None => Err(BusError::NotFound(format!(
+                "subscription {} is closed",
+                self.id
+            ))),
+        }
+    }
+}
+
+/// One client's subscription. Every signal is sent only to the owner. Every signal
+/// carries a sequence number: it grows by one per signal, except that Lost(seq, count)
+/// stands for count numbers when count > 0.
+#[interface(name = "org.watchq1.Subscription")]
+impl SubscriptionObject {
+    /// Adds a watch. kind names a source (see the Manager's Sources property); tag is
+    /// echoed in every event the watch matches and must be unique in this subscription;
+    /// spec holds the source's match keys. devices: "subsystem" (s: block or usb),
+    /// "devtype" (s), "name" (s, with * and ? wildcards), "properties" (a{ss}, uevent
+    /// properties that must be equal).
+    async fn add_watch(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        kind: &str,
+        tag: u64,
+        spec: HashMap<String, OwnedVariant>,
+    ) -> Result<(), BusError> {
+        let caller = Self::caller(&header)?;
+        Ok(self
+            .service
+            .hub
+            .add_watch(self.id, caller, kind, tag, &spec)?)
+    }
+
+    /// Removes the watch with this tag.
+    async fn remove_watch(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        tag: u64,
+    ) -> Result<(), BusError> {
+        let caller = Self::caller(&header)?;
+        Ok(self.service.hub.remove_watch(self.id, caller, tag)?)
+    }
+
+    /// Replaces the filter: a list of (source, subtype names). An event passes when some
+    /// entry names its source and subtype. An empty list passes everything. Lost and
+    /// WatchRemoved are never filtered.
+    async fn set_filter(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        filter: Vec<(String, Vec<String>)>,
+    ) -> Result<(), BusError> {
+        let caller = Self::caller(&header)?;
+        Ok(self.service.hub.set_filter(self.id, caller, &filter)?)
+    }
+
+    /// Current objects of a source and the sequence number they are valid at: apply
+    /// every event with a higher number, and none with a lower one.
+    async fn snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        source: &str,
+    ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
+        let caller = Self::caller(&header)?;
+        let (seq, objects) = self.service.hub.snapshot(source, Some((self.id, caller)))?;
+        Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
+    }
+
+    /// Ends the subscription: its watches are removed and the object disappears.
+    async fn close(&self, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
+        let caller = Self::caller(&header)?;
+        self.check_owner(Some(&header))?;
+        tracing::debug!(subscription = self.id, caller, "closed by its owner");
+        self.service.close(self.id).await;
+        Ok(())
+    }
+
+    /// Events kept for the subscriber before newer ones are dropped and counted.
+    #[zbus(property(emits_changed_signal = "const"))]
+    fn queue_depth(&self, #[zbus(header)] header: Option<Header<'_>>) -> Result<u32, BusError> {
+        self.check_owner(header.as_ref())?;
+        Ok(u32::try_from(self.service.hub.queue_depth(self.id)).unwrap_or(u32::MAX))
+    }
+
+    /// The watches: (tag, source).
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn watches(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+    ) -> Result<Vec<(u64, String)>, BusError> {
+        self.check_owner(header.as_ref())?;
+        Ok(self
+            .service
+            .hub
+            .watches(self.id)
+            .into_iter()
+            .map(|w| (w.tag, w.source.to_owned()))
+            .collect())
+    }
+
+    /// The filter as SetFilter took it.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn filter(
+        &self,
+        #[zbus(header)] header: Option<Header<'_>>,
+    ) -> Result<Vec<(String, Vec<String>)>, BusError> {
+        self.check_owner(header.as_ref())?;
+        Ok(self.service.hub.filter(self.id))
+    }
+
+    /// A block or USB device changed. action is the subtype name (add, remove, change,
+    /// move, online, offline, bind, unbind, media-change, resize); sys_path the device's
+    /// path below /sys; attributes are typed (name, devname, major, minor, size, ...);
+    /// properties are the kernel's uevent environment.
+    #[zbus(signal)]
+    #[allow(clippy::too_many_arguments)]
+    pub async fn device_changed(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        action: &str,
+        subsystem: &str,
+        sys_path: &str,
+        attributes: AttrMap<&Attrs>,
+        properties: &BTreeMap<String, String>,
+    ) -> zbus::Result<()>;
+
+    /// Events were lost. reason "queue-full": the daemon dropped count events of this
+    /// subscription (sequence numbers seq to seq+count-1) because they were not read in
+    /// time. reason "kernel-overflow": the kernel dropped an unknown number of source's
+    /// events (count is 0); take a new snapshot.
+    #[zbus(signal)]
+    pub async fn lost(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        count: u64,
+        source: &str,
+        reason: &str,
+    ) -> zbus::Result<()>;
+
+    /// The watch with this tag ended without being asked to (its object or source went
+    /// away); reason says why.
+    #[zbus(signal)]
+    pub async fn watch_removed(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        reason: &str,
+    ) -> zbus::Result<()>;
+}

@@ -1,0 +1,66 @@
+//! Client side of the interface, for `watchqctl`, tests and Rust programs.
+
+use std::collections::{BTreeMap, HashMap};
+
+use zbus::{proxy, Connection, OwnedObjectPath, OwnedVariant};
+
+use crate::bus::types::SourceInfo;
+
+/// A snapshot object as received: (id, changes, attributes, properties).
+pub type ReceivedObject = (
+    String,
+    u64,
+    HashMap<String, OwnedVariant>,
+    BTreeMap<String, String>,
+);
+
+#[proxy(
+    interface = "org.watchq1.Manager",
+    default_service = "org.watchq1",
+    default_path = "/org/watchq1"
+)]
+pub trait Manager {
+    fn subscribe(&self, options: HashMap<&str, zbus::Variant<'_>>)
+        -> zbus::Result<OwnedObjectPath>;
+    fn snapshot(&self, source: &str) -> zbus::Result<(u64, Vec<ReceivedObject>)>;
+    #[zbus(property)]
+    fn version(&self) -> zbus::Result<String>;
+    #[zbus(property)]
+    fn sources(&self) -> zbus::Result<Vec<SourceInfo>>;
+}
+
+#[proxy(
+    interface = "org.watchq1.Subscription",
+    default_service = "org.watchq1"
+)]
+pub trait Subscription {
+    fn add_watch(
+        &self,
+        kind: &str,
+        tag: u64,
+        spec: HashMap<&str, zbus::Variant<'_>>,
+    ) -> zbus::Result<()>;
+    fn remove_watch(&self, tag: u64) -> zbus::Result<()>;
+    fn set_filter(&self, filter: &[(&str, &[&str])]) -> zbus::Result<()>;
+    fn snapshot(&self, source: &str) -> zbus::Result<(u64, Vec<ReceivedObject>)>;
+    fn close(&self) -> zbus::Result<()>;
+    #[zbus(property)]
+    fn queue_depth(&self) -> zbus::Result<u32>;
+    #[zbus(property)]
+    fn watches(&self) -> zbus::Result<Vec<(u64, String)>>;
+}
+
+/// Connects to the system bus (`DBUS_SYSTEM_BUS_ADDRESS` honoured) or to `address`.
+///
+/// The connection answers `org.freedesktop.DBus.Peer.Ping`, which watchqd uses to learn
+/// that a subscriber has read its signals: a zbus connection does so only once its object
+/// server runs, so this starts it.
+pub async fn connect(address: Option<&str>) -> zbus::Result<Connection> {
+    let address = address.map_or_else(crate::daemon::system_bus_address, str::to_owned);
+    let conn = zbus::connection::Builder::address(address.as_str())
+        .build()
+        .await?;
+    // Starting the object server is what makes zbus answer Peer methods.
+    let _ = conn.object_server();
+    Ok(conn)
+}

@@ -1,0 +1,263 @@
+//! Configuration in two layers: [`RawConfig`] is what serde reads (every key optional,
+//! unknown keys refused), [`Config`] is what the daemon runs with, validated by
+//! `TryFrom`. A bad file stops the daemon at start with the file, the key and the
+//! problem; nothing is read later.
+//!
+//! Sources, later ones winning: built-in defaults, the file (`/etc/watchqd/watchqd.toml`,
+//! optional; or `--config PATH`, required), then `WATCHQD_<SECTION>__<KEY>` environment
+//! variables (for example `WATCHQD_DELIVERY__IN_FLIGHT=32`).
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::dispatch::{DeliveryConfig, Limits};
+use crate::source::devices::DevicesConfig;
+
+pub const DEFAULT_PATH: &str = "/etc/watchqd/watchqd.toml";
+pub const ENV_PREFIX: &str = "WATCHQD";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{origin}: {message}")]
+    Read { origin: String, message: String },
+    #[error("{origin}: {key}: {message}")]
+    Invalid {
+        origin: String,
+        key: &'static str,
+        message: String,
+    },
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub delivery: RawDelivery,
+    pub limits: RawLimits,
+    pub sources: RawSources,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDelivery {
+    pub default_queue_depth: Option<u64>,
+    pub max_queue_depth: Option<u64>,
+    pub in_flight: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub subscriptions_per_connection: Option<u64>,
+    pub subscriptions_per_uid: Option<u64>,
+    pub watches_per_subscription: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawSources {
+    pub devices: RawDevices,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawDevices {
+    pub receive_buffer: Option<u64>,
+}
+
+/// The validated configuration.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Config {
+    pub delivery: DeliveryConfig,
+    pub limits: Limits,
+    pub devices: DevicesConfig,
+    /// Where the configuration came from, for messages.
+    pub origin: String,
+}
+
+impl Config {
+    /// Reads the configuration. `path` is the `--config` argument: when given, the file
+    /// must exist; otherwise [`DEFAULT_PATH`] is read if present.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let (file, required) = match path {
+            Some(p) => (p.to_path_buf(), true),
+            None => (PathBuf::from(DEFAULT_PATH), false),
+        };
+        let origin = if file.exists() || required {
+            format!("{} (and {ENV_PREFIX}_* environment)", file.display())
+        } else {
+            format!("built-in defaults (and {ENV_PREFIX}_* environment)")
+        };
+        let raw: RawConfig = config::Config::builder()
+            .add_source(
+                config::File::from(file.as_path())
+                    .format(config::FileFormat::Toml)
+                    .required(required),
+            )
+            .add_source(
+                config::Environment::with_prefix(ENV_PREFIX)
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError::Read {
+                origin: origin.clone(),
+                message: e.to_string(),
+            })?;
+        Config::validate(raw, origin)
+    }
+
+    /// Parses TOML text (for tests and `watchqd --check-config`).
+    pub fn from_toml(text: &str, origin: &str) -> Result<Config, ConfigError> {
+        let raw: RawConfig = config::Config::builder()
+            .add_source(config::File::from_str(text, config::FileFormat::Toml))
+            .build()
+            .and_then(config::Config::try_deserialize)
+            .map_err(|e| ConfigError::Read {
+                origin: origin.to_owned(),
+                message: e.to_string(),
+            })?;
+        Config::validate(raw, origin.to_owned())
+    }
+
+    fn validate(raw: RawConfig, origin: String) -> Result<Config, ConfigError> {
+        let invalid = |key: &'static str, message: String| ConfigError::Invalid {
+            origin: origin.clone(),
+            key,
+            message,
+        };
+        let ranged =
+            |key: &'static str, value: Option<u64>, default: usize, min: u64, max: u64| match value
+            {
+                None => Ok(default),
+                Some(v) if (min..=max).contains(&v) => {
+                    usize::try_from(v).map_err(|_| invalid(key, format!("{v} is too large")))
+                }
+                Some(v) => Err(invalid(
+                    key,
+                    format!("must be between {min} and {max}, got {v}"),
+                )),
+            };
+        let defaults = Config::default();
+        let max_queue_depth = ranged(
+            "delivery.max_queue_depth",
+            raw.delivery.max_queue_depth,
+            defaults.delivery.max_queue_depth,
+            1,
+            1 << 20,
+        )?;
+        let default_queue_depth = ranged(
+            "delivery.default_queue_depth",
+            raw.delivery.default_queue_depth,
+            defaults.delivery.default_queue_depth.min(max_queue_depth),
+            1,
+            max_queue_depth as u64,
+        )?;
+        let delivery = DeliveryConfig {
+            default_queue_depth,
+            max_queue_depth,
+            in_flight: ranged(
+                "delivery.in_flight",
+                raw.delivery.in_flight,
+                defaults.delivery.in_flight,
+                2,
+                65536,
+            )?,
+        };
+        let limits = Limits {
+            subscriptions_per_connection: ranged(
+                "limits.subscriptions_per_connection",
+                raw.limits.subscriptions_per_connection,
+                defaults.limits.subscriptions_per_connection,
+                1,
+                65536,
+            )?,
+            subscriptions_per_uid: ranged(
+                "limits.subscriptions_per_uid",
+                raw.limits.subscriptions_per_uid,
+                defaults.limits.subscriptions_per_uid,
+                1,
+                1 << 20,
+            )?,
+            watches_per_subscription: ranged(
+                "limits.watches_per_subscription",
+                raw.limits.watches_per_subscription,
+                defaults.limits.watches_per_subscription,
+                1,
+                65536,
+            )?,
+        };
+        let devices = DevicesConfig {
+            receive_buffer: ranged(
+                "sources.devices.receive_buffer",
+                raw.sources.devices.receive_buffer,
+                defaults.devices.receive_buffer,
+                4096,
+                1 << 30,
+            )?,
+        };
+        Ok(Config {
+            delivery,
+            limits,
+            devices,
+            origin,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_default_file_equals_built_in_defaults() {
+        let text = include_str!("../../config/watchqd.toml");
+        let parsed = Config::from_toml(text, "config/watchqd.toml").unwrap();
+        assert_eq!(
+            Config {
+                origin: String::new(),
+                ..parsed
+            },
+            Config::default()
+        );
+    }
+
+    #[test]
+    fn unknown_key_is_named() {
+        let err = Config::from_toml("[delivery]\nqueue_dpeth = 3\n", "t.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("t.toml") && text.contains("queue_dpeth"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn out_of_range_value_names_the_key() {
+        let err = Config::from_toml("[delivery]\nin_flight = 1\n", "t.toml").unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "t.toml: delivery.in_flight: must be between 2 and 65536, got 1"
+        );
+    }
+
+    #[test]
+    fn wrong_type_is_named() {
+        let err = Config::from_toml("[limits]\nwatches_per_subscription = \"many\"\n", "t.toml")
+            .unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("watches_per_subscription"), "{text}");
+    }
+
+    #[test]
+    fn default_depth_may_not_exceed_maximum() {
+        let err = Config::from_toml(
+            "[delivery]\nmax_queue_depth = 8\ndefault_queue_depth = 9\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("delivery.default_queue_depth"));
+    }
+}

@@ -1,0 +1,120 @@
+//! The supervisor: connects, serves, owns the name, tells systemd, and stops cleanly
+//! when any of its tasks ends or on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sd_notify::NotifyState;
+use tokio::signal::unix::{signal, SignalKind};
+use zbus::fdo::{RequestNameFlags, RequestNameReply};
+
+use crate::bus::{Service, BUS_NAME};
+use crate::config::Config;
+use crate::dispatch::Hub;
+use crate::source::{Availability, Registry};
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error("cannot connect to the system bus ({address}): {source}")]
+    Connect {
+        address: String,
+        source: zbus::Error,
+    },
+    #[error("cannot serve objects: {0}")]
+    Serve(zbus::Error),
+    #[error("cannot own the name {BUS_NAME}: {0} (is the bus policy file org.watchq1.conf installed, and is the daemon running as root?)")]
+    OwnName(zbus::Error),
+    #[error("the name {BUS_NAME} is already owned by another process")]
+    NameTaken,
+    #[error("cannot install signal handlers: {0}")]
+    Signals(std::io::Error),
+    #[error("{0}")]
+    TaskEnded(String),
+}
+
+/// The bus address the daemon and watchqctl connect to: `DBUS_SYSTEM_BUS_ADDRESS` like
+/// every system-bus client, else the standard socket.
+pub fn system_bus_address() -> String {
+    std::env::var("DBUS_SYSTEM_BUS_ADDRESS")
+        .unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".to_owned())
+}
+
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let address = system_bus_address();
+    let conn = zbus::connection::Builder::address(address.as_str())
+        .build()
+        .await
+        .map_err(|source| DaemonError::Connect {
+            address: address.clone(),
+            source,
+        })?;
+
+    let registry = Registry::builtin(&config);
+    let hub = Hub::new(registry, config.delivery.clone(), config.limits.clone());
+    let sources = hub.sources();
+    for source in &sources {
+        match &source.availability {
+            Availability::Available => tracing::info!(source = source.name, "available"),
+            Availability::Unavailable(why) => {
+                tracing::warn!(source = source.name, "unavailable: {why}");
+            }
+        }
+    }
+    let service = Service::serve(&conn, Arc::clone(&hub))
+        .await
+        .map_err(DaemonError::Serve)?;
+    let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());
+
+    let reply = conn
+        .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+        .map_err(DaemonError::OwnName)?;
+    if reply != RequestNameReply::PrimaryOwner && reply != RequestNameReply::AlreadyOwner {
+        return Err(DaemonError::NameTaken);
+    }
+    let available = sources
+        .iter()
+        .filter(|s| s.availability == Availability::Available)
+        .count();
+    let status = format!(
+        "Serving {BUS_NAME}; {available} of {} sources available",
+        sources.len()
+    );
+    tracing::info!(config = %config.origin, address = %address, "{status}");
+    notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+
+    let mut watchdog = tokio::spawn(watchdog());
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let result = tokio::select! {
+        _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+        _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+        ended = &mut reaper => Err(DaemonError::TaskEnded(format!("the connection watcher stopped: {ended:?}"))),
+        ended = &mut watchdog => Err(DaemonError::TaskEnded(format!("the watchdog task stopped: {ended:?}"))),
+    };
+    notify(&[NotifyState::Stopping]);
+    reaper.abort();
+    watchdog.abort();
+    let _ = conn.release_name(BUS_NAME).await;
+    result
+}
+
+fn notify(states: &[NotifyState<'_>]) {
+    // Not running under systemd is normal; there is nothing to tell then.
+    if let Err(e) = sd_notify::notify(false, states) {
+        tracing::debug!("sd_notify: {e}");
+    }
+}
+
+/// Pings systemd's watchdog at half the configured interval, if one is configured.
+async fn watchdog() {
+    let mut usec = 0;
+    if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
+        std::future::pending::<()>().await;
+    }
+    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    loop {
+        tick.tick().await;
+        notify(&[NotifyState::Watchdog]);
+    }
+}

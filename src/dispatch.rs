@@ -1,0 +1,771 @@
+//! Records × subscriptions × policy → per-subscription outboxes.
+//!
+//! The [`Hub`] is plain Rust: the bus layer calls it and drains outboxes, tests can drive
+//! it directly. Every decision about one record is taken under one lock, together with the
+//! update of its source's object table, so a snapshot and the sequence number it reports
+//! always agree with the events that follow it.
+//!
+//! Outboxes carry the kernel queue's semantics: a bounded number of events, never
+//! blocking the producer; when full, newer events are dropped and counted, and the count
+//! is delivered in order as one `Lost` entry covering exactly the sequence numbers that
+//! were dropped.
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use futures_util::StreamExt;
+use tokio::sync::Notify;
+use tokio::task::JoinHandle;
+
+use crate::error::Error;
+use crate::event::{Change, Object, Record, SourceMsg};
+use crate::filter::Filter;
+use crate::policy::{self, Identity};
+use crate::source::{Availability, Registry, WatchMatcher, WatchSpec};
+
+/// How deliveries are bounded (`[delivery]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeliveryConfig {
+    pub default_queue_depth: usize,
+    pub max_queue_depth: usize,
+    /// Signals a subscriber may have unacknowledged on the bus.
+    pub in_flight: usize,
+}
+
+impl Default for DeliveryConfig {
+    fn default() -> Self {
+        DeliveryConfig {
+            default_queue_depth: 256,
+            max_queue_depth: 16384,
+            in_flight: 64,
+        }
+    }
+}
+
+/// Per-caller resource limits (`[limits]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub subscriptions_per_connection: usize,
+    pub subscriptions_per_uid: usize,
+    pub watches_per_subscription: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            subscriptions_per_connection: 16,
+            subscriptions_per_uid: 64,
+            watches_per_subscription: 64,
+        }
+    }
+}
+
+/// Why a `Lost` entry was queued.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LossReason {
+    /// The daemon dropped `count` events because the subscriber did not read them.
+    QueueFull,
+    /// The kernel dropped an unknown number of the source's events.
+    KernelOverflow,
+}
+
+impl LossReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LossReason::QueueFull => "queue-full",
+            LossReason::KernelOverflow => "kernel-overflow",
+        }
+    }
+}
+
+/// One signal waiting to go to a subscriber.
+#[derive(Clone, Debug)]
+pub enum Delivery {
+    Event {
+        seq: u64,
+        tag: u64,
+        record: Arc<Record>,
+    },
+    /// Covers sequence numbers `seq .. seq + count` (one number when `count` is 0).
+    Lost {
+        seq: u64,
+        count: u64,
+        source: &'static str,
+        reason: LossReason,
+    },
+    WatchRemoved {
+        seq: u64,
+        tag: u64,
+        reason: String,
+    },
+}
+
+/// A watch as the subscription holds it.
+#[derive(Debug)]
+struct Watch {
+    tag: u64,
+    source: usize,
+    matcher: Box<dyn WatchMatcher>,
+}
+
+struct Outbox {
+    entries: VecDeque<Delivery>,
+    depth: usize,
+    queued_events: usize,
+    next_seq: u64,
+    notify: Arc<Notify>,
+}
+
+impl Outbox {
+    fn new(depth: usize) -> Self {
+        Outbox {
+            entries: VecDeque::new(),
+            depth,
+            queued_events: 0,
+            next_seq: 1,
+            notify: Arc::new(Notify::new()),
+        }
+    }
+
+    fn take_seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        seq
+    }
+
+    fn push_event(&mut self, tag: u64, record: Arc<Record>) {
+        let seq = self.take_seq();
+        if self.queued_events < self.depth {
+            self.queued_events += 1;
+            self.entries.push_back(Delivery::Event { seq, tag, record });
+        } else if let Some(Delivery::Lost {
+            count,
+            reason: LossReason::QueueFull,
+            ..
+        }) = self.entries.back_mut()
+        {
+            *count += 1;
+        } else {
+            // Meta entries do not count against the depth; there is at most one per
+            // event that was queued before it, so the outbox stays bounded.
+            self.entries.push_back(Delivery::Lost {
+                seq,
+                count: 1,
+                source: record.source,
+                reason: LossReason::QueueFull,
+            });
+        }
+        self.notify.notify_one();
+    }
+
+    fn push_meta(&mut self, make: impl FnOnce(u64) -> Delivery) {
+        let seq = self.take_seq();
+        self.entries.push_back(make(seq));
+        self.notify.notify_one();
+    }
+
+    fn pop(&mut self, max: usize, out: &mut Vec<Delivery>) {
+        while out.len() < max {
+            let Some(entry) = self.entries.pop_front() else {
+                break;
+            };
+            if matches!(entry, Delivery::Event { .. }) {
+                self.queued_events -= 1;
+            }
+            out.push(entry);
+        }
+    }
+}
+
+struct Subscription {
+    identity: Identity,
+    watches: Vec<Watch>,
+    filter: Filter,
+    outbox: Outbox,
+}
+
+struct SourceSlot {
+    availability: Availability,
+    watches: usize,
+    pump: Option<JoinHandle<()>>,
+    /// Present while the source runs: every object it reported, by id.
+    table: Option<BTreeMap<String, Object>>,
+    /// Records published since the daemon started; the Manager's snapshot sequence.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct State {
+    next_id: u64,
+    subscriptions: BTreeMap<u64, Subscription>,
+    sources: Vec<SourceSlot>,
+}
+
+/// A new subscription's handle for whoever delivers its outbox.
+pub struct Subscribed {
+    pub id: u64,
+    pub notify: Arc<Notify>,
+}
+
+/// What the Manager reports per source.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceStatus {
+    pub name: &'static str,
+    pub availability: Availability,
+    pub running: bool,
+    pub subtypes: &'static [&'static str],
+}
+
+/// What a subscription's `Watches` property lists.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WatchInfo {
+    pub tag: u64,
+    pub source: &'static str,
+}
+
+pub struct Hub {
+    registry: Registry,
+    delivery: DeliveryConfig,
+    limits: Limits,
+    state: Mutex<State>,
+}
+
+impl Hub {
+    /// Probes every source once; nothing is opened until a watch asks for it.
+    pub fn new(registry: Registry, delivery: DeliveryConfig, limits: Limits) -> Arc<Self> {
+        let sources = registry
+            .all()
+            .iter()
+            .map(|source| SourceSlot {
+                availability: source.probe(),
+                watches: 0,
+                pump: None,
+                table: None,
+                generation: 0,
+            })
+            .collect();
+        Arc::new(Hub {
+            registry,
+            delivery,
+            limits,
+            state: Mutex::new(State {
+                sources,
+                ..State::default()
+            }),
+        })
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    pub fn delivery(&self) -> &DeliveryConfig {
+        &self.delivery
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock is a bug, but the state is still consistent
+        // enough to keep serving everyone else.
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn sources(&self) -> Vec<SourceStatus> {
+        let state = self.lock();
+        self.registry
+            .all()
+            .iter()
+            .zip(&state.sources)
+            .map(|(source, slot)| SourceStatus {
+                name: source.name(),
+                availability: slot.availability.clone(),
+                running: slot.pump.is_some(),
+                subtypes: source.subtypes(),
+            })
+            .collect()
+    }
+
+    pub fn subscribe(&self, identity: Identity, depth: Option<usize>) -> Result<Subscribed, Error> {
+        let depth = depth.unwrap_or(self.delivery.default_queue_depth);
+        if depth == 0 || depth > self.delivery.max_queue_depth {
+            return Err(Error::InvalidArgument(format!(
+                "queue-depth must be between 1 and {}, got {depth}",
+                self.delivery.max_queue_depth
+            )));
+        }
+        let mut state = self.lock();
+        let per_connection = state
+            .subscriptions
+            .values()
+            .filter(|s| s.identity.unique_name == identity.unique_name)
+            .count();
+        if per_connection >= self.limits.subscriptions_per_connection {
+            return Err(Error::LimitExceeded(format!(
+                "at most {} subscriptions per connection",
+                self.limits.subscriptions_per_connection
+            )));
+        }
+        let per_uid = state
+            .subscriptions
+            .values()
+            .filter(|s| s.identity.uid == identity.uid)
+            .count();
+        if per_uid >= self.limits.subscriptions_per_uid {
+            return Err(Error::LimitExceeded(format!(
+                "at most {} subscriptions per user (uid {})",
+                self.limits.subscriptions_per_uid, identity.uid
+            )));
+        }
+        state.next_id += 1;
+        let id = state.next_id;
+        let outbox = Outbox::new(depth);
+        let notify = Arc::clone(&outbox.notify);
+        state.subscriptions.insert(
+            id,
+            Subscription {
+                identity,
+                watches: Vec::new(),
+                filter: Filter::default(),
+                outbox,
+            },
+        );
+        Ok(Subscribed { id, notify })
+    }
+
+    /// The subscription, if `caller` owns it. Someone else's subscription is reported as
+    /// access denied, a missing one as not found.
+    fn owned<'s>(
+        state: &'s mut State,
+        id: u64,
+        caller: &str,
+    ) -> Result<&'s mut Subscription, Error> {
+        let sub = state
+            .subscriptions
+            .get_mut(&id)
+            .ok_or_else(|| Error::NotFound(format!("subscription {id} does not exist")))?;
+        if sub.identity.unique_name != caller {
+            return Err(Error::AccessDenied(format!(
+                "subscription {id} belongs to another connection"
+            )));
+        }
+        Ok(sub)
+    }
+
+    pub fn owner_of(&self, id: u64) -> Option<String> {
+        self.lock()
+            .subscriptions
+            .get(&id)
+            .map(|s| s.identity.unique_name.clone())
+    }
+
+    pub fn add_watch(
+        self: &Arc<Self>,
+        id: u64,
+        caller: &str,
+        source_name: &str,
+        tag: u64,
+        spec: &WatchSpec,
+    ) -> Result<(), Error> {
+        let index = self.registry.index_of(source_name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown watch kind '{source_name}'; known: {}",
+                self.registry.names().join(", ")
+            ))
+        })?;
+        let source = Arc::clone(&self.registry.all()[index]);
+        let mut state = self.lock();
+        let sub = Self::owned(&mut state, id, caller)?;
+        let identity = sub.identity.clone();
+        if sub.watches.iter().any(|w| w.tag == tag) {
+            return Err(Error::InvalidArgument(format!(
+                "tag {tag} is already used by a watch of this subscription"
+            )));
+        }
+        if sub.watches.len() >= self.limits.watches_per_subscription {
+            return Err(Error::LimitExceeded(format!(
+                "at most {} watches per subscription",
+                self.limits.watches_per_subscription
+            )));
+        }
+        if let Availability::Unavailable(reason) = &state.sources[index].availability {
+            return Err(Error::NotSupported(format!(
+                "{source_name} events are not available: {reason}"
+            )));
+        }
+        policy::authorize_watch(&identity, source_name)?;
+        let matcher = source.parse_watch(spec)?;
+
+        let slot = &mut state.sources[index];
+        if slot.watches == 0 {
+            let stream = source.open().map_err(|e| {
+                Error::Unavailable(format!("cannot start the {source_name} source: {e}"))
+            })?;
+            // Seed the table after the kernel interface is open, so nothing falls between
+            // the scan and the first event; events already reflected in the scan are
+            // idempotent upserts and removals.
+            let objects = source.scan().unwrap_or_else(|e| {
+                tracing::warn!(source = source_name, "initial scan failed: {e}");
+                Vec::new()
+            });
+            slot.table = Some(objects.into_iter().map(|o| (o.id.clone(), o)).collect());
+            let hub = Arc::clone(self);
+            slot.pump = Some(tokio::spawn(async move { hub.pump(index, stream).await }));
+            tracing::info!(source = source_name, "source started");
+        }
+        slot.watches += 1;
+        let sub = Self::owned(&mut state, id, caller)?;
+        sub.watches.push(Watch {
+            tag,
+            source: index,
+            matcher,
+        });
+        Ok(())
+    }
+
+    pub fn remove_watch(&self, id: u64, caller: &str, tag: u64) -> Result<(), Error> {
+        let mut state = self.lock();
+        let sub = Self::owned(&mut state, id, caller)?;
+        let position = sub
+            .watches
+            .iter()
+            .position(|w| w.tag == tag)
+            .ok_or_else(|| Error::NotFound(format!("no watch with tag {tag}")))?;
+        let watch = sub.watches.remove(position);
+        self.release_source(&mut state, watch.source);
+        Ok(())
+    }
+
+    /// Drops one watch's hold on a source, stopping the source when it was the last.
+    fn release_source(&self, state: &mut State, index: usize) {
+        let slot = &mut state.sources[index];
+        slot.watches = slot.watches.saturating_sub(1);
+        if slot.watches == 0 {
+            if let Some(pump) = slot.pump.take() {
+                pump.abort();
+            }
+            slot.table = None;
+            tracing::info!(
+                source = self.registry.all()[index].name(),
+                "source stopped: nobody watches it"
+            );
+        }
+    }
+
+    pub fn set_filter(
+        &self,
+        id: u64,
+        caller: &str,
+        spec: &[(String, Vec<String>)],
+    ) -> Result<(), Error> {
+        let filter = Filter::parse(&self.registry, spec)?;
+        let mut state = self.lock();
+        Self::owned(&mut state, id, caller)?.filter = filter;
+        Ok(())
+    }
+
+    pub fn filter(&self, id: u64) -> Vec<(String, Vec<String>)> {
+        self.lock()
+            .subscriptions
+            .get(&id)
+            .map(|s| s.filter.describe(&self.registry))
+            .unwrap_or_default()
+    }
+
+    pub fn watches(&self, id: u64) -> Vec<WatchInfo> {
+        let state = self.lock();
+        state
+            .subscriptions
+            .get(&id)
+            .map(|s| {
+                s.watches
+                    .iter()
+                    .map(|w| WatchInfo {
+                        tag: w.tag,
+                        source: self.registry.all()[w.source].name(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn queue_depth(&self, id: u64) -> usize {
+        self.lock()
+            .subscriptions
+            .get(&id)
+            .map_or(0, |s| s.outbox.depth)
+    }
+
+    /// Removes a subscription, releasing its sources. Returns whether it existed.
+    pub fn close(&self, id: u64) -> bool {
+        let mut state = self.lock();
+        let Some(sub) = state.subscriptions.remove(&id) else {
+            return false;
+        };
+        for watch in &sub.watches {
+            self.release_source(&mut state, watch.source);
+        }
+        // Wake the deliverer so it sees the subscription is gone.
+        sub.outbox.notify.notify_one();
+        true
+    }
+
+    /// Every subscription owned by a connection, for when it leaves the bus.
+    pub fn subscriptions_of(&self, unique_name: &str) -> Vec<u64> {
+        self.lock()
+            .subscriptions
+            .iter()
+            .filter(|(_, s)| s.identity.unique_name == unique_name)
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    pub fn subscription_count(&self) -> usize {
+        self.lock().subscriptions.len()
+    }
+
+    /// Takes up to `max` deliveries, or `None` once the subscription is gone.
+    pub fn take(&self, id: u64, max: usize) -> Option<Vec<Delivery>> {
+        let mut state = self.lock();
+        let sub = state.subscriptions.get_mut(&id)?;
+        let mut out = Vec::new();
+        sub.outbox.pop(max, &mut out);
+        Some(out)
+    }
+
+    /// A consistent snapshot of a source's objects. With a subscription, the sequence is
+    /// that subscription's last assigned number: apply every later event to the snapshot.
+    /// Without one, it is the source's generation (records published so far).
+    pub fn snapshot(
+        &self,
+        source_name: &str,
+        subscription: Option<(u64, &str)>,
+    ) -> Result<(u64, Vec<Object>), Error> {
+        let index = self.registry.index_of(source_name).ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "unknown source '{source_name}'; known: {}",
+                self.registry.names().join(", ")
+            ))
+        })?;
+        {
+            let mut state = self.lock();
+            let seq = match subscription {
+                Some((id, caller)) => Self::owned(&mut state, id, caller)?.outbox.next_seq - 1,
+                None => state.sources[index].generation,
+            };
+            let slot = &state.sources[index];
+            if let Availability::Unavailable(reason) = &slot.availability {
+                return Err(Error::NotSupported(format!(
+                    "{source_name} is not available: {reason}"
+                )));
+            }
+            if let Some(table) = &slot.table {
+                return Ok((seq, table.values().cloned().collect()));
+            }
+        }
+        // Not running, so no event for it can be in flight: read the kernel's view
+        // without holding the lock.
+        let objects = self.registry.all()[index]
+            .scan()
+            .map_err(|e| Error::Unavailable(format!("cannot enumerate {source_name}: {e}")))?;
+        let mut state = self.lock();
+        let seq = match subscription {
+            Some((id, caller)) => Self::owned(&mut state, id, caller)?.outbox.next_seq - 1,
+            None => state.sources[index].generation,
+        };
+        Ok((seq, objects))
+    }
+
+    async fn pump(self: Arc<Self>, index: usize, mut stream: crate::source::SourceStream) {
+        while let Some(msg) = stream.next().await {
+            self.publish(index, msg);
+        }
+        let name = self.registry.all()[index].name();
+        tracing::error!(
+            source = name,
+            "source stopped unexpectedly; removing its watches"
+        );
+        let mut state = self.lock();
+        for sub in state.subscriptions.values_mut() {
+            let (gone, kept): (Vec<_>, Vec<_>) =
+                sub.watches.drain(..).partition(|w| w.source == index);
+            sub.watches = kept;
+            for watch in gone {
+                sub.outbox.push_meta(|seq| Delivery::WatchRemoved {
+                    seq,
+                    tag: watch.tag,
+                    reason: format!("source-failed: the {name} source stopped"),
+                });
+            }
+        }
+        let slot = &mut state.sources[index];
+        slot.watches = 0;
+        slot.pump = None;
+        slot.table = None;
+    }
+
+    /// Fans one source message out to every subscription that watches it and may see it.
+    pub fn publish(&self, index: usize, msg: SourceMsg) {
+        let mut state = self.lock();
+        let slot = &mut state.sources[index];
+        slot.generation += 1;
+        match msg {
+            SourceMsg::Record(mut record) => {
+                if let Some(table) = &mut slot.table {
+                    apply_to_table(table, &mut record);
+                }
+                let record = Arc::new(record);
+                for sub in state.subscriptions.values_mut() {
+                    if !policy::may_see(&sub.identity, record.audience)
+                        || !sub.filter.passes(record.source, record.subtype)
+                    {
+                        continue;
+                    }
+                    for watch in &sub.watches {
+                        if watch.source == index && watch.matcher.matches(&record) {
+                            sub.outbox.push_event(watch.tag, Arc::clone(&record));
+                        }
+                    }
+                }
+            }
+            SourceMsg::Overflow { objects } => {
+                if let Some(table) = &mut slot.table {
+                    let old = std::mem::take(table);
+                    for mut object in objects {
+                        if let Some(previous) = old.get(&object.id) {
+                            object.changes = previous.changes
+                                + u64::from(previous.attributes != object.attributes);
+                        }
+                        table.insert(object.id.clone(), object);
+                    }
+                }
+                let source = self.registry.all()[index].name();
+                for sub in state.subscriptions.values_mut() {
+                    if sub.watches.iter().any(|w| w.source == index) {
+                        sub.outbox.push_meta(|seq| Delivery::Lost {
+                            seq,
+                            count: 0,
+                            source,
+                            reason: LossReason::KernelOverflow,
+                        });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Counts, per subscription, of what is queued; for tests and the status command.
+    pub fn queued(&self) -> HashMap<u64, usize> {
+        self.lock()
+            .subscriptions
+            .iter()
+            .map(|(id, s)| (*id, s.outbox.entries.len()))
+            .collect()
+    }
+}
+
+/// Applies a record to its source's object table. A removal carries no attributes (the
+/// object is gone from the kernel); it is completed with the last ones known.
+fn apply_to_table(table: &mut BTreeMap<String, Object>, record: &mut Record) {
+    match record.change {
+        Change::Upsert => {
+            let object = table
+                .entry(record.object_id.clone())
+                .or_insert_with(|| Object {
+                    id: record.object_id.clone(),
+                    changes: 0,
+                    attributes: Default::default(),
+                    properties: Default::default(),
+                });
+            object.changes += 1;
+            object.attributes.clone_from(&record.attributes);
+            object.properties.clone_from(&record.properties);
+        }
+        Change::Remove => {
+            if let Some(previous) = table.remove(&record.object_id) {
+                for (key, value) in previous.attributes {
+                    record.attributes.entry(key).or_insert(value);
+                }
+            }
+        }
+        Change::None => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Attrs, Audience};
+
+    fn record(subtype: u8) -> Arc<Record> {
+        Arc::new(Record {
+            source: "devices",
+            subtype,
+            object_id: "/devices/x".into(),
+            change: Change::None,
+            attributes: Attrs::new(),
+            properties: Default::default(),
+            audience: Audience::Everyone,
+        })
+    }
+
+    fn seqs(entries: &[Delivery]) -> Vec<(u64, u64)> {
+        entries
+            .iter()
+            .map(|d| match d {
+                Delivery::Event { seq, .. } => (*seq, 1),
+                Delivery::Lost { seq, count, .. } => (*seq, *count),
+                Delivery::WatchRemoved { seq, .. } => (*seq, 1),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn full_outbox_counts_exactly_what_it_drops_in_order() {
+        let mut outbox = Outbox::new(3);
+        for _ in 0..10 {
+            outbox.push_event(1, record(0));
+        }
+        let mut out = Vec::new();
+        outbox.pop(usize::MAX, &mut out);
+        // Three events kept, then one Lost covering seq 4..=10.
+        assert_eq!(seqs(&out), vec![(1, 1), (2, 1), (3, 1), (4, 7)]);
+
+        // Room again: later events follow the loss, no gap.
+        outbox.push_event(1, record(0));
+        out.clear();
+        outbox.pop(usize::MAX, &mut out);
+        assert_eq!(seqs(&out), vec![(11, 1)]);
+    }
+
+    #[test]
+    fn losses_interleave_with_events_that_fit() {
+        let mut outbox = Outbox::new(1);
+        outbox.push_event(1, record(0)); // 1 queued
+        outbox.push_event(1, record(0)); // 2 lost
+        let mut out = Vec::new();
+        outbox.pop(1, &mut out); // frees room
+        outbox.push_event(1, record(0)); // 3 queued after the loss
+        outbox.push_event(1, record(0)); // 4 lost
+        outbox.pop(usize::MAX, &mut out);
+        assert_eq!(seqs(&out), vec![(1, 1), (2, 1), (3, 1), (4, 1)]);
+        assert!(matches!(out[1], Delivery::Lost { .. }));
+        assert!(matches!(out[3], Delivery::Lost { .. }));
+        assert!(outbox.entries.len() <= outbox.depth + 1);
+    }
+
+    #[test]
+    fn removal_completes_attributes_from_the_table() {
+        let mut table = BTreeMap::new();
+        let mut add = (*record(0)).clone();
+        add.change = Change::Upsert;
+        add.attributes.insert("size".into(), 512u64.into());
+        apply_to_table(&mut table, &mut add);
+        assert_eq!(table["/devices/x"].changes, 1);
+        let mut remove = (*record(1)).clone();
+        remove.change = Change::Remove;
+        apply_to_table(&mut table, &mut remove);
+        assert!(table.is_empty());
+        assert_eq!(remove.attributes["size"], 512u64.into());
+    }
+}

@@ -1,0 +1,24 @@
+//! The daemon's error vocabulary. Every variant maps to one `org.watchq1.Error.*` name in
+//! [`crate::bus::error`]; the message is written for the person who reads it.
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    /// The kernel or this build lacks what the request needs.
+    #[error("{0}")]
+    NotSupported(String),
+    /// Policy refused the request.
+    #[error("{0}")]
+    AccessDenied(String),
+    /// The request is malformed: unknown names, wrong types, out-of-range values.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The request would exceed a configured limit.
+    #[error("{0}")]
+    LimitExceeded(String),
+    /// The named object (subscription, watch, …) does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The source exists on this kernel but could not be started just now.
+    #[error("{0}")]
+    Unavailable(String),
+}

@@ -1,0 +1,19 @@
+//! watchqd: the kernel's notification sources behind one policy-checked, typed,
+//! loss-aware D-Bus event bus.
+//!
+//! Layers, each its own module: [`source`] (kernel interfaces → typed [`event`] records),
+//! [`policy`] (who may watch and see what), [`dispatch`] (fan-out into bounded
+//! per-subscription outboxes), [`bus`] (the `org.watchq1` objects and signal delivery),
+//! [`daemon`] (the supervisor) and [`config`].
+
+pub mod bus;
+pub mod client;
+pub mod config;
+pub mod daemon;
+pub mod dispatch;
+pub mod error;
+pub mod event;
+pub mod filter;
+pub mod logging;
+pub mod policy;
+pub mod source;

@@ -1,0 +1,56 @@
+//! `watchqd`, the daemon.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+
+/// Policy-checked, typed, loss-aware D-Bus events from the kernel's notification sources.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Configuration file (default: /etc/watchqd/watchqd.toml if it exists).
+    #[arg(long, value_name = "PATH")]
+    config: Option<PathBuf>,
+    /// Check the configuration, print it, and exit.
+    #[arg(long)]
+    check_config: bool,
+    /// Log level or filter when RUST_LOG is not set (error, warn, info, debug, trace).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    watchqd::logging::init(&args.log_level);
+    let config = match watchqd::config::Config::load(args.config.as_deref()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("watchqd: invalid configuration: {e}");
+            return ExitCode::from(78); // EX_CONFIG
+        }
+    };
+    if args.check_config {
+        println!("{config:#?}");
+        return ExitCode::SUCCESS;
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("watchqd: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(watchqd::daemon::run(config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("watchqd: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,491 @@
+//! Block and USB devices, from kernel uevents.
+//!
+//! Touches: a `NETLINK_KOBJECT_UEVENT` socket bound to multicast group 1 (the kernel's,
+//! not udev's), `SO_RCVBUFFORCE` (CAP_NET_ADMIN; falls back to `SO_RCVBUF`),
+//! `SO_PASSCRED`, and reads below `/sys`. Works on any kernel with `CONFIG_NET`; no
+//! other capability. The socket exists only while some subscription watches devices.
+//!
+//! Origin is checked at the edge: a message counts as the kernel's only when the sender's
+//! netlink port id is 0 and its credentials say uid 0. Root in the initial network
+//! namespace can multicast forged uevents from userspace; those carry its own port id.
+//! `ENOBUFS` means the kernel dropped events for us: the source rescans sysfs and yields
+//! [`SourceMsg::Overflow`] so that every subscriber is told.
+
+mod sysfs;
+pub mod wire;
+
+use std::collections::HashMap;
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use futures_util::stream;
+use nix::sys::socket::{
+    self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, NetlinkAddr, SockFlag,
+    SockProtocol, SockType,
+};
+use tokio::io::unix::AsyncFd;
+
+pub use sysfs::{Sysfs, SUBSYSTEMS};
+
+use super::{
+    reject_unknown_keys, spec_str, spec_str_map, Availability, EventSource, SourceStream,
+    WatchMatcher, WatchSpec,
+};
+use crate::error::Error;
+use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
+use wire::Action;
+
+pub const NAME: &str = "devices";
+
+/// Subtype numbers are the index; the first eight are the kernel's `kobject_action`
+/// values. `media-change` and `resize` are `change` events the kernel marks with
+/// `DISK_MEDIA_CHANGE=1` or `RESIZE=1`, split out so that a filter can tell them apart.
+pub const SUBTYPES: &[&str] = &[
+    "add",
+    "remove",
+    "change",
+    "move",
+    "online",
+    "offline",
+    "bind",
+    "unbind",
+    "media-change",
+    "resize",
+];
+
+const UEVENT_GROUP_KERNEL: u32 = 1;
+/// Largest uevent the kernel sends (`UEVENT_BUFFER_SIZE`) plus the header.
+const UEVENT_BUFFER: usize = 2048 + 512;
+
+/// Settings for the device source (`[sources.devices]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DevicesConfig {
+    /// Bytes of kernel socket buffer; a burst larger than this is an overflow.
+    pub receive_buffer: usize,
+}
+
+impl Default for DevicesConfig {
+    fn default() -> Self {
+        DevicesConfig {
+            receive_buffer: 16 * 1024 * 1024,
+        }
+    }
+}
+
+/// Counters a person can read in the logs and tests can observe through the journal.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub rejected_origin: AtomicU64,
+    pub malformed: AtomicU64,
+    pub overflows: AtomicU64,
+}
+
+pub struct Devices {
+    config: DevicesConfig,
+    sysfs: Sysfs,
+    counters: Arc<Counters>,
+}
+
+impl Devices {
+    pub fn new(config: &DevicesConfig) -> Self {
+        Devices {
+            config: config.clone(),
+            sysfs: Sysfs::default(),
+            counters: Arc::default(),
+        }
+    }
+
+    pub fn counters(&self) -> Arc<Counters> {
+        Arc::clone(&self.counters)
+    }
+}
+
+impl EventSource for Devices {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn subtypes(&self) -> &'static [&'static str] {
+        SUBTYPES
+    }
+
+    fn probe(&self) -> Availability {
+        match open_socket(0) {
+            Ok(_) => Availability::Available,
+            Err(e) => {
+                Availability::Unavailable(format!("cannot open the uevent netlink socket: {e}"))
+            }
+        }
+    }
+
+    fn parse_watch(&self, spec: &WatchSpec) -> Result<Box<dyn WatchMatcher>, Error> {
+        DeviceWatch::parse(spec).map(|w| Box::new(w) as Box<dyn WatchMatcher>)
+    }
+
+    fn scan(&self) -> io::Result<Vec<Object>> {
+        self.sysfs.scan()
+    }
+
+    fn open(&self) -> io::Result<SourceStream> {
+        let fd = open_socket(self.config.receive_buffer)?;
+        // SAFETY: `register` needs the fd to stay open while registered; the AsyncFd
+        // owns the OwnedFd, so it closes only when the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        let reader = Reader {
+            fd,
+            buf: vec![0; UEVENT_BUFFER],
+            sysfs: self.sysfs.clone(),
+            counters: Arc::clone(&self.counters),
+        };
+        Ok(Box::pin(stream::unfold(reader, |mut reader| async move {
+            let msg = reader.next().await?;
+            Some((msg, reader))
+        })))
+    }
+}
+
+fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+        SockProtocol::NetlinkKObjectUEvent,
+    )?;
+    if receive_buffer > 0 {
+        if socket::setsockopt(&fd, sockopt::RcvBufForce, &receive_buffer).is_err() {
+            socket::setsockopt(&fd, sockopt::RcvBuf, &receive_buffer)?;
+        }
+    }
+    socket::setsockopt(&fd, sockopt::PassCred, &true)?;
+    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, UEVENT_GROUP_KERNEL))?;
+    Ok(fd)
+}
+
+enum Received {
+    Message(usize),
+    /// Dropped at the edge; already counted.
+    Rejected,
+}
+
+struct Reader {
+    fd: AsyncFd<OwnedFd>,
+    buf: Vec<u8>,
+    sysfs: Sysfs,
+    counters: Arc<Counters>,
+}
+
+impl Reader {
+    /// The next record, or `None` when the socket failed for good.
+    async fn next(&mut self) -> Option<SourceMsg> {
+        loop {
+            let mut guard = match self.fd.readable().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!(source = NAME, "uevent socket failed: {e}");
+                    return None;
+                }
+            };
+            let received =
+                guard.try_io(|fd| recv_checked(fd.get_ref(), &mut self.buf, &self.counters));
+            match received {
+                Err(_would_block) => continue,
+                Ok(Ok(Received::Rejected)) => continue,
+                Ok(Ok(Received::Message(len))) => {
+                    self.counters.received.fetch_add(1, Ordering::Relaxed);
+                    match wire::parse(&self.buf[..len]) {
+                        Ok(event) => {
+                            if let Some(record) = self.record(event) {
+                                return Some(SourceMsg::Record(record));
+                            }
+                        }
+                        Err(e) => {
+                            self.counters.malformed.fetch_add(1, Ordering::Relaxed);
+                            tracing::debug!(source = NAME, raw = ?String::from_utf8_lossy(&self.buf[..len]), "dropped malformed uevent: {e}");
+                        }
+                    }
+                }
+                Ok(Err(e)) if e.raw_os_error() == Some(libc_enobufs()) => {
+                    self.counters.overflows.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        source = NAME,
+                        "kernel dropped uevents (ENOBUFS); rescanning sysfs"
+                    );
+                    let objects = self.sysfs.scan().unwrap_or_else(|e| {
+                        tracing::error!(source = NAME, "sysfs rescan failed: {e}");
+                        Vec::new()
+                    });
+                    return Some(SourceMsg::Overflow { objects });
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(source = NAME, "reading the uevent socket failed: {e}");
+                    return None;
+                }
+            }
+        }
+    }
+
+    fn record(&self, event: wire::UEvent) -> Option<Record> {
+        if !SUBSYSTEMS.contains(&event.subsystem.as_str()) {
+            return None;
+        }
+        let subtype = subtype_of(&event);
+        let (change, attributes) = match event.action {
+            // Gone from sysfs: the core fills in the last attributes it knew.
+            Action::Remove => (Change::Remove, Attrs::new()),
+            _ => (
+                Change::Upsert,
+                self.sysfs
+                    .attributes(&event.devpath, &event.subsystem, &event.properties),
+            ),
+        };
+        let mut attributes = attributes;
+        attributes.insert("kernel-seqnum".into(), event.seqnum.into());
+        Some(Record {
+            source: NAME,
+            subtype,
+            object_id: event.devpath,
+            change,
+            attributes,
+            properties: event.properties,
+            audience: Audience::Everyone,
+        })
+    }
+}
+
+fn libc_enobufs() -> i32 {
+    nix::errno::Errno::ENOBUFS as i32
+}
+
+/// Receives one datagram and checks that the kernel sent it.
+fn recv_checked(fd: &OwnedFd, buf: &mut [u8], counters: &Counters) -> io::Result<Received> {
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<NetlinkAddr>(
+        fd.as_raw_fd(),
+        &mut iov,
+        Some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let sender_port = msg.address.map(|a| a.pid());
+    let sender_uid = msg.cmsgs().ok().and_then(|mut cmsgs| {
+        cmsgs.find_map(|c| match c {
+            ControlMessageOwned::ScmCredentials(creds) => Some(creds.uid()),
+            _ => None,
+        })
+    });
+    let len = msg.bytes;
+    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
+    if sender_port != Some(0) || sender_uid != Some(0) {
+        counters.rejected_origin.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(
+            source = NAME,
+            ?sender_port,
+            ?sender_uid,
+            "dropped a uevent not sent by the kernel (spoofing attempt?)"
+        );
+        return Ok(Received::Rejected);
+    }
+    if truncated {
+        counters.malformed.fetch_add(1, Ordering::Relaxed);
+        tracing::debug!(source = NAME, "dropped a truncated uevent");
+        return Ok(Received::Rejected);
+    }
+    Ok(Received::Message(len))
+}
+
+fn subtype_of(event: &wire::UEvent) -> u8 {
+    let name = match event.action {
+        Action::Change
+            if event
+                .properties
+                .get("DISK_MEDIA_CHANGE")
+                .is_some_and(|v| v == "1") =>
+        {
+            "media-change"
+        }
+        Action::Change if event.properties.get("RESIZE").is_some_and(|v| v == "1") => "resize",
+        action => action.as_str(),
+    };
+    SUBTYPES
+        .iter()
+        .position(|s| *s == name)
+        .and_then(|i| u8::try_from(i).ok())
+        .unwrap_or(2)
+}
+
+/// A device watch: every given condition must hold.
+///
+/// Keys: `subsystem` (`block` or `usb`), `devtype` (`disk`, `partition`, `usb_device`,
+/// `usb_interface`, …), `name` (the kernel name, `*` and `?` wildcards), `properties`
+/// (`a{ss}` of uevent properties that must be equal).
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct DeviceWatch {
+    subsystem: Option<String>,
+    devtype: Option<String>,
+    name: Option<String>,
+    properties: HashMap<String, String>,
+}
+
+impl DeviceWatch {
+    const KEYS: &'static [&'static str] = &["subsystem", "devtype", "name", "properties"];
+    const MAX_PROPERTIES: usize = 16;
+
+    pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
+        reject_unknown_keys(spec, NAME, Self::KEYS)?;
+        let subsystem = spec_str(spec, "subsystem")?;
+        if let Some(subsystem) = &subsystem {
+            if !SUBSYSTEMS.contains(&subsystem.as_str()) {
+                return Err(Error::InvalidArgument(format!(
+                    "device watches cover the subsystems {}; '{subsystem}' is not one of them",
+                    SUBSYSTEMS.join(", ")
+                )));
+            }
+        }
+        let properties = spec_str_map(spec, "properties")?.unwrap_or_default();
+        if properties.len() > Self::MAX_PROPERTIES {
+            return Err(Error::LimitExceeded(format!(
+                "a device watch may match at most {} properties",
+                Self::MAX_PROPERTIES
+            )));
+        }
+        Ok(DeviceWatch {
+            subsystem,
+            devtype: spec_str(spec, "devtype")?,
+            name: spec_str(spec, "name")?,
+            properties,
+        })
+    }
+}
+
+impl WatchMatcher for DeviceWatch {
+    fn matches(&self, record: &Record) -> bool {
+        if record.source != NAME {
+            return false;
+        }
+        let prop = |key: &str| record.properties.get(key).map(String::as_str);
+        self.subsystem
+            .as_deref()
+            .is_none_or(|s| prop("SUBSYSTEM") == Some(s))
+            && self
+                .devtype
+                .as_deref()
+                .is_none_or(|d| prop("DEVTYPE") == Some(d))
+            && self.name.as_deref().is_none_or(|pattern| {
+                record
+                    .object_id
+                    .rsplit('/')
+                    .next()
+                    .is_some_and(|name| glob_match(pattern, name))
+            })
+            && self
+                .properties
+                .iter()
+                .all(|(k, v)| prop(k) == Some(v.as_str()))
+    }
+}
+
+/// Shell-style matching with `*` and `?`, enough for kernel names (`loop*`, `sd?`).
+fn glob_match(pattern: &str, text: &str) -> bool {
+    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
+    let (mut pi, mut ti) = (0, 0);
+    let mut backtrack: Option<(usize, usize)> = None;
+    while ti < t.len() {
+        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
+            pi += 1;
+            ti += 1;
+        } else if pi < p.len() && p[pi] == '*' {
+            backtrack = Some((pi, ti));
+            pi += 1;
+        } else if let Some((star, matched)) = backtrack {
+            pi = star + 1;
+            ti = matched + 1;
+            backtrack = Some((star, matched + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|c| *c == '*')
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use zbus::OwnedVariant;
+
+    fn spec(pairs: &[(&str, zbus::Variant<'_>)]) -> WatchSpec {
+        pairs
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), OwnedVariant::try_from(v.clone()).unwrap()))
+            .collect()
+    }
+
+    fn record(devpath: &str, props: &[(&str, &str)]) -> Record {
+        Record {
+            source: NAME,
+            subtype: 0,
+            object_id: devpath.into(),
+            change: Change::Upsert,
+            attributes: Attrs::new(),
+            properties: props
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            audience: Audience::Everyone,
+        }
+    }
+
+    #[test]
+    fn glob_matches_kernel_names() {
+        assert!(glob_match("loop*", "loop0"));
+        assert!(glob_match("sd?", "sda"));
+        assert!(!glob_match("sd?", "sda1"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("a*b*c", "axxbyyc"));
+        assert!(!glob_match("a*b*c", "axxbyy"));
+    }
+
+    #[test]
+    fn watch_matches_subsystem_name_and_properties() {
+        let watch = DeviceWatch::parse(&spec(&[
+            ("subsystem", "block".into()),
+            ("name", "loop*".into()),
+        ]))
+        .unwrap();
+        let loop0 = record("/devices/virtual/block/loop0", &[("SUBSYSTEM", "block")]);
+        let vda = record("/devices/pci/virtio/block/vda", &[("SUBSYSTEM", "block")]);
+        assert!(watch.matches(&loop0));
+        assert!(!watch.matches(&vda));
+    }
+
+    #[test]
+    fn watch_rejects_unknown_keys_subsystems_and_types() {
+        assert!(matches!(
+            DeviceWatch::parse(&spec(&[("subsytem", "block".into())])),
+            Err(Error::InvalidArgument(m)) if m.contains("subsytem")
+        ));
+        assert!(matches!(
+            DeviceWatch::parse(&spec(&[("subsystem", "net".into())])),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            DeviceWatch::parse(&spec(&[("subsystem", 7u32.into())])),
+            Err(Error::InvalidArgument(m)) if m.contains("'u'")
+        ));
+    }
+
+    #[test]
+    fn media_change_and_resize_are_their_own_subtypes() {
+        let mut event = wire::parse(b"change@/devices/virtual/block/loop0\0ACTION=change\0DEVPATH=/devices/virtual/block/loop0\0SUBSYSTEM=block\0SEQNUM=1\0").unwrap();
+        assert_eq!(SUBTYPES[usize::from(subtype_of(&event))], "change");
+        event.properties.insert("RESIZE".into(), "1".into());
+        assert_eq!(SUBTYPES[usize::from(subtype_of(&event))], "resize");
+        event
+            .properties
+            .insert("DISK_MEDIA_CHANGE".into(), "1".into());
+        assert_eq!(SUBTYPES[usize::from(subtype_of(&event))], "media-change");
+    }
+}

@@ -1,0 +1,148 @@
+//! The contract every event source implements, and the registry of sources.
+//!
+//! A source is one module under `src/source/` that implements [`EventSource`] and is
+//! listed once in [`Registry::builtin`]. The core never opens a source nobody watches:
+//! [`EventSource::open`] is called when the first watch on it is added, and the stream it
+//! returns (with every fd it owns) is dropped when the last watch goes.
+
+pub mod devices;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use futures_util::Stream;
+use zbus::OwnedVariant;
+
+use crate::error::Error;
+use crate::event::{Object, Record, SourceMsg};
+
+/// A watch specification as a caller sent it: `a{sv}`.
+pub type WatchSpec = HashMap<String, OwnedVariant>;
+
+/// The records of a running source. Dropping it stops the source and closes its fds.
+pub type SourceStream = Pin<Box<dyn Stream<Item = SourceMsg> + Send>>;
+
+/// Whether a source works on this kernel, and if not, why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Availability {
+    Available,
+    Unavailable(String),
+}
+
+/// Decides whether one record concerns one watch. Built by the source from a
+/// [`WatchSpec`], so the core never interprets source-specific keys.
+pub trait WatchMatcher: Send + Sync + std::fmt::Debug {
+    fn matches(&self, record: &Record) -> bool;
+}
+
+pub trait EventSource: Send + Sync + 'static {
+    /// The name clients use (`"devices"`), also the event type in filters.
+    fn name(&self) -> &'static str;
+
+    /// Subtype names; a subtype's number is its index here. Never reorder: numbers are
+    /// part of the interface.
+    fn subtypes(&self) -> &'static [&'static str];
+
+    /// Probes the kernel. Called once at start; must not keep anything open.
+    fn probe(&self) -> Availability;
+
+    /// Validates a watch specification and builds its matcher.
+    fn parse_watch(&self, spec: &WatchSpec) -> Result<Box<dyn WatchMatcher>, Error>;
+
+    /// The current objects, read from the kernel (used for snapshots while the source is
+    /// stopped, and to seed its object table when it starts).
+    fn scan(&self) -> std::io::Result<Vec<Object>>;
+
+    /// Opens the kernel interface and returns the stream of records.
+    fn open(&self) -> std::io::Result<SourceStream>;
+
+    fn subtype_index(&self, name: &str) -> Option<u8> {
+        self.subtypes()
+            .iter()
+            .position(|s| *s == name)
+            .and_then(|i| u8::try_from(i).ok())
+    }
+}
+
+/// The sources this daemon knows, in a fixed order.
+#[derive(Clone)]
+pub struct Registry {
+    sources: Vec<Arc<dyn EventSource>>,
+}
+
+impl Registry {
+    /// Every source built into the daemon, each enabled unless `disabled` names it.
+    pub fn builtin(config: &crate::config::Config) -> Self {
+        let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
+        sources.push(Arc::new(devices::Devices::new(&config.devices)));
+        Registry { sources }
+    }
+
+    pub fn from_sources(sources: Vec<Arc<dyn EventSource>>) -> Self {
+        Registry { sources }
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn EventSource>> {
+        self.sources.iter().find(|s| s.name() == name)
+    }
+
+    pub fn index_of(&self, name: &str) -> Option<usize> {
+        self.sources.iter().position(|s| s.name() == name)
+    }
+
+    pub fn all(&self) -> &[Arc<dyn EventSource>] {
+        &self.sources
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.sources.iter().map(|s| s.name()).collect()
+    }
+}
+
+/// Reads a string value from a watch spec, naming the key and expected type on error.
+pub fn spec_str(spec: &WatchSpec, key: &str) -> Result<Option<String>, Error> {
+    spec.get(key)
+        .map(|value| {
+            String::try_from(value.clone()).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "watch option '{key}' must be a string (D-Bus type 's'), got '{}'",
+                    value.value_signature()
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// Reads a string→string dictionary from a watch spec.
+pub fn spec_str_map(spec: &WatchSpec, key: &str) -> Result<Option<HashMap<String, String>>, Error> {
+    spec.get(key)
+        .map(|value| {
+            HashMap::<String, String>::try_from(value.clone()).map_err(|_| {
+                Error::InvalidArgument(format!(
+                    "watch option '{key}' must be a string dictionary (D-Bus type 'a{{ss}}'), got '{}'",
+                    value.value_signature()
+                ))
+            })
+        })
+        .transpose()
+}
+
+/// Rejects keys a source does not understand, so a typo is an error rather than a watch
+/// that silently matches more than the caller meant.
+pub fn reject_unknown_keys(spec: &WatchSpec, source: &str, known: &[&str]) -> Result<(), Error> {
+    let mut unknown: Vec<&str> = spec
+        .keys()
+        .map(String::as_str)
+        .filter(|k| !known.contains(k))
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort_unstable();
+    Err(Error::InvalidArgument(format!(
+        "unknown {source} watch option(s) {}; known: {}",
+        unknown.join(", "),
+        known.join(", ")
+    )))
+}

@@ -1,0 +1,715 @@
+//! Test helper: boot the watchqd test guest (a real 6.12 kernel under qemu/TCG, see
+//! `tests/vm/README.md`), run commands in it as root, and drive qemu over QMP.
+//!
+//! Include it from an integration test with
+//!
+//! ```ignore
+//! #[path = "common/vm.rs"]
+//! mod vm;
+//!
+//! let guest = vm::Guest::boot(vm::BootOptions::new().hotplug())?;
+//! let out = guest.run(&["uname", "-r"])?;
+//! assert_eq!(out.status, 0, "{out}");
+//! guest.qmp(serde_json::json!({"execute": "device_add",
+//!     "arguments": {"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}}))?;
+//! ```
+//!
+//! How it works: `tests/vm/run-in-guest --serve DIR` starts qemu. DIR (a fresh directory under
+//! /tmp, exported read-write over 9p and mounted at the same path in the guest) holds
+//! `console.log`, `qemu.log`, `qmp.sock`, `ctl.sock` and one `req/ID/` directory per command
+//! (`argv`, `env`, `cwd` written by the host; `stdout`, `stderr` written by the guest). The
+//! guest's init (`tests/vm/guest-init`) reads `run ID` lines from a virtio-serial port backed by
+//! `ctl.sock`, runs each command in the background and answers `done ID STATUS`.
+//!
+//! Nothing here skips: a missing qemu or kernel is an error that names what to install. Every
+//! wait has a timeout; every error names the console log. The guest directory is removed when
+//! the `Guest` is dropped, unless a test panicked or a step failed: then it is kept and its path
+//! printed.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fmt;
+use std::fs;
+use std::io::{self, BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+/// How long a boot may take until the guest's init answers (normally ~1.5 s; generous for
+/// several TCG guests sharing two cores).
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Default time limit of [`Guest::run`].
+pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// Time limit of one QMP command.
+pub const QMP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An error of the test bed, with the context a person needs (command, file, console log).
+/// `Debug` prints the message itself so that `unwrap()`/`expect()` in tests stays readable.
+pub struct Error(String);
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl fmt::Debug for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Error {}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+fn error(message: impl Into<String>) -> Error {
+    Error(message.into())
+}
+
+/// The checkout's `tests/vm` directory.
+pub fn vm_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/vm")
+}
+
+const SETUP_HINT: &str =
+    "run tests/vm/setup-host as root (it installs qemu-system-x86, keyutils, quota, \
+     the kernel build's packages, and builds the guest kernel once, ~5 minutes)";
+
+/// Path of the cached guest kernel, building it first if needed (`tests/vm/build-kernel
+/// --no-install`: it never installs packages at test time, it fails naming them).
+pub fn kernel() -> Result<PathBuf> {
+    static KERNEL: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    KERNEL
+        .get_or_init(|| {
+            let script = vm_dir().join("build-kernel");
+            let out = Command::new(&script)
+                .arg("--no-install")
+                .stdin(Stdio::null())
+                .output()
+                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            if !out.status.success() {
+                return Err(format!(
+                    "{} failed ({}):\n{stderr}\nfix: {SETUP_HINT}",
+                    script.display(),
+                    out.status
+                ));
+            }
+            let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            let path = PathBuf::from(path);
+            if path.is_file() {
+                Ok(path)
+            } else {
+                Err(format!(
+                    "{} printed '{}', which is not a file; stderr:\n{stderr}",
+                    script.display(),
+                    path.display()
+                ))
+            }
+        })
+        .clone()
+        .map_err(Error)
+}
+
+/// Fails with the package to install when qemu is missing.
+pub fn check_qemu() -> Result<()> {
+    let found = std::env::var_os("PATH")
+        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join("qemu-system-x86_64").is_file()));
+    if found {
+        Ok(())
+    } else {
+        Err(error(format!(
+            "qemu-system-x86_64 not found in PATH: apt-get install -y qemu-system-x86 (or {SETUP_HINT})"
+        )))
+    }
+}
+
+/// JSON for a raw virtual disk backed by the host file `image`: usable as QMP `blockdev-add`
+/// arguments or with [`BootOptions::blockdev`].
+pub fn raw_blockdev(node_name: &str, image: &Path) -> Value {
+    json!({
+        "driver": "raw",
+        "node-name": node_name,
+        "file": {"driver": "file", "filename": image.to_string_lossy()},
+    })
+}
+
+/// JSON for a raw disk backed by `image` through qemu's `blkdebug` driver: every read that
+/// touches 512-byte `sector` fails with `errno` (5 = EIO) once the disk has been read at all.
+pub fn blkdebug_blockdev(node_name: &str, image: &Path, sector: u64, errno: i32) -> Value {
+    json!({
+        "driver": "raw",
+        "node-name": node_name,
+        "file": {
+            "driver": "blkdebug",
+            "inject-error": [{"event": "read_aio", "errno": errno, "sector": sector}],
+            "image": {"driver": "file", "filename": image.to_string_lossy()},
+        },
+    })
+}
+
+/// How to boot a guest.
+#[derive(Clone, Debug, Default)]
+pub struct BootOptions {
+    hotplug: bool,
+    qemu_args: Vec<String>,
+}
+
+impl BootOptions {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Add a `qemu-xhci` controller (bus `xhci.0`) and a `pcie-root-port` (bus `rp0`).
+    pub fn hotplug(mut self) -> Self {
+        self.hotplug = true;
+        self
+    }
+
+    /// Add a block node at boot (see [`raw_blockdev`], [`blkdebug_blockdev`]).
+    pub fn blockdev(mut self, json: &Value) -> Self {
+        self.qemu_args.push("-blockdev".into());
+        self.qemu_args.push(json.to_string());
+        self
+    }
+
+    /// Add a device at boot, e.g. `virtio-blk-pci,drive=disk0,id=vblk0`.
+    pub fn device(mut self, spec: &str) -> Self {
+        self.qemu_args.push("-device".into());
+        self.qemu_args.push(spec.into());
+        self
+    }
+
+    /// Pass any other argument to qemu.
+    pub fn qemu_arg(mut self, arg: &str) -> Self {
+        self.qemu_args.push(arg.into());
+        self
+    }
+}
+
+/// The result of a command run in the guest.
+#[derive(Clone, Debug)]
+pub struct Output {
+    pub argv: Vec<String>,
+    /// Exit status as the guest's shell reports it (128 + N when killed by signal N).
+    pub status: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Output {
+    pub fn success(&self) -> bool {
+        self.status == 0
+    }
+}
+
+impl fmt::Display for Output {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "guest command {:?} exited with status {}",
+            self.argv, self.status
+        )?;
+        writeln!(f, "--- stdout ---\n{}", self.stdout.trim_end())?;
+        write!(f, "--- stderr ---\n{}", self.stderr.trim_end())
+    }
+}
+
+/// A line-oriented reader on a Unix socket that keeps partial lines across timeouts.
+struct LineReader {
+    reader: BufReader<UnixStream>,
+    partial: Vec<u8>,
+}
+
+impl LineReader {
+    fn new(stream: UnixStream) -> Self {
+        Self {
+            reader: BufReader::new(stream),
+            partial: Vec::new(),
+        }
+    }
+
+    /// The next line, `Ok(None)` at end of stream, an error after `deadline`.
+    fn next_line(&mut self, deadline: Instant) -> io::Result<Option<String>> {
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "timed out"));
+            }
+            self.reader.get_ref().set_read_timeout(Some(left))?;
+            match self.reader.read_until(b'\n', &mut self.partial) {
+                Ok(0) => return Ok(None),
+                Ok(_) if self.partial.ends_with(b"\n") => {
+                    let line = String::from_utf8_lossy(&self.partial).trim_end().to_owned();
+                    self.partial.clear();
+                    return Ok(Some(line));
+                }
+                Ok(_) => {}
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock
+                            | io::ErrorKind::TimedOut
+                            | io::ErrorKind::Interrupted
+                    ) => {}
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+struct Ctl {
+    writer: UnixStream,
+    reader: LineReader,
+    finished: HashMap<u64, i32>,
+}
+
+struct Qmp {
+    writer: UnixStream,
+    reader: LineReader,
+    events: Vec<Value>,
+}
+
+/// A running guest. Dropping it kills qemu.
+pub struct Guest {
+    dir: PathBuf,
+    qemu: Mutex<Child>,
+    ctl: Mutex<Ctl>,
+    qmp: Mutex<Qmp>,
+    next_id: AtomicU64,
+    keep: AtomicBool,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Connect to a socket qemu creates, waiting until it exists (or qemu died, or the deadline).
+fn connect(path: &Path, qemu: &mut Child, deadline: Instant, dir: &Path) -> Result<UnixStream> {
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(e) => {
+                if let Ok(Some(status)) = qemu.try_wait() {
+                    return Err(error(format!(
+                        "qemu exited ({status}) before {} appeared; qemu log {}:\n{}",
+                        path.display(),
+                        dir.join("qemu.log").display(),
+                        fs::read_to_string(dir.join("qemu.log")).unwrap_or_default()
+                    )));
+                }
+                if Instant::now() >= deadline {
+                    return Err(error(format!("cannot connect to {}: {e}", path.display())));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}
+
+impl Guest {
+    /// Boot a fresh guest and wait until its init serves commands.
+    pub fn boot(options: BootOptions) -> Result<Guest> {
+        check_qemu()?;
+        let kernel = kernel()?;
+        let dir = tempfile::Builder::new()
+            .prefix("watchqd-vm.")
+            .tempdir_in("/tmp")
+            .map_err(|e| error(format!("cannot create a guest directory in /tmp: {e}")))?
+            .keep();
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o755))
+            .map_err(|e| error(format!("chmod {}: {e}", dir.display())))?;
+        fs::create_dir(dir.join("req"))
+            .map_err(|e| error(format!("mkdir {}/req: {e}", dir.display())))?;
+
+        let script = vm_dir().join("run-in-guest");
+        let mut cmd = Command::new(&script);
+        cmd.arg("--serve").arg(&dir).arg("--kernel").arg(&kernel);
+        if options.hotplug {
+            cmd.arg("--hotplug");
+        }
+        for arg in &options.qemu_args {
+            cmd.arg("--qemu-arg").arg(arg);
+        }
+        let log = fs::File::create(dir.join("qemu.log"))
+            .map_err(|e| error(format!("cannot create {}/qemu.log: {e}", dir.display())))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| error(format!("dup qemu.log: {e}")))?;
+        let mut qemu = cmd
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .map_err(|e| error(format!("cannot start {}: {e}", script.display())))?;
+
+        let deadline = Instant::now() + BOOT_TIMEOUT;
+        let ctl = connect(&dir.join("ctl.sock"), &mut qemu, deadline, &dir);
+        let qmp = ctl.and_then(|ctl| {
+            Ok((
+                ctl,
+                connect(&dir.join("qmp.sock"), &mut qemu, deadline, &dir)?,
+            ))
+        });
+        let (ctl, qmp) = match qmp {
+            Ok(pair) => pair,
+            Err(e) => {
+                let _ = qemu.kill();
+                let _ = qemu.wait();
+                return Err(error(format!("{e}\nguest files kept in {}", dir.display())));
+            }
+        };
+        let guest = Guest {
+            ctl: Mutex::new(Ctl {
+                writer: ctl
+                    .try_clone()
+                    .map_err(|e| error(format!("dup ctl socket: {e}")))?,
+                reader: LineReader::new(ctl),
+                finished: HashMap::new(),
+            }),
+            qmp: Mutex::new(Qmp {
+                writer: qmp
+                    .try_clone()
+                    .map_err(|e| error(format!("dup qmp socket: {e}")))?,
+                reader: LineReader::new(qmp),
+                events: Vec::new(),
+            }),
+            qemu: Mutex::new(qemu),
+            dir,
+            next_id: AtomicU64::new(1),
+            keep: AtomicBool::new(false),
+        };
+        guest.qmp_handshake()?;
+        guest.wait_ready(deadline)?;
+        Ok(guest)
+    }
+
+    /// The per-guest directory (host path == guest path).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The guest's serial console (kernel messages, guest-init errors).
+    pub fn console_log(&self) -> PathBuf {
+        self.dir.join("console.log")
+    }
+
+    /// Keep the guest directory after drop and build an error that points at it.
+    fn fail(&self, message: impl fmt::Display) -> Error {
+        self.keep.store(true, Ordering::Relaxed);
+        let console = fs::read_to_string(self.console_log()).unwrap_or_default();
+        let tail: Vec<&str> = console.lines().rev().take(15).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        error(format!(
+            "{message}\nconsole log: {} (last lines below); qemu log: {}\n{}",
+            self.console_log().display(),
+            self.dir.join("qemu.log").display(),
+            tail.iter()
+                .map(|l| format!("  | {l}"))
+                .collect::<Vec<_>>()
+                .join("\n")
+        ))
+    }
+
+    fn wait_ready(&self, deadline: Instant) -> Result<()> {
+        let mut ctl = lock(&self.ctl);
+        match ctl.reader.next_line(deadline) {
+            Ok(Some(line)) if line == "ready" => Ok(()),
+            Ok(Some(line)) => {
+                Err(self.fail(format!("guest init said '{line}' instead of 'ready'")))
+            }
+            Ok(None) => Err(self.fail("the guest ended during boot")),
+            Err(e) => Err(self.fail(format!(
+                "guest init not ready within {}s: {e}",
+                BOOT_TIMEOUT.as_secs()
+            ))),
+        }
+    }
+
+    /// Run `argv` in the guest as root, in the host's current directory, and wait for it.
+    pub fn run(&self, argv: &[&str]) -> Result<Output> {
+        self.spawn(argv, &[])?.wait(COMMAND_TIMEOUT)
+    }
+
+    /// Start `argv` in the guest (as root, in the host's current directory) with a small
+    /// environment (PATH, HOME=/root, LANG, WATCHQD_VM_GUEST=1, the host's RUST_* and
+    /// WATCHQD_* variables) plus `env`; return at once.
+    pub fn spawn(&self, argv: &[&str], env: &[(&str, &str)]) -> Result<GuestProcess<'_>> {
+        if argv.is_empty() {
+            return Err(error("Guest::spawn: empty command"));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let req = self.dir.join("req").join(id.to_string());
+        let write = |name: &str, data: &[u8]| {
+            fs::write(req.join(name), data)
+                .map_err(|e| error(format!("write {}/{name}: {e}", req.display())))
+        };
+        fs::create_dir(&req).map_err(|e| error(format!("mkdir {}: {e}", req.display())))?;
+        let nul_join = |items: &mut dyn Iterator<Item = String>| {
+            let mut buf = Vec::new();
+            for item in items {
+                buf.extend_from_slice(item.as_bytes());
+                buf.push(0);
+            }
+            buf
+        };
+        write("argv", &nul_join(&mut argv.iter().map(|s| (*s).to_owned())))?;
+        let mut vars = vec![
+            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            "HOME=/root".into(),
+            "LANG=C.UTF-8".into(),
+            "TERM=dumb".into(),
+            "WATCHQD_VM_GUEST=1".into(),
+        ];
+        for (k, v) in std::env::vars() {
+            if k.starts_with("RUST_") || k.starts_with("WATCHQD_") {
+                vars.push(format!("{k}={v}"));
+            }
+        }
+        vars.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
+        write("env", &nul_join(&mut vars.into_iter()))?;
+        let cwd = std::env::current_dir().map_err(|e| error(format!("current dir: {e}")))?;
+        write("cwd", cwd.as_os_str().as_encoded_bytes())?;
+        write("stdout", b"")?;
+        write("stderr", b"")?;
+        {
+            let mut ctl = lock(&self.ctl);
+            writeln!(ctl.writer, "run {id}")
+                .and_then(|()| ctl.writer.flush())
+                .map_err(|e| {
+                    self.fail(format!("cannot send command {argv:?} to the guest: {e}"))
+                })?;
+        }
+        Ok(GuestProcess {
+            guest: self,
+            id,
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            dir: req,
+        })
+    }
+
+    fn wait_done(&self, id: u64, argv: &[String], timeout: Duration) -> Result<i32> {
+        let deadline = Instant::now() + timeout;
+        let mut ctl = lock(&self.ctl);
+        loop {
+            if let Some(status) = ctl.finished.remove(&id) {
+                return Ok(status);
+            }
+            let line = match ctl.reader.next_line(deadline) {
+                Ok(Some(line)) => line,
+                Ok(None) => {
+                    return Err(self.fail(format!("the guest ended while running {argv:?}")))
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
+                    return Err(self.fail(format!(
+                        "guest command {argv:?} did not finish within {}s (its output: {})",
+                        timeout.as_secs(),
+                        self.dir.join("req").join(id.to_string()).display()
+                    )))
+                }
+                Err(e) => return Err(self.fail(format!("reading the guest control channel: {e}"))),
+            };
+            let mut words = line.split_whitespace();
+            match (
+                words.next(),
+                words.next().and_then(|w| w.parse().ok()),
+                words.next().and_then(|w| w.parse().ok()),
+            ) {
+                (Some("done"), Some(done_id), Some(status)) => {
+                    ctl.finished.insert(done_id, status);
+                }
+                _ => return Err(self.fail(format!("unexpected line from guest init: '{line}'"))),
+            }
+        }
+    }
+
+    fn qmp_handshake(&self) -> Result<()> {
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        let greeting = {
+            let mut qmp = lock(&self.qmp);
+            qmp.reader.next_line(deadline)
+        };
+        match greeting {
+            Ok(Some(line)) if line.contains("\"QMP\"") => {}
+            other => return Err(self.fail(format!("no QMP greeting: {other:?}"))),
+        }
+        self.qmp(json!({"execute": "qmp_capabilities"})).map(|_| ())
+    }
+
+    /// Send one QMP command (`{"execute": ..., "arguments": ...}`) and return its `return`
+    /// value; a QMP `error` becomes an `Err` naming the command. Events read meanwhile are
+    /// kept for [`Guest::qmp_wait_event`].
+    pub fn qmp(&self, command: Value) -> Result<Value> {
+        let deadline = Instant::now() + QMP_TIMEOUT;
+        let mut qmp = lock(&self.qmp);
+        writeln!(qmp.writer, "{command}")
+            .and_then(|()| qmp.writer.flush())
+            .map_err(|e| self.fail(format!("QMP {command}: cannot send: {e}")))?;
+        loop {
+            let line = match qmp.reader.next_line(deadline) {
+                Ok(Some(line)) => line,
+                Ok(None) => return Err(self.fail(format!("QMP {command}: qemu closed the socket"))),
+                Err(e) => return Err(self.fail(format!("QMP {command}: no answer: {e}"))),
+            };
+            let reply: Value = serde_json::from_str(&line)
+                .map_err(|e| self.fail(format!("QMP {command}: bad JSON '{line}': {e}")))?;
+            if let Some(ret) = reply.get("return") {
+                return Ok(ret.clone());
+            }
+            if let Some(err) = reply.get("error") {
+                return Err(error(format!("QMP {command} failed: {err}")));
+            }
+            if reply.get("event").is_some() {
+                qmp.events.push(reply);
+            }
+        }
+    }
+
+    /// `{"execute": name, "arguments": arguments}`.
+    pub fn qmp_execute(&self, name: &str, arguments: Value) -> Result<Value> {
+        self.qmp(json!({"execute": name, "arguments": arguments}))
+    }
+
+    /// Wait for the next QMP event called `name` (e.g. `DEVICE_DELETED`) whose `data`
+    /// contains all the fields of `data_subset`; return the whole event.
+    pub fn qmp_wait_event(
+        &self,
+        name: &str,
+        data_subset: &Value,
+        timeout: Duration,
+    ) -> Result<Value> {
+        let matches = |ev: &Value| {
+            ev["event"] == name
+                && data_subset
+                    .as_object()
+                    .is_none_or(|fields| fields.iter().all(|(k, v)| ev["data"].get(k) == Some(v)))
+        };
+        let deadline = Instant::now() + timeout;
+        let mut qmp = lock(&self.qmp);
+        loop {
+            if let Some(pos) = qmp.events.iter().position(matches) {
+                return Ok(qmp.events.remove(pos));
+            }
+            let line = match qmp.reader.next_line(deadline) {
+                Ok(Some(line)) => line,
+                Ok(None) => {
+                    return Err(self.fail(format!(
+                        "waiting for QMP event {name}: qemu closed the socket"
+                    )))
+                }
+                Err(e) => {
+                    return Err(self.fail(format!(
+                        "no QMP event {name} {data_subset} within {}s: {e}",
+                        timeout.as_secs()
+                    )))
+                }
+            };
+            let event: Value = serde_json::from_str(&line)
+                .map_err(|e| self.fail(format!("QMP: bad JSON '{line}': {e}")))?;
+            qmp.events.push(event);
+        }
+    }
+
+    /// Ask the guest to power off and wait for qemu to exit (killing it after 30 s).
+    pub fn shutdown(self) -> Result<()> {
+        {
+            let mut ctl = lock(&self.ctl);
+            let _ = writeln!(ctl.writer, "poweroff 0");
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let mut qemu = lock(&self.qemu);
+        loop {
+            match qemu.try_wait() {
+                Ok(Some(_)) => return Ok(()),
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                _ => {
+                    let _ = qemu.kill();
+                    drop(qemu);
+                    return Err(self.fail("the guest did not power off within 30 s; killed qemu"));
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let qemu = self
+            .qemu
+            .get_mut()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !matches!(qemu.try_wait(), Ok(Some(_))) {
+            let _ = qemu.kill();
+        }
+        let _ = qemu.wait();
+        if self.keep.load(Ordering::Relaxed) || std::thread::panicking() {
+            eprintln!(
+                "watchqd test guest files kept in {} (console log: {})",
+                self.dir.display(),
+                self.console_log().display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A command started with [`Guest::spawn`].
+pub struct GuestProcess<'g> {
+    guest: &'g Guest,
+    id: u64,
+    argv: Vec<String>,
+    dir: PathBuf,
+}
+
+impl GuestProcess<'_> {
+    /// Its standard output so far.
+    pub fn stdout(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.dir.join("stdout")).unwrap_or_default()).into_owned()
+    }
+
+    /// Its standard error so far.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&fs::read(self.dir.join("stderr")).unwrap_or_default()).into_owned()
+    }
+
+    /// Wait until its standard output contains `needle` (polling the shared file).
+    pub fn wait_for_stdout(&self, needle: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.stdout().contains(needle) {
+                return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(self.guest.fail(format!(
+                    "guest command {:?} did not print '{needle}' within {}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.argv,
+                    timeout.as_secs(),
+                    self.stdout(),
+                    self.stderr()
+                )));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Wait for it to end and collect its output.
+    pub fn wait(self, timeout: Duration) -> Result<Output> {
+        let status = self.guest.wait_done(self.id, &self.argv, timeout)?;
+        Ok(Output {
+            status,
+            stdout: self.stdout(),
+            stderr: self.stderr(),
+            argv: self.argv,
+        })
+    }
+}
