@@ -35,7 +35,7 @@ pub struct DeliveryConfig {
 impl Default for DeliveryConfig {
     fn default() -> Self {
         DeliveryConfig {
-            default_queue_depth: 256,
+            default_queue_depth: 1024,
             max_queue_depth: 16384,
             in_flight: 64,
         }
@@ -423,33 +423,39 @@ impl Hub {
         Ok(())
     }
 
-    pub fn remove_watch(&self, id: u64, caller: &str, tag: u64) -> Result<(), Error> {
-        let mut state = self.lock();
-        let sub = Self::owned(&mut state, id, caller)?;
-        let position = sub
-            .watches
-            .iter()
-            .position(|w| w.tag == tag)
-            .ok_or_else(|| Error::NotFound(format!("no watch with tag {tag}")))?;
-        let watch = sub.watches.remove(position);
-        self.release_source(&mut state, watch.source);
+    pub async fn remove_watch(&self, id: u64, caller: &str, tag: u64) -> Result<(), Error> {
+        let stopped = {
+            let mut state = self.lock();
+            let sub = Self::owned(&mut state, id, caller)?;
+            let position = sub
+                .watches
+                .iter()
+                .position(|w| w.tag == tag)
+                .ok_or_else(|| Error::NotFound(format!("no watch with tag {tag}")))?;
+            let watch = sub.watches.remove(position);
+            self.release_source(&mut state, watch.source)
+        };
+        finish_stopping(stopped).await;
         Ok(())
     }
 
-    /// Drops one watch's hold on a source, stopping the source when it was the last.
-    fn release_source(&self, state: &mut State, index: usize) {
+    /// Drops one watch's hold on a source. When it was the last, the source's pump is
+    /// aborted and returned so that the caller can wait, outside the lock, until its fds
+    /// are closed.
+    fn release_source(&self, state: &mut State, index: usize) -> Option<JoinHandle<()>> {
         let slot = &mut state.sources[index];
         slot.watches = slot.watches.saturating_sub(1);
-        if slot.watches == 0 {
-            if let Some(pump) = slot.pump.take() {
-                pump.abort();
-            }
-            slot.table = None;
-            tracing::info!(
-                source = self.registry.all()[index].name(),
-                "source stopped: nobody watches it"
-            );
+        if slot.watches > 0 {
+            return None;
         }
+        slot.table = None;
+        let pump = slot.pump.take()?;
+        pump.abort();
+        tracing::info!(
+            source = self.registry.all()[index].name(),
+            "source stopped: nobody watches it"
+        );
+        Some(pump)
     }
 
     pub fn set_filter(
@@ -497,16 +503,22 @@ impl Hub {
     }
 
     /// Removes a subscription, releasing its sources. Returns whether it existed.
-    pub fn close(&self, id: u64) -> bool {
-        let mut state = self.lock();
-        let Some(sub) = state.subscriptions.remove(&id) else {
-            return false;
+    pub async fn close(&self, id: u64) -> bool {
+        let stopped: Vec<_> = {
+            let mut state = self.lock();
+            let Some(sub) = state.subscriptions.remove(&id) else {
+                return false;
+            };
+            // Wake the deliverer so it sees the subscription is gone.
+            sub.outbox.notify.notify_one();
+            sub.watches
+                .iter()
+                .filter_map(|watch| self.release_source(&mut state, watch.source))
+                .collect()
         };
-        for watch in &sub.watches {
-            self.release_source(&mut state, watch.source);
+        for pump in stopped {
+            finish_stopping(Some(pump)).await;
         }
-        // Wake the deliverer so it sees the subscription is gone.
-        sub.outbox.notify.notify_one();
         true
     }
 
@@ -661,6 +673,15 @@ impl Hub {
             .iter()
             .map(|(id, s)| (*id, s.outbox.entries.len()))
             .collect()
+    }
+}
+
+/// Waits until an aborted pump has dropped its stream, so that "nobody watches it" means
+/// "no fd is open" by the time the caller answers.
+async fn finish_stopping(pump: Option<JoinHandle<()>>) {
+    if let Some(pump) = pump {
+        // The result is Cancelled or the pump's own end; both mean it is gone.
+        let _ = pump.await;
     }
 }
 

@@ -36,6 +36,7 @@ fn spawn_inside<'g>(guest: &'g vm::Guest, name: &str) -> vm::GuestProcess<'g> {
 
 /// The guest run must have run exactly that one test, and it must have passed.
 fn assert_inside_passed(out: &vm::Output) {
+    println!("{out}");
     assert!(
         out.success() && out.stdout.contains("test result: ok. 1 passed"),
         "the in-guest test did not pass:\n{out}"

@@ -135,7 +135,7 @@ impl Service {
 
     /// Ends a subscription: state, object and delivery task.
     pub async fn close(&self, id: u64) {
-        if self.hub.close(id) {
+        if self.hub.close(id).await {
             let path = subscription::path(id);
             if let Err(e) = self
                 .conn

@@ -80,7 +80,7 @@ impl SubscriptionObject {
         tag: u64,
     ) -> Result<(), BusError> {
         let caller = Self::caller(&header)?;
-        Ok(self.service.hub.remove_watch(self.id, caller, tag)?)
+        Ok(self.service.hub.remove_watch(self.id, caller, tag).await?)
     }
 
     /// Replaces the filter: a list of (source, subtype names). An event passes when some

@@ -1,0 +1,549 @@
+//! Test harness: a real private system bus (dbus-daemon with the project's own policy
+//! file), the real daemon binary, real loop devices, and a client that records signals.
+//! Nothing here is mocked; every wait has a timeout and says what it waited for.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::{BufRead, BufReader};
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
+
+use watchqd::client::{ManagerProxy, SubscriptionProxy};
+
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// A private dbus-daemon configured like the system bus, with `dbus/org.watchq1.conf`.
+pub struct PrivateBus {
+    child: Child,
+    pub address: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl PrivateBus {
+    pub fn start() -> PrivateBus {
+        let dir = tempfile::Builder::new()
+            .prefix("watchq-bus-")
+            .tempdir()
+            .expect("temporary directory");
+        // Other users' clients must reach the socket.
+        fs::set_permissions(
+            dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .expect("chmod bus dir");
+        let socket = dir.path().join("system_bus_socket");
+        let template = fs::read_to_string(repo().join("packaging/dev/system-bus.conf.in"))
+            .expect("packaging/dev/system-bus.conf.in");
+        let config = template
+            .replace("@LISTEN@", &format!("unix:path={}", socket.display()))
+            .replace(
+                "@POLICY@",
+                &repo().join("dbus/org.watchq1.conf").display().to_string(),
+            );
+        let config_path = dir.path().join("system-bus.conf");
+        fs::write(&config_path, config).expect("write bus config");
+        let log = fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log");
+        let mut child = Command::new("dbus-daemon")
+            .arg(format!("--config-file={}", config_path.display()))
+            .args(["--nofork", "--nopidfile", "--print-address=1"])
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("dbus-daemon must be installed (apt-get install dbus-daemon)");
+        let stdout = child.stdout.take().expect("bus stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let address = rx
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| {
+                panic!(
+                    "dbus-daemon did not print its address; see {}/dbus-daemon.log",
+                    dir.path().display()
+                )
+            })
+            .trim()
+            .to_owned();
+        assert!(
+            !address.is_empty(),
+            "dbus-daemon exited; see {}/dbus-daemon.log",
+            dir.path().display()
+        );
+        PrivateBus {
+            child,
+            address,
+            dir,
+        }
+    }
+}
+
+impl Drop for PrivateBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real `watchqd` binary on a private bus, started like systemd starts it: ready when
+/// it sends READY=1 on `$NOTIFY_SOCKET`.
+pub struct Daemon {
+    child: Child,
+    pub bus: PrivateBus,
+    pub log: PathBuf,
+}
+
+impl Daemon {
+    pub fn start() -> Daemon {
+        Daemon::with_config("")
+    }
+
+    pub fn with_config(toml: &str) -> Daemon {
+        let bus = PrivateBus::start();
+        let config = bus.dir.path().join("watchqd.toml");
+        fs::write(&config, toml).expect("write config");
+        let notify_path = bus.dir.path().join("notify");
+        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+        notify.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+        let log = bus.dir.path().join("watchqd.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_watchqd"))
+            .arg("--config")
+            .arg(&config)
+            .args(["--log-level", "debug"])
+            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+            .env("NOTIFY_SOCKET", &notify_path)
+            .env_remove("RUST_LOG")
+            .stderr(fs::File::create(&log).expect("daemon log"))
+            .spawn()
+            .expect("start watchqd");
+        let mut buf = [0u8; 4096];
+        loop {
+            let n = notify.recv(&mut buf).unwrap_or_else(|e| {
+                panic!(
+                    "watchqd did not send READY=1 ({e}); log:\n{}",
+                    fs::read_to_string(&log).unwrap_or_default()
+                )
+            });
+            if String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .any(|l| l == "READY=1")
+            {
+                break;
+            }
+        }
+        Daemon { child, bus, log }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn address(&self) -> &str {
+        &self.bus.address
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("daemon fds")
+            .count()
+    }
+
+    /// Resident memory of the daemon in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = fs::read_to_string(format!("/proc/{}/status", self.pid())).expect("status");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// The daemon's open `NETLINK_KOBJECT_UEVENT` sockets.
+    pub fn uevent_sockets(&self) -> usize {
+        let inodes: Vec<String> = fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("daemon fds")
+            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+            .filter_map(|t| {
+                t.to_str()?
+                    .strip_prefix("socket:[")?
+                    .strip_suffix(']')
+                    .map(str::to_owned)
+            })
+            .collect();
+        let table = fs::read_to_string("/proc/net/netlink").expect("/proc/net/netlink");
+        table
+            .lines()
+            .skip(1)
+            .filter(|line| {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+                cols.len() >= 10 && cols[1] == "15" && inodes.iter().any(|i| i == cols[9])
+            })
+            .count()
+    }
+
+    pub async fn connect(&self) -> Connection {
+        watchqd::client::connect(Some(self.address()))
+            .await
+            .expect("connect to the private bus")
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid() as i32), signal)
+            .expect("signal the daemon");
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGCONT,
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!(
+                "--- watchqd log ({}):\n{}",
+                self.log.display(),
+                self.log_text()
+            );
+        }
+    }
+}
+
+/// A loop device backed by a sparse file, detached on drop.
+pub struct LoopDevice {
+    attached: std::cell::Cell<bool>,
+    pub device: String,
+    pub name: String,
+    pub backing: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl LoopDevice {
+    pub fn attach(size_mib: u64) -> LoopDevice {
+        let dir = tempfile::tempdir().expect("temporary directory");
+        let backing = dir.path().join("disk.img");
+        let file = fs::File::create(&backing).expect("backing file");
+        file.set_len(size_mib * 1024 * 1024)
+            .expect("size backing file");
+        let out = Command::new("losetup")
+            .args(["--find", "--show"])
+            .arg(&backing)
+            .output()
+            .expect("losetup must be installed (util-linux)");
+        assert!(
+            out.status.success(),
+            "losetup: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let device = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let name = device.trim_start_matches("/dev/").to_owned();
+        LoopDevice {
+            attached: std::cell::Cell::new(true),
+            device,
+            name,
+            backing,
+            _dir: dir,
+        }
+    }
+
+    pub fn sys_path(&self) -> String {
+        format!("/devices/virtual/block/{}", self.name)
+    }
+
+    /// A real kernel uevent: writing an action to the device's `uevent` file makes the
+    /// kernel emit it (`kobject_synth_uevent`).
+    pub fn synth_change(&self) {
+        fs::write(format!("/sys/block/{}/uevent", self.name), "change")
+            .expect("write /sys/block/N/uevent");
+    }
+
+    pub fn detach(&self) {
+        if self.attached.replace(false) {
+            run("losetup", &["-d", &self.device]);
+        }
+    }
+}
+
+impl Drop for LoopDevice {
+    fn drop(&mut self) {
+        // Never panic here: a test may already be failing.
+        if self.attached.get() {
+            let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
+        }
+    }
+}
+
+pub fn run(cmd: &str, args: &[&str]) {
+    let out = Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A signal from a subscription, decoded.
+#[derive(Debug, Clone)]
+pub enum Signal {
+    Device {
+        seq: u64,
+        tag: u64,
+        action: String,
+        subsystem: String,
+        sys_path: String,
+        attributes: HashMap<String, OwnedVariant>,
+        properties: HashMap<String, String>,
+    },
+    Lost {
+        seq: u64,
+        count: u64,
+        source: String,
+        reason: String,
+    },
+    WatchRemoved {
+        seq: u64,
+        tag: u64,
+        reason: String,
+    },
+}
+
+impl Signal {
+    pub fn seq(&self) -> u64 {
+        match self {
+            Signal::Device { seq, .. }
+            | Signal::Lost { seq, .. }
+            | Signal::WatchRemoved { seq, .. } => *seq,
+        }
+    }
+
+    /// How many sequence numbers the signal stands for.
+    pub fn span(&self) -> u64 {
+        match self {
+            Signal::Lost { count, .. } => (*count).max(1),
+            _ => 1,
+        }
+    }
+
+    pub fn attr_str(&self, key: &str) -> Option<String> {
+        match self {
+            Signal::Device { attributes, .. } => attributes
+                .get(key)
+                .and_then(|v| <&str>::try_from(&**v).ok())
+                .map(str::to_owned),
+            _ => None,
+        }
+    }
+
+    pub fn attr_u64(&self, key: &str) -> Option<u64> {
+        match self {
+            Signal::Device { attributes, .. } => attributes.get(key).and_then(|v| match &**v {
+                Variant::U64(n) => Some(*n),
+                Variant::U32(n) => Some(u64::from(*n)),
+                _ => None,
+            }),
+            _ => None,
+        }
+    }
+
+    pub fn attr_bool(&self, key: &str) -> Option<bool> {
+        match self {
+            Signal::Device { attributes, .. } => {
+                attributes.get(key).and_then(|v| bool::try_from(&**v).ok())
+            }
+            _ => None,
+        }
+    }
+}
+
+pub fn decode(message: &zbus::Message) -> Option<Signal> {
+    let header = message.header();
+    let body = message.body();
+    match header.member()?.as_str() {
+        "DeviceChanged" => {
+            let (seq, tag, action, subsystem, sys_path, attributes, properties) = body
+                .deserialize::<(
+                    u64,
+                    u64,
+                    String,
+                    String,
+                    String,
+                    HashMap<String, OwnedVariant>,
+                    HashMap<String, String>,
+                )>()
+                .expect("DeviceChanged body");
+            Some(Signal::Device {
+                seq,
+                tag,
+                action,
+                subsystem,
+                sys_path,
+                attributes,
+                properties,
+            })
+        }
+        "Lost" => {
+            let (seq, count, source, reason) = body
+                .deserialize::<(u64, u64, String, String)>()
+                .expect("Lost body");
+            Some(Signal::Lost {
+                seq,
+                count,
+                source,
+                reason,
+            })
+        }
+        "WatchRemoved" => {
+            let (seq, tag, reason) = body
+                .deserialize::<(u64, u64, String)>()
+                .expect("WatchRemoved body");
+            Some(Signal::WatchRemoved { seq, tag, reason })
+        }
+        _ => None,
+    }
+}
+
+/// A subscription with a signal stream opened before any watch exists.
+pub struct Subscriber {
+    pub conn: Connection,
+    pub path: OwnedObjectPath,
+    pub proxy: SubscriptionProxy<'static>,
+    stream: MessageStream,
+    /// Every signal received so far, in order.
+    pub received: Vec<Signal>,
+}
+
+impl Subscriber {
+    pub async fn new(daemon: &Daemon) -> Subscriber {
+        Subscriber::with_options(daemon, HashMap::new()).await
+    }
+
+    pub async fn with_options(daemon: &Daemon, options: HashMap<&str, Variant<'_>>) -> Subscriber {
+        let conn = daemon.connect().await;
+        Subscriber::on(conn, options).await
+    }
+
+    pub async fn on(conn: Connection, options: HashMap<&str, Variant<'_>>) -> Subscriber {
+        let manager = ManagerProxy::new(&conn).await.expect("manager proxy");
+        let path = manager.subscribe(options).await.expect("Subscribe");
+        let rule = MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender("org.watchq1")
+            .interface("org.watchq1.Subscription")
+            .path(path.clone())
+            .build()
+            .expect("match rule");
+        let stream =
+            MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(100_000))
+                .await
+                .expect("signal stream");
+        let proxy = SubscriptionProxy::builder(&conn)
+            .path(path.clone())
+            .build()
+            .await
+            .expect("subscription proxy");
+        Subscriber {
+            conn,
+            path,
+            proxy,
+            stream,
+            received: Vec::new(),
+        }
+    }
+
+    pub async fn watch(&self, kind: &str, tag: u64, spec: &[(&str, Variant<'_>)]) {
+        let spec = spec
+            .iter()
+            .map(|(k, v)| (*k, v.try_clone().expect("clone variant")))
+            .collect();
+        self.proxy
+            .add_watch(kind, tag, spec)
+            .await
+            .expect("AddWatch");
+    }
+
+    /// The next signal, or `None` after `timeout`.
+    pub async fn next(&mut self, timeout: Duration) -> Option<Signal> {
+        loop {
+            let message = tokio::time::timeout(timeout, self.stream.next())
+                .await
+                .ok()??;
+            let message = message.expect("message");
+            if let Some(signal) = decode(&message) {
+                self.received.push(signal.clone());
+                return Some(signal);
+            }
+        }
+    }
+
+    /// Receives until `done` holds for the signals received so far, failing after
+    /// [`TIMEOUT`] without progress.
+    pub async fn until(&mut self, what: &str, mut done: impl FnMut(&[Signal]) -> bool) {
+        let start = Instant::now();
+        while !done(&self.received) {
+            if self.next(TIMEOUT).await.is_none() {
+                panic!(
+                    "waited {:?} for {what}; received {} signals, last: {:?}",
+                    start.elapsed(),
+                    self.received.len(),
+                    self.received.last()
+                );
+            }
+        }
+    }
+
+    /// Signals about one device.
+    pub fn about<'a>(&'a self, sys_path: &'a str) -> impl Iterator<Item = &'a Signal> + 'a {
+        self.received
+            .iter()
+            .filter(move |s| matches!(s, Signal::Device { sys_path: p, .. } if p == sys_path))
+    }
+}
+
+/// Asserts that sequence numbers start at 1 and grow by each signal's span, no gap, no
+/// repeat.
+pub fn assert_contiguous(signals: &[Signal]) {
+    let mut expected = 1;
+    for signal in signals {
+        assert_eq!(
+            signal.seq(),
+            expected,
+            "sequence gap or repeat at {signal:?}"
+        );
+        expected += signal.span();
+    }
+}
+
+/// The error name of a failed call.
+pub fn error_name<T: std::fmt::Debug>(result: zbus::Result<T>) -> String {
+    match result {
+        Err(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+        other => panic!("expected a D-Bus error, got {other:?}"),
+    }
+}
+
+pub fn path_exists(path: &Path) -> bool {
+    path.exists()
+}
