@@ -43,7 +43,7 @@ fn assert_inside_passed(out: &vm::Output) {
     );
 }
 
-fn boot(options: vm::BootOptions) -> vm::Guest {
+fn boot(options: &vm::BootOptions) -> vm::Guest {
     vm::Guest::boot(options).unwrap_or_else(|e| panic!("booting the test guest: {e}"))
 }
 
@@ -61,7 +61,7 @@ fn key_watch_enopkg_on_host_and_records_in_guest() {
              without CONFIG_WATCH_QUEUE (BRIEF section 2)"
         ),
     }
-    let guest = boot(vm::BootOptions::new());
+    let guest = boot(&vm::BootOptions::new());
     let out = spawn_inside(&guest, "key_watch_delivers_records")
         .wait(STEP)
         .expect("in-guest key watch");
@@ -71,7 +71,7 @@ fn key_watch_enopkg_on_host_and_records_in_guest() {
 
 #[test]
 fn usb_hotplug_uevents() {
-    let guest = boot(vm::BootOptions::new().hotplug());
+    let guest = boot(&vm::BootOptions::new().hotplug());
     let listener = spawn_inside(&guest, "usb_uevents");
     listener
         .wait_for_stdout("READY", STEP)
@@ -80,14 +80,14 @@ fn usb_hotplug_uevents() {
     guest
         .qmp_execute(
             "device_add",
-            json!({"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}),
+            &json!({"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}),
         )
         .expect("device_add usb-kbd");
     listener
         .wait_for_stdout("SEEN add usb-kbd", STEP)
         .expect("usb-kbd add uevent");
     guest
-        .qmp_execute("device_del", json!({"id": "kbd0"}))
+        .qmp_execute("device_del", &json!({"id": "kbd0"}))
         .expect("device_del usb-kbd");
     listener
         .wait_for_stdout("SEEN remove usb-kbd", STEP)
@@ -96,19 +96,19 @@ fn usb_hotplug_uevents() {
     let image = guest.dir().join("stick.img");
     std::fs::write(&image, vec![0u8; 4 << 20]).expect("create the usb-storage image");
     guest
-        .qmp_execute("blockdev-add", vm::raw_blockdev("stick", &image))
+        .qmp_execute("blockdev-add", &vm::raw_blockdev("stick", &image))
         .expect("blockdev-add stick");
     guest
         .qmp_execute(
             "device_add",
-            json!({"driver": "usb-storage", "bus": "xhci.0", "drive": "stick", "id": "stick0"}),
+            &json!({"driver": "usb-storage", "bus": "xhci.0", "drive": "stick", "id": "stick0"}),
         )
         .expect("device_add usb-storage");
     listener
         .wait_for_stdout("SEEN add usb-disk", STEP)
         .expect("usb disk add uevent");
     guest
-        .qmp_execute("device_del", json!({"id": "stick0"}))
+        .qmp_execute("device_del", &json!({"id": "stick0"}))
         .expect("device_del usb-storage");
     listener
         .wait_for_stdout("SEEN remove usb-storage", STEP)
@@ -121,7 +121,7 @@ fn usb_hotplug_uevents() {
 
 #[test]
 fn blkdebug_eio_fires_block_rq_error() {
-    let guest = boot(vm::BootOptions::new().hotplug());
+    let guest = boot(&vm::BootOptions::new().hotplug());
     let listener = spawn_inside(&guest, "virtio_disk_eio");
     listener
         .wait_for_stdout("READY", STEP)
@@ -132,13 +132,13 @@ fn blkdebug_eio_fires_block_rq_error() {
     guest
         .qmp_execute(
             "blockdev-add",
-            vm::blkdebug_blockdev("bad", &image, inside::BAD_SECTOR, 5),
+            &vm::blkdebug_blockdev("bad", &image, inside::BAD_SECTOR, 5),
         )
         .expect("blockdev-add blkdebug");
     guest
         .qmp_execute(
             "device_add",
-            json!({"driver": "virtio-blk-pci", "bus": "rp0", "drive": "bad", "id": "vblk0"}),
+            &json!({"driver": "virtio-blk-pci", "bus": "rp0", "drive": "bad", "id": "vblk0"}),
         )
         .expect("device_add virtio-blk-pci on rp0");
     listener
@@ -147,7 +147,7 @@ fn blkdebug_eio_fires_block_rq_error() {
 
     // PCIe unplug needs the guest's cooperation (pciehp waits ~5 s after the attention button).
     guest
-        .qmp_execute("device_del", json!({"id": "vblk0"}))
+        .qmp_execute("device_del", &json!({"id": "vblk0"}))
         .expect("device_del virtio-blk-pci");
     guest
         .qmp_wait_event("DEVICE_DELETED", &json!({"device": "vblk0"}), STEP)
@@ -159,12 +159,50 @@ fn blkdebug_eio_fires_block_rq_error() {
 
 #[test]
 fn quota_warning_over_generic_netlink() {
-    let guest = boot(vm::BootOptions::new());
+    let guest = boot(&vm::BootOptions::new());
     let out = spawn_inside(&guest, "quota_netlink_warning")
         .wait(STEP)
         .expect("in-guest quota test");
     assert_inside_passed(&out);
     guest.shutdown().expect("guest shutdown");
+}
+
+#[test]
+fn boot_run_poweroff_cycle() {
+    // Figures only (printed with --nocapture); nothing here asserts on time.
+    let start = std::time::Instant::now();
+    let guest = boot(&vm::BootOptions::new());
+    let booted = start.elapsed();
+    let out = guest
+        .run(&[
+            "sh",
+            "-c",
+            "echo $WATCHQD_VM_GUEST; cat /proc/sys/kernel/hostname; pwd",
+        ])
+        .expect("run sh");
+    assert!(out.success(), "{out}");
+    assert_eq!(
+        out.stdout,
+        format!(
+            "1\nwatchqd-guest\n{}\n",
+            std::env::current_dir().expect("cwd").display()
+        ),
+        "{out}"
+    );
+    let ran = start.elapsed();
+    let failing = guest
+        .run(&["sh", "-c", "echo oops >&2; exit 42"])
+        .expect("run a failing command");
+    assert_eq!(
+        (failing.status, failing.stderr.as_str()),
+        (42, "oops\n"),
+        "{failing}"
+    );
+    guest.shutdown().expect("guest shutdown");
+    println!(
+        "boot to ready {booted:?}, first command done {ran:?}, powered off {:?}",
+        start.elapsed()
+    );
 }
 
 #[test]
@@ -296,9 +334,9 @@ mod inside {
         aux: i32,
     }
 
-    /// Parse the records of one read() of a notification pipe.
-    /// Layout (linux/watch_queue.h, keyutils key_notification): u32 type:24|subtype:8,
-    /// u32 info (bits 0-6 length in bytes, 8-15 watch tag), then for keys u32 key_id, u32 aux.
+    /// Parse the records of one `read()` of a notification pipe.
+    /// Layout (`linux/watch_queue.h`, `struct key_notification`): `u32 type:24|subtype:8`,
+    /// `u32 info` (bits 0-6 length in bytes, 8-15 watch tag), then for keys `u32 key_id, aux`.
     fn parse_records(mut buf: &[u8]) -> Vec<Record> {
         let mut out = Vec::new();
         while buf.len() >= 8 {
@@ -464,7 +502,7 @@ mod inside {
             Self(fd)
         }
 
-        /// The next uevent sent by the kernel (nl_pid 0), or None after a 1 s timeout.
+        /// The next uevent sent by the kernel (`nl_pid` 0), or `None` after a 1 s timeout.
         fn next(&self) -> Option<Uevent> {
             let mut buf = vec![0u8; 16384];
             match recvfrom::<NetlinkAddr>(self.0.as_raw_fd(), &mut buf) {
@@ -681,7 +719,7 @@ mod inside {
                 break;
             }
             out.push((kind, &buf[4..len]));
-            buf = &buf[(len + 3 & !3).min(buf.len())..];
+            buf = &buf[((len + 3) & !3).min(buf.len())..];
         }
         out
     }
@@ -703,7 +741,7 @@ mod inside {
                 break;
             }
             out.push((u16::from_ne_bytes([buf[4], buf[5]]), &buf[16..len]));
-            buf = &buf[(len + 3 & !3).min(buf.len())..];
+            buf = &buf[((len + 3) & !3).min(buf.len())..];
         }
         out
     }
@@ -713,7 +751,7 @@ mod inside {
         let mut name = family.as_bytes().to_vec();
         name.push(0);
         let attr_len = 4 + name.len();
-        let total = 16 + 4 + (attr_len + 3 & !3);
+        let total = 16 + 4 + ((attr_len + 3) & !3);
         let mut msg = Vec::with_capacity(total);
         msg.extend_from_slice(&u32::try_from(total).expect("small").to_ne_bytes());
         msg.extend_from_slice(&GENL_ID_CTRL.to_ne_bytes());
@@ -787,6 +825,7 @@ mod inside {
 
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
+    #[allow(clippy::too_many_lines)]
     fn quota_netlink_warning() {
         require_guest();
         let img = "/tmp/watchqd-quota.img";
@@ -830,7 +869,7 @@ mod inside {
                 SOL_NETLINK,
                 NETLINK_ADD_MEMBERSHIP,
                 (&raw const group).cast(),
-                std::mem::size_of::<u32>() as libc::socklen_t,
+                libc::socklen_t::try_from(std::mem::size_of::<u32>()).expect("4"),
             )
         };
         assert_eq!(

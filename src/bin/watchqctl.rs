@@ -237,12 +237,11 @@ async fn monitor(
             .await
             .map_err(|e| format!("cannot set the filter: {}", describe(&e)))?;
     }
-    if !options.json {
-        eprintln!(
-            "watching {} (subscription {path}); Ctrl-C to stop",
-            sources.join(", ")
-        );
-    }
+    // On stderr even with --json, so that scripts can wait for it.
+    eprintln!(
+        "watching {} (subscription {path}); Ctrl-C to stop",
+        sources.join(", ")
+    );
 
     let interrupted = tokio::signal::ctrl_c();
     tokio::pin!(interrupted);

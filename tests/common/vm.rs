@@ -7,10 +7,10 @@
 //! #[path = "common/vm.rs"]
 //! mod vm;
 //!
-//! let guest = vm::Guest::boot(vm::BootOptions::new().hotplug())?;
+//! let guest = vm::Guest::boot(&vm::BootOptions::new().hotplug())?;
 //! let out = guest.run(&["uname", "-r"])?;
 //! assert_eq!(out.status, 0, "{out}");
-//! guest.qmp(serde_json::json!({"execute": "device_add",
+//! guest.qmp(&serde_json::json!({"execute": "device_add",
 //!     "arguments": {"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}}))?;
 //! ```
 //!
@@ -316,7 +316,7 @@ fn connect(path: &Path, qemu: &mut Child, deadline: Instant, dir: &Path) -> Resu
 
 impl Guest {
     /// Boot a fresh guest and wait until its init serves commands.
-    pub fn boot(options: BootOptions) -> Result<Guest> {
+    pub fn boot(options: &BootOptions) -> Result<Guest> {
         check_qemu()?;
         let kernel = kernel()?;
         let dir = tempfile::Builder::new()
@@ -439,7 +439,7 @@ impl Guest {
     }
 
     /// Start `argv` in the guest (as root, in the host's current directory) with a small
-    /// environment (PATH, HOME=/root, LANG, WATCHQD_VM_GUEST=1, the host's RUST_* and
+    /// environment (`PATH`, `HOME=/root`, `LANG`, `WATCHQD_VM_GUEST=1`, the host's `RUST_*` and
     /// WATCHQD_* variables) plus `env`; return at once.
     pub fn spawn(&self, argv: &[&str], env: &[(&str, &str)]) -> Result<GuestProcess<'_>> {
         if argv.is_empty() {
@@ -540,13 +540,14 @@ impl Guest {
             Ok(Some(line)) if line.contains("\"QMP\"") => {}
             other => return Err(self.fail(format!("no QMP greeting: {other:?}"))),
         }
-        self.qmp(json!({"execute": "qmp_capabilities"})).map(|_| ())
+        self.qmp(&json!({"execute": "qmp_capabilities"}))
+            .map(|_| ())
     }
 
     /// Send one QMP command (`{"execute": ..., "arguments": ...}`) and return its `return`
     /// value; a QMP `error` becomes an `Err` naming the command. Events read meanwhile are
     /// kept for [`Guest::qmp_wait_event`].
-    pub fn qmp(&self, command: Value) -> Result<Value> {
+    pub fn qmp(&self, command: &Value) -> Result<Value> {
         let deadline = Instant::now() + QMP_TIMEOUT;
         let mut qmp = lock(&self.qmp);
         writeln!(qmp.writer, "{command}")
@@ -573,8 +574,8 @@ impl Guest {
     }
 
     /// `{"execute": name, "arguments": arguments}`.
-    pub fn qmp_execute(&self, name: &str, arguments: Value) -> Result<Value> {
-        self.qmp(json!({"execute": name, "arguments": arguments}))
+    pub fn qmp_execute(&self, name: &str, arguments: &Value) -> Result<Value> {
+        self.qmp(&json!({"execute": name, "arguments": arguments}))
     }
 
     /// Wait for the next QMP event called `name` (e.g. `DEVICE_DELETED`) whose `data`
@@ -629,7 +630,7 @@ impl Guest {
             match qemu.try_wait() {
                 Ok(Some(_)) => return Ok(()),
                 Ok(None) if Instant::now() < deadline => {
-                    std::thread::sleep(Duration::from_millis(20))
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 _ => {
                     let _ = qemu.kill();

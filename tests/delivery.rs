@@ -1,0 +1,140 @@
+//! Delivery that never blocks: a subscriber that stops reading costs the daemon a bounded
+//! outbox, delays nobody, and later learns exactly what it missed.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::{kill, Signal as Sig};
+use nix::unistd::Pid;
+use zbus::Variant;
+
+const EVENTS: usize = 10_000;
+const BATCH: usize = 500;
+
+fn process_state(pid: u32) -> char {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // The state follows the command name in parentheses.
+    stat.rsplit_once(") ")
+        .and_then(|(_, rest)| rest.chars().next())
+        .expect("state")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_subscriber_loses_exactly_what_it_missed_and_delays_nobody() {
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+
+    // The stalled subscriber is a real client process, stopped with SIGSTOP: it reads
+    // nothing, answers no Ping, and its socket fills up.
+    let mut stalled = Command::new(env!("CARGO_BIN_EXE_watchqctl"))
+        .args([
+            "--address",
+            daemon.address(),
+            "monitor",
+            "--json",
+            "--queue-depth",
+            "100",
+        ])
+        .arg(format!("--match=name={}", disk.name))
+        .arg("devices")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watchqctl");
+    let mut stderr = BufReader::new(stalled.stderr.take().unwrap());
+    let mut line = String::new();
+    stderr.read_line(&mut line).unwrap();
+    assert!(line.starts_with("watching"), "watchqctl: {line}");
+    let stalled_pid = Pid::from_raw(stalled.id() as i32);
+    kill(stalled_pid, Sig::SIGSTOP).unwrap();
+
+    let mut fast = Subscriber::with_options(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(4096u32))]),
+    )
+    .await;
+    fast.watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
+        .await;
+    let rss_before = daemon.rss_kib();
+
+    // Real kernel uevents, in batches the fast subscriber keeps up with, so that what
+    // the daemon holds is what the stalled one costs.
+    for batch in 0..EVENTS / BATCH {
+        let name = disk.name.clone();
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..BATCH {
+                std::fs::write(format!("/sys/block/{name}/uevent"), "change").unwrap();
+            }
+        })
+        .await
+        .unwrap();
+        fast.until("the batch", |s| s.len() >= (batch + 1) * BATCH)
+            .await;
+    }
+    // Everything reached the fast subscriber while the other one was still stopped.
+    assert_eq!(process_state(stalled.id()), 'T');
+    assert_eq!(fast.received.len(), EVENTS);
+    assert!(fast
+        .received
+        .iter()
+        .all(|s| matches!(s, Signal::Device { .. })));
+    assert_contiguous(&fast.received);
+    let rss_after = daemon.rss_kib();
+    assert!(
+        rss_after < rss_before + 8 * 1024,
+        "daemon RSS grew from {rss_before} KiB to {rss_after} KiB"
+    );
+
+    // Resume it: it reads what the bus held, then the rest of its outbox, then Lost.
+    kill(stalled_pid, Sig::SIGCONT).unwrap();
+    let stdout = stalled.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut events, mut lost, mut next_seq) = (0u64, 0u64, 1u64);
+    let mut lost_signals = 0;
+    while events + lost < EVENTS as u64 {
+        let line = rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
+            panic!("stalled subscriber saw {events} events + {lost} lost of {EVENTS}")
+        });
+        let value: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let seq = value["seq"].as_u64().unwrap();
+        assert_eq!(seq, next_seq, "gap or repeat in {line}");
+        match value["signal"].as_str().unwrap() {
+            "DeviceChanged" => {
+                events += 1;
+                next_seq += 1;
+            }
+            "Lost" => {
+                assert_eq!(value["reason"], "queue-full");
+                let count = value["count"].as_u64().unwrap();
+                lost += count;
+                lost_signals += 1;
+                next_seq += count;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(events + lost, EVENTS as u64);
+    assert!(lost > 0 && lost_signals >= 1, "it must have lost events");
+    assert!(events >= 100, "it keeps its queue's worth: {events}");
+    kill(stalled_pid, Sig::SIGINT).unwrap();
+    let status = stalled.wait().unwrap();
+    assert!(status.success(), "watchqctl exited with {status}");
+    assert!(
+        rx.recv_timeout(Duration::from_millis(200)).is_err(),
+        "nothing after the count"
+    );
+}
