@@ -540,6 +540,7 @@ pub fn assert_contiguous(signals: &[Signal]) {
 pub fn error_name<T: std::fmt::Debug>(result: zbus::Result<T>) -> String {
     match result {
         Err(zbus::Error::MethodError(name, _, _)) => name.to_string(),
+        Err(zbus::Error::FDO(e)) => zbus::DBusError::name(&*e).to_string(),
         other => panic!("expected a D-Bus error, got {other:?}"),
     }
 }
