@@ -1,0 +1,138 @@
+//! Bad input gets a typed error and changes nothing else.
+
+mod common;
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use common::*;
+use watchqd::client::{ManagerProxy, SubscriptionProxy};
+use zbus::Variant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_calls_get_typed_errors_and_change_nothing() {
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let mut sub = Subscriber::new(&daemon).await;
+    sub.watch("devices", 5, &[("name", Variant::from(disk.name.as_str()))]).await;
+    let manager = ManagerProxy::new(&sub.conn).await.unwrap();
+
+    let invalid = "org.watchq1.Error.InvalidArgument";
+    let spec = |pairs: &[(&'static str, Variant<'static>)]| -> HashMap<&'static str, Variant<'static>> {
+        pairs.iter().map(|(k, v)| (*k, v.try_clone().unwrap())).collect()
+    };
+    // Unknown watch kinds, keys, types and values.
+    assert_eq!(error_name(sub.proxy.add_watch("toasters", 1, spec(&[])).await), invalid);
+    assert_eq!(error_name(sub.proxy.add_watch("devices", 1, spec(&[("subsytem", "block".into())])).await), invalid);
+    assert_eq!(error_name(sub.proxy.add_watch("devices", 1, spec(&[("subsystem", 42u32.into())])).await), invalid);
+    assert_eq!(error_name(sub.proxy.add_watch("devices", 1, spec(&[("subsystem", "net".into())])).await), invalid);
+    // A tag may be used once per subscription.
+    assert_eq!(error_name(sub.proxy.add_watch("devices", 5, spec(&[])).await), invalid);
+    // Filters name real sources and subtypes.
+    assert_eq!(error_name(sub.proxy.set_filter(&[("devices", &["explode"][..])]).await), invalid);
+    assert_eq!(error_name(sub.proxy.set_filter(&[("nowhere", &["add"][..])]).await), invalid);
+    assert_eq!(error_name(sub.proxy.remove_watch(99).await), "org.watchq1.Error.NotFound");
+    assert_eq!(error_name(sub.proxy.snapshot("nowhere").await), invalid);
+    // Subscribe options.
+    for options in [
+        HashMap::from([("queue-depth", Variant::from(0u32))]),
+        HashMap::from([("queue-depth", Variant::from(u32::MAX))]),
+        HashMap::from([("queue-depth", Variant::from("deep"))]),
+        HashMap::from([("colour", Variant::from("blue"))]),
+    ] {
+        assert_eq!(error_name(manager.subscribe(options).await), invalid);
+    }
+    // A call whose arguments do not have the method's signature never reaches the daemon's
+    // logic: the bus library answers with the standard error.
+    let reply = sub
+        .conn
+        .call_method(Some("org.watchq1"), sub.path.as_str(), Some("org.watchq1.Subscription"), "AddWatch", &("devices",))
+        .await;
+    assert_eq!(error_name(reply), "org.freedesktop.DBus.Error.InvalidArgs");
+
+    // Someone else's subscription: another connection, even of the same user.
+    let intruder = daemon.connect().await;
+    let theirs = SubscriptionProxy::builder(&intruder).path(sub.path.clone()).build().await.unwrap();
+    let denied = "org.watchq1.Error.AccessDenied";
+    assert_eq!(error_name(theirs.add_watch("devices", 6, spec(&[])).await), denied);
+    assert_eq!(error_name(theirs.remove_watch(5).await), denied);
+    assert_eq!(error_name(theirs.set_filter(&[]).await), denied);
+    assert_eq!(error_name(theirs.snapshot("devices").await), denied);
+    assert_eq!(error_name(theirs.close().await), denied);
+    assert_eq!(error_name(theirs.watches().await), denied);
+
+    // None of that changed anything: the one watch still delivers, unfiltered.
+    assert_eq!(sub.proxy.watches().await.unwrap(), vec![(5, "devices".to_owned())]);
+    disk.synth_change();
+    let signal = sub.next(TIMEOUT).await.expect("the watch still works");
+    assert!(matches!(signal, Signal::Device { tag: 5, seq: 1, .. }), "{signal:?}");
+    assert!(sub.next(Duration::from_millis(200)).await.is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_give_limit_exceeded_and_leave_the_daemon_serving() {
+    let daemon = Daemon::with_config(
+        "[limits]\nsubscriptions_per_connection = 2\nwatches_per_subscription = 3\n",
+    );
+    let conn = daemon.connect().await;
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    let first = Subscriber::on(conn.clone(), HashMap::new()).await;
+    let _second = Subscriber::on(conn.clone(), HashMap::new()).await;
+    assert_eq!(error_name(manager.subscribe(HashMap::new()).await), "org.watchq1.Error.LimitExceeded");
+    for tag in 0..3 {
+        first.watch("devices", tag, &[]).await;
+    }
+    assert_eq!(
+        error_name(first.proxy.add_watch("devices", 3, HashMap::new()).await),
+        "org.watchq1.Error.LimitExceeded"
+    );
+    // Another connection is unaffected.
+    let other = Subscriber::new(&daemon).await;
+    other.watch("devices", 1, &[]).await;
+}
+
+#[test]
+fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
+    let dir = tempfile::tempdir().unwrap();
+    for (text, key) in [
+        ("[delivery]\nin_flight = 0\n", "delivery.in_flight"),
+        ("[delivery]\nqueue_depht = 4\n", "queue_depht"),
+        ("[limits]\nwatches_per_subscription = \"lots\"\n", "watches_per_subscription"),
+        ("this is not toml", ""),
+    ] {
+        let path = dir.path().join("broken.toml");
+        std::fs::write(&path, text).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_watchqd"))
+            .arg("--config")
+            .arg(&path)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", "unix:path=/nonexistent")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(78), "{text:?}: {stderr}");
+        assert!(stderr.contains(path.to_str().unwrap()) && stderr.contains(key), "{text:?}: {stderr}");
+    }
+    // A missing --config file is an error too, not silently the defaults.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_watchqd"))
+        .args(["--config", "/nonexistent/watchqd.toml", "--check-config"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78));
+    // The environment overrides the file, and is validated the same way.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_watchqd"))
+        .args(["--check-config", "--config"])
+        .arg(dir.path().join("broken.toml"))
+        .env("WATCHQD_DELIVERY__IN_FLIGHT", "7")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(78), "the broken file still counts");
+    std::fs::write(dir.path().join("ok.toml"), "[delivery]\nin_flight = 8\n").unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_watchqd"))
+        .args(["--check-config", "--config"])
+        .arg(dir.path().join("ok.toml"))
+        .env("WATCHQD_DELIVERY__IN_FLIGHT", "12")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("in_flight: 12"));
+}

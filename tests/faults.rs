@@ -1,0 +1,101 @@
+//! Hostile and failing input from the kernel side: forged uevents, kernel overflow.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::IoSliceMut;
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+
+use common::*;
+use nix::sys::signal::Signal as Sig;
+use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use zbus::Variant;
+
+fn uevent_socket(groups: u32) -> std::os::fd::OwnedFd {
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkKObjectUEvent,
+    )
+    .expect("uevent socket");
+    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).expect("bind");
+    fd
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_uevent_from_userspace_is_not_delivered() {
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let mut sub = Subscriber::new(&daemon).await;
+    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))]).await;
+
+    // Root in the initial network namespace can multicast to the kernel's uevent group;
+    // a witness socket proves the forgery really reached every listener.
+    let witness = uevent_socket(1);
+    let forger = uevent_socket(0);
+    let forged_path = "/devices/virtual/block/forged0";
+    let forged = format!(
+        "add@{forged_path}\0ACTION=add\0DEVPATH={forged_path}\0SUBSYSTEM=block\0SEQNUM=1\0DEVNAME=forged0\0DEVTYPE=disk\0"
+    );
+    socket::sendto(forger.as_raw_fd(), forged.as_bytes(), &NetlinkAddr::new(0, 1), MsgFlags::empty())
+        .expect("multicast a forged uevent");
+    let mut buf = vec![0u8; 4096];
+    let mut iov = [IoSliceMut::new(&mut buf)];
+    let msg = socket::recvmsg::<NetlinkAddr>(witness.as_raw_fd(), &mut iov, None, MsgFlags::empty()).unwrap();
+    assert_ne!(msg.address.map(|a| a.pid()), Some(0), "the forgery carries its sender's port id");
+
+    // A real event afterwards is the barrier: once it arrives, the forgery would have too.
+    disk.synth_change();
+    let path = disk.sys_path();
+    sub.until("the real event", |s| s.iter().any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path)))
+        .await;
+    assert!(!sub.about(forged_path).any(|_| true), "the forged uevent was delivered");
+    assert!(daemon.log_text().contains("not sent by the kernel"), "the rejection is logged");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kernel_overflow_becomes_lost_and_a_rescan() {
+    // A tiny socket buffer so that the kernel drops uevents while the daemon is stopped.
+    let daemon = Daemon::with_config("[sources.devices]\nreceive_buffer = 4096\n");
+    let disk = LoopDevice::attach(4);
+    let mut sub = Subscriber::with_options(&daemon, HashMap::from([("queue-depth", Variant::from(4096u32))])).await;
+    sub.watch("devices", 3, &[("subsystem", Variant::from("block"))]).await;
+
+    daemon.signal(Sig::SIGSTOP);
+    for _ in 0..300 {
+        disk.synth_change();
+    }
+    // The device changes while events are being lost: the rescan must catch it.
+    let grown = 12u64 << 20;
+    std::fs::OpenOptions::new().write(true).open(&disk.backing).unwrap().set_len(grown).unwrap();
+    run("losetup", &["-c", &disk.device]);
+    daemon.signal(Sig::SIGCONT);
+
+    sub.until("Lost from the kernel overflow", |s| {
+        s.iter().any(|e| matches!(e, Signal::Lost { reason, .. } if reason == "kernel-overflow"))
+    })
+    .await;
+    let lost = sub.received.iter().find(|e| matches!(e, Signal::Lost { .. })).unwrap().clone();
+    assert!(matches!(&lost, Signal::Lost { count: 0, source, .. } if source == "devices"), "{lost:?}");
+    let delivered = sub.about(&disk.sys_path()).count();
+    assert!(delivered < 300, "the kernel dropped some of the 300 events, {delivered} arrived");
+
+    // The snapshot reflects the state after the loss.
+    let (_, objects) = sub.proxy.snapshot("devices").await.unwrap();
+    let object = objects.iter().find(|o| o.0 == disk.sys_path()).expect("the disk");
+    assert_eq!(&*object.2["size"], &Variant::from(grown));
+
+    // And events flow again afterwards.
+    let before = sub.received.len();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    disk.synth_change();
+    let path = disk.sys_path();
+    sub.until("an event after the overflow", |s| {
+        s[before..].iter().any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path))
+    })
+    .await;
+    assert_contiguous(&sub.received);
+    assert!(daemon.log_text().contains("ENOBUFS"));
+}
