@@ -37,6 +37,7 @@ impl Manager {
     /// Current objects of a source: (the source's generation, [(id, changes, attributes,
     /// properties)]). For a snapshot aligned with a subscription's events, use the
     /// subscription's Snapshot method.
+    #[zbus(out_args("seq", "objects"))]
     async fn snapshot(&self, source: &str) -> Result<(u64, Vec<SnapshotObject>), BusError> {
         let (seq, objects) = self.service.hub.snapshot(source, None)?;
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))

@@ -97,6 +97,7 @@ impl SubscriptionObject {
 
     /// Current objects of a source and the sequence number they are valid at: apply
     /// every event with a higher number, and none with a lower one.
+    #[zbus(out_args("seq", "objects"))]
     async fn snapshot(
         &self,
         #[zbus(header)] header: Header<'_>,
