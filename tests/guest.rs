@@ -206,6 +206,29 @@ fn boot_run_poweroff_cycle() {
 }
 
 #[test]
+fn qemu_failure_is_reported_with_its_log() {
+    let err = vm::Guest::boot(&vm::BootOptions::new().device("no-such-device"))
+        .err()
+        .expect("booting with an unknown qemu device must fail");
+    let message = err.to_string();
+    println!("{message}");
+    assert!(
+        message.contains("qemu exited")
+            && message.contains("no-such-device")
+            && message.contains("qemu.log"),
+        "unhelpful error: {message}"
+    );
+    // The kept directory is named in the message; clean it up.
+    let kept = message.lines().find_map(|l| {
+        l.split_once("guest files kept in ")
+            .map(|(_, dir)| dir.to_owned())
+    });
+    if let Some(dir) = kept {
+        let _ = std::fs::remove_dir_all(dir);
+    }
+}
+
+#[test]
 fn run_in_guest_script_passes_output_and_status() {
     vm::kernel().expect("guest kernel");
     let script = vm::vm_dir().join("run-in-guest");

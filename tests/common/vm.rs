@@ -402,19 +402,35 @@ impl Guest {
     }
 
     /// Keep the guest directory after drop and build an error that points at it.
+    /// Mark the guest directory to be kept and build an error with the state of qemu and the
+    /// last lines of the console and qemu logs. Never call it holding the `qemu` lock.
     fn fail(&self, message: impl fmt::Display) -> Error {
         self.keep.store(true, Ordering::Relaxed);
-        let console = fs::read_to_string(self.console_log()).unwrap_or_default();
-        let tail: Vec<&str> = console.lines().rev().take(15).collect();
-        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        // Give a dying qemu a moment to exit so that its status and last words are shown.
+        let mut state = String::from("still running");
+        for _ in 0..25 {
+            if let Ok(Some(status)) = lock(&self.qemu).try_wait() {
+                state = format!("exited ({status})");
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let tail = |path: &Path| {
+            let text = fs::read_to_string(path).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(15)..]
+                .iter()
+                .map(|l| format!("\n  | {l}"))
+                .collect::<String>()
+        };
+        let qemu_log = self.dir.join("qemu.log");
         error(format!(
-            "{message}\nconsole log: {} (last lines below); qemu log: {}\n{}",
+            "{message}\nqemu {state}; guest files kept in {}\nconsole log: {}{}\nqemu log: {}{}",
+            self.dir.display(),
             self.console_log().display(),
-            self.dir.join("qemu.log").display(),
-            tail.iter()
-                .map(|l| format!("  | {l}"))
-                .collect::<Vec<_>>()
-                .join("\n")
+            tail(&self.console_log()),
+            qemu_log.display(),
+            tail(&qemu_log),
         ))
     }
 

@@ -1,0 +1,104 @@
+//! What a user installs and runs: the unit, the README's run command.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{kill, Signal as Sig};
+use nix::unistd::Pid;
+
+fn unit_with_binary(dir: &std::path::Path) -> std::path::PathBuf {
+    let unit = std::fs::read_to_string(repo().join("systemd/watchqd.service")).unwrap();
+    let path = dir.join("watchqd.service");
+    std::fs::write(&path, unit.replace("/usr/libexec/watchqd", env!("CARGO_BIN_EXE_watchqd"))).unwrap();
+    path
+}
+
+#[test]
+fn the_unit_file_verifies_and_is_hardened() {
+    let dir = tempfile::tempdir().unwrap();
+    let unit = unit_with_binary(dir.path());
+    let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().expect("systemd-analyze (package systemd)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stderr.is_empty(), "warnings: {}", String::from_utf8_lossy(&out.stderr));
+
+    let out = Command::new("systemd-analyze").args(["security", "--offline=yes", "--threshold=25"]).arg(&unit).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "exposure above 2.5:\n{text}");
+}
+
+/// Runs `scripts/run-daemon` as the README says, on a machine without a system bus, and
+/// watches a loop device appear through `watchqctl monitor`.
+#[test]
+fn the_readme_run_command_serves_real_events_on_a_private_bus() {
+    if std::path::Path::new("/run/dbus/system_bus_socket").exists() {
+        panic!("this test checks the no-system-bus path; this machine has a system bus at /run/dbus/system_bus_socket");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut run = Command::new(repo().join("scripts/run-daemon"))
+        .current_dir(repo())
+        .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+        .env("WATCHQ_DEV_DIR", dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let group = Pid::from_raw(-(run.id() as i32));
+    let (tx, rx) = mpsc::channel();
+    let stdout = run.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let address = loop {
+        let line = rx.recv_timeout(Duration::from_secs(600)).expect("run-daemon printed no address (building?)");
+        if let Some(rest) = line.trim().strip_prefix("export DBUS_SYSTEM_BUS_ADDRESS='") {
+            break rest.trim_end_matches('\'').to_owned();
+        }
+    };
+    let watchqctl = repo().join("target/release/watchqctl");
+    let start = Instant::now();
+    while !Command::new(&watchqctl).args(["--address", &address, "status"]).output().unwrap().status.success() {
+        assert!(start.elapsed() < TIMEOUT, "the daemon never answered status");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // A person's session: an unprivileged user running the monitor.
+    let mut monitor = Command::new(&watchqctl)
+        .args(["--address", &address, "monitor"])
+        .uid(65534)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut ready = String::new();
+    BufReader::new(monitor.stderr.take().unwrap()).read_line(&mut ready).unwrap();
+    assert!(ready.starts_with("watching"), "{ready}");
+    let disk = LoopDevice::attach(8);
+    let (tx, lines) = mpsc::channel();
+    let stdout = monitor.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let seen = loop {
+        let line = lines.recv_timeout(TIMEOUT).expect("monitor showed no event for the loop device");
+        if line.contains(&format!(" {} ", disk.name)) && line.contains("loop-backing-file=") {
+            break line;
+        }
+    };
+    assert!(seen.contains("devices") && seen.contains(&disk.device), "{seen}");
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    kill(group, Sig::SIGINT).unwrap();
+    let status = run.wait().unwrap();
+    assert!(status.success(), "run-daemon exited with {status}");
+    assert!(!dir.path().join("system_bus_socket").exists() || Command::new(&watchqctl).args(["--address", &address, "status"]).output().map(|o| !o.status.success()).unwrap_or(true), "the private bus kept running after Ctrl-C");
+}
