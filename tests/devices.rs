@@ -250,8 +250,7 @@ async fn snapshot_taken_under_load_agrees_with_the_events_around_it() {
     let covered = sub
         .received
         .iter()
-        .filter(|s| s.seq() <= seq)
-        .last()
+        .rfind(|s| s.seq() <= seq)
         .and_then(|s| s.attr_u64("kernel-seqnum"));
     if seq == 0 {
         assert!(covered.is_none());

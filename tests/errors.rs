@@ -14,24 +14,65 @@ async fn bad_calls_get_typed_errors_and_change_nothing() {
     let daemon = Daemon::start();
     let disk = LoopDevice::attach(4);
     let mut sub = Subscriber::new(&daemon).await;
-    sub.watch("devices", 5, &[("name", Variant::from(disk.name.as_str()))]).await;
+    sub.watch("devices", 5, &[("name", Variant::from(disk.name.as_str()))])
+        .await;
     let manager = ManagerProxy::new(&sub.conn).await.unwrap();
 
     let invalid = "org.watchq1.Error.InvalidArgument";
-    let spec = |pairs: &[(&'static str, Variant<'static>)]| -> HashMap<&'static str, Variant<'static>> {
-        pairs.iter().map(|(k, v)| (*k, v.try_clone().unwrap())).collect()
-    };
+    let spec =
+        |pairs: &[(&'static str, Variant<'static>)]| -> HashMap<&'static str, Variant<'static>> {
+            pairs
+                .iter()
+                .map(|(k, v)| (*k, v.try_clone().unwrap()))
+                .collect()
+        };
     // Unknown watch kinds, keys, types and values.
-    assert_eq!(error_name(sub.proxy.add_watch("toasters", 1, spec(&[])).await), invalid);
-    assert_eq!(error_name(sub.proxy.add_watch("devices", 1, spec(&[("subsytem", "block".into())])).await), invalid);
-    assert_eq!(error_name(sub.proxy.add_watch("devices", 1, spec(&[("subsystem", 42u32.into())])).await), invalid);
-    assert_eq!(error_name(sub.proxy.add_watch("devices", 1, spec(&[("subsystem", "net".into())])).await), invalid);
+    assert_eq!(
+        error_name(sub.proxy.add_watch("toasters", 1, spec(&[])).await),
+        invalid
+    );
+    assert_eq!(
+        error_name(
+            sub.proxy
+                .add_watch("devices", 1, spec(&[("subsytem", "block".into())]))
+                .await
+        ),
+        invalid
+    );
+    assert_eq!(
+        error_name(
+            sub.proxy
+                .add_watch("devices", 1, spec(&[("subsystem", 42u32.into())]))
+                .await
+        ),
+        invalid
+    );
+    assert_eq!(
+        error_name(
+            sub.proxy
+                .add_watch("devices", 1, spec(&[("subsystem", "net".into())]))
+                .await
+        ),
+        invalid
+    );
     // A tag may be used once per subscription.
-    assert_eq!(error_name(sub.proxy.add_watch("devices", 5, spec(&[])).await), invalid);
+    assert_eq!(
+        error_name(sub.proxy.add_watch("devices", 5, spec(&[])).await),
+        invalid
+    );
     // Filters name real sources and subtypes.
-    assert_eq!(error_name(sub.proxy.set_filter(&[("devices", &["explode"][..])]).await), invalid);
-    assert_eq!(error_name(sub.proxy.set_filter(&[("nowhere", &["add"][..])]).await), invalid);
-    assert_eq!(error_name(sub.proxy.remove_watch(99).await), "org.watchq1.Error.NotFound");
+    assert_eq!(
+        error_name(sub.proxy.set_filter(&[("devices", &["explode"][..])]).await),
+        invalid
+    );
+    assert_eq!(
+        error_name(sub.proxy.set_filter(&[("nowhere", &["add"][..])]).await),
+        invalid
+    );
+    assert_eq!(
+        error_name(sub.proxy.remove_watch(99).await),
+        "org.watchq1.Error.NotFound"
+    );
     assert_eq!(error_name(sub.proxy.snapshot("nowhere").await), invalid);
     // Subscribe options.
     for options in [
@@ -46,15 +87,28 @@ async fn bad_calls_get_typed_errors_and_change_nothing() {
     // logic: the bus library answers with the standard error.
     let reply = sub
         .conn
-        .call_method(Some("org.watchq1"), sub.path.as_str(), Some("org.watchq1.Subscription"), "AddWatch", &("devices",))
+        .call_method(
+            Some("org.watchq1"),
+            sub.path.as_str(),
+            Some("org.watchq1.Subscription"),
+            "AddWatch",
+            &("devices",),
+        )
         .await;
     assert_eq!(error_name(reply), "org.freedesktop.DBus.Error.InvalidArgs");
 
     // Someone else's subscription: another connection, even of the same user.
     let intruder = daemon.connect().await;
-    let theirs = SubscriptionProxy::builder(&intruder).path(sub.path.clone()).build().await.unwrap();
+    let theirs = SubscriptionProxy::builder(&intruder)
+        .path(sub.path.clone())
+        .build()
+        .await
+        .unwrap();
     let denied = "org.watchq1.Error.AccessDenied";
-    assert_eq!(error_name(theirs.add_watch("devices", 6, spec(&[])).await), denied);
+    assert_eq!(
+        error_name(theirs.add_watch("devices", 6, spec(&[])).await),
+        denied
+    );
     assert_eq!(error_name(theirs.remove_watch(5).await), denied);
     assert_eq!(error_name(theirs.set_filter(&[]).await), denied);
     assert_eq!(error_name(theirs.snapshot("devices").await), denied);
@@ -62,10 +116,16 @@ async fn bad_calls_get_typed_errors_and_change_nothing() {
     assert_eq!(error_name(theirs.watches().await), denied);
 
     // None of that changed anything: the one watch still delivers, unfiltered.
-    assert_eq!(sub.proxy.watches().await.unwrap(), vec![(5, "devices".to_owned())]);
+    assert_eq!(
+        sub.proxy.watches().await.unwrap(),
+        vec![(5, "devices".to_owned())]
+    );
     disk.synth_change();
     let signal = sub.next(TIMEOUT).await.expect("the watch still works");
-    assert!(matches!(signal, Signal::Device { tag: 5, seq: 1, .. }), "{signal:?}");
+    assert!(
+        matches!(signal, Signal::Device { tag: 5, seq: 1, .. }),
+        "{signal:?}"
+    );
     assert!(sub.next(Duration::from_millis(200)).await.is_none());
 }
 
@@ -78,7 +138,10 @@ async fn limits_give_limit_exceeded_and_leave_the_daemon_serving() {
     let manager = ManagerProxy::new(&conn).await.unwrap();
     let first = Subscriber::on(conn.clone(), HashMap::new()).await;
     let _second = Subscriber::on(conn.clone(), HashMap::new()).await;
-    assert_eq!(error_name(manager.subscribe(HashMap::new()).await), "org.watchq1.Error.LimitExceeded");
+    assert_eq!(
+        error_name(manager.subscribe(HashMap::new()).await),
+        "org.watchq1.Error.LimitExceeded"
+    );
     for tag in 0..3 {
         first.watch("devices", tag, &[]).await;
     }
@@ -97,7 +160,10 @@ fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
     for (text, key) in [
         ("[delivery]\nin_flight = 0\n", "delivery.in_flight"),
         ("[delivery]\nqueue_depht = 4\n", "queue_depht"),
-        ("[limits]\nwatches_per_subscription = \"lots\"\n", "watches_per_subscription"),
+        (
+            "[limits]\nwatches_per_subscription = \"lots\"\n",
+            "watches_per_subscription",
+        ),
         ("this is not toml", ""),
     ] {
         let path = dir.path().join("broken.toml");
@@ -110,7 +176,10 @@ fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(78), "{text:?}: {stderr}");
-        assert!(stderr.contains(path.to_str().unwrap()) && stderr.contains(key), "{text:?}: {stderr}");
+        assert!(
+            stderr.contains(path.to_str().unwrap()) && stderr.contains(key),
+            "{text:?}: {stderr}"
+        );
     }
     // A missing --config file is an error too, not silently the defaults.
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_watchqd"))

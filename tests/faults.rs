@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal as Sig;
-use nix::sys::socket::{self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType};
+use nix::sys::socket::{
+    self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
+};
 use zbus::Variant;
 
 fn uevent_socket(groups: u32) -> std::os::fd::OwnedFd {
@@ -29,7 +31,8 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
     let daemon = Daemon::start();
     let disk = LoopDevice::attach(4);
     let mut sub = Subscriber::new(&daemon).await;
-    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))]).await;
+    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
+        .await;
 
     // Root in the initial network namespace can multicast to the kernel's uevent group;
     // a witness socket proves the forgery really reached every listener.
@@ -39,20 +42,40 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
     let forged = format!(
         "add@{forged_path}\0ACTION=add\0DEVPATH={forged_path}\0SUBSYSTEM=block\0SEQNUM=1\0DEVNAME=forged0\0DEVTYPE=disk\0"
     );
-    socket::sendto(forger.as_raw_fd(), forged.as_bytes(), &NetlinkAddr::new(0, 1), MsgFlags::empty())
-        .expect("multicast a forged uevent");
+    socket::sendto(
+        forger.as_raw_fd(),
+        forged.as_bytes(),
+        &NetlinkAddr::new(0, 1),
+        MsgFlags::empty(),
+    )
+    .expect("multicast a forged uevent");
     let mut buf = vec![0u8; 4096];
     let mut iov = [IoSliceMut::new(&mut buf)];
-    let msg = socket::recvmsg::<NetlinkAddr>(witness.as_raw_fd(), &mut iov, None, MsgFlags::empty()).unwrap();
-    assert_ne!(msg.address.map(|a| a.pid()), Some(0), "the forgery carries its sender's port id");
+    let msg =
+        socket::recvmsg::<NetlinkAddr>(witness.as_raw_fd(), &mut iov, None, MsgFlags::empty())
+            .unwrap();
+    assert_ne!(
+        msg.address.map(|a| a.pid()),
+        Some(0),
+        "the forgery carries its sender's port id"
+    );
 
     // A real event afterwards is the barrier: once it arrives, the forgery would have too.
     disk.synth_change();
     let path = disk.sys_path();
-    sub.until("the real event", |s| s.iter().any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path)))
-        .await;
-    assert!(!sub.about(forged_path).any(|_| true), "the forged uevent was delivered");
-    assert!(daemon.log_text().contains("not sent by the kernel"), "the rejection is logged");
+    sub.until("the real event", |s| {
+        s.iter()
+            .any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path))
+    })
+    .await;
+    assert!(
+        !sub.about(forged_path).any(|_| true),
+        "the forged uevent was delivered"
+    );
+    assert!(
+        daemon.log_text().contains("not sent by the kernel"),
+        "the rejection is logged"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -60,8 +83,13 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
     // A tiny socket buffer so that the kernel drops uevents while the daemon is stopped.
     let daemon = Daemon::with_config("[sources.devices]\nreceive_buffer = 4096\n");
     let disk = LoopDevice::attach(4);
-    let mut sub = Subscriber::with_options(&daemon, HashMap::from([("queue-depth", Variant::from(4096u32))])).await;
-    sub.watch("devices", 3, &[("subsystem", Variant::from("block"))]).await;
+    let mut sub = Subscriber::with_options(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(4096u32))]),
+    )
+    .await;
+    sub.watch("devices", 3, &[("subsystem", Variant::from("block"))])
+        .await;
 
     daemon.signal(Sig::SIGSTOP);
     for _ in 0..300 {
@@ -69,22 +97,42 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
     }
     // The device changes while events are being lost: the rescan must catch it.
     let grown = 12u64 << 20;
-    std::fs::OpenOptions::new().write(true).open(&disk.backing).unwrap().set_len(grown).unwrap();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.backing)
+        .unwrap()
+        .set_len(grown)
+        .unwrap();
     run("losetup", &["-c", &disk.device]);
     daemon.signal(Sig::SIGCONT);
 
     sub.until("Lost from the kernel overflow", |s| {
-        s.iter().any(|e| matches!(e, Signal::Lost { reason, .. } if reason == "kernel-overflow"))
+        s.iter()
+            .any(|e| matches!(e, Signal::Lost { reason, .. } if reason == "kernel-overflow"))
     })
     .await;
-    let lost = sub.received.iter().find(|e| matches!(e, Signal::Lost { .. })).unwrap().clone();
-    assert!(matches!(&lost, Signal::Lost { count: 0, source, .. } if source == "devices"), "{lost:?}");
+    let lost = sub
+        .received
+        .iter()
+        .find(|e| matches!(e, Signal::Lost { .. }))
+        .unwrap()
+        .clone();
+    assert!(
+        matches!(&lost, Signal::Lost { count: 0, source, .. } if source == "devices"),
+        "{lost:?}"
+    );
     let delivered = sub.about(&disk.sys_path()).count();
-    assert!(delivered < 300, "the kernel dropped some of the 300 events, {delivered} arrived");
+    assert!(
+        delivered < 300,
+        "the kernel dropped some of the 300 events, {delivered} arrived"
+    );
 
     // The snapshot reflects the state after the loss.
     let (_, objects) = sub.proxy.snapshot("devices").await.unwrap();
-    let object = objects.iter().find(|o| o.0 == disk.sys_path()).expect("the disk");
+    let object = objects
+        .iter()
+        .find(|o| o.0 == disk.sys_path())
+        .expect("the disk");
     assert_eq!(&*object.2["size"], &Variant::from(grown));
 
     // And events flow again afterwards.
@@ -93,7 +141,9 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
     disk.synth_change();
     let path = disk.sys_path();
     sub.until("an event after the overflow", |s| {
-        s[before..].iter().any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path))
+        s[before..]
+            .iter()
+            .any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path))
     })
     .await;
     assert_contiguous(&sub.received);

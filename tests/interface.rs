@@ -18,7 +18,11 @@ fn interface_element(xml: &str, name: &str) -> Option<String> {
 
 /// Indentation depends on the node's depth; compare without it.
 fn normalized(element: &str) -> String {
-    element.lines().map(str::trim).collect::<Vec<_>>().join("\n")
+    element
+        .lines()
+        .map(str::trim)
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 async fn served(daemon: &Daemon, path: &str, name: &str) -> String {
@@ -51,9 +55,15 @@ async fn dbus_xml_files_equal_what_the_daemon_serves() {
             );
             std::fs::write(&file, doc).unwrap();
         }
-        let text = std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+        let text =
+            std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let checked_in = interface_element(&text, name).expect("interface element in the file");
-        assert_eq!(normalized(&checked_in), normalized(&live), "{} differs from what the daemon serves", file.display());
+        assert_eq!(
+            normalized(&checked_in),
+            normalized(&live),
+            "{} differs from what the daemon serves",
+            file.display()
+        );
     }
 }
 
@@ -62,13 +72,25 @@ fn only_root_may_own_the_name() {
     let bus = PrivateBus::start();
     // nobody (65534) exists on every Debian system.
     let out = Command::new("dbus-send")
-        .args(["--print-reply", &format!("--bus={}", bus.address), "--dest=org.freedesktop.DBus"])
-        .args(["/org/freedesktop/DBus", "org.freedesktop.DBus.RequestName", "string:org.watchq1", "uint32:4"])
+        .args([
+            "--print-reply",
+            &format!("--bus={}", bus.address),
+            "--dest=org.freedesktop.DBus",
+        ])
+        .args([
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.RequestName",
+            "string:org.watchq1",
+            "uint32:4",
+        ])
         .uid(65534)
         .output()
         .expect("dbus-send");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && stderr.contains("AccessDenied"), "{stderr}");
+    assert!(
+        !out.status.success() && stderr.contains("AccessDenied"),
+        "{stderr}"
+    );
 }
 
 use std::os::unix::process::CommandExt;
@@ -78,7 +100,13 @@ async fn an_unprivileged_user_can_monitor_devices_through_the_policy() {
     let daemon = Daemon::start();
     let disk = LoopDevice::attach(4);
     let mut child = Command::new(env!("CARGO_BIN_EXE_watchqctl"))
-        .args(["--address", daemon.address(), "monitor", "--json", "devices"])
+        .args([
+            "--address",
+            daemon.address(),
+            "monitor",
+            "--json",
+            "devices",
+        ])
         .arg(format!("--match=name={}", disk.name))
         .uid(65534)
         .gid(65534)

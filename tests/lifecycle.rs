@@ -27,7 +27,10 @@ async fn subscription_nodes(daemon: &Daemon) -> usize {
 async fn wait_for_no_subscriptions(daemon: &Daemon) {
     let start = Instant::now();
     while subscription_nodes(daemon).await > 0 {
-        assert!(start.elapsed() < TIMEOUT, "subscriptions outlived their owners");
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "subscriptions outlived their owners"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -42,7 +45,11 @@ async fn a_subscription_disappears_with_its_owner() {
     assert_eq!(daemon.uevent_sockets(), 1);
     drop(sub);
     wait_for_no_subscriptions(&daemon).await;
-    assert_eq!(daemon.uevent_sockets(), 0, "the source stopped with its last watcher");
+    assert_eq!(
+        daemon.uevent_sockets(),
+        0,
+        "the source stopped with its last watcher"
+    );
 
     // Calling the old path now fails: the object is gone.
     let conn = daemon.connect().await;
@@ -52,7 +59,10 @@ async fn a_subscription_disappears_with_its_owner() {
         .await
         .unwrap();
     let name = error_name(stale.remove_watch(1).await);
-    assert!(name.starts_with("org.freedesktop.DBus.Error.Unknown"), "{name}");
+    assert!(
+        name.starts_with("org.freedesktop.DBus.Error.Unknown"),
+        "{name}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -71,7 +81,8 @@ async fn a_thousand_subscribe_disconnect_cycles_leak_nothing() {
     // Warm up once so that lazily created state (proxies, tasks) is counted in "before".
     {
         let sub = Subscriber::new(&daemon).await;
-        sub.watch("devices", 1, &[("subsystem", Variant::from("block"))]).await;
+        sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
+            .await;
     }
     wait_for_no_subscriptions(&daemon).await;
     let fds_before = daemon.fd_count();
@@ -79,15 +90,21 @@ async fn a_thousand_subscribe_disconnect_cycles_leak_nothing() {
 
     for cycle in 0..1000u64 {
         let sub = Subscriber::new(&daemon).await;
-        sub.watch("devices", cycle, &[("subsystem", Variant::from("block"))]).await;
+        sub.watch("devices", cycle, &[("subsystem", Variant::from("block"))])
+            .await;
         if cycle % 2 == 0 {
-            sub.watch("devices", cycle + 1, &[("subsystem", Variant::from("usb"))]).await;
+            sub.watch("devices", cycle + 1, &[("subsystem", Variant::from("usb"))])
+                .await;
         }
         drop(sub);
     }
     wait_for_no_subscriptions(&daemon).await;
     assert_eq!(daemon.uevent_sockets(), 0);
-    assert_eq!(daemon.fd_count(), fds_before, "open fds before and after 1,000 cycles");
+    assert_eq!(
+        daemon.fd_count(),
+        fds_before,
+        "open fds before and after 1,000 cycles"
+    );
     let rss_after = daemon.rss_kib();
     assert!(
         rss_after < rss_before + 4 * 1024,

@@ -15,7 +15,11 @@ use nix::unistd::Pid;
 fn unit_with_binary(dir: &std::path::Path) -> std::path::PathBuf {
     let unit = std::fs::read_to_string(repo().join("systemd/watchqd.service")).unwrap();
     let path = dir.join("watchqd.service");
-    std::fs::write(&path, unit.replace("/usr/libexec/watchqd", env!("CARGO_BIN_EXE_watchqd"))).unwrap();
+    std::fs::write(
+        &path,
+        unit.replace("/usr/libexec/watchqd", env!("CARGO_BIN_EXE_watchqd")),
+    )
+    .unwrap();
     path
 }
 
@@ -23,11 +27,27 @@ fn unit_with_binary(dir: &std::path::Path) -> std::path::PathBuf {
 fn the_unit_file_verifies_and_is_hardened() {
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_with_binary(dir.path());
-    let out = Command::new("systemd-analyze").arg("verify").arg(&unit).output().expect("systemd-analyze (package systemd)");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(out.stderr.is_empty(), "warnings: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&unit)
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.stderr.is_empty(),
+        "warnings: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
-    let out = Command::new("systemd-analyze").args(["security", "--offline=yes", "--threshold=25"]).arg(&unit).output().unwrap();
+    let out = Command::new("systemd-analyze")
+        .args(["security", "--offline=yes", "--threshold=25"])
+        .arg(&unit)
+        .output()
+        .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "exposure above 2.5:\n{text}");
 }
@@ -58,15 +78,26 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
         }
     });
     let address = loop {
-        let line = rx.recv_timeout(Duration::from_secs(600)).expect("run-daemon printed no address (building?)");
+        let line = rx
+            .recv_timeout(Duration::from_secs(600))
+            .expect("run-daemon printed no address (building?)");
         if let Some(rest) = line.trim().strip_prefix("export DBUS_SYSTEM_BUS_ADDRESS='") {
             break rest.trim_end_matches('\'').to_owned();
         }
     };
     let watchqctl = repo().join("target/release/watchqctl");
     let start = Instant::now();
-    while !Command::new(&watchqctl).args(["--address", &address, "status"]).output().unwrap().status.success() {
-        assert!(start.elapsed() < TIMEOUT, "the daemon never answered status");
+    while !Command::new(&watchqctl)
+        .args(["--address", &address, "status"])
+        .output()
+        .unwrap()
+        .status
+        .success()
+    {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the daemon never answered status"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
     // A person's session: an unprivileged user running the monitor.
@@ -78,7 +109,9 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
         .spawn()
         .unwrap();
     let mut ready = String::new();
-    BufReader::new(monitor.stderr.take().unwrap()).read_line(&mut ready).unwrap();
+    BufReader::new(monitor.stderr.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
     assert!(ready.starts_with("watching"), "{ready}");
     let disk = LoopDevice::attach(8);
     let (tx, lines) = mpsc::channel();
@@ -89,16 +122,29 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
         }
     });
     let seen = loop {
-        let line = lines.recv_timeout(TIMEOUT).expect("monitor showed no event for the loop device");
+        let line = lines
+            .recv_timeout(TIMEOUT)
+            .expect("monitor showed no event for the loop device");
         if line.contains(&format!(" {} ", disk.name)) && line.contains("loop-backing-file=") {
             break line;
         }
     };
-    assert!(seen.contains("devices") && seen.contains(&disk.device), "{seen}");
+    assert!(
+        seen.contains("devices") && seen.contains(&disk.device),
+        "{seen}"
+    );
     let _ = monitor.kill();
     let _ = monitor.wait();
     kill(group, Sig::SIGINT).unwrap();
     let status = run.wait().unwrap();
     assert!(status.success(), "run-daemon exited with {status}");
-    assert!(!dir.path().join("system_bus_socket").exists() || Command::new(&watchqctl).args(["--address", &address, "status"]).output().map(|o| !o.status.success()).unwrap_or(true), "the private bus kept running after Ctrl-C");
+    assert!(
+        !dir.path().join("system_bus_socket").exists()
+            || Command::new(&watchqctl)
+                .args(["--address", &address, "status"])
+                .output()
+                .map(|o| !o.status.success())
+                .unwrap_or(true),
+        "the private bus kept running after Ctrl-C"
+    );
 }

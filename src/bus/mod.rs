@@ -130,7 +130,7 @@ impl Service {
             self.close(id).await;
         }
         tracing::info!(subscription = id, owner = %sender, uid, "subscribed");
-        OwnedObjectPath::try_from(path).map_err(|e| BusError::ZBus(e.into()))
+        OwnedObjectPath::try_from(path).map_err(BusError::ZBus)
     }
 
     /// Ends a subscription: state, object and delivery task.
@@ -180,10 +180,7 @@ impl Service {
         };
         let mut in_flight = 0usize;
         // The outstanding Ping and how many signals its reply will acknowledge.
-        let mut ping: Option<(
-            std::pin::Pin<Box<dyn std::future::Future<Output = PingOutcome> + Send>>,
-            usize,
-        )> = None;
+        let mut ping: Option<PendingPing> = None;
         loop {
             let credit = window.saturating_sub(in_flight);
             if credit > 0 {
@@ -227,6 +224,12 @@ impl Service {
         }
     }
 }
+
+/// A Ping on its way and how many signals its reply will acknowledge.
+type PendingPing = (
+    std::pin::Pin<Box<dyn std::future::Future<Output = PingOutcome> + Send>>,
+    usize,
+);
 
 enum PingOutcome {
     /// The peer answered: it has read everything sent before the Ping.

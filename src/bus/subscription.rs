@@ -1,5 +1,9 @@
 //! `org.watchq1.Subscription` at `/org/watchq1/subscription/N`: only its owner may call it.
 
+// Signals carry their whole payload as arguments, and the interface macro generates
+// code from them outside the impl block, so the allowance has to be module-wide.
+#![allow(clippy::too_many_arguments)]
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
@@ -155,7 +159,6 @@ impl SubscriptionObject {
     /// path below /sys; attributes are typed (name, devname, major, minor, size, ...);
     /// properties are the kernel's uevent environment.
     #[zbus(signal)]
-    #[allow(clippy::too_many_arguments)]
     pub async fn device_changed(
         emitter: &SignalEmitter<'_>,
         seq: u64,

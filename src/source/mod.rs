@@ -72,10 +72,12 @@ pub struct Registry {
 }
 
 impl Registry {
-    /// Every source built into the daemon, each enabled unless `disabled` names it.
+    /// Every source built into the daemon.
     pub fn builtin(config: &crate::config::Config) -> Self {
-        let mut sources: Vec<Arc<dyn EventSource>> = Vec::new();
-        sources.push(Arc::new(devices::Devices::new(&config.devices)));
+        let sources: Vec<Arc<dyn EventSource>> = vec![
+            // One line per source.
+            Arc::new(devices::Devices::new(&config.devices)),
+        ];
         Registry { sources }
     }
 

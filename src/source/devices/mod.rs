@@ -154,10 +154,10 @@ fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
         SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
         SockProtocol::NetlinkKObjectUEvent,
     )?;
-    if receive_buffer > 0 {
-        if socket::setsockopt(&fd, sockopt::RcvBufForce, &receive_buffer).is_err() {
-            socket::setsockopt(&fd, sockopt::RcvBuf, &receive_buffer)?;
-        }
+    // SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it the kernel caps SO_RCVBUF.
+    if receive_buffer > 0 && socket::setsockopt(&fd, sockopt::RcvBufForce, &receive_buffer).is_err()
+    {
+        socket::setsockopt(&fd, sockopt::RcvBuf, &receive_buffer)?;
     }
     socket::setsockopt(&fd, sockopt::PassCred, &true)?;
     socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, UEVENT_GROUP_KERNEL))?;
