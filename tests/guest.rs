@@ -198,6 +198,14 @@ fn boot_run_poweroff_cycle() {
         (42, "oops\n"),
         "{failing}"
     );
+    // Commands run concurrently; a later one may finish first.
+    let slow = guest
+        .spawn(&["sh", "-c", "sleep 1; echo slow"], &[])
+        .expect("spawn a slow command");
+    let fast = guest.run(&["echo", "fast"]).expect("run a fast command");
+    assert_eq!(fast.stdout, "fast\n", "{fast}");
+    let slow = slow.wait(STEP).expect("wait for the slow command");
+    assert_eq!(slow.stdout, "slow\n", "{slow}");
     guest.shutdown().expect("guest shutdown");
     println!(
         "boot to ready {booted:?}, first command done {ran:?}, powered off {:?}",

@@ -46,6 +46,8 @@ use serde_json::{json, Value};
 pub const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 /// Default time limit of [`Guest::run`].
 pub const COMMAND_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long one waiter holds a channel before letting other threads use it.
+const SLICE: Duration = Duration::from_millis(200);
 /// Time limit of one QMP command.
 pub const QMP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -265,8 +267,9 @@ impl LineReader {
     }
 }
 
+/// The reading side of the control channel. Waiters take it in short slices so that several
+/// threads can wait for their own commands; the writing side has its own lock.
 struct Ctl {
-    writer: UnixStream,
     reader: LineReader,
     finished: HashMap<u64, i32>,
 }
@@ -282,6 +285,7 @@ pub struct Guest {
     dir: PathBuf,
     qemu: Mutex<Child>,
     ctl: Mutex<Ctl>,
+    ctl_writer: Mutex<UnixStream>,
     qmp: Mutex<Qmp>,
     next_id: AtomicU64,
     keep: AtomicBool,
@@ -367,10 +371,11 @@ impl Guest {
             }
         };
         let guest = Guest {
-            ctl: Mutex::new(Ctl {
-                writer: ctl
-                    .try_clone()
+            ctl_writer: Mutex::new(
+                ctl.try_clone()
                     .map_err(|e| error(format!("dup ctl socket: {e}")))?,
+            ),
+            ctl: Mutex::new(Ctl {
                 reader: LineReader::new(ctl),
                 finished: HashMap::new(),
             }),
@@ -418,10 +423,12 @@ impl Guest {
         let tail = |path: &Path| {
             let text = fs::read_to_string(path).unwrap_or_default();
             let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(15)..]
-                .iter()
-                .map(|l| format!("\n  | {l}"))
-                .collect::<String>()
+            let mut out = String::new();
+            for line in &lines[lines.len().saturating_sub(15)..] {
+                out.push_str("\n  | ");
+                out.push_str(line);
+            }
+            out
         };
         let qemu_log = self.dir.join("qemu.log");
         error(format!(
@@ -496,9 +503,9 @@ impl Guest {
         write("stdout", b"")?;
         write("stderr", b"")?;
         {
-            let mut ctl = lock(&self.ctl);
-            writeln!(ctl.writer, "run {id}")
-                .and_then(|()| ctl.writer.flush())
+            let mut writer = lock(&self.ctl_writer);
+            writeln!(writer, "run {id}")
+                .and_then(|()| writer.flush())
                 .map_err(|e| {
                     self.fail(format!("cannot send command {argv:?} to the guest: {e}"))
                 })?;
@@ -513,15 +520,19 @@ impl Guest {
 
     fn wait_done(&self, id: u64, argv: &[String], timeout: Duration) -> Result<i32> {
         let deadline = Instant::now() + timeout;
-        let mut ctl = lock(&self.ctl);
         loop {
+            let mut ctl = lock(&self.ctl);
             if let Some(status) = ctl.finished.remove(&id) {
                 return Ok(status);
             }
-            let line = match ctl.reader.next_line(deadline) {
+            let slice = deadline.min(Instant::now() + SLICE);
+            let line = match ctl.reader.next_line(slice) {
                 Ok(Some(line)) => line,
                 Ok(None) => {
                     return Err(self.fail(format!("the guest ended while running {argv:?}")))
+                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && Instant::now() < deadline => {
+                    continue; // let other waiters look at `finished`
                 }
                 Err(e) if e.kind() == io::ErrorKind::TimedOut => {
                     return Err(self.fail(format!(
@@ -609,13 +620,17 @@ impl Guest {
                     .is_none_or(|fields| fields.iter().all(|(k, v)| ev["data"].get(k) == Some(v)))
         };
         let deadline = Instant::now() + timeout;
-        let mut qmp = lock(&self.qmp);
         loop {
+            let mut qmp = lock(&self.qmp);
             if let Some(pos) = qmp.events.iter().position(matches) {
                 return Ok(qmp.events.remove(pos));
             }
-            let line = match qmp.reader.next_line(deadline) {
+            let slice = deadline.min(Instant::now() + SLICE);
+            let line = match qmp.reader.next_line(slice) {
                 Ok(Some(line)) => line,
+                Err(e) if e.kind() == io::ErrorKind::TimedOut && Instant::now() < deadline => {
+                    continue; // let other threads use QMP meanwhile
+                }
                 Ok(None) => {
                     return Err(self.fail(format!(
                         "waiting for QMP event {name}: qemu closed the socket"
@@ -637,8 +652,8 @@ impl Guest {
     /// Ask the guest to power off and wait for qemu to exit (killing it after 30 s).
     pub fn shutdown(self) -> Result<()> {
         {
-            let mut ctl = lock(&self.ctl);
-            let _ = writeln!(ctl.writer, "poweroff 0");
+            let mut writer = lock(&self.ctl_writer);
+            let _ = writeln!(writer, "poweroff 0");
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         let mut qemu = lock(&self.qemu);
