@@ -137,6 +137,7 @@ impl EventSource for Devices {
         let reader = Reader {
             fd,
             buf: vec![0; UEVENT_BUFFER],
+            known: HashMap::new(),
             sysfs: self.sysfs.clone(),
             counters: Arc::clone(&self.counters),
         };
@@ -173,6 +174,8 @@ enum Received {
 struct Reader {
     fd: AsyncFd<OwnedFd>,
     buf: Vec<u8>,
+    /// Static attributes of the devices seen since the source started, by devpath.
+    known: HashMap<String, Attrs>,
     sysfs: Sysfs,
     counters: Arc<Counters>,
 }
@@ -227,21 +230,40 @@ impl Reader {
         }
     }
 
-    fn record(&self, event: wire::UEvent) -> Option<Record> {
+    fn record(&mut self, event: wire::UEvent) -> Option<Record> {
         if !SUBSYSTEMS.contains(&event.subsystem.as_str()) {
             return None;
         }
         let subtype = subtype_of(&event);
-        let (change, attributes) = match event.action {
+        let (change, mut attributes) = match event.action {
             // Gone from sysfs: the core fills in the last attributes it knew.
-            Action::Remove => (Change::Remove, Attrs::new()),
-            _ => (
-                Change::Upsert,
-                self.sysfs
-                    .attributes(&event.devpath, &event.subsystem, &event.properties),
-            ),
+            Action::Remove => {
+                self.known.remove(&event.devpath);
+                (Change::Remove, Attrs::new())
+            }
+            action => {
+                let fresh = matches!(action, Action::Add | Action::Move);
+                let mut attributes = match self.known.get(&event.devpath) {
+                    Some(known) if !fresh => known.clone(),
+                    _ => {
+                        let known = self.sysfs.static_attributes(
+                            &event.devpath,
+                            &event.subsystem,
+                            &event.properties,
+                        );
+                        self.known.insert(event.devpath.clone(), known.clone());
+                        known
+                    }
+                };
+                self.sysfs.refresh(
+                    &event.devpath,
+                    &event.subsystem,
+                    &event.properties,
+                    &mut attributes,
+                );
+                (Change::Upsert, attributes)
+            }
         };
-        let mut attributes = attributes;
         attributes.insert("kernel-seqnum".into(), event.seqnum.into());
         Some(Record {
             source: NAME,

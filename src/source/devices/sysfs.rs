@@ -93,6 +93,20 @@ impl Sysfs {
     /// The attributes a desktop wants, read now. Reads that fail (the device went away,
     /// an attribute this kernel lacks) leave the attribute out.
     pub fn attributes(&self, devpath: &str, subsystem: &str, properties: &Properties) -> Attrs {
+        let mut attrs = self.static_attributes(devpath, subsystem, properties);
+        self.refresh(devpath, subsystem, properties, &mut attrs);
+        attrs
+    }
+
+    /// Attributes fixed for a device's life (identity, ids, names, position). Sources
+    /// cache them from `add` to `remove` so a storm of `change` events costs a few reads
+    /// each instead of a dozen.
+    pub fn static_attributes(
+        &self,
+        devpath: &str,
+        subsystem: &str,
+        properties: &Properties,
+    ) -> Attrs {
         let dir = self.dir(devpath);
         let mut attrs = Attrs::new();
         attrs.insert("subsystem".into(), subsystem.into());
@@ -110,19 +124,39 @@ impl Sysfs {
                 attrs.insert(key.into(), n.into());
             }
         }
-        if let Some(driver) = properties
-            .get("DRIVER")
-            .cloned()
-            .or_else(|| self.link_name(devpath, "driver"))
-        {
-            attrs.insert("driver".into(), driver.into());
-        }
         match subsystem {
-            "block" => block_attributes(&dir, properties, &mut attrs),
+            "block" => block_static_attributes(&dir, &mut attrs),
             "usb" => usb_attributes(&dir, &mut attrs),
             _ => {}
         }
         attrs
+    }
+
+    /// Re-reads what a `change`, `bind` or `unbind` may alter (size, read-only, loop
+    /// backing file, driver, disk sequence) into `attrs`.
+    pub fn refresh(
+        &self,
+        devpath: &str,
+        subsystem: &str,
+        properties: &Properties,
+        attrs: &mut Attrs,
+    ) {
+        let dir = self.dir(devpath);
+        match properties
+            .get("DRIVER")
+            .cloned()
+            .or_else(|| self.link_name(devpath, "driver"))
+        {
+            Some(driver) => {
+                attrs.insert("driver".into(), driver.into());
+            }
+            None => {
+                attrs.remove("driver");
+            }
+        }
+        if subsystem == "block" {
+            block_dynamic_attributes(&dir, properties, attrs);
+        }
     }
 
     fn link_name(&self, devpath: &str, link: &str) -> Option<String> {
@@ -140,24 +174,32 @@ fn read_u64(path: &Path) -> Option<u64> {
     read_trimmed(path)?.trim().parse().ok()
 }
 
-fn block_attributes(dir: &Path, properties: &Properties, attrs: &mut Attrs) {
-    // sysfs `size` counts 512-byte sectors whatever the logical block size.
-    if let Some(sectors) = read_u64(&dir.join("size")) {
-        attrs.insert("size".into(), sectors.saturating_mul(512).into());
-    }
+fn block_static_attributes(dir: &Path, attrs: &mut Attrs) {
     if let Some(removable) = read_u64(&dir.join("removable")) {
         attrs.insert("removable".into(), (removable != 0).into());
-    }
-    if let Some(ro) = read_u64(&dir.join("ro")) {
-        attrs.insert("read-only".into(), (ro != 0).into());
-    }
-    if let Some(backing) = read_trimmed(&dir.join("loop/backing_file")) {
-        attrs.insert("loop-backing-file".into(), backing.into());
     }
     if let Some(partition) = read_u64(&dir.join("partition")).and_then(|p| u32::try_from(p).ok()) {
         attrs.insert("partition".into(), partition.into());
         if let Some(start) = read_u64(&dir.join("start")) {
             attrs.insert("partition-offset".into(), start.saturating_mul(512).into());
+        }
+    }
+}
+
+fn block_dynamic_attributes(dir: &Path, properties: &Properties, attrs: &mut Attrs) {
+    // sysfs `size` counts 512-byte sectors whatever the logical block size.
+    if let Some(sectors) = read_u64(&dir.join("size")) {
+        attrs.insert("size".into(), sectors.saturating_mul(512).into());
+    }
+    if let Some(ro) = read_u64(&dir.join("ro")) {
+        attrs.insert("read-only".into(), (ro != 0).into());
+    }
+    match read_trimmed(&dir.join("loop/backing_file")) {
+        Some(backing) => {
+            attrs.insert("loop-backing-file".into(), backing.into());
+        }
+        None => {
+            attrs.remove("loop-backing-file");
         }
     }
     if let Some(diskseq) = properties

@@ -1,0 +1,416 @@
+//! watchqd against the raw bus, in one run on one private dbus-daemon.
+//!
+//! `cargo bench --bench delivery` prints every figure and its ratio to the ceiling
+//! measured in the same run (these machines are shared and noisy: only ratios mean
+//! anything). Under `cargo test` (no `--bench` argument) it runs a small smoke version so
+//! that the benchmark itself cannot rot.
+//!
+//! - ceiling: a plain zbus emitter sends equally sized unicast signals (the body of a
+//!   real DeviceChanged) to one subscriber;
+//! - watchqd: real kernel uevents (`change` written to `/sys/block/loopN/uevent`) through
+//!   the daemon to 1, 10, 100 and 1,000 subscriptions, with filters letting a share
+//!   through;
+//! - latency from just before the kernel event (or the raw send) to receipt;
+//! - the daemon's CPU per delivered event, RSS idle and after each run, wakeups while idle.
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, clippy::all)]
+mod common;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{Daemon, LoopDevice, Subscriber};
+use futures_util::StreamExt;
+use zbus::{Connection, MatchRule, MessageStream, Variant};
+
+struct Figures {
+    quick: bool,
+    lines: Vec<String>,
+}
+
+impl Figures {
+    fn say(&mut self, line: String) {
+        println!("{line}");
+        self.lines.push(line);
+    }
+
+    fn target(&mut self, what: &str, met: bool, detail: String) {
+        let verdict = if met { "MET" } else { "MISSED" };
+        self.say(format!("  target {what}: {verdict} ({detail})"));
+    }
+}
+
+fn percentile(sorted: &[Duration], permille: usize) -> Duration {
+    sorted[(sorted.len() - 1) * permille / 1000]
+}
+
+fn micros(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e6
+}
+
+/// utime + stime of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .expect("stat format")
+        .1
+        .split(' ')
+        .collect();
+    // Fields after the command: state is index 0, utime is 11, stime 12.
+    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
+}
+
+/// Context switches of every thread of a process: each one is a wakeup.
+fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
+}
+
+fn ticks_per_second() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
+        .ok()
+        .flatten()
+        .unwrap_or(100) as f64
+}
+
+type Body = (
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    HashMap<String, zbus::OwnedVariant>,
+    HashMap<String, String>,
+);
+
+/// Counts DeviceChanged signals arriving on one connection until `expected`, adding each
+/// to `progress`.
+async fn count_until(
+    mut stream: MessageStream,
+    expected: u64,
+    progress: Arc<AtomicU64>,
+) -> Instant {
+    let mut seen = 0;
+    while seen < expected {
+        let message = tokio::time::timeout(Duration::from_secs(60), stream.next())
+            .await
+            .expect("a receiver stalled for 60 s")
+            .expect("stream ended")
+            .expect("message");
+        if message.header().member().map(|m| m.as_str()) == Some("DeviceChanged") {
+            seen += 1;
+            progress.fetch_add(1, Ordering::Relaxed);
+        } else if message.header().member().map(|m| m.as_str()) == Some("Lost") {
+            panic!("a receiver lost events; raise its queue depth");
+        }
+    }
+    Instant::now()
+}
+
+async fn signal_stream(conn: &Connection, sender: &str, interface: &str) -> MessageStream {
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender(sender)
+        .interface(interface)
+        .build()
+        .unwrap()
+        .to_owned();
+    MessageStream::for_match_rule(rule, conn, std::num::NonZeroUsize::new(1_000_000))
+        .await
+        .unwrap()
+}
+
+fn write_changes(name: &str, n: u64) {
+    let path = format!("/sys/block/{name}/uevent");
+    for _ in 0..n {
+        std::fs::write(&path, "change").unwrap();
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let mut out = Figures {
+        quick,
+        lines: Vec::new(),
+    };
+    let (flood, reps) = if quick {
+        (300u64, 50usize)
+    } else {
+        (20_000, 1000)
+    };
+    // The last run repeats the first: memory must not grow across runs.
+    // (subscriptions, percent of them whose filter lets the events through)
+    let scales: &[(usize, usize)] = if quick {
+        &[(1, 100), (10, 100), (1, 100)]
+    } else {
+        &[(1, 100), (10, 100), (100, 50), (1000, 10), (1, 100)]
+    };
+    out.say(format!(
+        "watchqd delivery benchmark ({}; {} cores; kernel {})",
+        if quick { "smoke run" } else { "full run" },
+        std::thread::available_parallelism().map_or(0, usize::from),
+        std::fs::read_to_string("/proc/sys/kernel/osrelease")
+            .unwrap_or_default()
+            .trim()
+    ));
+
+    let daemon = Daemon::with_config(
+        "[limits]\nsubscriptions_per_connection = 100\nsubscriptions_per_uid = 2000\n\n[delivery]\nmax_queue_depth = 65536\n",
+    );
+    let pid = daemon.pid();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let rss_idle = daemon.rss_kib();
+    let switches = context_switches(pid);
+    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 5 })).await;
+    let idle_wakeups = (context_switches(pid) - switches) as f64 / if quick { 1.0 } else { 5.0 };
+    out.say(format!(
+        "daemon idle: RSS {rss_idle} KiB, {idle_wakeups:.1} wakeups/s (no watches)"
+    ));
+    out.target(
+        "no wakeups while idle",
+        idle_wakeups == 0.0,
+        format!("{idle_wakeups:.1}/s"),
+    );
+    out.target(
+        "RSS idle <= 10 MiB",
+        rss_idle <= 10 * 1024,
+        format!("{rss_idle} KiB"),
+    );
+
+    let disk = LoopDevice::attach(4);
+    let deep = || HashMap::from([("queue-depth", Variant::from(65536u32))]);
+
+    // One real DeviceChanged, whose body the raw emitter will send.
+    let probe = Subscriber::with_options(&daemon, deep()).await;
+    probe
+        .watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
+        .await;
+    let mut stream = signal_stream(&probe.conn, "org.watchq1", "org.watchq1.Subscription").await;
+    disk.synth_change();
+    let sample = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let m = stream.next().await.unwrap().unwrap();
+            if m.header().member().map(|m| m.as_str()) == Some("DeviceChanged") {
+                return m;
+            }
+        }
+    })
+    .await
+    .expect("a DeviceChanged for the sample");
+    let body: Body = sample.body().deserialize().unwrap();
+    let body_len = sample.data().len();
+    out.say(format!(
+        "signal size: {body_len} bytes (DeviceChanged of a loop device)"
+    ));
+
+    // Latency through watchqd, one event at a time.
+    let mut lat_daemon = Vec::with_capacity(reps);
+    {
+        for _ in 0..reps {
+            let start = Instant::now();
+            disk.synth_change();
+            loop {
+                let m = stream.next().await.unwrap().unwrap();
+                if m.header().member().map(|m| m.as_str()) == Some("DeviceChanged") {
+                    break;
+                }
+            }
+            lat_daemon.push(start.elapsed());
+        }
+    }
+    probe.proxy.close().await.unwrap();
+    drop(probe);
+
+    // The ceiling: a plain emitter, same bus, same body, unicast.
+    let emitter = zbus::connection::Builder::address(daemon.address())
+        .build()
+        .await
+        .unwrap();
+    let receiver = watchqd::client::connect(Some(daemon.address()))
+        .await
+        .unwrap();
+    let emitter_name = emitter.unique_name().unwrap().to_string();
+    let receiver_name = receiver.unique_name().unwrap().to_string();
+    let mut lat_raw = Vec::with_capacity(reps);
+    {
+        let mut stream = signal_stream(&receiver, &emitter_name, "org.watchq1.Bench").await;
+        for _ in 0..reps {
+            let start = Instant::now();
+            emitter
+                .emit_signal(
+                    Some(receiver_name.as_str()),
+                    "/bench",
+                    "org.watchq1.Bench",
+                    "DeviceChanged",
+                    &body,
+                )
+                .await
+                .unwrap();
+            stream.next().await.unwrap().unwrap();
+            lat_raw.push(start.elapsed());
+        }
+    }
+    let raw_rate = {
+        let stream = signal_stream(&receiver, &emitter_name, "org.watchq1.Bench").await;
+        let counter = tokio::spawn(count_until(stream, flood, Arc::default()));
+        let start = Instant::now();
+        for _ in 0..flood {
+            emitter
+                .emit_signal(
+                    Some(receiver_name.as_str()),
+                    "/bench",
+                    "org.watchq1.Bench",
+                    "DeviceChanged",
+                    &body,
+                )
+                .await
+                .unwrap();
+        }
+        let end = counter.await.unwrap();
+        flood as f64 / (end - start).as_secs_f64()
+    };
+    drop(receiver);
+    drop(emitter);
+
+    lat_daemon.sort();
+    lat_raw.sort();
+    let (d50, d99, r50, r99) = (
+        percentile(&lat_daemon, 500),
+        percentile(&lat_daemon, 990),
+        percentile(&lat_raw, 500),
+        percentile(&lat_raw, 990),
+    );
+    out.say(format!(
+        "ceiling (raw zbus emitter -> 1 subscriber): {raw_rate:.0} signals/s; latency p50 {:.0} us, p99 {:.0} us",
+        micros(r50),
+        micros(r99)
+    ));
+    out.say(format!(
+        "watchqd latency (kernel uevent -> subscriber): p50 {:.0} us, p99 {:.0} us",
+        micros(d50),
+        micros(d99)
+    ));
+    let added50 = micros(d50) - micros(r50);
+    let added99 = micros(d99) - micros(r99);
+    out.target(
+        "added latency p50 <= 50 us",
+        added50 <= 50.0,
+        format!("{added50:.0} us"),
+    );
+    out.target(
+        "added latency p99 <= 500 us",
+        added99 <= 500.0,
+        format!("{added99:.0} us"),
+    );
+
+    // Throughput through watchqd at several scales.
+    let mut rss_after_runs = Vec::new();
+    for &(subscriptions, percent) in scales {
+        let receivers = (subscriptions * percent / 100).max(1);
+        let connections = subscriptions.min(100);
+        let mut conns = Vec::new();
+        for _ in 0..connections {
+            conns.push(
+                watchqd::client::connect(Some(daemon.address()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let mut subs = Vec::new();
+        let mut per_conn_expected = vec![0u64; connections];
+        let per_sub = flood
+            .min(200_000 / receivers as u64)
+            .max(if quick { 50 } else { 200 });
+        for i in 0..subscriptions {
+            let conn = conns[i % connections].clone();
+            let sub = Subscriber::on(conn, deep()).await;
+            sub.watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
+                .await;
+            if i >= receivers {
+                // Lets nothing of this test through: only additions pass.
+                sub.proxy
+                    .set_filter(&[("devices", &["add"][..])])
+                    .await
+                    .unwrap();
+            } else {
+                per_conn_expected[i % connections] += per_sub;
+            }
+            subs.push(sub);
+        }
+        let mut counters = Vec::new();
+        for (conn, expected) in conns.iter().zip(&per_conn_expected) {
+            if *expected > 0 {
+                let stream = signal_stream(conn, "org.watchq1", "org.watchq1.Subscription").await;
+                counters.push(tokio::spawn(count_until(stream, *expected)));
+            }
+        }
+        let cpu_before = cpu_ticks(pid);
+        let name = disk.name.clone();
+        let start = Instant::now();
+        tokio::task::spawn_blocking(move || write_changes(&name, per_sub))
+            .await
+            .unwrap();
+        let mut end = start;
+        for counter in counters {
+            end = end.max(counter.await.unwrap());
+        }
+        let elapsed = (end - start).as_secs_f64();
+        let delivered = per_sub * receivers as u64;
+        let rate = delivered as f64 / elapsed;
+        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / ticks_per_second();
+        let rss = daemon.rss_kib();
+        rss_after_runs.push(rss);
+        out.say(format!(
+            "watchqd {subscriptions:>4} subscriptions ({receivers} let {per_sub} events through, the rest filtered): {rate:.0} signals/s = {:.2}x ceiling; daemon CPU {:.1} us/delivered signal; RSS after {rss} KiB",
+            rate / raw_rate,
+            cpu * 1e6 / delivered as f64
+        ));
+        match subscriptions {
+            1 if rss_after_runs.len() == 1 => out.target(
+                "1 subscriber >= 0.9x ceiling",
+                rate / raw_rate >= 0.9,
+                format!("{:.2}x", rate / raw_rate),
+            ),
+            1000 => out.target(
+                "1,000 subscriptions >= 0.5x ceiling",
+                rate / raw_rate >= 0.5,
+                format!("{:.2}x", rate / raw_rate),
+            ),
+            _ => {}
+        }
+        for sub in &subs {
+            sub.proxy.close().await.unwrap();
+        }
+        drop(subs);
+        drop(conns);
+    }
+    let first = rss_after_runs[0];
+    let last = *rss_after_runs.last().unwrap();
+    out.target(
+        "no RSS growth across runs",
+        last <= first + 1024,
+        format!("{first} KiB after the first run, {last} KiB at the end"),
+    );
+    if !out.quick {
+        println!("\n(reproduce: cargo bench --bench delivery)");
+    }
+}
