@@ -27,7 +27,7 @@ use nix::sys::socket::{
 };
 use tokio::io::unix::AsyncFd;
 
-pub use sysfs::{Sysfs, SUBSYSTEMS};
+pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
 
 use super::{
     reject_unknown_keys, spec_str, spec_str_map, Availability, EventSource, SourceStream,
@@ -174,8 +174,10 @@ enum Received {
 struct Reader {
     fd: AsyncFd<OwnedFd>,
     buf: Vec<u8>,
-    /// Static attributes of the devices seen since the source started, by devpath.
-    known: HashMap<String, Attrs>,
+    /// Devices seen since the source started, by devpath: their static attributes and
+    /// their open sysfs directory. Bounded by the devices present: removals drop them,
+    /// and an overflow (when removals may have been missed) clears them all.
+    known: HashMap<String, (Attrs, Option<DeviceDir>)>,
     sysfs: Sysfs,
     counters: Arc<Counters>,
 }
@@ -216,6 +218,8 @@ impl Reader {
                         source = NAME,
                         "kernel dropped uevents (ENOBUFS); rescanning sysfs"
                     );
+                    // Removals may be among what was lost.
+                    self.known.clear();
                     let objects = self.sysfs.scan().unwrap_or_else(|e| {
                         tracing::error!(source = NAME, "sysfs rescan failed: {e}");
                         Vec::new()
@@ -243,24 +247,20 @@ impl Reader {
             }
             action => {
                 let fresh = matches!(action, Action::Add | Action::Move);
-                let mut attributes = match self.known.get(&event.devpath) {
-                    Some(known) if !fresh => known.clone(),
-                    _ => {
-                        let known = self.sysfs.static_attributes(
-                            &event.devpath,
-                            &event.subsystem,
-                            &event.properties,
-                        );
-                        self.known.insert(event.devpath.clone(), known.clone());
-                        known
-                    }
-                };
-                self.sysfs.refresh(
-                    &event.devpath,
-                    &event.subsystem,
-                    &event.properties,
-                    &mut attributes,
-                );
+                if fresh || !self.known.contains_key(&event.devpath) {
+                    let attributes = self.sysfs.static_attributes(
+                        &event.devpath,
+                        &event.subsystem,
+                        &event.properties,
+                    );
+                    let dir = self.sysfs.open(&event.devpath);
+                    self.known.insert(event.devpath.clone(), (attributes, dir));
+                }
+                let (known, dir) = &self.known[&event.devpath];
+                let mut attributes = known.clone();
+                if let Some(dir) = dir {
+                    dir.refresh(&event.subsystem, &event.properties, &mut attributes);
+                }
                 (Change::Upsert, attributes)
             }
         };

@@ -5,7 +5,11 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::sys::stat::Mode;
 
 use crate::event::{Attr, Attrs, Object, Properties};
 
@@ -94,7 +98,9 @@ impl Sysfs {
     /// an attribute this kernel lacks) leave the attribute out.
     pub fn attributes(&self, devpath: &str, subsystem: &str, properties: &Properties) -> Attrs {
         let mut attrs = self.static_attributes(devpath, subsystem, properties);
-        self.refresh(devpath, subsystem, properties, &mut attrs);
+        if let Some(dir) = self.open(devpath) {
+            dir.refresh(subsystem, properties, &mut attrs);
+        }
         attrs
     }
 
@@ -132,20 +138,39 @@ impl Sysfs {
         attrs
     }
 
+    /// The device's sysfs directory, held open so that re-reading its changing
+    /// attributes walks one path component instead of the whole sysfs path. `None` when
+    /// the device is already gone.
+    pub fn open(&self, devpath: &str) -> Option<DeviceDir> {
+        let fd = nix::fcntl::open(
+            &self.dir(devpath),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        Some(DeviceDir { fd })
+    }
+
+    fn link_name(&self, devpath: &str, link: &str) -> Option<String> {
+        let target = fs::read_link(self.dir(devpath).join(link)).ok()?;
+        Some(target.file_name()?.to_string_lossy().into_owned())
+    }
+}
+
+/// An open sysfs device directory (`O_PATH`).
+#[derive(Debug)]
+pub struct DeviceDir {
+    fd: OwnedFd,
+}
+
+impl DeviceDir {
     /// Re-reads what a `change`, `bind` or `unbind` may alter (size, read-only, loop
     /// backing file, driver, disk sequence) into `attrs`.
-    pub fn refresh(
-        &self,
-        devpath: &str,
-        subsystem: &str,
-        properties: &Properties,
-        attrs: &mut Attrs,
-    ) {
-        let dir = self.dir(devpath);
+    pub fn refresh(&self, subsystem: &str, properties: &Properties, attrs: &mut Attrs) {
         match properties
             .get("DRIVER")
             .cloned()
-            .or_else(|| self.link_name(devpath, "driver"))
+            .or_else(|| self.link_name("driver"))
         {
             Some(driver) => {
                 attrs.insert("driver".into(), driver.into());
@@ -155,13 +180,62 @@ impl Sysfs {
             }
         }
         if subsystem == "block" {
-            block_dynamic_attributes(&dir, properties, attrs);
+            self.block_dynamic_attributes(properties, attrs);
         }
     }
 
-    fn link_name(&self, devpath: &str, link: &str) -> Option<String> {
-        let target = fs::read_link(self.dir(devpath).join(link)).ok()?;
-        Some(target.file_name()?.to_string_lossy().into_owned())
+    /// Reads a small attribute file without allocating for its size (sysfs attributes
+    /// are at most a page).
+    fn read_trimmed(&self, name: &str) -> Option<String> {
+        let fd = nix::fcntl::openat(
+            &self.fd,
+            name,
+            OFlag::O_RDONLY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .ok()?;
+        let mut buf = [0u8; 4096];
+        let n = nix::unistd::read(&fd, &mut buf).ok()?;
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        Some(text.trim_end_matches('\n').to_owned())
+    }
+
+    fn read_u64(&self, name: &str) -> Option<u64> {
+        self.read_trimmed(name)?.trim().parse().ok()
+    }
+
+    fn link_name(&self, name: &str) -> Option<String> {
+        let target = nix::fcntl::readlinkat(&self.fd, name).ok()?;
+        Some(
+            Path::new(&target)
+                .file_name()?
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+
+    fn block_dynamic_attributes(&self, properties: &Properties, attrs: &mut Attrs) {
+        // sysfs `size` counts 512-byte sectors whatever the logical block size.
+        if let Some(sectors) = self.read_u64("size") {
+            attrs.insert("size".into(), sectors.saturating_mul(512).into());
+        }
+        if let Some(ro) = self.read_u64("ro") {
+            attrs.insert("read-only".into(), (ro != 0).into());
+        }
+        match self.read_trimmed("loop/backing_file") {
+            Some(backing) => {
+                attrs.insert("loop-backing-file".into(), backing.into());
+            }
+            None => {
+                attrs.remove("loop-backing-file");
+            }
+        }
+        if let Some(diskseq) = properties
+            .get("DISKSEQ")
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            attrs.insert("diskseq".into(), diskseq.into());
+        }
     }
 }
 
@@ -183,30 +257,6 @@ fn block_static_attributes(dir: &Path, attrs: &mut Attrs) {
         if let Some(start) = read_u64(&dir.join("start")) {
             attrs.insert("partition-offset".into(), start.saturating_mul(512).into());
         }
-    }
-}
-
-fn block_dynamic_attributes(dir: &Path, properties: &Properties, attrs: &mut Attrs) {
-    // sysfs `size` counts 512-byte sectors whatever the logical block size.
-    if let Some(sectors) = read_u64(&dir.join("size")) {
-        attrs.insert("size".into(), sectors.saturating_mul(512).into());
-    }
-    if let Some(ro) = read_u64(&dir.join("ro")) {
-        attrs.insert("read-only".into(), (ro != 0).into());
-    }
-    match read_trimmed(&dir.join("loop/backing_file")) {
-        Some(backing) => {
-            attrs.insert("loop-backing-file".into(), backing.into());
-        }
-        None => {
-            attrs.remove("loop-backing-file");
-        }
-    }
-    if let Some(diskseq) = properties
-        .get("DISKSEQ")
-        .and_then(|v| v.parse::<u64>().ok())
-    {
-        attrs.insert("diskseq".into(), diskseq.into());
     }
 }
 
