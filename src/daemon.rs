@@ -60,7 +60,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    let service = Service::serve(&conn, Arc::clone(&hub))
+    let service = Service::serve(&conn, Arc::clone(&hub), config.policy.clone())
         .await
         .map_err(DaemonError::Serve)?;
     let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());

@@ -20,7 +20,7 @@ use tokio::task::JoinHandle;
 use crate::error::Error;
 use crate::event::{Change, Object, Record, SourceMsg};
 use crate::filter::Filter;
-use crate::policy::{self, Identity};
+use crate::policy::{self, Grant, Identity};
 use crate::source::{Availability, Registry, WatchMatcher, WatchSpec};
 
 /// How deliveries are bounded (`[delivery]`).
@@ -48,6 +48,10 @@ pub struct Limits {
     pub subscriptions_per_connection: usize,
     pub subscriptions_per_uid: usize,
     pub watches_per_subscription: usize,
+    /// Entries in a subscription's filter (at most [`Filter::MAX_ENTRIES`]).
+    pub filter_entries: usize,
+    /// Size of one watch's spec: keys, strings and elements, counted recursively.
+    pub watch_spec_size: usize,
 }
 
 impl Default for Limits {
@@ -56,6 +60,8 @@ impl Default for Limits {
             subscriptions_per_connection: 16,
             subscriptions_per_uid: 64,
             watches_per_subscription: 64,
+            filter_entries: Filter::MAX_ENTRIES,
+            watch_spec_size: 4096,
         }
     }
 }
@@ -106,6 +112,8 @@ struct Watch {
     tag: u64,
     source: usize,
     matcher: Box<dyn WatchMatcher>,
+    /// What policy allowed; every event is checked against it again at publish.
+    grant: Grant,
 }
 
 struct Outbox {
@@ -288,9 +296,14 @@ impl Hub {
 
     pub fn subscribe(&self, identity: Identity, depth: Option<usize>) -> Result<Subscribed, Error> {
         let depth = depth.unwrap_or(self.delivery.default_queue_depth);
-        if depth == 0 || depth > self.delivery.max_queue_depth {
-            return Err(Error::InvalidArgument(format!(
-                "queue-depth must be between 1 and {}, got {depth}",
+        if depth == 0 {
+            return Err(Error::InvalidArgument(
+                "queue-depth must be at least 1, got 0".into(),
+            ));
+        }
+        if depth > self.delivery.max_queue_depth {
+            return Err(Error::LimitExceeded(format!(
+                "queue-depth may be at most {} (delivery.max_queue_depth), got {depth}",
                 self.delivery.max_queue_depth
             )));
         }
@@ -352,6 +365,12 @@ impl Hub {
         Ok(sub)
     }
 
+    /// The identity a subscription was created with, if `caller` owns it.
+    pub fn identity_of(&self, id: u64, caller: &str) -> Result<Identity, Error> {
+        let mut state = self.lock();
+        Ok(Self::owned(&mut state, id, caller)?.identity.clone())
+    }
+
     pub fn owner_of(&self, id: u64) -> Option<String> {
         self.lock()
             .subscriptions
@@ -359,14 +378,19 @@ impl Hub {
             .map(|s| s.identity.unique_name.clone())
     }
 
+    /// Adds a watch that policy granted ([`crate::policy::Authorizer::watch`]); the grant
+    /// names the connection and the source, and the hub takes no watch without one.
     pub fn add_watch(
         self: &Arc<Self>,
         id: u64,
-        caller: &str,
-        source_name: &str,
+        grant: Grant,
         tag: u64,
         spec: &WatchSpec,
     ) -> Result<(), Error> {
+        let caller = grant.caller().to_owned();
+        let caller = caller.as_str();
+        let source_name = grant.source().to_owned();
+        let source_name = source_name.as_str();
         let index = self.registry.index_of(source_name).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "unknown watch kind '{source_name}'; known: {}",
@@ -376,7 +400,6 @@ impl Hub {
         let source = Arc::clone(&self.registry.all()[index]);
         let mut state = self.lock();
         let sub = Self::owned(&mut state, id, caller)?;
-        let identity = sub.identity.clone();
         if sub.watches.iter().any(|w| w.tag == tag) {
             return Err(Error::InvalidArgument(format!(
                 "tag {tag} is already used by a watch of this subscription"
@@ -393,7 +416,13 @@ impl Hub {
                 "{source_name} events are not available: {reason}"
             )));
         }
-        policy::authorize_watch(&identity, source_name)?;
+        let size = spec_size(spec);
+        if size > self.limits.watch_spec_size {
+            return Err(Error::LimitExceeded(format!(
+                "a watch spec may have at most {} keys, strings and elements, this one has {size}",
+                self.limits.watch_spec_size
+            )));
+        }
         let matcher = source.parse_watch(spec)?;
 
         let slot = &mut state.sources[index];
@@ -419,6 +448,7 @@ impl Hub {
             tag,
             source: index,
             matcher,
+            grant,
         });
         Ok(())
     }
@@ -464,6 +494,20 @@ impl Hub {
         caller: &str,
         spec: &[(String, Vec<String>)],
     ) -> Result<(), Error> {
+        if spec.len() > self.limits.filter_entries {
+            return Err(Error::LimitExceeded(format!(
+                "a filter may have at most {} entries, got {}",
+                self.limits.filter_entries,
+                spec.len()
+            )));
+        }
+        // A source has at most 256 subtypes; more names than that are repetitions.
+        if let Some((source, names)) = spec.iter().find(|(_, names)| names.len() > 256) {
+            return Err(Error::LimitExceeded(format!(
+                "a filter entry may name at most 256 subtypes, the one for '{source}' names {}",
+                names.len()
+            )));
+        }
         let filter = Filter::parse(&self.registry, spec)?;
         let mut state = self.lock();
         Self::owned(&mut state, id, caller)?.filter = filter;
@@ -628,13 +672,21 @@ impl Hub {
                 }
                 let record = Arc::new(record);
                 for sub in state.subscriptions.values_mut() {
-                    if !policy::may_see(&sub.identity, record.audience)
-                        || !sub.filter.passes(record.source, record.subtype)
-                    {
+                    if !sub.filter.passes(record.source, record.subtype) {
                         continue;
                     }
                     for watch in &sub.watches {
-                        if watch.source == index && watch.matcher.matches(&record) {
+                        // Event-time visibility: for every event and every watch,
+                        // whatever was decided when the watch was set.
+                        if watch.source == index
+                            && policy::may_see(
+                                &sub.identity,
+                                &watch.grant,
+                                record.source,
+                                record.audience,
+                            )
+                            && watch.matcher.matches(&record)
+                        {
                             sub.outbox.push_event(watch.tag, Arc::clone(&record));
                         }
                     }
@@ -683,6 +735,28 @@ async fn finish_stopping(pump: Option<JoinHandle<()>>) {
         // The result is Cancelled or the pump's own end; both mean it is gone.
         let _ = pump.await;
     }
+}
+
+/// How much a caller-supplied value weighs: one per key, element and scalar, plus the
+/// length of every string, recursively.
+fn spec_size(spec: &WatchSpec) -> usize {
+    fn weight(value: &zbus::Variant<'_>) -> usize {
+        match value {
+            zbus::Variant::Str(s) => 1 + s.as_str().len(),
+            zbus::Variant::ObjectPath(p) => 1 + p.as_str().len(),
+            zbus::Variant::Variant(inner) => 1 + weight(inner),
+            zbus::Variant::Array(array) => 1 + array.inner().iter().map(weight).sum::<usize>(),
+            zbus::Variant::Dict(dict) => {
+                1 + dict
+                    .iter()
+                    .map(|(k, v)| weight(k) + weight(v))
+                    .sum::<usize>()
+            }
+            zbus::Variant::Structure(s) => 1 + s.fields().iter().map(weight).sum::<usize>(),
+            _ => 1,
+        }
+    }
+    spec.iter().map(|(k, v)| 1 + k.len() + weight(v)).sum()
 }
 
 /// Applies a record to its source's object table. A removal carries no attributes (the

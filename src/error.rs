@@ -18,6 +18,10 @@ pub enum Error {
     /// The named object (subscription, watch, …) does not exist.
     #[error("{0}")]
     NotFound(String),
+    /// The caller is a sandboxed application (Flatpak, snap), which is served through the
+    /// portal on the session bus, not on the system bus.
+    #[error("{0}")]
+    Sandboxed(String),
     /// The source exists on this kernel but could not be started just now.
     #[error("{0}")]
     Unavailable(String),

@@ -133,6 +133,15 @@ impl Record {
             _ => None,
         }
     }
+
+    /// The numeric value of attribute `key` (`u` or `t`), if it has one.
+    pub fn attr_u64(&self, key: &str) -> Option<u64> {
+        match self.attributes.get(key) {
+            Some(Attr::U64(v)) => Some(*v),
+            Some(Attr::U32(v)) => Some(u64::from(*v)),
+            _ => None,
+        }
+    }
 }
 
 /// What a running source yields.

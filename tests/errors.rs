@@ -77,12 +77,20 @@ async fn bad_calls_get_typed_errors_and_change_nothing() {
     // Subscribe options.
     for options in [
         HashMap::from([("queue-depth", Variant::from(0u32))]),
-        HashMap::from([("queue-depth", Variant::from(u32::MAX))]),
         HashMap::from([("queue-depth", Variant::from("deep"))]),
         HashMap::from([("colour", Variant::from("blue"))]),
     ] {
         assert_eq!(error_name(manager.subscribe(options).await), invalid);
     }
+    // Deeper than delivery.max_queue_depth is a limit (tests/policy.rs covers every limit).
+    assert_eq!(
+        error_name(
+            manager
+                .subscribe(HashMap::from([("queue-depth", Variant::from(u32::MAX))]))
+                .await
+        ),
+        "org.watchq1.Error.LimitExceeded"
+    );
     // A call whose arguments do not have the method's signature never reaches the daemon's
     // logic: the bus library answers with the standard error.
     let reply = sub

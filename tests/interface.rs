@@ -97,7 +97,8 @@ use std::os::unix::process::CommandExt;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unprivileged_user_can_monitor_devices_through_the_policy() {
-    let daemon = Daemon::start();
+    // A user's watch is polkit's decision (org.watchq1.watch-devices).
+    let daemon = Daemon::with_polkit("");
     let disk = LoopDevice::attach(4);
     let mut child = Command::new(env!("CARGO_BIN_EXE_watchqctl"))
         .args([

@@ -77,15 +77,20 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
             let _ = tx.send(line);
         }
     });
-    let address = loop {
+    // The instructions it prints: the address, then the watchqctl it built.
+    let mut address = None;
+    let watchqctl = loop {
         let line = rx
             .recv_timeout(Duration::from_secs(600))
-            .expect("run-daemon printed no address (building?)");
-        if let Some(rest) = line.trim().strip_prefix("export DBUS_SYSTEM_BUS_ADDRESS='") {
-            break rest.trim_end_matches('\'').to_owned();
+            .expect("run-daemon printed no instructions (building?)");
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("export DBUS_SYSTEM_BUS_ADDRESS='") {
+            address = Some(rest.trim_end_matches('\'').to_owned());
+        } else if let Some(bin) = line.strip_suffix("/watchqctl status") {
+            break std::path::PathBuf::from(bin).join("watchqctl");
         }
     };
-    let watchqctl = repo().join("target/release/watchqctl");
+    let address = address.expect("run-daemon printed the bus address before watchqctl");
     let start = Instant::now();
     while !Command::new(&watchqctl)
         .args(["--address", &address, "status"])

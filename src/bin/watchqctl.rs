@@ -215,16 +215,34 @@ async fn monitor(
         .build()
         .await
         .map_err(|e| e.to_string())?;
+    // Without named sources, every available one the caller is allowed to watch.
+    let implicit = options.sources.is_empty();
+    let mut refused = Vec::new();
     for (index, source) in sources.iter().enumerate() {
         let tag = u64::try_from(index).unwrap_or(u64::MAX) + 1;
         let spec = spec
             .iter()
             .map(|(k, v)| (*k, v.try_clone().unwrap_or_else(|_| Variant::from(""))))
             .collect();
-        subscription
-            .add_watch(source, tag, spec)
-            .await
-            .map_err(|e| format!("cannot watch {source}: {}", describe(&e)))?;
+        match subscription.add_watch(source, tag, spec).await {
+            Ok(()) => {}
+            Err(zbus::Error::MethodError(name, _, _))
+                if implicit && name.as_str() == "org.watchq1.Error.AccessDenied" =>
+            {
+                refused.push(source.clone());
+            }
+            Err(e) => return Err(format!("cannot watch {source}: {}", describe(&e))),
+        }
+    }
+    let sources: Vec<String> = sources
+        .into_iter()
+        .filter(|s| !refused.contains(s))
+        .collect();
+    if sources.is_empty() {
+        return Err(format!(
+            "not allowed to watch any source ({})",
+            refused.join(", ")
+        ));
     }
     if !options.subtypes.is_empty() {
         let subtypes: Vec<&str> = options.subtypes.iter().map(String::as_str).collect();
@@ -238,8 +256,13 @@ async fn monitor(
             .map_err(|e| format!("cannot set the filter: {}", describe(&e)))?;
     }
     // On stderr even with --json, so that scripts can wait for it.
+    let not_allowed = if refused.is_empty() {
+        String::new()
+    } else {
+        format!(" (not allowed: {})", refused.join(", "))
+    };
     eprintln!(
-        "watching {} (subscription {path}); Ctrl-C to stop",
+        "watching {}{not_allowed} (subscription {path}); Ctrl-C to stop",
         sources.join(", ")
     );
 

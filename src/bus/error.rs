@@ -13,6 +13,7 @@ pub enum BusError {
     LimitExceeded(String),
     NotFound(String),
     Unavailable(String),
+    Sandboxed(String),
 }
 
 impl From<Error> for BusError {
@@ -24,6 +25,7 @@ impl From<Error> for BusError {
             Error::LimitExceeded(m) => BusError::LimitExceeded(m),
             Error::NotFound(m) => BusError::NotFound(m),
             Error::Unavailable(m) => BusError::Unavailable(m),
+            Error::Sandboxed(m) => BusError::Sandboxed(m),
         }
     }
 }
@@ -36,4 +38,5 @@ pub const ERROR_NAMES: &[&str] = &[
     "org.watchq1.Error.LimitExceeded",
     "org.watchq1.Error.NotFound",
     "org.watchq1.Error.Unavailable",
+    "org.watchq1.Error.Sandboxed",
 ];

@@ -38,8 +38,15 @@ impl Manager {
     /// properties)]). For a snapshot aligned with a subscription's events, use the
     /// subscription's Snapshot method.
     #[zbus(out_args("seq", "objects"))]
-    async fn snapshot(&self, source: &str) -> Result<(u64, Vec<SnapshotObject>), BusError> {
-        let (seq, objects) = self.service.hub.snapshot(source, None)?;
+    async fn snapshot(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        source: &str,
+    ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
+        let sender = header
+            .sender()
+            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))?;
+        let (seq, objects) = self.service.snapshot(sender, source, None).await?;
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }
 

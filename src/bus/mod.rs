@@ -26,7 +26,10 @@ use zbus::object_server::SignalEmitter;
 use zbus::{Connection, OwnedObjectPath, OwnedVariant};
 
 use crate::dispatch::{Delivery, Hub};
-use crate::policy::Identity;
+use crate::error::Error;
+use crate::policy::identity::BusCredentials;
+use crate::policy::{Authorizer, Identity, PolicyConfig, Polkit, Scope};
+use crate::source::WatchSpec;
 use error::BusError;
 use subscription::SubscriptionObject;
 
@@ -36,16 +39,23 @@ pub struct Service {
     conn: Connection,
     hub: Arc<Hub>,
     dbus: DBusProxy<'static>,
+    /// Every access decision goes through here (see [`crate::policy`]).
+    authorizer: Authorizer,
 }
 
 impl Service {
     /// Serves the Manager object; the caller requests the name afterwards, so that no
     /// client can reach a half-built daemon.
-    pub async fn serve(conn: &Connection, hub: Arc<Hub>) -> zbus::Result<Arc<Service>> {
+    pub async fn serve(
+        conn: &Connection,
+        hub: Arc<Hub>,
+        policy: PolicyConfig,
+    ) -> zbus::Result<Arc<Service>> {
         let service = Arc::new(Service {
             conn: conn.clone(),
             hub,
             dbus: DBusProxy::new(conn).await?,
+            authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
         });
         conn.object_server()
             .at(
@@ -62,6 +72,8 @@ impl Service {
         &self.hub
     }
 
+    /// Who the caller is, from the bus (never from the message) and the caller's
+    /// process; see [`crate::policy::identity`].
     async fn identity(&self, sender: &UniqueName<'_>) -> Result<Identity, BusError> {
         let credentials = self
             .dbus
@@ -71,11 +83,80 @@ impl Service {
         let uid = credentials.unix_user_id().ok_or_else(|| {
             BusError::AccessDenied("the bus does not know the caller's uid".into())
         })?;
-        Ok(Identity {
+        let pid = credentials.process_id();
+        let gids = credentials.unix_group_ids().cloned().unwrap_or_default();
+        let label = credentials.linux_security_label().cloned();
+        let bus_credentials = BusCredentials {
             unique_name: sender.to_string(),
             uid,
-            pid: credentials.process_id(),
-        })
+            gids,
+            pid,
+            label,
+            pidfd: credentials
+                .into_process_fd()
+                .map(std::os::fd::OwnedFd::from),
+        };
+        Ok(crate::policy::identity::resolve(bus_credentials))
+    }
+
+    /// Authorizes and adds a watch: policy first (polkit, cached per connection), then the
+    /// hub, which takes nothing but the grant policy returns.
+    pub(crate) async fn add_watch(
+        &self,
+        id: u64,
+        caller: &str,
+        kind: &str,
+        tag: u64,
+        spec: &WatchSpec,
+    ) -> Result<(), Error> {
+        self.known_source(kind)?;
+        let identity = self.hub.identity_of(id, caller)?;
+        let scope = crate::policy::watch_scope(kind).unwrap_or(Scope::System);
+        let grant = self
+            .authorizer
+            .watch(&identity, kind, scope, || {
+                !self.hub.subscriptions_of(caller).is_empty()
+            })
+            .await?;
+        self.hub.add_watch(id, grant, tag, spec)
+    }
+
+    /// A snapshot needs what a system-wide watch of the source needs. `subscription` is
+    /// (id, caller) for a subscription's own snapshot; the Manager's identifies the
+    /// caller afresh.
+    pub(crate) async fn snapshot(
+        &self,
+        sender: &UniqueName<'_>,
+        source: &str,
+        subscription: Option<u64>,
+    ) -> Result<(u64, Vec<crate::event::Object>), BusError> {
+        self.known_source(source)?;
+        let identity = match subscription {
+            Some(id) => self.hub.identity_of(id, sender.as_str())?,
+            None => {
+                let identity = self.identity(sender).await?;
+                self.authorizer.subscribe(&identity)?;
+                identity
+            }
+        };
+        self.authorizer
+            .watch(&identity, source, Scope::System, || {
+                !self.hub.subscriptions_of(sender.as_str()).is_empty()
+            })
+            .await?;
+        Ok(self
+            .hub
+            .snapshot(source, subscription.map(|id| (id, sender.as_str())))?)
+    }
+
+    fn known_source(&self, name: &str) -> Result<(), Error> {
+        match self.hub.registry().index_of(name) {
+            Some(_) => Ok(()),
+            None => Err(Error::InvalidArgument(format!(
+                "unknown source '{name}'; known: {}",
+                self.hub.registry().names().join(", ")
+            ))),
+        }
     }
 
     async fn subscribe(
@@ -103,7 +184,17 @@ impl Service {
             }
         }
         let identity = self.identity(sender).await?;
+        self.authorizer.subscribe(&identity)?;
         let uid = identity.uid;
+        tracing::debug!(
+            owner = %sender,
+            uid,
+            pid = ?identity.pid,
+            unit = ?identity.unit,
+            session = ?identity.session,
+            label = ?identity.label,
+            "caller identified"
+        );
         let subscribed = self.hub.subscribe(identity, depth)?;
         let id = subscribed.id;
         let path = subscription::path(id);
@@ -162,6 +253,7 @@ impl Service {
                 tracing::debug!(subscription = id, owner = %args.name(), "owner left the bus");
                 self.close(id).await;
             }
+            self.authorizer.forget(args.name());
         }
         Err(zbus::Error::Failure("NameOwnerChanged stream ended".into()))
     }
@@ -287,6 +379,26 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     &record.object_id,
                     types::AttrMap(&record.attributes),
                     &record.properties,
+                )
+                .await
+            }
+            crate::source::blockerr::NAME => {
+                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+                SubscriptionObject::block_error(
+                    emitter,
+                    *seq,
+                    *tag,
+                    record.attr_str("device").unwrap_or_default(),
+                    narrow("major"),
+                    narrow("minor"),
+                    number("sector"),
+                    narrow("sectors"),
+                    record.attr_str("operation").unwrap_or_default(),
+                    record.attr_str("errno-name").unwrap_or_default(),
+                    i32::try_from(number("errno")).unwrap_or(i32::MAX),
+                    number("count"),
+                    types::AttrMap(&record.attributes),
                 )
                 .await
             }

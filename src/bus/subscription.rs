@@ -62,7 +62,8 @@ impl SubscriptionObject {
     /// echoed in every event the watch matches and must be unique in this subscription;
     /// spec holds the source's match keys. devices: "subsystem" (s: block or usb),
     /// "devtype" (s), "name" (s, with * and ? wildcards), "properties" (a{ss}, uevent
-    /// properties that must be equal).
+    /// properties that must be equal). block-errors (administrators): "name" (s, the
+    /// device's kernel name, with * and ? wildcards).
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -73,8 +74,8 @@ impl SubscriptionObject {
         let caller = Self::caller(&header)?;
         Ok(self
             .service
-            .hub
-            .add_watch(self.id, caller, kind, tag, &spec)?)
+            .add_watch(self.id, caller, kind, tag, &spec)
+            .await?)
     }
 
     /// Removes the watch with this tag.
@@ -107,8 +108,10 @@ impl SubscriptionObject {
         #[zbus(header)] header: Header<'_>,
         source: &str,
     ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
-        let caller = Self::caller(&header)?;
-        let (seq, objects) = self.service.hub.snapshot(source, Some((self.id, caller)))?;
+        let caller = header
+            .sender()
+            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))?;
+        let (seq, objects) = self.service.snapshot(caller, source, Some(self.id)).await?;
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }
 
@@ -168,6 +171,31 @@ impl SubscriptionObject {
         sys_path: &str,
         attributes: AttrMap<&Attrs>,
         properties: &BTreeMap<String, String>,
+    ) -> zbus::Result<()>;
+
+    /// A block device failed an I/O request (the kernel's block:block_rq_error).
+    /// device is the kernel name (loop0, sda) or "MAJ:MIN" when the device is already
+    /// gone; sector and sectors the request's range in 512-byte sectors; operation the
+    /// kernel's rwbs string (R, W, WS, FF, D, ...); errno_name and errno the error (EIO,
+    /// 5). count is how many errors this event stands for: 1, or more when a storm on the
+    /// device was summarised by the rate limit (then sector is the first one's and the
+    /// attributes hold last-sector and last-monotonic-ns). attributes repeat these fields
+    /// typed and add monotonic-ns (CLOCK_MONOTONIC time of the error).
+    #[zbus(signal)]
+    pub async fn block_error(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        device: &str,
+        major: u32,
+        minor: u32,
+        sector: u64,
+        sectors: u32,
+        operation: &str,
+        errno_name: &str,
+        errno: i32,
+        count: u64,
+        attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 
     /// Events were lost. reason "queue-full": the daemon dropped count events of this

@@ -12,10 +12,26 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::dispatch::{DeliveryConfig, Limits};
+use crate::filter::Filter;
+use crate::policy::{PolicyConfig, Rule, Verdict};
 use crate::source::devices::DevicesConfig;
 
 pub const DEFAULT_PATH: &str = "/etc/watchqd/watchqd.toml";
 pub const ENV_PREFIX: &str = "WATCHQD";
+
+/// The `WATCHQD_<SECTION>__<KEY>` variables of the environment. A configuration key
+/// always has a section, so a variable without `__` (`WATCHQD_VM_GUEST`, set by
+/// tools around the daemon) is not configuration and is left alone; one with `__` that
+/// names no key is an error like an unknown key in the file.
+fn config_environment() -> config::Map<String, String> {
+    std::env::vars()
+        .filter(|(name, _)| {
+            name.strip_prefix(ENV_PREFIX)
+                .and_then(|rest| rest.strip_prefix('_'))
+                .is_some_and(|key| key.contains("__"))
+        })
+        .collect()
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -34,6 +50,7 @@ pub enum ConfigError {
 pub struct RawConfig {
     pub delivery: RawDelivery,
     pub limits: RawLimits,
+    pub policy: RawPolicy,
     pub sources: RawSources,
 }
 
@@ -51,6 +68,24 @@ pub struct RawLimits {
     pub subscriptions_per_connection: Option<u64>,
     pub subscriptions_per_uid: Option<u64>,
     pub watches_per_subscription: Option<u64>,
+    pub filter_entries: Option<u64>,
+    pub watch_spec_size: Option<u64>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPolicy {
+    pub refuse_sandboxed: Option<bool>,
+    pub rules: Vec<RawRule>,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRule {
+    pub label: Option<String>,
+    pub app_id: Option<String>,
+    pub sources: Vec<String>,
+    pub verdict: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -70,6 +105,7 @@ pub struct RawDevices {
 pub struct Config {
     pub delivery: DeliveryConfig,
     pub limits: Limits,
+    pub policy: PolicyConfig,
     pub devices: DevicesConfig,
     /// Where the configuration came from, for messages.
     pub origin: String,
@@ -98,7 +134,8 @@ impl Config {
                 config::Environment::with_prefix(ENV_PREFIX)
                     .prefix_separator("_")
                     .separator("__")
-                    .try_parsing(true),
+                    .try_parsing(true)
+                    .source(Some(config_environment())),
             )
             .build()
             .and_then(config::Config::try_deserialize)
@@ -188,6 +225,52 @@ impl Config {
                 1,
                 65536,
             )?,
+            filter_entries: ranged(
+                "limits.filter_entries",
+                raw.limits.filter_entries,
+                defaults.limits.filter_entries,
+                1,
+                Filter::MAX_ENTRIES as u64,
+            )?,
+            watch_spec_size: ranged(
+                "limits.watch_spec_size",
+                raw.limits.watch_spec_size,
+                defaults.limits.watch_spec_size,
+                16,
+                1 << 20,
+            )?,
+        };
+        let mut rules = Vec::with_capacity(raw.policy.rules.len());
+        for rule in raw.policy.rules {
+            let verdict = match rule.verdict.as_deref() {
+                Some("deny") => Verdict::Deny,
+                Some("permit") => Verdict::Permit,
+                other => {
+                    return Err(invalid(
+                        "policy.rules.verdict",
+                        format!("must be \"deny\" or \"permit\", got {other:?}"),
+                    ))
+                }
+            };
+            if rule.label.is_none() && rule.app_id.is_none() {
+                return Err(invalid(
+                    "policy.rules",
+                    "every rule needs a label or an app_id to match".into(),
+                ));
+            }
+            rules.push(Rule {
+                label: rule.label,
+                app_id: rule.app_id,
+                sources: rule.sources,
+                verdict,
+            });
+        }
+        let policy = PolicyConfig {
+            refuse_sandboxed: raw
+                .policy
+                .refuse_sandboxed
+                .unwrap_or(defaults.policy.refuse_sandboxed),
+            rules,
         };
         let devices = DevicesConfig {
             receive_buffer: ranged(
@@ -201,6 +284,7 @@ impl Config {
         Ok(Config {
             delivery,
             limits,
+            policy,
             devices,
             origin,
         })
@@ -249,6 +333,46 @@ mod tests {
             .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("watches_per_subscription"), "{text}");
+    }
+
+    #[test]
+    fn policy_rules_are_read_and_checked() {
+        let config = Config::from_toml(
+            "[policy]\nrefuse_sandboxed = false\n\n[[policy.rules]]\nlabel = \"*:confined_t:*\"\nsources = [\"devices\"]\nverdict = \"deny\"\n\n[[policy.rules]]\napp_id = \"org.example.*\"\nverdict = \"permit\"\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.policy,
+            PolicyConfig {
+                refuse_sandboxed: false,
+                rules: vec![
+                    Rule {
+                        label: Some("*:confined_t:*".into()),
+                        app_id: None,
+                        sources: vec!["devices".into()],
+                        verdict: Verdict::Deny,
+                    },
+                    Rule {
+                        label: None,
+                        app_id: Some("org.example.*".into()),
+                        sources: vec![],
+                        verdict: Verdict::Permit,
+                    },
+                ],
+            }
+        );
+        let err = Config::from_toml(
+            "[[policy.rules]]\nlabel = \"x\"\nverdict = \"maybe\"\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("policy.rules.verdict"), "{err}");
+        let err =
+            Config::from_toml("[[policy.rules]]\nverdict = \"deny\"\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("policy.rules"), "{err}");
+        let err = Config::from_toml("[limits]\nfilter_entries = 17\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("limits.filter_entries"), "{err}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! [`EventSource::open`] is called when the first watch on it is added, and the stream it
 //! returns (with every fd it owns) is dropped when the last watch goes.
 
+pub mod blockerr;
 pub mod devices;
 
 use std::collections::HashMap;
@@ -77,6 +78,7 @@ impl Registry {
         let sources: Vec<Arc<dyn EventSource>> = vec![
             // One line per source.
             Arc::new(devices::Devices::new(&config.devices)),
+            Arc::new(blockerr::BlockErrors::new()),
         ];
         Registry { sources }
     }

@@ -3,6 +3,8 @@
 //! Nothing here is mocked; every wait has a timeout and says what it waited for.
 #![allow(dead_code)]
 
+pub mod polkit;
+
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader};
@@ -101,6 +103,8 @@ impl Drop for PrivateBus {
 /// it sends READY=1 on `$NOTIFY_SOCKET`.
 pub struct Daemon {
     child: Child,
+    /// Dropped before the bus; present when started with [`Daemon::with_polkit`].
+    pub polkit: Option<polkit::Polkitd>,
     pub bus: PrivateBus,
     pub log: PathBuf,
 }
@@ -111,7 +115,17 @@ impl Daemon {
     }
 
     pub fn with_config(toml: &str) -> Daemon {
+        Daemon::launch(toml, false)
+    }
+
+    /// The daemon with a real polkitd on its bus (root callers never need one).
+    pub fn with_polkit(toml: &str) -> Daemon {
+        Daemon::launch(toml, true)
+    }
+
+    fn launch(toml: &str, with_polkit: bool) -> Daemon {
         let bus = PrivateBus::start();
+        let polkit = with_polkit.then(|| polkit::Polkitd::start(&bus.address, bus.dir.path()));
         let config = bus.dir.path().join("watchqd.toml");
         fs::write(&config, toml).expect("write config");
         let notify_path = bus.dir.path().join("notify");
@@ -143,7 +157,12 @@ impl Daemon {
                 break;
             }
         }
-        Daemon { child, bus, log }
+        Daemon {
+            child,
+            polkit,
+            bus,
+            log,
+        }
     }
 
     pub fn pid(&self) -> u32 {
@@ -328,6 +347,20 @@ pub enum Signal {
         tag: u64,
         reason: String,
     },
+    BlockError {
+        seq: u64,
+        tag: u64,
+        device: String,
+        major: u32,
+        minor: u32,
+        sector: u64,
+        sectors: u32,
+        operation: String,
+        errno_name: String,
+        errno: i32,
+        count: u64,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -335,7 +368,8 @@ impl Signal {
         match self {
             Signal::Device { seq, .. }
             | Signal::Lost { seq, .. }
-            | Signal::WatchRemoved { seq, .. } => *seq,
+            | Signal::WatchRemoved { seq, .. }
+            | Signal::BlockError { seq, .. } => *seq,
         }
     }
 
@@ -413,6 +447,52 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 count,
                 source,
                 reason,
+            })
+        }
+        "BlockError" => {
+            #[allow(clippy::type_complexity)]
+            let (
+                seq,
+                tag,
+                device,
+                major,
+                minor,
+                sector,
+                sectors,
+                operation,
+                errno_name,
+                errno,
+                count,
+                attributes,
+            ) = body
+                .deserialize::<(
+                    u64,
+                    u64,
+                    String,
+                    u32,
+                    u32,
+                    u64,
+                    u32,
+                    String,
+                    String,
+                    i32,
+                    u64,
+                    HashMap<String, OwnedVariant>,
+                )>()
+                .expect("BlockError body");
+            Some(Signal::BlockError {
+                seq,
+                tag,
+                device,
+                major,
+                minor,
+                sector,
+                sectors,
+                operation,
+                errno_name,
+                errno,
+                count,
+                attributes,
             })
         }
         "WatchRemoved" => {

@@ -1,0 +1,189 @@
+//! polkit behind a small trait, and the [`Authorizer`] that turns [`super::decide`]'s
+//! answers into [`Grant`]s.
+//!
+//! Fails closed: polkitd unreachable, slow (beyond [`Authorizer::TIMEOUT`]), or answering
+//! something unexpected means no. A challenge (`auth_admin` with no agent; watchqd never
+//! asks for interaction) is a refusal. Definite answers are cached per (connection,
+//! action) for the connection's life; failures are not cached, so a polkitd that comes
+//! back is asked again.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use zbus::{Connection, Variant};
+
+use super::{decide, denial_error, Decision, Grant, Identity, PolicyConfig, Request, Scope};
+use crate::error::Error;
+
+/// polkit's answer for one subject and action.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Answer {
+    Authorized,
+    /// Authorized only after authentication, which watchqd never asks for.
+    Challenge,
+    NotAuthorized,
+}
+
+pub type Checked<'a> = Pin<Box<dyn Future<Output = Result<Answer, String>> + Send + 'a>>;
+
+/// Something that answers "may this bus connection do this action?".
+pub trait Authority: Send + Sync {
+    /// `subject` is the caller's unique bus name.
+    fn check<'a>(&'a self, subject: &'a str, action: &'a str) -> Checked<'a>;
+}
+
+/// `org.freedesktop.PolicyKit1.Authority.CheckAuthorization` with a `system-bus-name`
+/// subject and no user interaction.
+pub struct Polkit {
+    conn: Connection,
+}
+
+impl Polkit {
+    pub fn new(conn: Connection) -> Polkit {
+        Polkit { conn }
+    }
+}
+
+impl Authority for Polkit {
+    fn check<'a>(&'a self, subject: &'a str, action: &'a str) -> Checked<'a> {
+        Box::pin(async move {
+            let subject_details = HashMap::from([("name", Variant::from(subject))]);
+            let details: HashMap<&str, &str> = HashMap::new();
+            let reply = self
+                .conn
+                .call_method(
+                    Some("org.freedesktop.PolicyKit1"),
+                    "/org/freedesktop/PolicyKit1/Authority",
+                    Some("org.freedesktop.PolicyKit1.Authority"),
+                    "CheckAuthorization",
+                    &(
+                        ("system-bus-name", subject_details),
+                        action,
+                        details,
+                        0u32,
+                        "",
+                    ),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            let (authorized, challenge, _details): (bool, bool, HashMap<String, String>) =
+                reply.body().deserialize().map_err(|e| e.to_string())?;
+            Ok(match (authorized, challenge) {
+                (true, _) => Answer::Authorized,
+                (false, true) => Answer::Challenge,
+                (false, false) => Answer::NotAuthorized,
+            })
+        })
+    }
+}
+
+/// The policy decisions of one daemon: configuration, polkit, and the cache.
+pub struct Authorizer {
+    config: PolicyConfig,
+    authority: Box<dyn Authority>,
+    cache: Mutex<HashMap<(String, &'static str), Answer>>,
+}
+
+impl Authorizer {
+    /// The longest a watch request waits for polkit before it is refused.
+    pub const TIMEOUT: Duration = Duration::from_secs(10);
+
+    pub fn new(config: PolicyConfig, authority: Box<dyn Authority>) -> Authorizer {
+        Authorizer {
+            config,
+            authority,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, &'static str), Answer>> {
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// May this caller subscribe (or use the Manager's snapshot)?
+    pub fn subscribe(&self, caller: &Identity) -> Result<(), Error> {
+        let request = Request::Subscribe;
+        match decide(&self.config, caller, request) {
+            Ok(_) => Ok(()),
+            Err(denial) => Err(denial_error(caller, request, &denial)),
+        }
+    }
+
+    /// Authorizes a watch of `source` at `scope`, asking polkit when the table says so.
+    /// `live` tells whether the caller's connection still holds state here; an answer is
+    /// remembered only then (checked under the cache lock, see [`Authorizer::forget`]).
+    pub async fn watch(
+        &self,
+        caller: &Identity,
+        source: &str,
+        scope: Scope,
+        live: impl Fn() -> bool,
+    ) -> Result<Grant, Error> {
+        let request = Request::Watch { source, scope };
+        let rule = match decide(&self.config, caller, request) {
+            Ok(Decision::Allow) => return Ok(Grant::new(caller, source, scope, true)),
+            Ok(Decision::Ask(rule)) => rule,
+            Err(denial) => return Err(denial_error(caller, request, &denial)),
+        };
+        let key = (caller.unique_name.clone(), rule.action);
+        let cached = self.lock().get(&key).copied();
+        let answer = match cached {
+            Some(answer) => answer,
+            None => {
+                let checked = tokio::time::timeout(
+                    Self::TIMEOUT,
+                    self.authority.check(&caller.unique_name, rule.action),
+                )
+                .await
+                .unwrap_or_else(|_| Err(format!("no answer within {:?}", Self::TIMEOUT)));
+                let answer = checked.map_err(|e| {
+                    Error::AccessDenied(format!(
+                        "cannot ask polkit whether uid {} may {} ({e}); refusing",
+                        caller.uid, rule.action
+                    ))
+                })?;
+                let mut cache = self.lock();
+                if live() {
+                    cache.insert(key, answer);
+                }
+                answer
+            }
+        };
+        match answer {
+            Answer::Authorized => Ok(Grant::new(caller, source, scope, rule.admin)),
+            Answer::Challenge => Err(Error::AccessDenied(format!(
+                "watching {source} ({} scope) needs {}, which requires an administrator's \
+                 authentication; watchqd does not ask for it: an administrator can grant \
+                 the action with a polkit rule",
+                scope.as_str(),
+                rule.action
+            ))),
+            Answer::NotAuthorized => Err(Error::AccessDenied(format!(
+                "polkit does not authorize uid {} for {} (watching {source}, {} scope)",
+                caller.uid,
+                rule.action,
+                scope.as_str()
+            ))),
+        }
+    }
+
+    /// Forgets a connection's decisions when it leaves the bus. Callers first drop the
+    /// connection's state, so that a check still in flight sees `live() == false`.
+    pub fn forget(&self, unique_name: &str) {
+        self.lock().retain(|(name, _), _| name != unique_name);
+    }
+
+    /// Cached decisions, for tests and status.
+    pub fn cached(&self) -> usize {
+        self.lock().len()
+    }
+}

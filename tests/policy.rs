@@ -1,0 +1,847 @@
+//! Policy on a real private system bus with a real polkitd: callers of different users
+//! (test users made by the set-up), root, a process presenting itself as a Flatpak app,
+//! polkit rules, polkit gone, and every limit.
+//!
+//! Callers as other users are this test binary run again as a client process
+//! ([`client_process`]), driven over its stdin/stdout, with its uid set by the kernel
+//! (`Command::uid`) and its identity what the bus says.
+
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Mutex};
+
+use futures_util::StreamExt;
+use serde_json::{json, Value};
+use zbus::{MatchRule, MessageStream, Variant};
+
+use common::polkit::{pkaction, user, User};
+use common::*;
+use watchqd::client::{ManagerProxy, SubscriptionProxy};
+use watchqd::policy::{Answer, Authority, Polkit, WATCH_RULES};
+
+const CLIENT_ENV: &str = "WATCHQ_POLICY_CLIENT";
+const DENIED: &str = "org.watchq1.Error.AccessDenied";
+const LIMIT: &str = "org.watchq1.Error.LimitExceeded";
+const SANDBOXED: &str = "org.watchq1.Error.Sandboxed";
+
+// ---------------------------------------------------------------------------------------
+// The client process.
+
+/// The entry point of client processes: does nothing unless this binary was started as
+/// a client by [`Client::spawn`]. Reads one JSON request per line, answers `@@ {json}`.
+#[test]
+fn client_process() {
+    let Ok(address) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(client_main(address));
+}
+
+type Seen = Arc<Mutex<Vec<Value>>>;
+
+async fn client_main(address: String) {
+    let conn = watchqd::client::connect(Some(&address))
+        .await
+        .expect("client connect");
+    // Every signal from the daemon, whatever its path: a leak would show here.
+    let rule = MatchRule::builder()
+        .msg_type(zbus::message::Type::Signal)
+        .sender("org.watchq1")
+        .build()
+        .expect("match rule");
+    let mut stream = MessageStream::for_match_rule(rule, &conn, None)
+        .await
+        .expect("stream");
+    let seen: Seen = Arc::default();
+    let sink = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Some(Ok(message)) = stream.next().await {
+            let header = message.header();
+            let path = header.path().map(|p| p.to_string()).unwrap_or_default();
+            let member = header.member().map(|m| m.to_string()).unwrap_or_default();
+            let mut entry = json!({ "path": path, "member": member });
+            if let Some(signal) = decode(&message) {
+                entry["seq"] = json!(signal.seq());
+                if let Signal::Device { tag, sys_path, .. } = &signal {
+                    entry["tag"] = json!(tag);
+                    entry["sys_path"] = json!(sys_path);
+                }
+            }
+            sink.lock().unwrap().push(entry);
+        }
+    });
+    let manager = ManagerProxy::new(&conn).await.expect("manager");
+    let mut subscriptions: Vec<SubscriptionProxy<'static>> = Vec::new();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in std::io::stdin().lock().lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    while let Some(line) = rx.recv().await {
+        let request: Value = serde_json::from_str(&line).expect("request");
+        let answer = serve(&conn, &manager, &mut subscriptions, &seen, &request).await;
+        println!("@@ {answer}");
+        std::io::stdout().flush().expect("stdout");
+    }
+}
+
+fn outcome<T>(result: zbus::Result<T>, ok: impl FnOnce(T) -> Value) -> Value {
+    match result {
+        Ok(v) => json!({ "ok": ok(v) }),
+        Err(zbus::Error::MethodError(name, message, _)) => {
+            json!({ "err": name.to_string(), "message": message.unwrap_or_default() })
+        }
+        Err(e) => json!({ "err": e.to_string() }),
+    }
+}
+
+async fn serve(
+    conn: &zbus::Connection,
+    manager: &ManagerProxy<'static>,
+    subscriptions: &mut Vec<SubscriptionProxy<'static>>,
+    seen: &Seen,
+    request: &Value,
+) -> Value {
+    let sub = |i: &Value| usize::try_from(i.as_u64().unwrap_or(0)).unwrap_or(0);
+    match request["op"].as_str().unwrap_or_default() {
+        "whoami" => json!({ "ok": conn.unique_name().map(|n| n.to_string()) }),
+        "subscribe" => {
+            let mut options = HashMap::new();
+            if let Some(depth) = request["depth"].as_u64() {
+                options.insert("queue-depth", Variant::from(u32::try_from(depth).unwrap()));
+            }
+            let result = manager.subscribe(options).await;
+            if let Ok(path) = &result {
+                let proxy = SubscriptionProxy::builder(conn)
+                    .path(path.clone())
+                    .build()
+                    .await
+                    .unwrap();
+                subscriptions.push(proxy);
+            }
+            outcome(result, |p| json!(p.to_string()))
+        }
+        "watch" => {
+            let spec: HashMap<&str, Variant<'_>> = request["spec"]
+                .as_object()
+                .map(|o| {
+                    o.iter()
+                        .map(|(k, v)| (k.as_str(), Variant::from(v.as_str().unwrap_or_default())))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let kind = request["kind"].as_str().unwrap();
+            let tag = request["tag"].as_u64().unwrap();
+            outcome(
+                subscriptions[sub(&request["sub"])]
+                    .add_watch(kind, tag, spec)
+                    .await,
+                |()| json!(null),
+            )
+        }
+        "filter" => {
+            let entries: Vec<(String, Vec<String>)> =
+                serde_json::from_value(request["filter"].clone()).unwrap();
+            let borrowed: Vec<Vec<&str>> = entries
+                .iter()
+                .map(|(_, names)| names.iter().map(String::as_str).collect())
+                .collect();
+            let filter: Vec<(&str, &[&str])> = entries
+                .iter()
+                .zip(&borrowed)
+                .map(|((source, _), names)| (source.as_str(), names.as_slice()))
+                .collect();
+            outcome(
+                subscriptions[sub(&request["sub"])]
+                    .set_filter(&filter)
+                    .await,
+                |()| json!(null),
+            )
+        }
+        "snapshot" => outcome(
+            subscriptions[sub(&request["sub"])]
+                .snapshot(request["source"].as_str().unwrap())
+                .await,
+            |(seq, objects)| json!([seq, objects.len()]),
+        ),
+        "manager-snapshot" => outcome(
+            manager.snapshot(request["source"].as_str().unwrap()).await,
+            |(seq, objects)| json!([seq, objects.len()]),
+        ),
+        // A method called on any subscription path (someone else's).
+        "call" => {
+            let path = request["path"].as_str().unwrap().to_owned();
+            let proxy = SubscriptionProxy::builder(conn)
+                .path(path)
+                .build()
+                .await
+                .unwrap();
+            match request["method"].as_str().unwrap() {
+                "AddWatch" => outcome(proxy.add_watch("devices", 99, HashMap::new()).await, |()| {
+                    json!(null)
+                }),
+                "RemoveWatch" => outcome(proxy.remove_watch(1).await, |()| json!(null)),
+                "SetFilter" => outcome(proxy.set_filter(&[]).await, |()| json!(null)),
+                "Snapshot" => outcome(proxy.snapshot("devices").await, |_| json!(null)),
+                "Close" => outcome(proxy.close().await, |()| json!(null)),
+                "Watches" => outcome(proxy.watches().await, |_| json!(null)),
+                other => panic!("unknown method {other}"),
+            }
+        }
+        // Waits until a signal with the given field value arrived (a DeviceChanged
+        // about "sys_path", or a "member"), then returns every signal.
+        "until" => {
+            let (field, wanted) = request
+                .as_object()
+                .and_then(|o| o.iter().find(|(k, _)| *k != "op"))
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .unwrap();
+            let start = std::time::Instant::now();
+            loop {
+                let done = seen.lock().unwrap().iter().any(|s| s[&field] == wanted);
+                if done {
+                    break;
+                }
+                if start.elapsed() > TIMEOUT {
+                    return json!({ "err": format!("no signal with {field} = {wanted}") });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            json!({ "ok": seen.lock().unwrap().clone() })
+        }
+        other => json!({ "err": format!("unknown op {other}") }),
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The test side.
+
+/// A client process on the daemon's bus, as a test user or root.
+struct Client {
+    child: Child,
+    stdin: ChildStdin,
+    answers: Receiver<String>,
+    name: String,
+}
+
+/// How the client process is started.
+enum As<'a> {
+    Root,
+    User(&'a User),
+    /// In a chroot with `/.flatpak-info`, inside a private mount namespace.
+    FlatpakChroot(&'a User, &'a std::path::Path),
+}
+
+impl Client {
+    fn spawn(daemon: &Daemon, who: As<'_>) -> Client {
+        let exe = std::env::current_exe().expect("test binary");
+        let test_args = [
+            "--exact",
+            "client_process",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        let mut command = match who {
+            As::Root => Command::new(&exe),
+            As::User(user) => {
+                let mut c = Command::new(&exe);
+                c.uid(user.uid).gid(user.gid);
+                c
+            }
+            As::FlatpakChroot(user, root) => {
+                // Bind what the client needs into the chroot, in a mount namespace that
+                // dies with it, then drop to the user.
+                let exe_dir = exe.parent().unwrap().display().to_string();
+                let bus_dir = daemon.bus.dir.path().display().to_string();
+                let root = root.display().to_string();
+                let script = format!(
+                    "set -e; for d in usr etc proc dev {exe_dir} {bus_dir}; do \
+                       mkdir -p {root}/$d; done; \
+                     mount --rbind /usr {root}/usr; mount --rbind /etc {root}/etc; \
+                     mount -t proc proc {root}/proc; mount --rbind /dev {root}/dev; \
+                     mount --bind {exe_dir} {root}{exe_dir}; mount --bind {bus_dir} {root}{bus_dir}; \
+                     for l in bin lib lib64 sbin; do [ -e {root}/$l ] || ln -s usr/$l {root}/$l; done; \
+                     exec chroot --userspec={}:{} --groups={} {root} \"$@\"",
+                    user.uid, user.gid, user.gid
+                );
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "--", "sh", "-c"])
+                    .arg(script)
+                    .arg("sh")
+                    .arg(&exe);
+                c
+            }
+        };
+        command
+            .args(test_args)
+            .env(CLIENT_ENV, daemon.address())
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        let mut child = command.spawn().expect("client process");
+        let stdin = child.stdin.take().unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, answers) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                // libtest may have printed "test client_process ... " on the same line.
+                if let Some((_, answer)) = line.split_once("@@ ") {
+                    if tx.send(answer.to_owned()).is_err() {
+                        break;
+                    }
+                }
+            }
+        });
+        let mut client = Client {
+            child,
+            stdin,
+            answers,
+            name: String::new(),
+        };
+        client.name = client.ask(json!({"op": "whoami"}))["ok"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        client
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn ask(&mut self, request: Value) -> Value {
+        writeln!(self.stdin, "{request}").expect("write to client");
+        let line = self
+            .answers
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("client gave no answer to {request}"));
+        serde_json::from_str(&line).expect("answer")
+    }
+
+    /// "ok" or the D-Bus error name.
+    fn result(&mut self, request: Value) -> String {
+        let answer = self.ask(request);
+        match answer.get("err") {
+            Some(e) => e.as_str().unwrap().to_owned(),
+            None => "ok".to_owned(),
+        }
+    }
+
+    fn subscribe(&mut self) -> String {
+        let answer = self.ask(json!({"op": "subscribe"}));
+        answer["ok"]
+            .as_str()
+            .unwrap_or_else(|| panic!("Subscribe: {answer}"))
+            .to_owned()
+    }
+
+    fn watch(&mut self, sub: usize, kind: &str, tag: u64, spec: Value) -> String {
+        self.result(json!({"op": "watch", "sub": sub, "kind": kind, "tag": tag, "spec": spec}))
+    }
+
+    /// Every signal received, once one about `sys_path` has arrived.
+    fn until(&mut self, sys_path: &str) -> Vec<Value> {
+        let answer = self.ask(json!({"op": "until", "sys_path": sys_path}));
+        answer["ok"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .clone()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn alice() -> User {
+    user("watchq-alice")
+}
+fn bob() -> User {
+    user("watchq-bob")
+}
+fn carol() -> User {
+    user("watchq-carol")
+}
+fn dave() -> User {
+    user("watchq-dave")
+}
+
+/// polkitd parses the shipped action file: every action of the table is there with the
+/// defaults the table promises (usbguard#531: a policy file nobody checked was ignored).
+#[test]
+fn polkit_file_is_parsed_by_polkitd_with_the_promised_defaults() {
+    let daemon = Daemon::with_polkit("");
+    for rule in WATCH_RULES {
+        let out = pkaction(daemon.address(), rule.action);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "pkaction {}: {}",
+            rule.action,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let any = text
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("implicit any:"))
+            .map(str::trim);
+        let expected = if rule.admin { "auth_admin" } else { "yes" };
+        assert_eq!(any, Some(expected), "{}:\n{text}", rule.action);
+    }
+}
+
+/// Two users and root: who may subscribe, watch, snapshot, and touch whose subscription.
+#[test]
+fn users_and_root_get_what_policy_says_and_never_each_others_subscriptions() {
+    let daemon = Daemon::with_polkit("");
+    let (alice, bob) = (alice(), bob());
+    let mut a = Client::spawn(&daemon, As::User(&alice));
+    let mut b = Client::spawn(&daemon, As::User(&bob));
+    let mut r = Client::spawn(&daemon, As::Root);
+    let a_path = a.subscribe();
+    let b_path = b.subscribe();
+    let r_path = r.subscribe();
+
+    // Device events: any local user (polkit: watch-devices, allow_any yes).
+    for c in [&mut a, &mut b, &mut r] {
+        assert_eq!(c.watch(0, "devices", 1, json!({})), "ok");
+        assert_eq!(
+            c.result(json!({"op": "manager-snapshot", "source": "devices"})),
+            "ok"
+        );
+        assert_eq!(
+            c.result(json!({"op": "snapshot", "source": "devices"})),
+            "ok"
+        );
+    }
+    // Block I/O errors: administrators only. Users get a refusal (polkit answers with a
+    // challenge, which is a denial); root is not refused by policy (the source may still
+    // be unavailable on a kernel without perf or tracefs).
+    for c in [&mut a, &mut b] {
+        assert_eq!(c.watch(0, "block-errors", 2, json!({})), DENIED);
+        assert_eq!(
+            c.result(json!({"op": "manager-snapshot", "source": "block-errors"})),
+            DENIED
+        );
+    }
+    assert_eq!(r.watch(0, "block-errors", 2, json!({})), "ok");
+
+    // Nobody may touch another connection's subscription, root included.
+    let methods = [
+        "AddWatch",
+        "RemoveWatch",
+        "SetFilter",
+        "Snapshot",
+        "Watches",
+        "Close",
+    ];
+    let mut clients = [a, b, r];
+    // (caller, owner of the subscription): alice→bob, bob→alice, alice→root, root→alice.
+    for (caller, path) in [(0, &b_path), (1, &a_path), (0, &r_path), (2, &a_path)] {
+        for method in methods {
+            assert_eq!(
+                clients[caller].result(json!({"op": "call", "path": path, "method": method})),
+                DENIED,
+                "{method} on {path}"
+            );
+        }
+    }
+    let [mut a, mut b, mut r] = clients;
+
+    // Each receives its own subscription's signals only: a device event reaches all
+    // three, each on its own path; nothing of anyone else's arrives.
+    let disk = LoopDevice::attach(1);
+    disk.synth_change();
+    for (c, path) in [(&mut a, &a_path), (&mut b, &b_path), (&mut r, &r_path)] {
+        let signals = c.until(&disk.sys_path());
+        assert!(
+            signals
+                .iter()
+                .all(|s| s["path"].as_str() == Some(path.as_str())),
+            "{path}: {signals:?}"
+        );
+    }
+}
+
+/// Every combination of the watch kinds and filters that exist today, for two users and
+/// root, with real device and block I/O error events: a user receives no signal of
+/// another's subscription and no administrator-only event; root receives what it asks.
+#[test]
+fn no_event_leaks_across_users_under_any_watch_and_filter_combination() {
+    let daemon = Daemon::with_polkit("");
+    let (alice, bob) = (alice(), bob());
+    let disk = LoopDevice::attach(1);
+    let filters = [
+        json!([]),
+        json!([["devices", ["change"]]]),
+        json!([["devices", ["add", "remove"]]]),
+        json!([["devices", ["change"]], ["block-errors", ["read"]]]),
+    ];
+    let specs = [
+        json!({}),
+        json!({"subsystem": "block"}),
+        json!({"name": disk.name}),
+        json!({"name": "nothing-matches-this"}),
+    ];
+    let mut clients = vec![
+        (Client::spawn(&daemon, As::User(&alice)), Vec::new()),
+        (Client::spawn(&daemon, As::User(&bob)), Vec::new()),
+        (Client::spawn(&daemon, As::Root), Vec::new()),
+    ];
+    for (client, paths) in &mut clients {
+        // One subscription per filter, each with every spec, and an attempt at the
+        // administrator-only source.
+        for (i, filter) in filters.iter().enumerate() {
+            paths.push(client.subscribe());
+            if filter.as_array().is_some_and(|f| !f.is_empty()) {
+                assert_eq!(
+                    client.result(json!({"op": "filter", "sub": i, "filter": filter})),
+                    "ok"
+                );
+            }
+            for (tag, spec) in specs.iter().enumerate() {
+                assert_eq!(client.watch(i, "devices", tag as u64, spec.clone()), "ok");
+            }
+            let _ = client.watch(i, "block-errors", 100, json!({}));
+        }
+    }
+    // A real block I/O error: root receives it; the users, who were refused the watch,
+    // must not (checked below, after a later event proves everything before it was
+    // delivered).
+    let _failing = block_error();
+    let root = &mut clients[2].0;
+    let signals = root.ask(json!({"op": "until", "member": "BlockError"}));
+    assert!(
+        signals.get("ok").is_some(),
+        "root got no BlockError: {signals}"
+    );
+    disk.synth_change();
+    let marker = disk.sys_path();
+    for (i, (client, paths)) in clients.iter_mut().enumerate() {
+        let is_root = i == 2;
+        let signals = client.until(&marker);
+        for s in &signals {
+            let path = s["path"].as_str().unwrap_or_default();
+            assert!(paths.iter().any(|p| p == path), "foreign signal {s}");
+            if !is_root {
+                assert_ne!(s["member"].as_str(), Some("BlockError"), "{s}");
+            }
+        }
+    }
+}
+
+/// A real EIO from the block layer: an 8 MiB loop device whose backing file shrinks to
+/// 1 MiB, read past 1 MiB with O_DIRECT. Keep the device until the error was seen.
+fn block_error() -> LoopDevice {
+    let failing = LoopDevice::attach(8);
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&failing.backing)
+        .unwrap()
+        .set_len(1024 * 1024)
+        .unwrap();
+    let status = Command::new("dd")
+        .arg(format!("if={}", failing.device))
+        .args([
+            "of=/dev/null",
+            "bs=4096",
+            "skip=512",
+            "count=1",
+            "iflag=direct",
+        ])
+        .stderr(Stdio::null())
+        .status()
+        .expect("dd");
+    assert!(!status.success(), "reading past the backing file must fail");
+    failing
+}
+
+/// A polkit rule (scoped to test-only users) granting carol one administrator action
+/// changes exactly that decision; one refusing dave a default action changes exactly
+/// that one. Checked through polkit for every action, and end to end through the daemon.
+#[test]
+fn a_polkit_rule_changes_exactly_the_decision_it_names() {
+    let daemon = Daemon::with_polkit("");
+    let (alice, carol, dave) = (alice(), carol(), dave());
+    let mut a = Client::spawn(&daemon, As::User(&alice));
+    let mut c = Client::spawn(&daemon, As::User(&carol));
+    let mut d = Client::spawn(&daemon, As::User(&dave));
+
+    // polkit's answer for every action, for each user's connection.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let answers = runtime.block_on(async {
+        let conn = daemon.connect().await;
+        let polkit = Polkit::new(conn);
+        let mut answers = HashMap::new();
+        for (who, name) in [("alice", &a.name), ("carol", &c.name), ("dave", &d.name)] {
+            for rule in WATCH_RULES {
+                let answer = polkit.check(name, rule.action).await.expect("polkit");
+                answers.insert((who, rule.action), answer);
+            }
+        }
+        answers
+    });
+    for rule in WATCH_RULES {
+        let baseline = if rule.admin {
+            Answer::Challenge
+        } else {
+            Answer::Authorized
+        };
+        assert_eq!(
+            answers[&("alice", rule.action)],
+            baseline,
+            "{}",
+            rule.action
+        );
+        let carol_expected = if rule.action == "org.watchq1.watch-block-errors" {
+            Answer::Authorized
+        } else {
+            baseline
+        };
+        assert_eq!(
+            answers[&("carol", rule.action)],
+            carol_expected,
+            "{}",
+            rule.action
+        );
+        let dave_expected = if rule.action == "org.watchq1.watch-devices" {
+            Answer::NotAuthorized
+        } else {
+            baseline
+        };
+        assert_eq!(
+            answers[&("dave", rule.action)],
+            dave_expected,
+            "{}",
+            rule.action
+        );
+    }
+
+    // The same through the daemon.
+    for client in [&mut a, &mut c, &mut d] {
+        client.subscribe();
+    }
+    assert_eq!(a.watch(0, "devices", 1, json!({})), "ok");
+    assert_eq!(a.watch(0, "block-errors", 2, json!({})), DENIED);
+    assert_eq!(c.watch(0, "devices", 1, json!({})), "ok");
+    assert_eq!(c.watch(0, "block-errors", 2, json!({})), "ok");
+    assert_eq!(d.watch(0, "devices", 1, json!({})), DENIED);
+    assert_eq!(d.watch(0, "block-errors", 2, json!({})), DENIED);
+    // The grant reaches delivery too: carol receives block I/O errors (administrator
+    // events) through the event-time check.
+    let _failing = block_error();
+    let answer = c.ask(json!({"op": "until", "member": "BlockError"}));
+    assert!(
+        answer.get("ok").is_some(),
+        "carol got no BlockError: {answer}"
+    );
+}
+
+/// Decisions are cached per connection for its life, and polkit gone means no.
+#[test]
+fn polkit_unreachable_fails_closed_and_decisions_last_for_the_connection() {
+    let mut daemon = Daemon::with_polkit("");
+    let alice = alice();
+    let mut before = Client::spawn(&daemon, As::User(&alice));
+    before.subscribe();
+    assert_eq!(before.watch(0, "devices", 1, json!({})), "ok");
+
+    let address = daemon.address().to_owned();
+    daemon.polkit.as_mut().unwrap().stop(&address);
+
+    // Same connection, same action: the cached answer.
+    assert_eq!(before.watch(0, "devices", 2, json!({})), "ok");
+    // A new connection: polkit must be asked, and cannot be: refused.
+    let mut after = Client::spawn(&daemon, As::User(&alice));
+    after.subscribe();
+    let answer =
+        after.ask(json!({"op": "watch", "sub": 0, "kind": "devices", "tag": 1, "spec": {}}));
+    assert_eq!(answer["err"], DENIED, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap()
+            .contains("cannot ask polkit"),
+        "{answer}"
+    );
+    // Root needs no polkit.
+    let mut root = Client::spawn(&daemon, As::Root);
+    root.subscribe();
+    assert_eq!(root.watch(0, "devices", 1, json!({})), "ok");
+}
+
+/// A fake Flatpak app: a cgroup named like Flatpak's scopes, moved into before the
+/// client speaks. Removed on drop.
+struct FlatpakScope {
+    dir: std::path::PathBuf,
+}
+
+impl FlatpakScope {
+    fn enter(app: &str, pid: u32) -> FlatpakScope {
+        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let cgroup2 = mountinfo
+            .lines()
+            .find(|l| l.contains(" - cgroup2 "))
+            .and_then(|l| l.split_whitespace().nth(4))
+            .expect("a cgroup2 mount");
+        let dir = std::path::PathBuf::from(cgroup2)
+            .join(format!("watchq-test-{}.slice", std::process::id()))
+            .join(format!("app-flatpak-{app}-{pid}.scope"));
+        std::fs::create_dir_all(&dir).expect("create cgroup");
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
+        FlatpakScope { dir }
+    }
+}
+
+impl Drop for FlatpakScope {
+    fn drop(&mut self) {
+        // The client is gone by now (dropped first); an empty cgroup can be removed.
+        let _ = std::fs::remove_dir(&self.dir);
+        if let Some(parent) = self.dir.parent() {
+            let _ = std::fs::remove_dir(parent);
+        }
+    }
+}
+
+fn flatpak_root(app: &str) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-flatpak-")
+        .tempdir()
+        .unwrap();
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o755),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join(".flatpak-info"),
+        format!(
+            "[Application]\nname={app}\nruntime=runtime/org.freedesktop.Platform/x86_64/23.08\n"
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+/// Processes that present themselves as Flatpak apps are refused with the portal error:
+/// by `/.flatpak-info` in their root, by an `app-flatpak-*.scope` cgroup, or both; a
+/// configuration rule can let one app through to polkit.
+#[test]
+fn flatpak_apps_are_refused_with_the_portal_error() {
+    let daemon = Daemon::with_polkit("");
+    let alice = alice();
+    let app = "org.watchq.TestApp";
+
+    let root_dir = flatpak_root(app);
+    let mut chrooted = Client::spawn(&daemon, As::FlatpakChroot(&alice, root_dir.path()));
+    let mut scoped = Client::spawn(&daemon, As::User(&alice));
+    let _scope = FlatpakScope::enter(app, scoped.pid());
+    let both_dir = flatpak_root(app);
+    let mut both = Client::spawn(&daemon, As::FlatpakChroot(&alice, both_dir.path()));
+    let _both_scope = FlatpakScope::enter(app, both.pid());
+    let mut root_app = Client::spawn(&daemon, As::Root);
+    let _root_scope = FlatpakScope::enter(app, root_app.pid());
+
+    for client in [&mut chrooted, &mut scoped, &mut both, &mut root_app] {
+        let answer = client.ask(json!({"op": "subscribe"}));
+        assert_eq!(answer["err"], SANDBOXED, "{answer}");
+        let message = answer["message"].as_str().unwrap();
+        assert!(
+            message.contains("org.watchq1.Portal") && message.contains(app),
+            "{message}"
+        );
+        let answer = client.ask(json!({"op": "manager-snapshot", "source": "devices"}));
+        assert_eq!(answer["err"], SANDBOXED, "{answer}");
+    }
+    drop((chrooted, scoped, both, root_app));
+
+    // A rule naming the app lets it through to polkit, which allows device watches.
+    let daemon = Daemon::with_polkit(&format!(
+        "[[policy.rules]]\napp_id = \"{app}\"\nverdict = \"permit\"\n"
+    ));
+    let dir = flatpak_root(app);
+    let mut permitted = Client::spawn(&daemon, As::FlatpakChroot(&alice, dir.path()));
+    permitted.subscribe();
+    assert_eq!(permitted.watch(0, "devices", 1, json!({})), "ok");
+    assert_eq!(permitted.watch(0, "block-errors", 2, json!({})), DENIED);
+}
+
+/// Each limit gives LimitExceeded and changes nothing for anyone else.
+#[test]
+fn every_limit_gives_limit_exceeded_and_the_daemon_keeps_serving() {
+    let daemon = Daemon::with_polkit(
+        "[delivery]\nmax_queue_depth = 8\ndefault_queue_depth = 8\n\n\
+         [limits]\nsubscriptions_per_connection = 2\nsubscriptions_per_uid = 3\n\
+         watches_per_subscription = 2\nfilter_entries = 2\nwatch_spec_size = 64\n",
+    );
+    let (alice, bob) = (alice(), bob());
+    let mut a = Client::spawn(&daemon, As::User(&alice));
+    let mut a2 = Client::spawn(&daemon, As::User(&alice));
+
+    // Queue depth.
+    assert_eq!(a.result(json!({"op": "subscribe", "depth": 9})), LIMIT);
+    // Subscriptions per connection, then per uid across connections.
+    a.subscribe();
+    a.subscribe();
+    assert_eq!(a.result(json!({"op": "subscribe"})), LIMIT);
+    a2.subscribe();
+    assert_eq!(a2.result(json!({"op": "subscribe"})), LIMIT);
+    // Watches per subscription.
+    assert_eq!(a.watch(0, "devices", 1, json!({})), "ok");
+    assert_eq!(a.watch(0, "devices", 2, json!({})), "ok");
+    assert_eq!(a.watch(0, "devices", 3, json!({})), LIMIT);
+    // Watch spec size.
+    assert_eq!(
+        a.watch(1, "devices", 1, json!({"name": "x".repeat(100)})),
+        LIMIT
+    );
+    // Filter entries, and subtypes per entry.
+    let three = json!([
+        ["devices", ["add"]],
+        ["devices", ["change"]],
+        ["devices", ["remove"]]
+    ]);
+    assert_eq!(
+        a.result(json!({"op": "filter", "sub": 1, "filter": three})),
+        LIMIT
+    );
+    let many = json!([["devices", vec!["add"; 300]]]);
+    assert_eq!(
+        a.result(json!({"op": "filter", "sub": 1, "filter": many})),
+        LIMIT
+    );
+
+    // Bob is served as before, and so is alice within her limits.
+    let mut b = Client::spawn(&daemon, As::User(&bob));
+    let b_path = b.subscribe();
+    let disk = LoopDevice::attach(1);
+    assert_eq!(b.watch(0, "devices", 7, json!({"name": disk.name})), "ok");
+    disk.synth_change();
+    let signals = b.until(&disk.sys_path());
+    assert!(signals
+        .iter()
+        .any(|s| s["path"].as_str() == Some(b_path.as_str()) && s["tag"] == 7));
+    let a_signals = a.until(&disk.sys_path());
+    assert!(!a_signals.is_empty());
+}
