@@ -293,6 +293,21 @@ type DeviceChangedBody = (
     BTreeMap<String, String>,
 );
 
+type BlockErrorBody = (
+    u64,
+    u64,
+    String,
+    u32,
+    u32,
+    u64,
+    u32,
+    String,
+    String,
+    i32,
+    u64,
+    HashMap<String, OwnedVariant>,
+);
+
 fn print_signal(message: &zbus::Message, json: bool) {
     let header = message.header();
     let Some(member) = header.member() else {
@@ -317,6 +332,27 @@ fn print_signal(message: &zbus::Message, json: bool) {
                     format!(
                         "#{seq:<6} devices {action:<12} {subsystem:<6} {name:<10} {}",
                         attrs_text(&attributes, &["name", "subsystem", "kernel-seqnum"])
+                    )
+                }
+            },
+        ),
+        "BlockError" => body.deserialize::<BlockErrorBody>().ok().map(
+            |(seq, tag, device, major, minor, sector, sectors, operation, errno_name, errno, count, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "BlockError", "seq": seq, "tag": tag, "source": "block-errors",
+                        "device": device, "major": major, "minor": minor, "sector": sector,
+                        "sectors": sectors, "operation": operation, "errno_name": errno_name,
+                        "errno": errno, "count": count, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else if count > 1 {
+                    format!(
+                        "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) x{count} from sector {sector}, op {operation}"
+                    )
+                } else {
+                    format!(
+                        "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) sector {sector} +{sectors}, op {operation}"
                     )
                 }
             },
