@@ -14,6 +14,7 @@ pub mod dispatch;
 pub mod error;
 pub mod event;
 pub mod filter;
+pub mod glob;
 pub mod logging;
 pub mod policy;
 pub mod source;

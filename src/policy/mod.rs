@@ -20,6 +20,7 @@ pub mod identity;
 
 use crate::error::Error;
 use crate::event::Audience;
+use crate::glob::glob_match;
 
 pub use authority::{Answer, Authority, Authorizer, Polkit};
 pub use identity::{Identity, Sandbox, SandboxKind};
@@ -143,7 +144,10 @@ impl Rule {
     fn matches(&self, caller: &Identity, source: Option<&str>) -> bool {
         let label = match &self.label {
             None => true,
-            Some(pattern) => caller.label.as_deref().is_some_and(|l| glob(pattern, l)),
+            Some(pattern) => caller
+                .label
+                .as_deref()
+                .is_some_and(|l| glob_match(pattern, l)),
         };
         let app = match &self.app_id {
             None => true,
@@ -151,7 +155,7 @@ impl Rule {
                 .sandbox
                 .as_ref()
                 .and_then(|s| s.app_id.as_deref())
-                .is_some_and(|a| glob(pattern, a)),
+                .is_some_and(|a| glob_match(pattern, a)),
         };
         let applies =
             self.sources.is_empty() || source.is_some_and(|s| self.sources.iter().any(|r| r == s));
@@ -329,29 +333,6 @@ pub fn denial_error(caller: &Identity, request: Request<'_>, denial: &Denial) ->
         )),
         Denial::RootOnly => Error::AccessDenied(format!("{what} is allowed to root only")),
     }
-}
-
-/// Shell-style matching with `*` and `?`.
-pub fn glob(pattern: &str, text: &str) -> bool {
-    let (p, t): (Vec<char>, Vec<char>) = (pattern.chars().collect(), text.chars().collect());
-    let (mut pi, mut ti) = (0, 0);
-    let mut backtrack: Option<(usize, usize)> = None;
-    while ti < t.len() {
-        if pi < p.len() && (p[pi] == '?' || p[pi] == t[ti]) {
-            pi += 1;
-            ti += 1;
-        } else if pi < p.len() && p[pi] == '*' {
-            backtrack = Some((pi, ti));
-            pi += 1;
-        } else if let Some((star, matched)) = backtrack {
-            pi = star + 1;
-            ti = matched + 1;
-            backtrack = Some((star, matched + 1));
-        } else {
-            return false;
-        }
-    }
-    p[pi..].iter().all(|c| *c == '*')
 }
 
 #[cfg(test)]
@@ -664,13 +645,5 @@ mod tests {
             let scope = watch_scope(name).unwrap_or_else(|| panic!("no scope for {name}"));
             assert!(watch_rule(name, scope).is_some(), "no action for {name}");
         }
-    }
-
-    #[test]
-    fn glob_matching() {
-        assert!(glob("org.example.*", "org.example.App"));
-        assert!(glob("*_t:s?", "u:r:x_t:s0"));
-        assert!(!glob("org.example.*", "org.other.App"));
-        assert!(glob("*", ""));
     }
 }
