@@ -4,9 +4,6 @@
 mod common;
 
 use std::fs;
-use std::io;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -76,36 +73,6 @@ fn shrunk_loop_device() -> LoopDevice {
         .set_len(1 << 20)
         .expect("truncate the backing file");
     disk
-}
-
-/// One 4 KiB O_DIRECT read at `sector`; returns its error.
-fn failing_read(device: &str, sector: u64) -> io::Error {
-    let file = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::libc::O_DIRECT)
-        .open(device)
-        .unwrap_or_else(|e| panic!("open {device} O_DIRECT: {e}"));
-    let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
-    // SAFETY: non-zero size; freed below with the same layout.
-    let buf = unsafe { std::alloc::alloc(layout) };
-    assert!(!buf.is_null());
-    // SAFETY: buf is a live 4096-byte allocation; the offset is sector-aligned.
-    let n = unsafe {
-        nix::libc::pread(
-            file.as_raw_fd(),
-            buf.cast(),
-            4096,
-            nix::libc::off_t::try_from(sector * 512).unwrap(),
-        )
-    };
-    let result = if n < 0 {
-        io::Error::last_os_error()
-    } else {
-        panic!("the read at sector {sector} of {device} succeeded ({n} bytes): expected EIO")
-    };
-    // SAFETY: allocated above with this layout.
-    unsafe { std::alloc::dealloc(buf, layout) };
-    result
 }
 
 fn block_errors(signals: &[Signal]) -> Vec<&Signal> {

@@ -105,7 +105,6 @@ mod inside {
     use std::collections::HashMap;
     use std::fs;
     use std::os::fd::AsRawFd;
-    use std::os::unix::fs::OpenOptionsExt;
     use std::time::Duration;
 
     use zbus::Variant;
@@ -276,32 +275,6 @@ mod inside {
             "USBDEVFS_RESET on {node}: {}",
             std::io::Error::last_os_error()
         );
-    }
-
-    fn failing_read(device: &str, sector: u64) -> std::io::Error {
-        let file = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(nix::libc::O_DIRECT)
-            .open(device)
-            .unwrap_or_else(|e| panic!("open {device} O_DIRECT: {e}"));
-        let layout = std::alloc::Layout::from_size_align(4096, 4096).unwrap();
-        // SAFETY: non-zero size; freed below with the same layout.
-        let buf = unsafe { std::alloc::alloc(layout) };
-        assert!(!buf.is_null());
-        // SAFETY: buf is a live 4096-byte allocation; the offset is sector-aligned.
-        let n = unsafe {
-            nix::libc::pread(
-                file.as_raw_fd(),
-                buf.cast(),
-                4096,
-                nix::libc::off_t::try_from(sector * 512).unwrap(),
-            )
-        };
-        let err = std::io::Error::last_os_error();
-        // SAFETY: allocated above with this layout.
-        unsafe { std::alloc::dealloc(buf, layout) };
-        assert!(n < 0, "the read at sector {sector} of {device} succeeded");
-        err
     }
 
     #[test]
