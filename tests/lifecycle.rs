@@ -111,3 +111,98 @@ async fn a_thousand_subscribe_disconnect_cycles_leak_nothing() {
         "RSS grew from {rss_before} KiB to {rss_after} KiB over 1,000 cycles"
     );
 }
+
+/// The daemon as systemd runs it: READY=1 with a STATUS once the name is owned, watchdog
+/// pings at half of `WATCHDOG_USEC`, and on SIGTERM STOPPING=1, the name released and a
+/// clean exit.
+#[test]
+fn systemd_notifications_watchdog_and_clean_stop() {
+    use std::os::unix::net::UnixDatagram;
+    use std::process::Command;
+
+    let bus = PrivateBus::start();
+    let notify_path = bus.dir.path().join("notify-systemd");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let config = bus.dir.path().join("empty.toml");
+    std::fs::write(&config, "").unwrap();
+    // systemd sets WATCHDOG_PID to the main process; `exec` keeps the shell's pid.
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(r#"WATCHDOG_PID=$$ exec "$0" --config "$1""#)
+        .arg(env!("CARGO_BIN_EXE_watchqd"))
+        .arg(&config)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env("WATCHDOG_USEC", "200000")
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut messages = Vec::new();
+    let mut buf = [0u8; 4096];
+    // READY first, then at least three watchdog pings (every 100 ms).
+    while messages
+        .iter()
+        .filter(|m: &&String| m.as_str() == "WATCHDOG=1")
+        .count()
+        < 3
+    {
+        let n = notify.recv(&mut buf).expect("a notification from watchqd");
+        messages.extend(
+            String::from_utf8_lossy(&buf[..n])
+                .lines()
+                .map(str::to_owned),
+        );
+    }
+    let ready = messages
+        .iter()
+        .position(|m| m == "READY=1")
+        .expect("READY=1");
+    let first_ping = messages.iter().position(|m| m == "WATCHDOG=1").unwrap();
+    assert!(ready < first_ping, "{messages:?}");
+    assert!(
+        messages
+            .iter()
+            .any(|m| m.starts_with("STATUS=Serving org.watchq1;")),
+        "{messages:?}"
+    );
+    assert!(
+        watchqd_owns_the_name(&bus.address),
+        "READY=1 came before the name was owned"
+    );
+
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    loop {
+        let n = notify.recv(&mut buf).expect("STOPPING=1 from watchqd");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "STOPPING=1")
+        {
+            break;
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(status.success(), "watchqd exited with {status} on SIGTERM");
+    assert!(!watchqd_owns_the_name(&bus.address));
+}
+
+fn watchqd_owns_the_name(address: &str) -> bool {
+    let out = std::process::Command::new("dbus-send")
+        .args([
+            "--print-reply",
+            &format!("--bus={address}"),
+            "--dest=org.freedesktop.DBus",
+        ])
+        .args([
+            "/org/freedesktop/DBus",
+            "org.freedesktop.DBus.NameHasOwner",
+            "string:org.watchq1",
+        ])
+        .output()
+        .expect("dbus-send");
+    String::from_utf8_lossy(&out.stdout).contains("boolean true")
+}
