@@ -447,8 +447,20 @@ impl Reader {
             }
             for item in wire::records(&scratch) {
                 match item {
-                    Ok(PerfRecord::Sample { time, raw, .. }) => match self.format.decode(raw) {
+                    Ok(PerfRecord::Sample { time, cpu, raw }) => match self.format.decode(raw) {
                         Ok(error) => {
+                            // Every error the kernel handed over, before rate limiting:
+                            // what to compare against when a count looks short.
+                            tracing::debug!(
+                                source = NAME,
+                                cpu,
+                                ring = index,
+                                time,
+                                major = error.major,
+                                minor = error.minor,
+                                sector = error.sector,
+                                "block_rq_error"
+                            );
                             if self.limiter.admit(&error, time, now) {
                                 self.pending
                                     .push_back(SourceMsg::Record(record(&error, 1, time, None)));
