@@ -28,9 +28,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         options: HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let sender = header
-            .sender()
-            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))?;
+        let sender = super::sender(&header)?;
         self.service.subscribe(sender, &options).await
     }
 
@@ -43,9 +41,7 @@ impl Manager {
         #[zbus(header)] header: Header<'_>,
         source: &str,
     ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
-        let sender = header
-            .sender()
-            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))?;
+        let sender = super::sender(&header)?;
         let (seq, objects) = self.service.snapshot(sender, source, None).await?;
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }

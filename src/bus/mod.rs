@@ -35,6 +35,13 @@ use subscription::SubscriptionObject;
 
 pub const BUS_NAME: &str = "org.watchq1";
 
+/// The unique name of a call's sender: who the caller is, as the bus says it.
+fn sender<'h>(header: &'h zbus::message::Header<'_>) -> Result<&'h UniqueName<'h>, BusError> {
+    header
+        .sender()
+        .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))
+}
+
 pub struct Service {
     conn: Connection,
     hub: Arc<Hub>,

@@ -29,10 +29,7 @@ pub struct SubscriptionObject {
 
 impl SubscriptionObject {
     fn caller<'h>(header: &'h Header<'_>) -> Result<&'h str, BusError> {
-        header
-            .sender()
-            .map(|s| s.as_str())
-            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))
+        super::sender(header).map(|s| s.as_str())
     }
 
     fn check_owner(&self, header: Option<&Header<'_>>) -> Result<(), BusError> {
@@ -108,9 +105,7 @@ impl SubscriptionObject {
         #[zbus(header)] header: Header<'_>,
         source: &str,
     ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
-        let caller = header
-            .sender()
-            .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))?;
+        let caller = super::sender(&header)?;
         let (seq, objects) = self.service.snapshot(caller, source, Some(self.id)).await?;
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }
