@@ -91,16 +91,6 @@ fn ticks_per_second() -> f64 {
         .unwrap_or(100) as f64
 }
 
-type Body = (
-    u64,
-    u64,
-    String,
-    String,
-    String,
-    HashMap<String, zbus::OwnedVariant>,
-    HashMap<String, String>,
-);
-
 /// Counts DeviceChanged signals arriving on one connection until `expected`, adding each
 /// to `progress`.
 async fn count_until(
@@ -217,7 +207,7 @@ async fn main() {
     })
     .await
     .expect("a DeviceChanged for the sample");
-    let body: Body = sample.body().deserialize().unwrap();
+    let body: watchqd::client::DeviceChangedBody = sample.body().deserialize().unwrap();
     let body_len = sample.data().len();
     out.say(format!(
         "signal size: {body_len} bytes (DeviceChanged of a loop device)"

@@ -6,6 +6,41 @@ use zbus::{proxy, Connection, OwnedObjectPath, OwnedVariant};
 
 use crate::bus::types::SourceInfo;
 
+/// `DeviceChanged(t seq, t tag, s action, s subsystem, s sys_path, a{sv} attributes,
+/// a{ss} properties)` as received.
+pub type DeviceChangedBody = (
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    HashMap<String, OwnedVariant>,
+    BTreeMap<String, String>,
+);
+
+/// `BlockError(t seq, t tag, s device, u major, u minor, t sector, u sectors,
+/// s operation, s errno_name, i errno, t count, a{sv} attributes)` as received.
+pub type BlockErrorBody = (
+    u64,
+    u64,
+    String,
+    u32,
+    u32,
+    u64,
+    u32,
+    String,
+    String,
+    i32,
+    u64,
+    HashMap<String, OwnedVariant>,
+);
+
+/// `Lost(t seq, t count, s source, s reason)` as received.
+pub type LostBody = (u64, u64, String, String);
+
+/// `WatchRemoved(t seq, t tag, s reason)` as received.
+pub type WatchRemovedBody = (u64, u64, String);
+
 /// A snapshot object as received: (id, changes, attributes, properties).
 pub type ReceivedObject = (
     String,

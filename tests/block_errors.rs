@@ -82,17 +82,6 @@ fn block_errors(signals: &[Signal]) -> Vec<&Signal> {
         .collect()
 }
 
-fn attr_u64(signal: &Signal, key: &str) -> Option<u64> {
-    match signal {
-        Signal::BlockError { attributes, .. } => attributes.get(key).and_then(|v| match &**v {
-            Variant::U64(n) => Some(*n),
-            Variant::U32(n) => Some(u64::from(*n)),
-            _ => None,
-        }),
-        _ => None,
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn eio_on_a_loop_device_arrives_as_block_error_only_where_watched() {
     tracefs_mounted();
@@ -161,7 +150,7 @@ async fn eio_on_a_loop_device_arrives_as_block_error_only_where_watched() {
         }
         other => panic!("{other:?}"),
     }
-    let traced_at = attr_u64(&event, "monotonic-ns").expect("monotonic-ns");
+    let traced_at = event.attr_u64("monotonic-ns").expect("monotonic-ns");
     assert!(
         (before..=failed_at).contains(&traced_at),
         "the error's CLOCK_MONOTONIC time {traced_at} lies within the read ({before}..{failed_at})"
@@ -253,7 +242,7 @@ async fn an_error_storm_becomes_counted_events_never_silence() {
         .iter()
         .find(|e| matches!(e, Signal::BlockError { count, .. } if *count > 1))
         .expect("a summary event");
-    assert!(attr_u64(summary, "last-sector").is_some());
+    assert!(summary.attr_u64("last-sector").is_some());
     println!(
         "{READS} errors → {} events ({singles} single), summaries complete after {:?}",
         events.len(),

@@ -7,7 +7,10 @@ use clap::{Parser, Subcommand};
 use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
-use watchqd::client::{ManagerProxy, ReceivedObject, SubscriptionProxy};
+use watchqd::client::{
+    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, ReceivedObject, SubscriptionProxy,
+    WatchRemovedBody,
+};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -283,31 +286,6 @@ async fn monitor(
     Ok(())
 }
 
-type DeviceChangedBody = (
-    u64,
-    u64,
-    String,
-    String,
-    String,
-    HashMap<String, OwnedVariant>,
-    BTreeMap<String, String>,
-);
-
-type BlockErrorBody = (
-    u64,
-    u64,
-    String,
-    u32,
-    u32,
-    u64,
-    u32,
-    String,
-    String,
-    i32,
-    u64,
-    HashMap<String, OwnedVariant>,
-);
-
 fn print_signal(message: &zbus::Message, json: bool) {
     let header = message.header();
     let Some(member) = header.member() else {
@@ -357,7 +335,7 @@ fn print_signal(message: &zbus::Message, json: bool) {
                 }
             },
         ),
-        "Lost" => body.deserialize::<(u64, u64, String, String)>().ok().map(|(seq, count, source, reason)| {
+        "Lost" => body.deserialize::<LostBody>().ok().map(|(seq, count, source, reason)| {
             if json {
                 serde_json::json!({"signal": "Lost", "seq": seq, "count": count, "source": source, "reason": reason}).to_string()
             } else if count == 0 {
@@ -366,7 +344,7 @@ fn print_signal(message: &zbus::Message, json: bool) {
                 format!("#{seq:<6} LOST {count} {source} events ({reason})")
             }
         }),
-        "WatchRemoved" => body.deserialize::<(u64, u64, String)>().ok().map(|(seq, tag, reason)| {
+        "WatchRemoved" => body.deserialize::<WatchRemovedBody>().ok().map(|(seq, tag, reason)| {
             if json {
                 serde_json::json!({"signal": "WatchRemoved", "seq": seq, "tag": tag, "reason": reason}).to_string()
             } else {

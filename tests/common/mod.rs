@@ -5,7 +5,7 @@
 
 pub mod polkit;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
@@ -16,7 +16,9 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
-use watchqd::client::{ManagerProxy, SubscriptionProxy};
+use watchqd::client::{
+    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, SubscriptionProxy, WatchRemovedBody,
+};
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -368,7 +370,7 @@ pub enum Signal {
         subsystem: String,
         sys_path: String,
         attributes: HashMap<String, OwnedVariant>,
-        properties: HashMap<String, String>,
+        properties: BTreeMap<String, String>,
     },
     Lost {
         seq: u64,
@@ -415,34 +417,35 @@ impl Signal {
         }
     }
 
-    pub fn attr_str(&self, key: &str) -> Option<String> {
+    /// The typed attributes of a signal that carries them.
+    pub fn attributes(&self) -> Option<&HashMap<String, OwnedVariant>> {
         match self {
-            Signal::Device { attributes, .. } => attributes
-                .get(key)
-                .and_then(|v| <&str>::try_from(&**v).ok())
-                .map(str::to_owned),
-            _ => None,
-        }
-    }
-
-    pub fn attr_u64(&self, key: &str) -> Option<u64> {
-        match self {
-            Signal::Device { attributes, .. } => attributes.get(key).and_then(|v| match &**v {
-                Variant::U64(n) => Some(*n),
-                Variant::U32(n) => Some(u64::from(*n)),
-                _ => None,
-            }),
-            _ => None,
-        }
-    }
-
-    pub fn attr_bool(&self, key: &str) -> Option<bool> {
-        match self {
-            Signal::Device { attributes, .. } => {
-                attributes.get(key).and_then(|v| bool::try_from(&**v).ok())
+            Signal::Device { attributes, .. } | Signal::BlockError { attributes, .. } => {
+                Some(attributes)
             }
             _ => None,
         }
+    }
+
+    pub fn attr_str(&self, key: &str) -> Option<String> {
+        self.attributes()?
+            .get(key)
+            .and_then(|v| <&str>::try_from(&**v).ok())
+            .map(str::to_owned)
+    }
+
+    pub fn attr_u64(&self, key: &str) -> Option<u64> {
+        self.attributes()?.get(key).and_then(|v| match &**v {
+            Variant::U64(n) => Some(*n),
+            Variant::U32(n) => Some(u64::from(*n)),
+            _ => None,
+        })
+    }
+
+    pub fn attr_bool(&self, key: &str) -> Option<bool> {
+        self.attributes()?
+            .get(key)
+            .and_then(|v| bool::try_from(&**v).ok())
     }
 }
 
@@ -452,15 +455,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
     match header.member()?.as_str() {
         "DeviceChanged" => {
             let (seq, tag, action, subsystem, sys_path, attributes, properties) = body
-                .deserialize::<(
-                    u64,
-                    u64,
-                    String,
-                    String,
-                    String,
-                    HashMap<String, OwnedVariant>,
-                    HashMap<String, String>,
-                )>()
+                .deserialize::<DeviceChangedBody>()
                 .expect("DeviceChanged body");
             Some(Signal::Device {
                 seq,
@@ -473,9 +468,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             })
         }
         "Lost" => {
-            let (seq, count, source, reason) = body
-                .deserialize::<(u64, u64, String, String)>()
-                .expect("Lost body");
+            let (seq, count, source, reason) = body.deserialize::<LostBody>().expect("Lost body");
             Some(Signal::Lost {
                 seq,
                 count,
@@ -484,7 +477,6 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             })
         }
         "BlockError" => {
-            #[allow(clippy::type_complexity)]
             let (
                 seq,
                 tag,
@@ -499,20 +491,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 count,
                 attributes,
             ) = body
-                .deserialize::<(
-                    u64,
-                    u64,
-                    String,
-                    u32,
-                    u32,
-                    u64,
-                    u32,
-                    String,
-                    String,
-                    i32,
-                    u64,
-                    HashMap<String, OwnedVariant>,
-                )>()
+                .deserialize::<BlockErrorBody>()
                 .expect("BlockError body");
             Some(Signal::BlockError {
                 seq,
@@ -531,7 +510,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
         }
         "WatchRemoved" => {
             let (seq, tag, reason) = body
-                .deserialize::<(u64, u64, String)>()
+                .deserialize::<WatchRemovedBody>()
                 .expect("WatchRemoved body");
             Some(Signal::WatchRemoved { seq, tag, reason })
         }
