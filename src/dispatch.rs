@@ -11,6 +11,7 @@
 //! were dropped.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::ops::ControlFlow;
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures_util::StreamExt;
@@ -21,7 +22,7 @@ use crate::error::Error;
 use crate::event::{Change, Object, Record, SourceMsg};
 use crate::filter::Filter;
 use crate::policy::{self, Grant, Identity};
-use crate::source::{Availability, Registry, WatchMatcher, WatchSpec};
+use crate::source::{Availability, PlannedWatch, Registry, WatchHold, WatchMatcher, WatchSpec};
 
 /// How deliveries are bounded (`[delivery]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -107,13 +108,14 @@ pub enum Delivery {
 }
 
 /// A watch as the subscription holds it.
-#[derive(Debug)]
 struct Watch {
     tag: u64,
     source: usize,
     matcher: Box<dyn WatchMatcher>,
     /// What policy allowed; every event is checked against it again at publish.
     grant: Grant,
+    /// Kernel state kept for this watch; released when the watch is dropped.
+    _hold: Option<WatchHold>,
 }
 
 struct Outbox {
@@ -378,26 +380,104 @@ impl Hub {
             .map(|s| s.identity.unique_name.clone())
     }
 
-    /// Adds a watch that policy granted ([`crate::policy::Authorizer::watch`]); the grant
-    /// names the connection and the source, and the hub takes no watch without one.
-    pub fn add_watch(
-        self: &Arc<Self>,
-        id: u64,
-        grant: Grant,
-        tag: u64,
+    /// Checks a watch request against the source's availability and the size limit, and
+    /// lets the source parse it for `requester`. Nothing is changed yet: the caller asks
+    /// policy about the plan's scope, then hands the plan to [`Hub::add_watch`].
+    pub fn plan_watch(
+        &self,
+        source_name: &str,
         spec: &WatchSpec,
-    ) -> Result<(), Error> {
-        let caller = grant.caller().to_owned();
-        let caller = caller.as_str();
-        let source_name = grant.source().to_owned();
-        let source_name = source_name.as_str();
-        let index = self.registry.index_of(source_name).ok_or_else(|| {
+        requester: &Identity,
+    ) -> Result<PlannedWatch, Error> {
+        let index = self.source_index(source_name)?;
+        if let Availability::Unavailable(reason) = &self.lock().sources[index].availability {
+            return Err(Error::NotSupported(format!(
+                "{source_name} events are not available: {reason}"
+            )));
+        }
+        let size = spec_size(spec);
+        if size > self.limits.watch_spec_size {
+            return Err(Error::LimitExceeded(format!(
+                "a watch spec may have at most {} keys, strings and elements, this one has {size}",
+                self.limits.watch_spec_size
+            )));
+        }
+        self.registry.all()[index].parse_watch(spec, requester)
+    }
+
+    fn source_index(&self, source_name: &str) -> Result<usize, Error> {
+        self.registry.index_of(source_name).ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "unknown watch kind '{source_name}'; known: {}",
                 self.registry.names().join(", ")
             ))
-        })?;
+        })
+    }
+
+    /// Adds a watch that policy granted ([`crate::policy::Authorizer::watch`]); the grant
+    /// names the connection and the source, and the hub takes no watch without one.
+    ///
+    /// The source is started first if this is its first watch, then the watch is armed
+    /// outside the lock (arming may run a helper process); the source cannot stop in
+    /// between because the pending watch already counts as one of its watches.
+    pub async fn add_watch(
+        self: &Arc<Self>,
+        id: u64,
+        grant: Grant,
+        tag: u64,
+        planned: PlannedWatch,
+    ) -> Result<(), Error> {
+        let caller = grant.caller().to_owned();
+        let caller = caller.as_str();
+        let index = self.source_index(grant.source())?;
+        self.reserve_watch(id, caller, index, tag)?;
+        let armed = tokio::task::spawn_blocking(move || planned.arm())
+            .await
+            .unwrap_or_else(|e| {
+                Err(Error::Unavailable(format!(
+                    "arming the {} watch failed: {e}",
+                    grant.source()
+                )))
+            });
+        let stopped = {
+            let mut state = self.lock();
+            let taken = armed.and_then(|armed| {
+                let sub = Self::owned(&mut state, id, caller)?;
+                if sub.watches.iter().any(|w| w.tag == tag) {
+                    return Err(Error::InvalidArgument(format!(
+                        "tag {tag} is already used by a watch of this subscription"
+                    )));
+                }
+                sub.watches.push(Watch {
+                    tag,
+                    source: index,
+                    matcher: armed.matcher,
+                    grant,
+                    _hold: armed.hold,
+                });
+                Ok(())
+            });
+            match taken {
+                Ok(()) => return Ok(()),
+                Err(e) => (e, self.release_source(&mut state, index)),
+            }
+        };
+        let (error, pump) = stopped;
+        finish_stopping(pump).await;
+        Err(error)
+    }
+
+    /// Checks that the subscription can take one more watch with `tag`, starts the source
+    /// if it does not run, and counts the pending watch as one of the source's.
+    fn reserve_watch(
+        self: &Arc<Self>,
+        id: u64,
+        caller: &str,
+        index: usize,
+        tag: u64,
+    ) -> Result<(), Error> {
         let source = Arc::clone(&self.registry.all()[index]);
+        let source_name = source.name();
         let mut state = self.lock();
         let sub = Self::owned(&mut state, id, caller)?;
         if sub.watches.iter().any(|w| w.tag == tag) {
@@ -411,20 +491,6 @@ impl Hub {
                 self.limits.watches_per_subscription
             )));
         }
-        if let Availability::Unavailable(reason) = &state.sources[index].availability {
-            return Err(Error::NotSupported(format!(
-                "{source_name} events are not available: {reason}"
-            )));
-        }
-        let size = spec_size(spec);
-        if size > self.limits.watch_spec_size {
-            return Err(Error::LimitExceeded(format!(
-                "a watch spec may have at most {} keys, strings and elements, this one has {size}",
-                self.limits.watch_spec_size
-            )));
-        }
-        let matcher = source.parse_watch(spec)?;
-
         let slot = &mut state.sources[index];
         if slot.watches == 0 {
             let stream = source.open().map_err(|e| {
@@ -443,13 +509,6 @@ impl Hub {
             tracing::info!(source = source_name, "source started");
         }
         slot.watches += 1;
-        let sub = Self::owned(&mut state, id, caller)?;
-        sub.watches.push(Watch {
-            tag,
-            source: index,
-            matcher,
-            grant,
-        });
         Ok(())
     }
 
@@ -634,7 +693,11 @@ impl Hub {
 
     async fn pump(self: Arc<Self>, index: usize, mut stream: crate::source::SourceStream) {
         while let Some(msg) = stream.next().await {
-            self.publish(index, msg);
+            if self.publish(index, msg).is_break() {
+                // The last watch ended with its object; the stream (and its fds) is
+                // dropped on return, and the slot already shows the source stopped.
+                return;
+            }
         }
         let name = self.registry.all()[index].name();
         tracing::error!(
@@ -661,7 +724,8 @@ impl Hub {
     }
 
     /// Fans one source message out to every subscription that watches it and may see it.
-    pub fn publish(&self, index: usize, msg: SourceMsg) {
+    /// Breaks when the message ended the source's last watch, which stops the source.
+    pub fn publish(&self, index: usize, msg: SourceMsg) -> ControlFlow<()> {
         let mut state = self.lock();
         let slot = &mut state.sources[index];
         slot.generation += 1;
@@ -715,7 +779,36 @@ impl Hub {
                     }
                 }
             }
+            SourceMsg::WatchedObjectGone { object, reason } => {
+                let mut ended = 0;
+                for sub in state.subscriptions.values_mut() {
+                    let (gone, kept): (Vec<_>, Vec<_>) = sub.watches.drain(..).partition(|w| {
+                        w.source == index && w.matcher.watched_object() == Some(object.as_str())
+                    });
+                    sub.watches = kept;
+                    for watch in gone {
+                        ended += 1;
+                        sub.outbox.push_meta(|seq| Delivery::WatchRemoved {
+                            seq,
+                            tag: watch.tag,
+                            reason: reason.clone(),
+                        });
+                    }
+                }
+                let slot = &mut state.sources[index];
+                slot.watches = slot.watches.saturating_sub(ended);
+                if ended > 0 && slot.watches == 0 {
+                    slot.table = None;
+                    slot.pump = None;
+                    tracing::info!(
+                        source = self.registry.all()[index].name(),
+                        "source stopped: its last watched object is gone"
+                    );
+                    return ControlFlow::Break(());
+                }
+            }
         }
+        ControlFlow::Continue(())
     }
 
     /// Counts, per subscription, of what is queued; for tests and the status command.

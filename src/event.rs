@@ -154,4 +154,11 @@ pub enum SourceMsg {
     Overflow {
         objects: Vec<Object>,
     },
+    /// The kernel object some watches are bound to is gone (a key destroyed, a mount
+    /// namespace freed): every watch whose [`crate::source::WatchMatcher::watched_object`]
+    /// is `object` ends with `WatchRemoved(reason)`.
+    WatchedObjectGone {
+        object: String,
+        reason: String,
+    },
 }

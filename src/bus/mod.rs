@@ -118,14 +118,14 @@ impl Service {
     ) -> Result<(), Error> {
         self.known_source(kind)?;
         let identity = self.hub.identity_of(id, caller)?;
-        let scope = crate::policy::watch_scope(kind).unwrap_or(Scope::System);
+        let planned = self.hub.plan_watch(kind, spec, &identity)?;
         let grant = self
             .authorizer
-            .watch(&identity, kind, scope, || {
+            .watch(&identity, kind, planned.scope, || {
                 !self.hub.subscriptions_of(caller).is_empty()
             })
             .await?;
-        self.hub.add_watch(id, grant, tag, spec)
+        self.hub.add_watch(id, grant, tag, planned).await
     }
 
     /// A snapshot needs what a system-wide watch of the source needs. `subscription` is

@@ -17,6 +17,7 @@ use zbus::OwnedVariant;
 
 use crate::error::Error;
 use crate::event::{Object, Record, SourceMsg};
+use crate::policy::{Identity, Scope};
 
 /// A watch specification as a caller sent it: `a{sv}`.
 pub type WatchSpec = HashMap<String, OwnedVariant>;
@@ -35,6 +36,75 @@ pub enum Availability {
 /// [`WatchSpec`], so the core never interprets source-specific keys.
 pub trait WatchMatcher: Send + Sync + std::fmt::Debug {
     fn matches(&self, record: &Record) -> bool;
+
+    /// The kernel object this watch is bound to, for watches that end when it goes (a
+    /// key, a mount namespace): a [`SourceMsg::WatchedObjectGone`] naming it removes the
+    /// watch with `WatchRemoved`.
+    fn watched_object(&self) -> Option<&str> {
+        None
+    }
+}
+
+/// Kernel state a watch holds while it exists (a key watch, a namespace mark): dropping it
+/// releases that state.
+pub type WatchHold = Box<dyn Send + Sync>;
+
+/// A watch ready to be taken: its matcher, and what it holds in the kernel.
+pub struct ArmedWatch {
+    pub matcher: Box<dyn WatchMatcher>,
+    pub hold: Option<WatchHold>,
+}
+
+type Arm = Box<dyn FnOnce() -> Result<ArmedWatch, Error> + Send>;
+
+/// What a source made of a watch request: the [`Scope`] policy must allow before anything
+/// happens, and how to arm the watch once policy allowed it and the source runs.
+///
+/// Arming is separate because some watches change kernel state on the subscriber's behalf
+/// (`KEYCTL_WATCH_KEY` with the subscriber's credentials, a fanotify mark on its mount
+/// namespace), which must not happen for a request policy refuses. It may block briefly
+/// (a helper process), so the hub runs it off the async workers and outside its lock.
+pub struct PlannedWatch {
+    pub scope: Scope,
+    arm: Arm,
+}
+
+impl PlannedWatch {
+    /// A watch that needs nothing from the kernel beyond the running source.
+    pub fn ready(scope: Scope, matcher: Box<dyn WatchMatcher>) -> Self {
+        PlannedWatch {
+            scope,
+            arm: Box::new(move || {
+                Ok(ArmedWatch {
+                    matcher,
+                    hold: None,
+                })
+            }),
+        }
+    }
+
+    /// A watch armed by `arm`, called after [`EventSource::open`] on the running source.
+    pub fn armed_by(
+        scope: Scope,
+        arm: impl FnOnce() -> Result<ArmedWatch, Error> + Send + 'static,
+    ) -> Self {
+        PlannedWatch {
+            scope,
+            arm: Box::new(arm),
+        }
+    }
+
+    pub fn arm(self) -> Result<ArmedWatch, Error> {
+        (self.arm)()
+    }
+}
+
+impl std::fmt::Debug for PlannedWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PlannedWatch")
+            .field("scope", &self.scope)
+            .finish_non_exhaustive()
+    }
 }
 
 pub trait EventSource: Send + Sync + 'static {
@@ -48,8 +118,9 @@ pub trait EventSource: Send + Sync + 'static {
     /// Probes the kernel. Called once at start; must not keep anything open.
     fn probe(&self) -> Availability;
 
-    /// Validates a watch specification and builds its matcher.
-    fn parse_watch(&self, spec: &WatchSpec) -> Result<Box<dyn WatchMatcher>, Error>;
+    /// Validates a watch specification from `requester` (as the bus identified it; never
+    /// from the message body) and says what scope it covers and how to arm it.
+    fn parse_watch(&self, spec: &WatchSpec, requester: &Identity) -> Result<PlannedWatch, Error>;
 
     /// The current objects, read from the kernel (used for snapshots while the source is
     /// stopped, and to seed its object table when it starts).

@@ -54,11 +54,13 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::{
-    reject_unknown_keys, spec_str, Availability, EventSource, SourceStream, WatchMatcher, WatchSpec,
+    reject_unknown_keys, spec_str, Availability, EventSource, PlannedWatch, SourceStream,
+    WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::glob::glob_match;
+use crate::policy::{Identity, Scope};
 use wire::{Format, PerfRecord, RqError};
 
 pub const NAME: &str = "block-errors";
@@ -119,8 +121,10 @@ impl EventSource for BlockErrors {
         }
     }
 
-    fn parse_watch(&self, spec: &WatchSpec) -> Result<Box<dyn WatchMatcher>, Error> {
-        BlockErrorWatch::parse(spec).map(|w| Box::new(w) as Box<dyn WatchMatcher>)
+    /// Errors of every device, whoever caused them: system-wide, nothing to arm.
+    fn parse_watch(&self, spec: &WatchSpec, _requester: &Identity) -> Result<PlannedWatch, Error> {
+        let watch = BlockErrorWatch::parse(spec)?;
+        Ok(PlannedWatch::ready(Scope::System, Box::new(watch)))
     }
 
     /// Errors are events, not objects: there is nothing to list.

@@ -30,12 +30,13 @@ use tokio::io::unix::AsyncFd;
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
 
 use super::{
-    reject_unknown_keys, spec_str, spec_str_map, Availability, EventSource, SourceStream,
-    WatchMatcher, WatchSpec,
+    reject_unknown_keys, spec_str, spec_str_map, Availability, EventSource, PlannedWatch,
+    SourceStream, WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::glob::glob_match;
+use crate::policy::{Identity, Scope};
 use wire::Action;
 
 pub const NAME: &str = "devices";
@@ -122,8 +123,10 @@ impl EventSource for Devices {
         }
     }
 
-    fn parse_watch(&self, spec: &WatchSpec) -> Result<Box<dyn WatchMatcher>, Error> {
-        DeviceWatch::parse(spec).map(|w| Box::new(w) as Box<dyn WatchMatcher>)
+    /// Device events are system-wide and need nothing armed.
+    fn parse_watch(&self, spec: &WatchSpec, _requester: &Identity) -> Result<PlannedWatch, Error> {
+        let watch = DeviceWatch::parse(spec)?;
+        Ok(PlannedWatch::ready(Scope::System, Box::new(watch)))
     }
 
     fn scan(&self) -> io::Result<Vec<Object>> {
