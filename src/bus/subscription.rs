@@ -153,7 +153,7 @@ impl SubscriptionObject {
     }
 
     /// A block or USB device changed. action is the subtype name (add, remove, change,
-    /// move, online, offline, bind, unbind, media-change, resize); sys_path the device's
+    /// move, online, offline, bind, unbind, media-change, resize, over-current); sys_path the device's
     /// path below /sys; attributes are typed (name, devname, major, minor, size, ...);
     /// properties are the kernel's uevent environment.
     #[zbus(signal)]

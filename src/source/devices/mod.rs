@@ -43,7 +43,9 @@ pub const NAME: &str = "devices";
 
 /// Subtype numbers are the index; the first eight are the kernel's `kobject_action`
 /// values. `media-change` and `resize` are `change` events the kernel marks with
-/// `DISK_MEDIA_CHANGE=1` or `RESIZE=1`, split out so that a filter can tell them apart.
+/// `DISK_MEDIA_CHANGE=1` or `RESIZE=1`, and `over-current` is the `change` a USB hub
+/// interface sends with `OVER_CURRENT_PORT` (drivers/usb/core/hub.c), split out so that a
+/// filter can tell them apart.
 pub const SUBTYPES: &[&str] = &[
     "add",
     "remove",
@@ -55,6 +57,7 @@ pub const SUBTYPES: &[&str] = &[
     "unbind",
     "media-change",
     "resize",
+    "over-current",
 ];
 
 const UEVENT_GROUP_KERNEL: u32 = 1;
@@ -334,6 +337,7 @@ fn subtype_of(event: &wire::UEvent) -> u8 {
             "media-change"
         }
         Action::Change if event.properties.get("RESIZE").is_some_and(|v| v == "1") => "resize",
+        Action::Change if event.properties.contains_key("OVER_CURRENT_PORT") => "over-current",
         action => action.as_str(),
     };
     SUBTYPES
@@ -480,5 +484,12 @@ mod tests {
             .properties
             .insert("DISK_MEDIA_CHANGE".into(), "1".into());
         assert_eq!(SUBTYPES[usize::from(subtype_of(&event))], "media-change");
+    }
+
+    /// The uevent hub.c sends for an over-current condition on port 2 of a root hub.
+    #[test]
+    fn hub_over_current_is_its_own_subtype() {
+        let event = wire::parse(b"change@/devices/pci0000:00/0000:00:04.0/usb1/1-0:1.0\0ACTION=change\0DEVPATH=/devices/pci0000:00/0000:00:04.0/usb1/1-0:1.0\0SUBSYSTEM=usb\0DEVTYPE=usb_interface\0OVER_CURRENT_PORT=usb1-port2\0OVER_CURRENT_COUNT=3\0SEQNUM=9\0").unwrap();
+        assert_eq!(SUBTYPES[usize::from(subtype_of(&event))], "over-current");
     }
 }
