@@ -360,6 +360,13 @@ fn recv_checked(fd: &OwnedFd, buf: &mut [u8], counters: &Counters) -> io::Result
         socket::recvmsg::<NetlinkAddr>(fd.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT)
             .map_err(io::Error::from)?;
     let sender_port = msg.address.map(|a| a.pid());
+    // Before any check, so that a count that differs from what was sent can be traced.
+    tracing::debug!(
+        source = NAME,
+        ?sender_port,
+        len = msg.bytes,
+        "quota netlink datagram"
+    );
     if sender_port != Some(0) {
         let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
         tracing::warn!(
