@@ -209,3 +209,73 @@ async fn watching_every_uids_quota_needs_authorization() {
     root.watch("quota", 1, &[("scope", Variant::from("system"))])
         .await;
 }
+
+/// Warnings the kernel could not queue for the daemon (its socket buffer full while it
+/// was stopped) become `Lost(kernel-overflow)` for every quota watcher. Forged messages
+/// fill the buffer like real ones: the kernel queues before anyone checks origin.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_overflow_becomes_lost_for_quota_watchers() {
+    use nix::sys::signal::Signal as Sig;
+    let daemon = Daemon::start();
+    let (family, group) = quota::resolve();
+    let mut admin = Subscriber::new(&daemon).await;
+    admin
+        .watch("quota", 1, &[("scope", Variant::from("system"))])
+        .await;
+    let forged = quota::forged_warning(
+        family.id,
+        &Warning {
+            quota_type: QuotaType::User,
+            excess_id: 4242,
+            code: 6,
+            major: 7,
+            minor: 0,
+            caused_id: 4242,
+        },
+    );
+    daemon.signal(Sig::SIGSTOP);
+    // Far more than the daemon's 256 KiB buffer holds (each costs ~1 KiB of it).
+    for _ in 0..4000 {
+        quota::forge(group, &forged);
+    }
+    daemon.signal(Sig::SIGCONT);
+    admin
+        .until("Lost from the kernel overflow", |s| {
+            s.iter().any(|e| matches!(e, Signal::Lost { .. }))
+        })
+        .await;
+    assert!(
+        matches!(&admin.received[0], Signal::Lost { seq: 1, count: 0, source, reason }
+            if source == "quota" && reason == "kernel-overflow"),
+        "{:?}",
+        admin.received
+    );
+    wait_for_log(&daemon, "kernel dropped quota warnings (ENOBUFS)", 1);
+    // Everything that was queued is then read and rejected, and none of it delivered.
+    wait_for_log(
+        &daemon,
+        "dropped a quota message not sent by the kernel",
+        100,
+    );
+    admin.next(Duration::from_millis(300)).await;
+    let rejected = daemon
+        .log_text()
+        .split("rejected=")
+        .skip(1)
+        .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
+        .max()
+        .unwrap_or(0);
+    println!("4000 forged while stopped: the kernel queued {rejected} for the daemon");
+    assert!(
+        rejected < 4000,
+        "the kernel queued all 4000 forged messages"
+    );
+    assert!(
+        !admin
+            .received
+            .iter()
+            .any(|s| matches!(s, Signal::QuotaWarning { .. })),
+        "{:?}",
+        admin.received
+    );
+}
