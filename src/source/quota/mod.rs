@@ -21,6 +21,12 @@
 //! and dropped. `ENOBUFS` means the kernel dropped warnings for us: the source yields
 //! [`SourceMsg::Overflow`] so that every watcher gets `Lost(kernel-overflow)` (warnings
 //! are events, not objects: there is no state to rescan).
+//!
+//! Warnings are passed on as the kernel sends them, once per crossing (the kernel
+//! remembers which it sent). One quirk seen in the guest (6.12): a user with no inode
+//! limit who frees their last inodes gets `inode-soft-below`, because the kernel compares
+//! with a soft limit of 0; telling that apart would need `quotactl(Q_GETQUOTA)` per
+//! warning, which is not done.
 
 pub mod wire;
 
