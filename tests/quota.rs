@@ -279,3 +279,36 @@ async fn a_kernel_overflow_becomes_lost_for_quota_watchers() {
         admin.received
     );
 }
+
+/// Outside the initial network namespace the family does not exist: the source says so
+/// and why, as the daemon under `PrivateNetwork=` would report it.
+#[test]
+fn the_source_is_unavailable_where_the_family_does_not_resolve() {
+    use watchqd::source::{Availability, EventSource};
+    let availability = std::thread::spawn(|| {
+        // SAFETY: unshare(2) with a flag; it moves only this thread.
+        let rc = unsafe { nix::libc::unshare(nix::libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET): {}",
+            std::io::Error::last_os_error()
+        );
+        watchqd::source::quota::Quota::new().probe()
+    })
+    .join()
+    .expect("probe thread");
+    match availability {
+        Availability::Unavailable(reason) => {
+            assert!(
+                reason.contains("VFS_DQUOT does not exist"),
+                "unclear reason: {reason}"
+            );
+        }
+        Availability::Available => panic!("VFS_DQUOT resolved in a new network namespace"),
+    }
+    assert_eq!(
+        watchqd::source::quota::Quota::new().probe(),
+        Availability::Available
+    );
+}
