@@ -35,6 +35,23 @@ pub type BlockErrorBody = (
     HashMap<String, OwnedVariant>,
 );
 
+/// `QuotaWarning(t seq, t tag, s warning, s kind, s resource, s quota_type, t excess_id,
+/// t caused_id, s device, u major, u minor, a{sv} attributes)` as received.
+pub type QuotaWarningBody = (
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    String,
+    u64,
+    u64,
+    String,
+    u32,
+    u32,
+    HashMap<String, OwnedVariant>,
+);
+
 /// `Lost(t seq, t count, s source, s reason)` as received.
 pub type LostBody = (u64, u64, String, String);
 

@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, ReceivedObject, SubscriptionProxy,
-    WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, QuotaWarningBody, ReceivedObject,
+    SubscriptionProxy, WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -40,7 +40,7 @@ enum Command {
         /// Events the daemon keeps for us if we fall behind.
         #[arg(long, value_name = "N")]
         queue_depth: Option<u32>,
-        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name).
+        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name; quota: scope, type, device).
         #[arg(long = "match", value_name = "KEY=VALUE")]
         matches: Vec<String>,
         /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
@@ -331,6 +331,29 @@ fn print_signal(message: &zbus::Message, json: bool) {
                 } else {
                     format!(
                         "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) sector {sector} +{sectors}, op {operation}"
+                    )
+                }
+            },
+        ),
+        "QuotaWarning" => body.deserialize::<QuotaWarningBody>().ok().map(
+            |(seq, tag, warning, kind, resource, quota_type, excess_id, caused_id, device, major, minor, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "QuotaWarning", "seq": seq, "tag": tag, "source": "quota",
+                        "warning": warning, "kind": kind, "resource": resource,
+                        "quota_type": quota_type, "excess_id": excess_id, "caused_id": caused_id,
+                        "device": device, "major": major, "minor": minor,
+                        "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    let place = attributes
+                        .get("mount-point")
+                        .and_then(|v| <&str>::try_from(&**v).ok())
+                        .map(|m| format!(" on {m}"))
+                        .unwrap_or_default();
+                    format!(
+                        "#{seq:<6} quota {kind} {resource} limit of {quota_type} {excess_id} on {device} ({major}:{minor}){place}, caused by uid {caused_id}"
                     )
                 }
             },

@@ -409,6 +409,27 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                 )
                 .await
             }
+            crate::source::quota::NAME => {
+                let text = |key: &str| record.attr_str(key).unwrap_or_default();
+                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+                SubscriptionObject::quota_warning(
+                    emitter,
+                    *seq,
+                    *tag,
+                    text("warning"),
+                    text("kind"),
+                    text("resource"),
+                    text("quota-type"),
+                    number("excess-id"),
+                    number("caused-id"),
+                    text("device"),
+                    narrow("major"),
+                    narrow("minor"),
+                    types::AttrMap(&record.attributes),
+                )
+                .await
+            }
             other => Err(zbus::Error::Failure(format!(
                 "no signal for source {other}"
             ))),

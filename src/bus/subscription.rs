@@ -60,7 +60,10 @@ impl SubscriptionObject {
     /// spec holds the source's match keys. devices: "subsystem" (s: block or usb),
     /// "devtype" (s), "name" (s, with * and ? wildcards), "properties" (a{ss}, uevent
     /// properties that must be equal). block-errors (administrators): "name" (s, the
-    /// device's kernel name, with * and ? wildcards).
+    /// device's kernel name, with * and ? wildcards). quota: "scope" (s: own, the
+    /// default, for warnings about the caller's uid; system for every uid,
+    /// administrators), "type" (s: user, group or project), "device" (s: MAJ:MIN or the
+    /// kernel name).
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -190,6 +193,33 @@ impl SubscriptionObject {
         errno_name: &str,
         errno: i32,
         count: u64,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// A disk quota warning (the kernel's VFS_DQUOT netlink family). warning is the
+    /// subtype name (block-soft, block-hard, block-soft-long, block-soft-below,
+    /// block-hard-below, the inode-* ones, or other for a code this daemon does not
+    /// know); kind is hard, soft, soft-long, hard-below or soft-below; resource blocks or
+    /// inodes; quota_type user, group or project. excess_id is the uid, gid or project id
+    /// whose limit it is, caused_id the uid whose operation crossed it. device is the
+    /// kernel name (loop0, sda1) or "MAJ:MIN" for filesystems without a block device.
+    /// attributes repeat these typed and add code (the kernel's number), mount-point and
+    /// fs-type when the daemon finds the filesystem mounted. Sent only to subscribers
+    /// of the uid the warning concerns and to administrators.
+    #[zbus(signal)]
+    pub async fn quota_warning(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        warning: &str,
+        kind: &str,
+        resource: &str,
+        quota_type: &str,
+        excess_id: u64,
+        caused_id: u64,
+        device: &str,
+        major: u32,
+        minor: u32,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

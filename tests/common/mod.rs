@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, SubscriptionProxy, WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, QuotaWarningBody, SubscriptionProxy,
+    WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -397,6 +398,20 @@ pub enum Signal {
         count: u64,
         attributes: HashMap<String, OwnedVariant>,
     },
+    QuotaWarning {
+        seq: u64,
+        tag: u64,
+        warning: String,
+        kind: String,
+        resource: String,
+        quota_type: String,
+        excess_id: u64,
+        caused_id: u64,
+        device: String,
+        major: u32,
+        minor: u32,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -405,7 +420,8 @@ impl Signal {
             Signal::Device { seq, .. }
             | Signal::Lost { seq, .. }
             | Signal::WatchRemoved { seq, .. }
-            | Signal::BlockError { seq, .. } => *seq,
+            | Signal::BlockError { seq, .. }
+            | Signal::QuotaWarning { seq, .. } => *seq,
         }
     }
 
@@ -420,9 +436,9 @@ impl Signal {
     /// The typed attributes of a signal that carries them.
     pub fn attributes(&self) -> Option<&HashMap<String, OwnedVariant>> {
         match self {
-            Signal::Device { attributes, .. } | Signal::BlockError { attributes, .. } => {
-                Some(attributes)
-            }
+            Signal::Device { attributes, .. }
+            | Signal::BlockError { attributes, .. }
+            | Signal::QuotaWarning { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -505,6 +521,38 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 errno_name,
                 errno,
                 count,
+                attributes,
+            })
+        }
+        "QuotaWarning" => {
+            let (
+                seq,
+                tag,
+                warning,
+                kind,
+                resource,
+                quota_type,
+                excess_id,
+                caused_id,
+                device,
+                major,
+                minor,
+                attributes,
+            ) = body
+                .deserialize::<QuotaWarningBody>()
+                .expect("QuotaWarning body");
+            Some(Signal::QuotaWarning {
+                seq,
+                tag,
+                warning,
+                kind,
+                resource,
+                quota_type,
+                excess_id,
+                caused_id,
+                device,
+                major,
+                minor,
                 attributes,
             })
         }

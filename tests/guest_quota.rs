@@ -1,0 +1,314 @@
+//! Real quota warnings (the host kernel has no quota format) seen by subscribers of the
+//! real daemon on a real bus with a real polkitd, inside the qemu guest: an ext4 with the
+//! quota feature on a loop device, limits set with `setquota`, and unprivileged users
+//! writing past them with `dd`.
+//!
+//! The host test makes sure the test users and the polkit action file exist (the guest
+//! shares the host's root read-only), boots the guest and re-runs
+//! `inside::quota_warnings` of this binary there. Users' subscriptions are `watchqctl
+//! monitor --json quota` run as those users.
+//! Run with: `cargo test --test guest_quota` (as root, after `tests/vm/setup-host`).
+
+mod common;
+#[path = "common/quota.rs"]
+mod quota;
+#[path = "common/vm.rs"]
+mod vm;
+
+use std::time::{Duration, Instant};
+
+const STEP: Duration = Duration::from_secs(300);
+
+#[test]
+fn users_get_their_own_quota_warnings_and_administrators_everyones() {
+    let started = Instant::now();
+    // Made on the host: the guest's root filesystem is the host's, read-only.
+    common::polkit::user("watchq-alice");
+    common::polkit::user("watchq-bob");
+    common::polkit::install_policy();
+    let guest = vm::Guest::boot(&vm::BootOptions::new())
+        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
+    let exe = std::env::current_exe().expect("current_exe");
+    let out = guest
+        .spawn(
+            &[
+                exe.to_str().expect("test binary path is UTF-8"),
+                "--ignored",
+                "--exact",
+                "inside::quota_warnings",
+                "--nocapture",
+                "--test-threads=1",
+            ],
+            &[("RUST_BACKTRACE", "1")],
+        )
+        .and_then(|p| p.wait(STEP))
+        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
+    println!("{out}");
+    assert!(
+        out.success() && out.stdout.contains("test result: ok. 1 passed"),
+        "the in-guest test did not pass:\n{out}"
+    );
+    guest.shutdown().expect("guest shutdown");
+    println!("guest test wall time: {:?}", started.elapsed());
+}
+
+mod inside {
+    use std::fs;
+    use std::os::unix::process::CommandExt;
+    use std::process::Command;
+    use std::time::Duration;
+
+    use serde_json::Value;
+    use zbus::Variant;
+
+    use super::common::polkit::{user, User};
+    use super::common::*;
+    use super::quota;
+    use watchqd::source::quota::wire::{QuotaType, Warning};
+
+    const IMAGE: &str = "/tmp/watchqd-quota.img";
+    const MOUNT: &str = "/tmp/watchqd-quota";
+
+    fn sh(cmd: &mut Command) -> std::process::Output {
+        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+        println!(
+            "INFO {cmd:?}: {} {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout).trim(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        out
+    }
+
+    fn run_ok(cmd: &mut Command) {
+        let out = sh(cmd);
+        assert!(out.status.success(), "{cmd:?} failed");
+    }
+
+    /// `dd` of `kib` KiB of zeros to `name` on the quota filesystem, as `who`.
+    fn write_as(who: &User, name: &str, kib: u32) -> std::process::Output {
+        sh(Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={MOUNT}/{name}"),
+                "bs=4096",
+                &format!("count={}", kib / 4),
+                "conv=fsync",
+            ])
+            .uid(who.uid)
+            .gid(who.gid))
+    }
+
+    fn warning_of(signal: &Value) -> &str {
+        signal["warning"].as_str().unwrap_or_default()
+    }
+
+    #[test]
+    #[ignore = "runs inside the guest; started by the host test"]
+    fn quota_warnings() {
+        assert!(
+            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
+            "this test only runs inside the test guest (see tests/vm)"
+        );
+        // The daemon reads WATCHQD_* as configuration and refuses unknown keys; drop the
+        // marker while this is the only thread.
+        std::env::remove_var("WATCHQD_VM_GUEST");
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("tokio runtime")
+            .block_on(quota_warnings_async());
+    }
+
+    #[allow(clippy::too_many_lines)]
+    async fn quota_warnings_async() {
+        let (alice, bob) = (user("watchq-alice"), user("watchq-bob"));
+
+        // ext4 with user quota on a loop device; alice: soft 64 KiB, hard 128 KiB; bob:
+        // soft 32 KiB, hard 1 MiB.
+        fs::File::create(IMAGE)
+            .and_then(|f| f.set_len(32 << 20))
+            .expect("image");
+        run_ok(Command::new("mkfs.ext4").args([
+            "-q",
+            "-F",
+            "-O",
+            "quota",
+            "-E",
+            "quotatype=usrquota",
+            IMAGE,
+        ]));
+        fs::create_dir_all(MOUNT).expect("mount point");
+        run_ok(Command::new("mount").args(["-o", "loop,usrquota", IMAGE, MOUNT]));
+        fs::set_permissions(MOUNT, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+            .expect("chmod mount point");
+        run_ok(Command::new("setquota").args(["-u", &alice.name, "64", "128", "0", "0", MOUNT]));
+        run_ok(Command::new("setquota").args(["-u", &bob.name, "32", "1024", "0", "0", MOUNT]));
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+        let (major, minor) = mountinfo
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(MOUNT))
+            .and_then(|l| l.split(' ').nth(2))
+            .and_then(|d| d.split_once(':'))
+            .map(|(a, b)| (a.parse::<u64>().unwrap(), b.parse::<u64>().unwrap()))
+            .expect("the quota filesystem in mountinfo");
+        let device = fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
+            .expect("the loop device in /sys/dev/block")
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        println!("INFO quota filesystem on {device} ({major}:{minor})");
+
+        let daemon = Daemon::with_polkit("");
+        let mut admin = Subscriber::new(&daemon).await;
+        admin
+            .watch("quota", 1, &[("scope", Variant::from("system"))])
+            .await;
+        let mut alices = quota::Monitor::start(daemon.address(), alice.uid, alice.gid, &["quota"])
+            .expect("alice watches her own quota");
+        let mut bobs = quota::Monitor::start(daemon.address(), bob.uid, bob.gid, &["quota"])
+            .expect("bob watches his own quota");
+
+        // A forgery about alice first: a witness sees it, nobody's subscription does.
+        let (family, group) = quota::resolve();
+        let witness = quota::Witness::join(group);
+        quota::forge(
+            group,
+            &quota::forged_warning(
+                family.id,
+                &Warning {
+                    quota_type: QuotaType::User,
+                    excess_id: u64::from(alice.uid),
+                    code: 4,
+                    major: 99,
+                    minor: 99,
+                    caused_id: u64::from(alice.uid),
+                },
+            ),
+        );
+        let (_, port) = witness.receive().expect("the witness got the forgery");
+        assert_ne!(port, 0);
+
+        // alice: 96 KiB, past her soft limit.
+        assert!(write_as(&alice, "alice-1", 96).status.success());
+        let soft = alices.until("alice's block-soft", |s| warning_of(s) == "block-soft");
+        println!("SEEN alice soft: {soft}");
+        assert_eq!(
+            soft["seq"], 1,
+            "the forgery was not delivered before: {soft}"
+        );
+        assert_eq!(soft["kind"], "soft");
+        assert_eq!(soft["resource"], "blocks");
+        assert_eq!(soft["quota_type"], "user");
+        assert_eq!(soft["excess_id"], u64::from(alice.uid));
+        assert_eq!(soft["caused_id"], u64::from(alice.uid));
+        assert_eq!(soft["device"], device.as_str());
+        assert_eq!(
+            (soft["major"].as_u64(), soft["minor"].as_u64()),
+            (Some(major), Some(minor))
+        );
+        assert_eq!(soft["attributes"]["mount-point"], MOUNT);
+        assert_eq!(soft["attributes"]["fs-type"], "ext4");
+        assert_eq!(soft["attributes"]["code"], 6);
+
+        // 64 KiB more: past the hard limit, the write fails.
+        let out = write_as(&alice, "alice-2", 64);
+        assert!(
+            !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("quota"),
+            "dd past the hard limit must fail with EDQUOT"
+        );
+        let hard = alices.until("alice's block-hard", |s| warning_of(s) == "block-hard");
+        println!("SEEN alice hard: {hard}");
+        assert_eq!(hard["kind"], "hard");
+        assert_eq!(hard["major"], major);
+
+        // Freeing everything brings her back below the soft limit.
+        run_ok(
+            Command::new("rm")
+                .args([format!("{MOUNT}/alice-2"), format!("{MOUNT}/alice-1")])
+                .uid(alice.uid)
+                .gid(alice.gid),
+        );
+        let below = alices.until("alice's block-soft-below", |s| {
+            warning_of(s) == "block-soft-below"
+        });
+        println!("SEEN alice below: {below}");
+        assert_eq!(below["kind"], "soft-below");
+
+        // bob, last: his own warning is the first signal he ever receives.
+        assert!(write_as(&bob, "bob-1", 48).status.success());
+        let bob_soft = bobs.until("bob's block-soft", |s| warning_of(s) == "block-soft");
+        println!("SEEN bob soft: {bob_soft}");
+        assert_eq!(
+            bob_soft["seq"], 1,
+            "bob received alice's warnings: {:?}",
+            bobs.signals
+        );
+        assert_eq!(bob_soft["excess_id"], u64::from(bob.uid));
+
+        // The administrator got all of them, in order, and no forgery.
+        admin
+            .until("bob's warning at the administrator", |s| {
+                s.iter().any(|e| {
+                    matches!(e, Signal::QuotaWarning { excess_id, .. } if *excess_id == u64::from(bob.uid))
+                })
+            })
+            .await;
+        let seen: Vec<(String, u64)> = admin
+            .received
+            .iter()
+            .filter_map(|s| match s {
+                Signal::QuotaWarning {
+                    warning, excess_id, ..
+                } => Some((warning.clone(), *excess_id)),
+                _ => None,
+            })
+            .collect();
+        println!("INFO administrator received {seen:?}");
+        let alice_id = u64::from(alice.uid);
+        let position = |w: &str, id: u64| {
+            seen.iter()
+                .position(|(sw, sid)| sw == w && *sid == id)
+                .unwrap_or_else(|| panic!("the administrator lacks {w} of {id}: {seen:?}"))
+        };
+        assert!(
+            position("block-soft", alice_id) < position("block-hard", alice_id)
+                && position("block-hard", alice_id) < position("block-soft-below", alice_id)
+                && position("block-soft-below", alice_id)
+                    < position("block-soft", u64::from(bob.uid))
+        );
+        assert!(
+            !admin
+                .received
+                .iter()
+                .any(|s| matches!(s, Signal::QuotaWarning { major: 99, .. })),
+            "the forgery reached the administrator"
+        );
+        assert_contiguous(&admin.received);
+
+        // alice got hers only; bob his only.
+        alices.drain(Duration::from_secs(1));
+        bobs.drain(Duration::from_secs(1));
+        for (who, monitor, uid) in [("alice", &alices, alice.uid), ("bob", &bobs, bob.uid)] {
+            let warnings = monitor.quota_warnings();
+            println!("INFO {who} received {warnings:?}");
+            assert!(
+                warnings
+                    .iter()
+                    .all(|w| w["excess_id"] == u64::from(uid) && w["major"] != 99),
+                "{who} received a warning about someone else: {warnings:?}"
+            );
+        }
+        assert_eq!(bobs.quota_warnings().len(), 1);
+        assert!(
+            daemon
+                .log_text()
+                .contains("dropped a quota message not sent by the kernel"),
+            "the forgery was rejected at the edge"
+        );
+        drop((alices, bobs));
+        run_ok(Command::new("umount").arg(MOUNT));
+    }
+}
