@@ -136,11 +136,11 @@ mod inside {
             "-O",
             "quota",
             "-E",
-            "quotatype=usrquota",
+            "quotatype=usrquota:grpquota",
             IMAGE,
         ]));
         fs::create_dir_all(MOUNT).expect("mount point");
-        run_ok(Command::new("mount").args(["-o", "loop,usrquota", IMAGE, MOUNT]));
+        run_ok(Command::new("mount").args(["-o", "loop,usrquota,grpquota", IMAGE, MOUNT]));
         fs::set_permissions(MOUNT, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
             .expect("chmod mount point");
         run_ok(Command::new("setquota").args(["-u", &alice.name, "64", "128", "0", "0", MOUNT]));
@@ -237,9 +237,33 @@ mod inside {
         println!("SEEN alice below: {below}");
         assert_eq!(below["kind"], "soft-below");
 
+        // A group quota: alice's group (whose gid may equal another user's uid: here
+        // bob's) goes over its soft limit by her write. The warning names the gid; it
+        // belongs to the uid whose write crossed the limit.
+        run_ok(Command::new("setquota").args(["-u", &alice.name, "0", "0", "0", "0", MOUNT]));
+        run_ok(Command::new("setquota").args(["-g", &alice.name, "64", "0", "0", "0", MOUNT]));
+        assert!(write_as(&alice, "alice-3", 96).status.success());
+        let group = alices.until("the group's block-soft", |s| {
+            warning_of(s) == "block-soft" && s["quota_type"] == "group"
+        });
+        println!("SEEN group soft: {group}");
+        assert_eq!(group["excess_id"], u64::from(alice.gid));
+        assert_eq!(group["caused_id"], u64::from(alice.uid));
+        run_ok(
+            Command::new("rm")
+                .arg(format!("{MOUNT}/alice-3"))
+                .uid(alice.uid)
+                .gid(alice.gid),
+        );
+        alices.until("the group's block-soft-below", |s| {
+            warning_of(s) == "block-soft-below" && s["quota_type"] == "group"
+        });
+
         // bob, last: his own warning is the first signal he ever receives.
         assert!(write_as(&bob, "bob-1", 48).status.success());
-        let bob_soft = bobs.until("bob's block-soft", |s| warning_of(s) == "block-soft");
+        let bob_soft = bobs.until("bob's block-soft", |s| {
+            warning_of(s) == "block-soft" && s["quota_type"] == "user"
+        });
         println!("SEEN bob soft: {bob_soft}");
         assert_eq!(
             bob_soft["seq"], 1,
@@ -252,32 +276,38 @@ mod inside {
         admin
             .until("bob's warning at the administrator", |s| {
                 s.iter().any(|e| {
-                    matches!(e, Signal::QuotaWarning { excess_id, .. } if *excess_id == u64::from(bob.uid))
+                    matches!(e, Signal::QuotaWarning { caused_id, .. } if *caused_id == u64::from(bob.uid))
                 })
             })
             .await;
-        let seen: Vec<(String, u64)> = admin
+        let seen: Vec<(String, String, u64)> = admin
             .received
             .iter()
             .filter_map(|s| match s {
                 Signal::QuotaWarning {
-                    warning, excess_id, ..
-                } => Some((warning.clone(), *excess_id)),
+                    warning,
+                    quota_type,
+                    excess_id,
+                    ..
+                } => Some((warning.clone(), quota_type.clone(), *excess_id)),
                 _ => None,
             })
             .collect();
         println!("INFO administrator received {seen:?}");
         let alice_id = u64::from(alice.uid);
-        let position = |w: &str, id: u64| {
+        let position = |w: &str, t: &str, id: u64| {
             seen.iter()
-                .position(|(sw, sid)| sw == w && *sid == id)
+                .position(|(sw, st, sid)| sw == w && st == t && *sid == id)
                 .unwrap_or_else(|| panic!("the administrator lacks {w} of {id}: {seen:?}"))
         };
         assert!(
-            position("block-soft", alice_id) < position("block-hard", alice_id)
-                && position("block-hard", alice_id) < position("block-soft-below", alice_id)
-                && position("block-soft-below", alice_id)
-                    < position("block-soft", u64::from(bob.uid))
+            position("block-soft", "user", alice_id) < position("block-hard", "user", alice_id)
+                && position("block-hard", "user", alice_id)
+                    < position("block-soft-below", "user", alice_id)
+                && position("block-soft-below", "user", alice_id)
+                    < position("block-soft", "group", u64::from(alice.gid))
+                && position("block-soft", "group", u64::from(alice.gid))
+                    < position("block-soft", "user", u64::from(bob.uid))
         );
         assert!(
             !admin
@@ -288,16 +318,19 @@ mod inside {
         );
         assert_contiguous(&admin.received);
 
-        // alice got hers only; bob his only.
+        // alice got hers only (her user quota, her writes to her group's), bob his only.
         alices.drain(Duration::from_secs(1));
         bobs.drain(Duration::from_secs(1));
         for (who, monitor, uid) in [("alice", &alices, alice.uid), ("bob", &bobs, bob.uid)] {
             let warnings = monitor.quota_warnings();
             println!("INFO {who} received {warnings:?}");
             assert!(
-                warnings
-                    .iter()
-                    .all(|w| w["excess_id"] == u64::from(uid) && w["major"] != 99),
+                warnings.iter().all(|w| w["major"] != 99
+                    && if w["quota_type"] == "user" {
+                        w["excess_id"] == u64::from(uid)
+                    } else {
+                        w["caused_id"] == u64::from(uid)
+                    }),
                 "{who} received a warning about someone else: {warnings:?}"
             );
         }
