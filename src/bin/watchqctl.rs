@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, ReceivedObject, SubscriptionProxy,
-    WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy, ReceivedObject,
+    SubscriptionProxy, WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -332,6 +332,25 @@ fn print_signal(message: &zbus::Message, json: bool) {
                     format!(
                         "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) sector {sector} +{sectors}, op {operation}"
                     )
+                }
+            },
+        ),
+        "FilesystemError" => body.deserialize::<FilesystemErrorBody>().ok().map(
+            |(seq, tag, kind, device, major, minor, fs_type, mount_point, errno_name, errno, count, inode, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "FilesystemError", "seq": seq, "tag": tag, "source": "filesystems",
+                        "kind": kind, "device": device, "major": major, "minor": minor,
+                        "fs_type": fs_type, "mount_point": mount_point, "errno_name": errno_name,
+                        "errno": errno, "error_count": count, "inode": inode,
+                        "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else if kind == "read-only" {
+                    format!("#{seq:<6} filesystems {fs_type} on {device} ({major}:{minor}) at {mount_point} is now read-only (last error {errno_name})")
+                } else {
+                    let inode = if inode == 0 { String::new() } else { format!(" inode {inode}") };
+                    format!("#{seq:<6} filesystems {errno_name} x{count} on {device} ({major}:{minor}) {fs_type} at {mount_point}{inode}")
                 }
             },
         ),

@@ -60,7 +60,8 @@ impl SubscriptionObject {
     /// spec holds the source's match keys. devices: "subsystem" (s: block or usb),
     /// "devtype" (s), "name" (s, with * and ? wildcards), "properties" (a{ss}, uevent
     /// properties that must be equal). block-errors (administrators): "name" (s, the
-    /// device's kernel name, with * and ? wildcards).
+    /// device's kernel name, with * and ? wildcards). filesystems (administrators):
+    /// "path" (s, absolute; the whole filesystem holding it is watched).
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -190,6 +191,33 @@ impl SubscriptionObject {
         errno_name: &str,
         errno: i32,
         count: u64,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// A watched filesystem reported an error (fanotify FAN_FS_ERROR), kind "error", or
+    /// switched between read-write and read-only, kind "read-only" (after an error with
+    /// errors=remount-ro, or a remount; attributes read-only (b) and after-error (b)).
+    /// device is the kernel name (loop3) or the mount source; fs_type and mount_point
+    /// where it is mounted; errno_name and errno the first error the event stands for
+    /// (EUCLEAN = 117 is the kernel's EFSCORRUPTED, also given as kernel-errno-name; for
+    /// read-only, the last error before the switch, 0 if none); error_count how many
+    /// errors the kernel merged into this event; inode the inode concerned, 0 when the
+    /// filesystem named none (errors of the filesystem as a whole).
+    #[zbus(signal)]
+    pub async fn filesystem_error(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        kind: &str,
+        device: &str,
+        major: u32,
+        minor: u32,
+        fs_type: &str,
+        mount_point: &str,
+        errno_name: &str,
+        errno: i32,
+        error_count: u32,
+        inode: u64,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

@@ -3,6 +3,7 @@
 //! Nothing here is mocked; every wait has a timeout and says what it waited for.
 #![allow(dead_code)]
 
+pub mod ext4;
 pub mod polkit;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,7 +18,8 @@ use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, SubscriptionProxy, WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
+    SubscriptionProxy, WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -397,6 +399,21 @@ pub enum Signal {
         count: u64,
         attributes: HashMap<String, OwnedVariant>,
     },
+    FilesystemError {
+        seq: u64,
+        tag: u64,
+        kind: String,
+        device: String,
+        major: u32,
+        minor: u32,
+        fs_type: String,
+        mount_point: String,
+        errno_name: String,
+        errno: i32,
+        error_count: u32,
+        inode: u64,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -405,7 +422,8 @@ impl Signal {
             Signal::Device { seq, .. }
             | Signal::Lost { seq, .. }
             | Signal::WatchRemoved { seq, .. }
-            | Signal::BlockError { seq, .. } => *seq,
+            | Signal::BlockError { seq, .. }
+            | Signal::FilesystemError { seq, .. } => *seq,
         }
     }
 
@@ -420,9 +438,9 @@ impl Signal {
     /// The typed attributes of a signal that carries them.
     pub fn attributes(&self) -> Option<&HashMap<String, OwnedVariant>> {
         match self {
-            Signal::Device { attributes, .. } | Signal::BlockError { attributes, .. } => {
-                Some(attributes)
-            }
+            Signal::Device { attributes, .. }
+            | Signal::BlockError { attributes, .. }
+            | Signal::FilesystemError { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -505,6 +523,40 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 errno_name,
                 errno,
                 count,
+                attributes,
+            })
+        }
+        "FilesystemError" => {
+            let (
+                seq,
+                tag,
+                kind,
+                device,
+                major,
+                minor,
+                fs_type,
+                mount_point,
+                errno_name,
+                errno,
+                error_count,
+                inode,
+                attributes,
+            ) = body
+                .deserialize::<FilesystemErrorBody>()
+                .expect("FilesystemError body");
+            Some(Signal::FilesystemError {
+                seq,
+                tag,
+                kind,
+                device,
+                major,
+                minor,
+                fs_type,
+                mount_point,
+                errno_name,
+                errno,
+                error_count,
+                inode,
                 attributes,
             })
         }
