@@ -54,6 +54,21 @@ pub type FilesystemErrorBody = (
     HashMap<String, OwnedVariant>,
 );
 
+/// `SpaceWarning(t seq, t tag, s state, s level, s path, s mount_point,
+/// t available_bytes, t total_bytes, t threshold_bytes, a{sv} attributes)` as received.
+pub type SpaceWarningBody = (
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    String,
+    u64,
+    u64,
+    u64,
+    HashMap<String, OwnedVariant>,
+);
+
 /// `Lost(t seq, t count, s source, s reason)` as received.
 pub type LostBody = (u64, u64, String, String);
 

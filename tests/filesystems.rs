@@ -7,8 +7,6 @@ mod common;
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::ext4::Ext4;
@@ -363,67 +361,10 @@ async fn bad_filesystem_watches_are_refused_with_a_reason() {
 // ---------------------------------------------------------------------------------------
 // A caller that is not root: this binary run again as a test user.
 
-const CLIENT_ENV: &str = "WATCHQ_FS_CLIENT";
-
-/// The entry point of client processes: does nothing unless started by [`as_user`].
-/// Subscribes, asks for the watch in `WATCHQ_FS_WATCH` (kind and path) and prints the
-/// outcome as `@@ ok` or `@@ <error name>`.
+/// The client side of `common::ext4::as_user`; does nothing in a normal run.
 #[test]
 fn client_process() {
-    let Ok(address) = std::env::var(CLIENT_ENV) else {
-        return;
-    };
-    let request = std::env::var("WATCHQ_FS_WATCH").expect("WATCHQ_FS_WATCH");
-    let (kind, path) = request.split_once(' ').expect("kind path");
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let outcome = runtime.block_on(async {
-        let conn = watchqd::client::connect(Some(&address))
-            .await
-            .expect("client connect");
-        let watcher = Subscriber::on(conn, Default::default()).await;
-        let spec = [("path", Variant::from(path))].into_iter().collect();
-        match watcher.proxy.add_watch(kind, 1, spec).await {
-            Ok(()) => "ok".to_owned(),
-            Err(zbus::Error::MethodError(name, message, _)) => {
-                format!("{name} {}", message.unwrap_or_default())
-            }
-            Err(e) => format!("error {e}"),
-        }
-    });
-    println!("@@ {outcome}");
-}
-
-/// Runs [`client_process`] as `user`; returns what it printed after `@@ `.
-pub fn as_user(daemon: &Daemon, user: &common::polkit::User, kind: &str, path: &str) -> String {
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args([
-            "--exact",
-            "client_process",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .uid(user.uid)
-        .gid(user.gid)
-        .env(CLIENT_ENV, daemon.address())
-        .env("WATCHQ_FS_WATCH", format!("{kind} {path}"))
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("client process");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.split_once("@@ ").map(|(_, a)| a.to_owned()))
-        .unwrap_or_else(|| {
-            panic!(
-                "the client printed no outcome; stdout:\n{stdout}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    common::ext4::client_process();
 }
 
 /// A local user without an administrator authorization is refused filesystem errors
@@ -433,7 +374,7 @@ fn users_without_authorization_are_refused_filesystem_errors() {
     let daemon = Daemon::with_polkit("");
     let fs = Ext4::new(16, &[], "");
     let alice = common::polkit::user("watchq-alice");
-    let outcome = as_user(&daemon, &alice, "filesystems", &fs.path_str());
+    let outcome = common::ext4::as_user(&daemon, &alice, &format!("filesystems {}", fs.path_str()));
     assert!(
         outcome.starts_with("org.watchq1.Error.AccessDenied"),
         "{outcome}"

@@ -9,7 +9,7 @@ use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
     BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy, ReceivedObject,
-    SubscriptionProxy, WatchRemovedBody,
+    SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -351,6 +351,21 @@ fn print_signal(message: &zbus::Message, json: bool) {
                 } else {
                     let inode = if inode == 0 { String::new() } else { format!(" inode {inode}") };
                     format!("#{seq:<6} filesystems {errno_name} x{count} on {device} ({major}:{minor}) {fs_type} at {mount_point}{inode}")
+                }
+            },
+        ),
+        "SpaceWarning" => body.deserialize::<SpaceWarningBody>().ok().map(
+            |(seq, tag, state, level, path, mount_point, available, total, threshold, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "SpaceWarning", "seq": seq, "tag": tag, "source": "space",
+                        "state": state, "level": level, "path": path, "mount_point": mount_point,
+                        "available_bytes": available, "total_bytes": total,
+                        "threshold_bytes": threshold, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    format!("#{seq:<6} space {level} {state} on {mount_point} ({path}): {available} of {total} bytes available, threshold {threshold}")
                 }
             },
         ),

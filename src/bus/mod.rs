@@ -433,6 +433,26 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                 )
                 .await
             }
+            crate::source::space::NAME => {
+                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+                SubscriptionObject::space_warning(
+                    emitter,
+                    *seq,
+                    *tag,
+                    record.attr_str("state").unwrap_or_default(),
+                    crate::source::space::SUBTYPES
+                        .get(usize::from(record.subtype))
+                        .copied()
+                        .unwrap_or("low"),
+                    record.attr_str("path").unwrap_or_default(),
+                    record.attr_str("mount-point").unwrap_or_default(),
+                    number("available-bytes"),
+                    number("total-bytes"),
+                    number("threshold-bytes"),
+                    types::AttrMap(&record.attributes),
+                )
+                .await
+            }
             other => Err(zbus::Error::Failure(format!(
                 "no signal for source {other}"
             ))),

@@ -61,7 +61,9 @@ impl SubscriptionObject {
     /// "devtype" (s), "name" (s, with * and ? wildcards), "properties" (a{ss}, uevent
     /// properties that must be equal). block-errors (administrators): "name" (s, the
     /// device's kernel name, with * and ? wildcards). filesystems (administrators):
-    /// "path" (s, absolute; the whole filesystem holding it is watched).
+    /// "path" (s, absolute; the whole filesystem holding it is watched). space (own):
+    /// "path" (s, absolute, which the caller must be able to reach) and exactly one of
+    /// "low-percent" (u, 1-99) and "low-bytes" (t).
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -218,6 +220,29 @@ impl SubscriptionObject {
         errno: i32,
         error_count: u32,
         inode: u64,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// Space on a watched filesystem crossed or cleared a level of this watch. state is
+    /// "crossed" or "cleared"; level "low" (available space below the watch's
+    /// low-percent or low-bytes) or "full" (at most 1% of the size left for
+    /// unprivileged users: ext4 says ENOSPC before nothing at all is left);
+    /// path the path the watch named, mount_point where its filesystem is mounted;
+    /// available_bytes and total_bytes as df counts them (f_bavail, f_blocks);
+    /// threshold_bytes the level's threshold. Each crossing is sent once;
+    /// a level clears once space is 1% of the size above its threshold.
+    #[zbus(signal)]
+    pub async fn space_warning(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        state: &str,
+        level: &str,
+        path: &str,
+        mount_point: &str,
+        available_bytes: u64,
+        total_bytes: u64,
+        threshold_bytes: u64,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

@@ -8,6 +8,7 @@
 pub mod blockerr;
 pub mod devices;
 pub mod filesystems;
+pub mod space;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -152,6 +153,7 @@ impl Registry {
             Arc::new(devices::Devices::new(&config.devices)),
             Arc::new(blockerr::BlockErrors::new()),
             Arc::new(filesystems::Filesystems::new()),
+            Arc::new(space::Space::new()),
         ];
         Registry { sources }
     }

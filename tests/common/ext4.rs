@@ -4,8 +4,11 @@
 
 use std::fs;
 use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
+
+use zbus::Variant;
 
 use super::{run, LoopDevice};
 
@@ -95,4 +98,76 @@ impl Drop for Ext4 {
             }
         }
     }
+}
+
+// -------------------------------------------------------------------------------------
+// A caller that is not root: the test binary run again as a test user.
+
+const CLIENT_ENV: &str = "WATCHQ_FS_CLIENT";
+
+/// The entry point of client processes: does nothing unless started by [`as_user`].
+/// Subscribes, asks for the watch in `WATCHQ_FS_WATCH` (kind and path) and prints the
+/// outcome as `@@ ok` or `@@ <error name>`.
+pub fn client_process() {
+    let Ok(address) = std::env::var(CLIENT_ENV) else {
+        return;
+    };
+    let request = std::env::var("WATCHQ_FS_WATCH").expect("WATCHQ_FS_WATCH");
+    let mut words = request.split(' ');
+    let (kind, path) = (words.next().expect("kind"), words.next().expect("path"));
+    let percent: Option<u32> = words.next().map(|p| p.parse().expect("low-percent"));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let outcome = runtime.block_on(async {
+        let conn = watchqd::client::connect(Some(&address))
+            .await
+            .expect("client connect");
+        let watcher = super::Subscriber::on(conn, Default::default()).await;
+        let mut spec: std::collections::HashMap<&str, Variant<'_>> =
+            [("path", Variant::from(path))].into_iter().collect();
+        if let Some(percent) = percent {
+            spec.insert("low-percent", Variant::from(percent));
+        }
+        match watcher.proxy.add_watch(kind, 1, spec).await {
+            Ok(()) => "ok".to_owned(),
+            Err(zbus::Error::MethodError(name, message, _)) => {
+                format!("{name} {}", message.unwrap_or_default())
+            }
+            Err(e) => format!("error {e}"),
+        }
+    });
+    println!("@@ {outcome}");
+}
+
+/// Runs this test binary's `client_process` as `user` with `request` (\"KIND PATH
+/// [LOW-PERCENT]\"); returns what it printed after `@@ `.
+pub fn as_user(daemon: &super::Daemon, user: &super::polkit::User, request: &str) -> String {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args([
+            "--exact",
+            "client_process",
+            "--nocapture",
+            "--test-threads=1",
+        ])
+        .uid(user.uid)
+        .gid(user.gid)
+        .env(CLIENT_ENV, daemon.address())
+        .env("WATCHQ_FS_WATCH", request)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("client process");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    stdout
+        .lines()
+        .find_map(|l| l.split_once("@@ ").map(|(_, a)| a.to_owned()))
+        .unwrap_or_else(|| {
+            panic!(
+                "the client printed no outcome; stdout:\n{stdout}\nstderr:\n{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })
 }

@@ -19,7 +19,7 @@ use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, 
 
 use watchqd::client::{
     BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
-    SubscriptionProxy, WatchRemovedBody,
+    SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -414,6 +414,18 @@ pub enum Signal {
         inode: u64,
         attributes: HashMap<String, OwnedVariant>,
     },
+    SpaceWarning {
+        seq: u64,
+        tag: u64,
+        state: String,
+        level: String,
+        path: String,
+        mount_point: String,
+        available_bytes: u64,
+        total_bytes: u64,
+        threshold_bytes: u64,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -423,7 +435,8 @@ impl Signal {
             | Signal::Lost { seq, .. }
             | Signal::WatchRemoved { seq, .. }
             | Signal::BlockError { seq, .. }
-            | Signal::FilesystemError { seq, .. } => *seq,
+            | Signal::FilesystemError { seq, .. }
+            | Signal::SpaceWarning { seq, .. } => *seq,
         }
     }
 
@@ -440,7 +453,8 @@ impl Signal {
         match self {
             Signal::Device { attributes, .. }
             | Signal::BlockError { attributes, .. }
-            | Signal::FilesystemError { attributes, .. } => Some(attributes),
+            | Signal::FilesystemError { attributes, .. }
+            | Signal::SpaceWarning { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -557,6 +571,34 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 errno,
                 error_count,
                 inode,
+                attributes,
+            })
+        }
+        "SpaceWarning" => {
+            let (
+                seq,
+                tag,
+                state,
+                level,
+                path,
+                mount_point,
+                available_bytes,
+                total_bytes,
+                threshold_bytes,
+                attributes,
+            ) = body
+                .deserialize::<SpaceWarningBody>()
+                .expect("SpaceWarning body");
+            Some(Signal::SpaceWarning {
+                seq,
+                tag,
+                state,
+                level,
+                path,
+                mount_point,
+                available_bytes,
+                total_bytes,
+                threshold_bytes,
                 attributes,
             })
         }
