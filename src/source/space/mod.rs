@@ -341,9 +341,12 @@ impl EventSource for Space {
             wake: Arc::clone(&wake),
             pending: VecDeque::new(),
             buf: Vec::with_capacity(fanotify::READ_SIZE),
+            generation: 0,
         };
         let mut state = lock(&self.state);
         state.generation += 1;
+        let mut reader = reader;
+        reader.generation = state.generation;
         state.running = Some(Running {
             fan,
             filesystems: HashMap::new(),
@@ -583,11 +586,22 @@ struct Reader {
     wake: Arc<Notify>,
     pending: VecDeque<SourceMsg>,
     buf: Vec<u8>,
+    /// The run this reader belongs to.
+    generation: u64,
 }
 
 impl Drop for Reader {
     fn drop(&mut self) {
-        lock(&self.state).running = None;
+        // The group closes with the last Arc: make sure the state does not keep it. A
+        // stream being dropped late must not end a newer run's state.
+        let mut state = lock(&self.state);
+        if state
+            .running
+            .as_ref()
+            .is_some_and(|r| r.generation == self.generation)
+        {
+            state.running = None;
+        }
     }
 }
 
