@@ -137,6 +137,7 @@ async fn ext4_errors_arrive_typed_with_errno_count_and_inode_only_where_watched(
     // 1. The kernel's own trigger: ext4_error() without an inode, EFSCORRUPTED (117).
     let sent = Instant::now();
     fs.trigger_error("watchq test");
+    let written = sent.elapsed();
     watcher
         .until("the triggered FilesystemError", |s| {
             !fs_errors(s).is_empty()
@@ -178,7 +179,9 @@ async fn ext4_errors_arrive_typed_with_errno_count_and_inode_only_where_watched(
     );
     assert_eq!(first.attr_u64("handle-type"), Some(255));
     assert_eq!(first.attr_u64("inode"), None);
-    eprintln!("trigger_fs_error → FilesystemError received: {latency:?}");
+    eprintln!(
+        "trigger_fs_error: the write took {written:?}; FilesystemError received after {latency:?}"
+    );
 
     // Three more: however the kernel merges them, the counts add up to three.
     for i in 0..3 {
@@ -324,6 +327,53 @@ async fn unmounting_a_watched_filesystem_ends_its_watch() {
     }
     wait_fanotify_fds(&daemon, 0, "after the watched filesystem went");
     assert!(watcher.proxy.watches().await.expect("Watches").is_empty());
+}
+
+/// Two watches of one filesystem (through different paths) share its mark: removing
+/// one leaves the other receiving, and the first receives nothing more.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_of_one_filesystem_share_its_mark() {
+    let daemon = Daemon::start();
+    let fs = Ext4::new(16, &[], "");
+    let sub = fs.path().join("sub");
+    fs::create_dir(&sub).unwrap();
+    let mut first = Subscriber::new(&daemon).await;
+    let mut second = Subscriber::new(&daemon).await;
+    first
+        .watch(
+            "filesystems",
+            1,
+            &[("path", Variant::from(fs.path_str().as_str()))],
+        )
+        .await;
+    second
+        .watch(
+            "filesystems",
+            2,
+            &[("path", Variant::from(sub.to_str().unwrap()))],
+        )
+        .await;
+    assert_eq!(fanotify_fds(&daemon), 1, "one group for every watch");
+    fs.trigger_error("both");
+    first
+        .until("the first watch's error", |s| !fs_errors(s).is_empty())
+        .await;
+    second
+        .until("the second watch's error", |s| !fs_errors(s).is_empty())
+        .await;
+    first.proxy.remove_watch(1).await.expect("RemoveWatch");
+    fs.trigger_error("second only");
+    second
+        .until("the second error", |s| fs_errors(s).len() >= 2)
+        .await;
+    assert!(first.next(Duration::from_millis(300)).await.is_none());
+    assert_eq!(fs_errors(&first.received).len(), 1);
+    for s in fs_errors(&second.received) {
+        assert!(
+            matches!(s, Signal::FilesystemError { tag: 2, mount_point, .. } if mount_point == &fs.path_str())
+        );
+    }
+    assert_eq!(fanotify_fds(&daemon), 1);
 }
 
 /// Bad specs are refused with InvalidArgument or NotFound before anything is armed.
