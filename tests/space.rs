@@ -258,3 +258,47 @@ fn users_watch_only_paths_they_can_reach() {
             .await;
     });
 }
+
+/// Two users watch the same filesystem with their own thresholds: each receives its own
+/// warning, once, and nothing of the other's.
+#[test]
+fn each_user_receives_its_own_warnings_only() {
+    let daemon = Daemon::with_polkit("");
+    let fs = Ext4::new(32, &["-m", "0"], "");
+    let shared = fs.path().join("shared");
+    fs::create_dir(&shared).unwrap();
+    fs::set_permissions(&shared, fs::Permissions::from_mode(0o777)).unwrap();
+    let (alice, bob) = (
+        common::polkit::user("watchq-alice"),
+        common::polkit::user("watchq-bob"),
+    );
+    let request = |percent: u32| format!("space {} {percent}", shared.display());
+    // Each expects one warning, then proves over 8 s that no second one came.
+    let mut a = common::ext4::spawn_as_user(&daemon, &alice, &request(50), 2, 8000);
+    let mut b = common::ext4::spawn_as_user(&daemon, &bob, &request(60), 2, 8000);
+    assert_eq!(a.next_line(), "ok");
+    assert_eq!(b.next_line(), "ok");
+    std::thread::sleep(Duration::from_millis(300));
+    let path = fs.path().to_owned();
+    let mut file = fs::File::create(path.join("fill")).unwrap();
+    fill(&mut file, &vec![7u8; 256 << 10], || {
+        let (avail, total) = available(&path);
+        avail * 100 < total * 30
+    });
+    let (_, total) = available(&path);
+    let a_line = a.next_line();
+    let b_line = b.next_line();
+    assert!(
+        a_line.starts_with("SpaceWarning 1 low crossed "),
+        "{a_line}"
+    );
+    assert!(
+        b_line.starts_with("SpaceWarning 1 low crossed "),
+        "{b_line}"
+    );
+    let threshold = |line: &str| -> u64 { line.rsplit(' ').next().unwrap().parse().unwrap() };
+    assert_eq!(threshold(&a_line), total / 2, "alice's own threshold");
+    assert_eq!(threshold(&b_line), total * 60 / 100, "bob's own threshold");
+    assert_eq!(a.next_line(), "timeout", "alice received a second signal");
+    assert_eq!(b.next_line(), "timeout", "bob received a second signal");
+}

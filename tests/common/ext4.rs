@@ -105,14 +105,25 @@ impl Drop for Ext4 {
 
 const CLIENT_ENV: &str = "WATCHQ_FS_CLIENT";
 
-/// The entry point of client processes: does nothing unless started by [`as_user`].
-/// Subscribes, asks for the watch in `WATCHQ_FS_WATCH` (kind and path) and prints the
-/// outcome as `@@ ok` or `@@ <error name>`.
+/// The entry point of client processes: does nothing unless started by
+/// [`spawn_as_user`]. Subscribes, asks for the watch in `WATCHQ_FS_WATCH` (`KIND PATH
+/// [LOW-PERCENT]`) and prints the outcome as `@@ ok` or `@@ <error name> <message>`;
+/// then, if `WATCHQ_FS_SIGNALS` is N, prints the first N signals it receives as
+/// `@@ <member> <tag> ...` (or `@@ timeout` after `WATCHQ_FS_WAIT_MS`).
 pub fn client_process() {
     let Ok(address) = std::env::var(CLIENT_ENV) else {
         return;
     };
     let request = std::env::var("WATCHQ_FS_WATCH").expect("WATCHQ_FS_WATCH");
+    let wanted: usize = std::env::var("WATCHQ_FS_SIGNALS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    // How long to wait for each signal; a short wait proves that nothing more came.
+    let wait = std::env::var("WATCHQ_FS_WAIT_MS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .map_or(super::TIMEOUT, std::time::Duration::from_millis);
     let mut words = request.split(' ');
     let (kind, path) = (words.next().expect("kind"), words.next().expect("path"));
     let percent: Option<u32> = words.next().map(|p| p.parse().expect("low-percent"));
@@ -121,31 +132,76 @@ pub fn client_process() {
         .enable_all()
         .build()
         .expect("runtime");
-    let outcome = runtime.block_on(async {
+    runtime.block_on(async {
         let conn = watchqd::client::connect(Some(&address))
             .await
             .expect("client connect");
-        let watcher = super::Subscriber::on(conn, Default::default()).await;
+        let mut watcher = super::Subscriber::on(conn, Default::default()).await;
         let mut spec: std::collections::HashMap<&str, Variant<'_>> =
             [("path", Variant::from(path))].into_iter().collect();
         if let Some(percent) = percent {
             spec.insert("low-percent", Variant::from(percent));
         }
-        match watcher.proxy.add_watch(kind, 1, spec).await {
+        let outcome = match watcher.proxy.add_watch(kind, 1, spec).await {
             Ok(()) => "ok".to_owned(),
             Err(zbus::Error::MethodError(name, message, _)) => {
                 format!("{name} {}", message.unwrap_or_default())
             }
             Err(e) => format!("error {e}"),
+        };
+        println!("@@ {outcome}");
+        for _ in 0..wanted {
+            let line = match watcher.next(wait).await {
+                Some(super::Signal::SpaceWarning {
+                    tag,
+                    level,
+                    state,
+                    threshold_bytes,
+                    ..
+                }) => format!("SpaceWarning {tag} {level} {state} {threshold_bytes}"),
+                Some(super::Signal::FilesystemError { tag, kind, .. }) => {
+                    format!("FilesystemError {tag} {kind}")
+                }
+                Some(other) => format!("{other:?}"),
+                None => "timeout".to_owned(),
+            };
+            println!("@@ {line}");
         }
     });
-    println!("@@ {outcome}");
 }
 
-/// Runs this test binary's `client_process` as `user` with `request` (\"KIND PATH
-/// [LOW-PERCENT]\"); returns what it printed after `@@ `.
-pub fn as_user(daemon: &super::Daemon, user: &super::polkit::User, request: &str) -> String {
-    let out = Command::new(std::env::current_exe().expect("test binary"))
+/// A client process running as a test user.
+pub struct UserClient {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl UserClient {
+    /// The next `@@` line, failing after [`super::TIMEOUT`].
+    pub fn next_line(&mut self) -> String {
+        self.lines
+            .recv_timeout(super::TIMEOUT)
+            .unwrap_or_else(|_| panic!("the client printed nothing more"))
+    }
+}
+
+impl Drop for UserClient {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts this test binary's `client_process` as `user` with `request`, to print its
+/// outcome and then `signals` signals, waiting at most `wait_ms` for each.
+pub fn spawn_as_user(
+    daemon: &super::Daemon,
+    user: &super::polkit::User,
+    request: &str,
+    signals: usize,
+    wait_ms: u64,
+) -> UserClient {
+    let mut child = Command::new(std::env::current_exe().expect("test binary"))
         .args([
             "--exact",
             "client_process",
@@ -156,18 +212,31 @@ pub fn as_user(daemon: &super::Daemon, user: &super::polkit::User, request: &str
         .gid(user.gid)
         .env(CLIENT_ENV, daemon.address())
         .env("WATCHQ_FS_WATCH", request)
+        .env("WATCHQ_FS_SIGNALS", signals.to_string())
+        .env("WATCHQ_FS_WAIT_MS", wait_ms.to_string())
         .env_remove("RUST_LOG")
         .stdin(Stdio::null())
-        .output()
+        .stdout(Stdio::piped())
+        .spawn()
         .expect("client process");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    stdout
-        .lines()
-        .find_map(|l| l.split_once("@@ ").map(|(_, a)| a.to_owned()))
-        .unwrap_or_else(|| {
-            panic!(
-                "the client printed no outcome; stdout:\n{stdout}\nstderr:\n{}",
-                String::from_utf8_lossy(&out.stderr)
-            )
-        })
+    let stdout = child.stdout.take().expect("client stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            // libtest may have printed "test client_process ... " on the same line.
+            if let Some((_, answer)) = line.split_once("@@ ") {
+                if tx.send(answer.to_owned()).is_err() {
+                    break;
+                }
+            }
+        }
+    });
+    UserClient { child, lines }
+}
+
+/// The outcome of one watch request by `user` (`ok` or the error name and message).
+pub fn as_user(daemon: &super::Daemon, user: &super::polkit::User, request: &str) -> String {
+    spawn_as_user(daemon, user, request, 0, 0).next_line()
 }
