@@ -302,3 +302,51 @@ fn each_user_receives_its_own_warnings_only() {
     assert_eq!(a.next_line(), "timeout", "alice received a second signal");
     assert_eq!(b.next_line(), "timeout", "bob received a second signal");
 }
+
+/// `watchqctl monitor` with no source named watches every source it may, leaving out
+/// the ones that need options (filesystems, space); with options, space is watched and
+/// its numeric options are sent as numbers.
+#[test]
+fn watchqctl_monitor_leaves_out_sources_that_need_options() {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let daemon = Daemon::with_polkit("");
+    let first_line = |command: &mut std::process::Command| {
+        let mut child = command
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("watchqctl");
+        let mut line = String::new();
+        std::io::BufReader::new(child.stderr.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let _ = child.kill();
+        let _ = child.wait();
+        line
+    };
+    let watchqctl = env!("CARGO_BIN_EXE_watchqctl");
+    let line = first_line(
+        std::process::Command::new(watchqctl)
+            .args(["--address", daemon.address(), "monitor"])
+            .uid(65534)
+            .gid(65534),
+    );
+    assert!(line.starts_with("watching devices"), "{line}");
+    assert!(
+        line.contains("need --match options: filesystems, space"),
+        "{line}"
+    );
+    let fs = Ext4::new(16, &[], "");
+    let line = first_line(std::process::Command::new(watchqctl).args([
+        "--address",
+        daemon.address(),
+        "monitor",
+        "--match",
+        &format!("path={}", fs.path_str()),
+        "--match",
+        "low-percent=10",
+        "space",
+    ]));
+    assert!(line.starts_with("watching space "), "{line}");
+}

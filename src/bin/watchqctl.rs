@@ -40,7 +40,8 @@ enum Command {
         /// Events the daemon keeps for us if we fall behind.
         #[arg(long, value_name = "N")]
         queue_depth: Option<u32>,
-        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name).
+        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name;
+        /// filesystems: path; space: path, low-percent or low-bytes).
         #[arg(long = "match", value_name = "KEY=VALUE")]
         matches: Vec<String>,
         /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
@@ -191,7 +192,16 @@ async fn monitor(
         let (key, value) = m
             .split_once('=')
             .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
-        spec.insert(key, Variant::from(value));
+        // The space thresholds are numbers on the bus; everything else is a string.
+        let typed = match key {
+            "low-percent" => value.parse::<u32>().map(Variant::from),
+            "low-bytes" => value.parse::<u64>().map(Variant::from),
+            _ => Ok(Variant::from(value)),
+        };
+        spec.insert(
+            key,
+            typed.map_err(|e| format!("--match {key} takes a number, got '{value}': {e}"))?,
+        );
     }
 
     let mut subscribe_options = HashMap::new();
@@ -221,6 +231,7 @@ async fn monitor(
     // Without named sources, every available one the caller is allowed to watch.
     let implicit = options.sources.is_empty();
     let mut refused = Vec::new();
+    let mut needs_options = Vec::new();
     for (index, source) in sources.iter().enumerate() {
         let tag = u64::try_from(index).unwrap_or(u64::MAX) + 1;
         let spec = spec
@@ -234,12 +245,18 @@ async fn monitor(
             {
                 refused.push(source.clone());
             }
+            // Sources that need options (a path) are left out of "every source".
+            Err(zbus::Error::MethodError(name, _, _))
+                if implicit && name.as_str() == "org.watchq1.Error.InvalidArgument" =>
+            {
+                needs_options.push(source.clone());
+            }
             Err(e) => return Err(format!("cannot watch {source}: {}", describe(&e))),
         }
     }
     let sources: Vec<String> = sources
         .into_iter()
-        .filter(|s| !refused.contains(s))
+        .filter(|s| !refused.contains(s) && !needs_options.contains(s))
         .collect();
     if sources.is_empty() {
         return Err(format!(
@@ -263,6 +280,14 @@ async fn monitor(
         String::new()
     } else {
         format!(" (not allowed: {})", refused.join(", "))
+    };
+    let not_allowed = if needs_options.is_empty() {
+        not_allowed
+    } else {
+        format!(
+            "{not_allowed} (need --match options: {})",
+            needs_options.join(", ")
+        )
     };
     eprintln!(
         "watching {}{not_allowed} (subscription {path}); Ctrl-C to stop",
