@@ -513,6 +513,9 @@ impl Reader {
                 }
             }
             self.buf = buf;
+            // Look at once, once per read however many errors it held; a filesystem
+            // still writable is looked at again RECHECK later.
+            self.recheck(Instant::now());
         }
     }
 
@@ -572,9 +575,6 @@ impl Reader {
         if !marked.read_only {
             marked.recheck = Some((now, true));
         }
-        drop(guard);
-        // Look at once; a still-writable filesystem is looked at again RECHECK later.
-        self.recheck(now);
     }
 
     /// Checks the filesystems whose read-only state is due to be looked at.
