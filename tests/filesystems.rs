@@ -293,6 +293,47 @@ async fn ext4_going_read_only_after_an_error_is_reported_once() {
     assert!(errors[0].seq() < switches[0].seq());
 }
 
+/// A remount between read-write and read-only (mountinfo POLLPRI) is reported as a
+/// read-only switch with no error behind it, each way once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remounting_read_only_and_back_is_reported_each_way() {
+    let daemon = Daemon::start();
+    let fs = Ext4::new(16, &[], "");
+    let mut watcher = Subscriber::new(&daemon).await;
+    watcher
+        .watch(
+            "filesystems",
+            4,
+            &[("path", Variant::from(fs.path_str().as_str()))],
+        )
+        .await;
+    run("mount", &["-o", "remount,ro", &fs.path_str()]);
+    watcher
+        .until("the switch to read-only", |s| {
+            !errors_of_kind(s, "read-only").is_empty()
+        })
+        .await;
+    run("mount", &["-o", "remount,rw", &fs.path_str()]);
+    watcher
+        .until("the switch back", |s| {
+            errors_of_kind(s, "read-only").len() >= 2
+        })
+        .await;
+    assert!(watcher.next(Duration::from_millis(300)).await.is_none());
+    let switches = errors_of_kind(&watcher.received, "read-only");
+    assert_eq!(switches.len(), 2, "{:?}", watcher.received);
+    assert_eq!(switches[0].attr_bool("read-only"), Some(true));
+    assert_eq!(switches[1].attr_bool("read-only"), Some(false));
+    for switch in &switches {
+        assert_eq!(switch.attr_bool("after-error"), Some(false));
+        assert!(
+            matches!(switch, Signal::FilesystemError { errno: 0, tag: 4, errno_name, .. } if errno_name.is_empty()),
+            "{switch:?}"
+        );
+    }
+    assert!(errors_of_kind(&watcher.received, "error").is_empty());
+}
+
 /// Unmounting the watched filesystem ends the watch with WatchRemoved, and with it the
 /// source's last watch: the group is closed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -675,10 +675,13 @@ fn base_attributes(fs: &FsInfo, error: i32) -> Attrs {
     attributes.insert("source".into(), fs.source.clone().into());
     attributes.insert("fsid".into(), format!("{:016x}", fs.fsid).into());
     attributes.insert("errno".into(), Attr::U32(error.unsigned_abs()));
-    attributes.insert(
-        "errno-name".into(),
-        crate::source::blockerr::wire::errno_name(error.abs()).into(),
-    );
+    // A switch to read-only with no error before it has no errno: an empty name.
+    let errno_name = if error == 0 {
+        String::new()
+    } else {
+        crate::source::blockerr::wire::errno_name(error.abs())
+    };
+    attributes.insert("errno-name".into(), errno_name.into());
     if let Some(name) = wire::filesystem_errno_name(error.abs()) {
         attributes.insert("kernel-errno-name".into(), name.into());
     }
