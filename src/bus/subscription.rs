@@ -202,7 +202,7 @@ impl SubscriptionObject {
     /// device is the kernel name (loop3) or the mount source; fs_type and mount_point
     /// where it is mounted; errno_name and errno the first error the event stands for
     /// (EUCLEAN = 117 is the kernel's EFSCORRUPTED, also given as kernel-errno-name; for
-    /// read-only, the last error before the switch, 0 if none); error_count how many
+    /// read-only, the last error before the switch: 0 and "" if none); error_count how many
     /// errors the kernel merged into this event; inode the inode concerned, 0 when the
     /// filesystem named none (errors of the filesystem as a whole).
     #[zbus(signal)]
