@@ -52,6 +52,40 @@ pub type QuotaWarningBody = (
     HashMap<String, OwnedVariant>,
 );
 
+/// `FilesystemError(t seq, t tag, s kind, s device, u major, u minor, s fs_type,
+/// s mount_point, s errno_name, i errno, u error_count, t inode, a{sv} attributes)` as
+/// received.
+pub type FilesystemErrorBody = (
+    u64,
+    u64,
+    String,
+    String,
+    u32,
+    u32,
+    String,
+    String,
+    String,
+    i32,
+    u32,
+    u64,
+    HashMap<String, OwnedVariant>,
+);
+
+/// `SpaceWarning(t seq, t tag, s state, s level, s path, s mount_point,
+/// t available_bytes, t total_bytes, t threshold_bytes, a{sv} attributes)` as received.
+pub type SpaceWarningBody = (
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    String,
+    u64,
+    u64,
+    u64,
+    HashMap<String, OwnedVariant>,
+);
+
 /// `Lost(t seq, t count, s source, s reason)` as received.
 pub type LostBody = (u64, u64, String, String);
 

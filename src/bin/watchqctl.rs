@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, QuotaWarningBody, ReceivedObject,
-    SubscriptionProxy, WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
+    QuotaWarningBody, ReceivedObject, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -40,7 +40,9 @@ enum Command {
         /// Events the daemon keeps for us if we fall behind.
         #[arg(long, value_name = "N")]
         queue_depth: Option<u32>,
-        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name; quota: scope, type, device).
+        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name;
+        /// quota: scope, type, device; filesystems: path; space: path, low-percent or
+        /// low-bytes).
         #[arg(long = "match", value_name = "KEY=VALUE")]
         matches: Vec<String>,
         /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
@@ -191,7 +193,16 @@ async fn monitor(
         let (key, value) = m
             .split_once('=')
             .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
-        spec.insert(key, Variant::from(value));
+        // The space thresholds are numbers on the bus; everything else is a string.
+        let typed = match key {
+            "low-percent" => value.parse::<u32>().map(Variant::from),
+            "low-bytes" => value.parse::<u64>().map(Variant::from),
+            _ => Ok(Variant::from(value)),
+        };
+        spec.insert(
+            key,
+            typed.map_err(|e| format!("--match {key} takes a number, got '{value}': {e}"))?,
+        );
     }
 
     let mut subscribe_options = HashMap::new();
@@ -221,6 +232,7 @@ async fn monitor(
     // Without named sources, every available one the caller is allowed to watch.
     let implicit = options.sources.is_empty();
     let mut refused = Vec::new();
+    let mut needs_options = Vec::new();
     for (index, source) in sources.iter().enumerate() {
         let tag = u64::try_from(index).unwrap_or(u64::MAX) + 1;
         let spec = spec
@@ -234,12 +246,18 @@ async fn monitor(
             {
                 refused.push(source.clone());
             }
+            // Sources that need options (a path) are left out of "every source".
+            Err(zbus::Error::MethodError(name, _, _))
+                if implicit && name.as_str() == "org.watchq1.Error.InvalidArgument" =>
+            {
+                needs_options.push(source.clone());
+            }
             Err(e) => return Err(format!("cannot watch {source}: {}", describe(&e))),
         }
     }
     let sources: Vec<String> = sources
         .into_iter()
-        .filter(|s| !refused.contains(s))
+        .filter(|s| !refused.contains(s) && !needs_options.contains(s))
         .collect();
     if sources.is_empty() {
         return Err(format!(
@@ -263,6 +281,14 @@ async fn monitor(
         String::new()
     } else {
         format!(" (not allowed: {})", refused.join(", "))
+    };
+    let not_allowed = if needs_options.is_empty() {
+        not_allowed
+    } else {
+        format!(
+            "{not_allowed} (need --match options: {})",
+            needs_options.join(", ")
+        )
     };
     eprintln!(
         "watching {}{not_allowed} (subscription {path}); Ctrl-C to stop",
@@ -355,6 +381,40 @@ fn print_signal(message: &zbus::Message, json: bool) {
                     format!(
                         "#{seq:<6} quota {kind} {resource} limit of {quota_type} {excess_id} on {device} ({major}:{minor}){place}, caused by uid {caused_id}"
                     )
+                }
+            },
+        ),
+        "FilesystemError" => body.deserialize::<FilesystemErrorBody>().ok().map(
+            |(seq, tag, kind, device, major, minor, fs_type, mount_point, errno_name, errno, count, inode, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "FilesystemError", "seq": seq, "tag": tag, "source": "filesystems",
+                        "kind": kind, "device": device, "major": major, "minor": minor,
+                        "fs_type": fs_type, "mount_point": mount_point, "errno_name": errno_name,
+                        "errno": errno, "error_count": count, "inode": inode,
+                        "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else if kind == "read-only" {
+                    format!("#{seq:<6} filesystems {fs_type} on {device} ({major}:{minor}) at {mount_point} is now read-only (last error {errno_name})")
+                } else {
+                    let inode = if inode == 0 { String::new() } else { format!(" inode {inode}") };
+                    format!("#{seq:<6} filesystems {errno_name} x{count} on {device} ({major}:{minor}) {fs_type} at {mount_point}{inode}")
+                }
+            },
+        ),
+        "SpaceWarning" => body.deserialize::<SpaceWarningBody>().ok().map(
+            |(seq, tag, state, level, path, mount_point, available, total, threshold, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "SpaceWarning", "seq": seq, "tag": tag, "source": "space",
+                        "state": state, "level": level, "path": path, "mount_point": mount_point,
+                        "available_bytes": available, "total_bytes": total,
+                        "threshold_bytes": threshold, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    format!("#{seq:<6} space {level} {state} on {mount_point} ({path}): {available} of {total} bytes available, threshold {threshold}")
                 }
             },
         ),

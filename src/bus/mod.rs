@@ -430,6 +430,50 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                 )
                 .await
             }
+            crate::source::filesystems::NAME => {
+                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+                SubscriptionObject::filesystem_error(
+                    emitter,
+                    *seq,
+                    *tag,
+                    crate::source::filesystems::SUBTYPES
+                        .get(usize::from(record.subtype))
+                        .copied()
+                        .unwrap_or("error"),
+                    record.attr_str("device").unwrap_or_default(),
+                    narrow("major"),
+                    narrow("minor"),
+                    record.attr_str("fs-type").unwrap_or_default(),
+                    record.attr_str("mount-point").unwrap_or_default(),
+                    record.attr_str("errno-name").unwrap_or_default(),
+                    i32::try_from(number("errno")).unwrap_or(i32::MAX),
+                    narrow("count"),
+                    number("inode"),
+                    types::AttrMap(&record.attributes),
+                )
+                .await
+            }
+            crate::source::space::NAME => {
+                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+                SubscriptionObject::space_warning(
+                    emitter,
+                    *seq,
+                    *tag,
+                    record.attr_str("state").unwrap_or_default(),
+                    crate::source::space::SUBTYPES
+                        .get(usize::from(record.subtype))
+                        .copied()
+                        .unwrap_or("low"),
+                    record.attr_str("path").unwrap_or_default(),
+                    record.attr_str("mount-point").unwrap_or_default(),
+                    number("available-bytes"),
+                    number("total-bytes"),
+                    number("threshold-bytes"),
+                    types::AttrMap(&record.attributes),
+                )
+                .await
+            }
             other => Err(zbus::Error::Failure(format!(
                 "no signal for source {other}"
             ))),

@@ -63,7 +63,10 @@ impl SubscriptionObject {
     /// device's kernel name, with * and ? wildcards). quota: "scope" (s: own, the
     /// default, for warnings about the caller's uid; system for every uid,
     /// administrators), "type" (s: user, group or project), "device" (s: MAJ:MIN or the
-    /// kernel name).
+    /// kernel name). filesystems (administrators): "path" (s, absolute; the whole
+    /// filesystem holding it is watched). space (own): "path" (s, absolute, which the
+    /// caller must be able to reach) and exactly one of "low-percent" (u, 1-99) and
+    /// "low-bytes" (t).
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -220,6 +223,56 @@ impl SubscriptionObject {
         device: &str,
         major: u32,
         minor: u32,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// A watched filesystem reported an error (fanotify FAN_FS_ERROR), kind "error", or
+    /// switched between read-write and read-only, kind "read-only" (after an error with
+    /// errors=remount-ro, or a remount; attributes read-only (b) and after-error (b)).
+    /// device is the kernel name (loop3) or the mount source; fs_type and mount_point
+    /// where it is mounted; errno_name and errno the first error the event stands for
+    /// (EUCLEAN = 117 is the kernel's EFSCORRUPTED, also given as kernel-errno-name; for
+    /// read-only, the last error before the switch: 0 and "" if none); error_count how many
+    /// errors the kernel merged into this event; inode the inode concerned, 0 when the
+    /// filesystem named none (errors of the filesystem as a whole).
+    #[zbus(signal)]
+    pub async fn filesystem_error(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        kind: &str,
+        device: &str,
+        major: u32,
+        minor: u32,
+        fs_type: &str,
+        mount_point: &str,
+        errno_name: &str,
+        errno: i32,
+        error_count: u32,
+        inode: u64,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// Space on a watched filesystem crossed or cleared a level of this watch. state is
+    /// "crossed" or "cleared"; level "low" (available space below the watch's
+    /// low-percent or low-bytes) or "full" (at most 1% of the size left for
+    /// unprivileged users: ext4 says ENOSPC before nothing at all is left);
+    /// path the path the watch named, mount_point where its filesystem is mounted;
+    /// available_bytes and total_bytes as df counts them (f_bavail, f_blocks);
+    /// threshold_bytes the level's threshold. Each crossing is sent once;
+    /// a level clears once space is 1% of the size above its threshold.
+    #[zbus(signal)]
+    pub async fn space_warning(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        state: &str,
+        level: &str,
+        path: &str,
+        mount_point: &str,
+        available_bytes: u64,
+        total_bytes: u64,
+        threshold_bytes: u64,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

@@ -7,7 +7,9 @@
 
 pub mod blockerr;
 pub mod devices;
+pub mod filesystems;
 pub mod quota;
+pub mod space;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -152,6 +154,8 @@ impl Registry {
             Arc::new(devices::Devices::new(&config.devices)),
             Arc::new(blockerr::BlockErrors::new()),
             Arc::new(quota::Quota::new()),
+            Arc::new(filesystems::Filesystems::new()),
+            Arc::new(space::Space::new()),
         ];
         Registry { sources }
     }

@@ -3,6 +3,7 @@
 //! Nothing here is mocked; every wait has a timeout and says what it waited for.
 #![allow(dead_code)]
 
+pub mod ext4;
 pub mod polkit;
 
 use std::collections::{BTreeMap, HashMap};
@@ -17,8 +18,8 @@ use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, QuotaWarningBody, SubscriptionProxy,
-    WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
+    QuotaWarningBody, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -412,6 +413,33 @@ pub enum Signal {
         minor: u32,
         attributes: HashMap<String, OwnedVariant>,
     },
+    FilesystemError {
+        seq: u64,
+        tag: u64,
+        kind: String,
+        device: String,
+        major: u32,
+        minor: u32,
+        fs_type: String,
+        mount_point: String,
+        errno_name: String,
+        errno: i32,
+        error_count: u32,
+        inode: u64,
+        attributes: HashMap<String, OwnedVariant>,
+    },
+    SpaceWarning {
+        seq: u64,
+        tag: u64,
+        state: String,
+        level: String,
+        path: String,
+        mount_point: String,
+        available_bytes: u64,
+        total_bytes: u64,
+        threshold_bytes: u64,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -421,7 +449,9 @@ impl Signal {
             | Signal::Lost { seq, .. }
             | Signal::WatchRemoved { seq, .. }
             | Signal::BlockError { seq, .. }
-            | Signal::QuotaWarning { seq, .. } => *seq,
+            | Signal::QuotaWarning { seq, .. }
+            | Signal::FilesystemError { seq, .. }
+            | Signal::SpaceWarning { seq, .. } => *seq,
         }
     }
 
@@ -438,7 +468,9 @@ impl Signal {
         match self {
             Signal::Device { attributes, .. }
             | Signal::BlockError { attributes, .. }
-            | Signal::QuotaWarning { attributes, .. } => Some(attributes),
+            | Signal::QuotaWarning { attributes, .. }
+            | Signal::FilesystemError { attributes, .. }
+            | Signal::SpaceWarning { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -553,6 +585,68 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 device,
                 major,
                 minor,
+                attributes,
+            })
+        }
+        "FilesystemError" => {
+            let (
+                seq,
+                tag,
+                kind,
+                device,
+                major,
+                minor,
+                fs_type,
+                mount_point,
+                errno_name,
+                errno,
+                error_count,
+                inode,
+                attributes,
+            ) = body
+                .deserialize::<FilesystemErrorBody>()
+                .expect("FilesystemError body");
+            Some(Signal::FilesystemError {
+                seq,
+                tag,
+                kind,
+                device,
+                major,
+                minor,
+                fs_type,
+                mount_point,
+                errno_name,
+                errno,
+                error_count,
+                inode,
+                attributes,
+            })
+        }
+        "SpaceWarning" => {
+            let (
+                seq,
+                tag,
+                state,
+                level,
+                path,
+                mount_point,
+                available_bytes,
+                total_bytes,
+                threshold_bytes,
+                attributes,
+            ) = body
+                .deserialize::<SpaceWarningBody>()
+                .expect("SpaceWarning body");
+            Some(Signal::SpaceWarning {
+                seq,
+                tag,
+                state,
+                level,
+                path,
+                mount_point,
+                available_bytes,
+                total_bytes,
+                threshold_bytes,
                 attributes,
             })
         }

@@ -1,0 +1,758 @@
+//! Filesystem errors, from fanotify's `FAN_FS_ERROR` (Linux 5.16+; ext4 reports them,
+//! xfs and others since later kernels).
+//!
+//! Touches: one fanotify group (`FAN_CLASS_NOTIF | FAN_REPORT_FID`, needs
+//! `CAP_SYS_ADMIN`) while someone watches, with one `FAN_MARK_FILESYSTEM` mark of
+//! `FAN_FS_ERROR` per watched filesystem (shared by every watch of it, removed with its
+//! last watch); `/proc/self/mountinfo`, read when the group starts and polled for
+//! `POLLPRI` (a mount table change) while it runs; `statfs(2)` and `stat(2)` of the
+//! watched paths; `readlink /sys/dev/block/MAJ:MIN` to name the device. Paths are
+//! resolved in the daemon's mount namespace.
+//!
+//! A watch names a path (`{"path": "/mnt/x"}`); it covers the whole filesystem that holds
+//! the path, wherever it is mounted. The filesystem is known by its `f_fsid` (what
+//! fanotify puts in each event) and named by its device `MAJ:MIN` (the watch's object).
+//!
+//! The kernel merges errors into one pending event per filesystem while the daemon has
+//! not read it; `error_count` says how many errors an event stands for, and `errno` is
+//! the first one's. The inode is reported when the filesystem gave one (ext4 encodes
+//! `FILEID_INO32_GEN`), none for errors of the filesystem as a whole (handle type 255).
+//!
+//! Going read-only: after an error, ext4 mounted with `errors=remount-ro` refuses writes.
+//! Neither fanotify nor mountinfo's `POLLPRI` says so: the kernel does not bump the mount
+//! namespace's event counter (no remount happens), and since 6.15 ext4 no longer even
+//! sets `SB_RDONLY` (so `statvfs` keeps saying read-write); what changes is the
+//! superblock's options, which mountinfo shows as `emergency_ro` (or `ro` on older
+//! kernels). So the source reads them right after each error of a filesystem that was
+//! writable. ext4 notifies the error *before* it switches to read-only, so when the first
+//! look still says writable, it looks once more [`RECHECK`] later: one timer, armed only
+//! after an error, never while nothing fails. A plain `mount -o remount,ro` does bump
+//! the counter, so the `POLLPRI` that also tells about unmounts reports it.
+//!
+//! Unmounting: on each mount table change the source checks that every watched device
+//! still has a mount; when one has none, its watches end with `WatchRemoved`
+//! (`unmounted`). The kernel drops the mark with the superblock.
+//!
+//! The source is idle when nobody watches: no fd, no timer.
+
+pub mod fanotify;
+pub mod wire;
+
+use std::collections::{HashMap, VecDeque};
+use std::fs;
+use std::io;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use futures_util::stream;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+
+use super::{
+    reject_unknown_keys, spec_str, ArmedWatch, Availability, EventSource, PlannedWatch,
+    SourceStream, WatchMatcher, WatchSpec,
+};
+use crate::error::Error;
+use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
+use crate::policy::{Identity, Scope};
+use fanotify::Fanotify;
+use wire::MountInfo;
+
+pub const NAME: &str = "filesystems";
+
+/// Never reorder: numbers are part of the interface.
+pub const SUBTYPES: &[&str] = &["error", "read-only"];
+const SUBTYPE_ERROR: u8 = 0;
+const SUBTYPE_READ_ONLY: u8 = 1;
+
+/// How long after an error the source looks again whether the filesystem went
+/// read-only (see the module documentation).
+pub const RECHECK: Duration = Duration::from_millis(200);
+
+const MOUNTINFO: &str = "/proc/self/mountinfo";
+
+/// A watched filesystem as the source describes it in events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsInfo {
+    pub fsid: u64,
+    pub major: u32,
+    pub minor: u32,
+    /// The kernel name of the block device (`loop3`), else the mount source.
+    pub device: String,
+    pub fs_type: String,
+    pub mount_point: String,
+    pub source: String,
+}
+
+impl FsInfo {
+    /// The watch's object: the filesystem's device number.
+    pub fn object(&self) -> String {
+        format!("{}:{}", self.major, self.minor)
+    }
+}
+
+struct Marked {
+    refs: usize,
+    fs: FsInfo,
+    read_only: bool,
+    /// The last error, reported again with the switch to read-only.
+    last_error: Option<(i32, u32)>,
+    /// Look at the read-only state at this time; `true`: and once more if still
+    /// writable.
+    recheck: Option<(Instant, bool)>,
+}
+
+/// What runs while someone watches; shared with the arm closures and watch holds.
+struct Running {
+    fan: Arc<Fanotify>,
+    /// By fsid.
+    marks: HashMap<u64, Marked>,
+    /// Tells holds of an earlier run from this one's.
+    generation: u64,
+}
+
+#[derive(Default)]
+struct State {
+    running: Option<Running>,
+    generation: u64,
+}
+
+type SharedState = Arc<Mutex<State>>;
+
+fn lock(state: &SharedState) -> MutexGuard<'_, State> {
+    state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+pub struct Filesystems {
+    state: SharedState,
+}
+
+impl Filesystems {
+    pub fn new() -> Self {
+        Filesystems {
+            state: Arc::default(),
+        }
+    }
+}
+
+impl Default for Filesystems {
+    fn default() -> Self {
+        Filesystems::new()
+    }
+}
+
+impl EventSource for Filesystems {
+    fn name(&self) -> &'static str {
+        NAME
+    }
+
+    fn subtypes(&self) -> &'static [&'static str] {
+        SUBTYPES
+    }
+
+    fn probe(&self) -> Availability {
+        let probe = || -> io::Result<()> {
+            let fan = Fanotify::new()?;
+            match fan.mark_filesystem(wire::FAN_FS_ERROR, Path::new("/")) {
+                Ok(()) => Ok(()),
+                Err(e) if e.raw_os_error() == Some(nix::libc::EINVAL) => Err(io::Error::new(
+                    e.kind(),
+                    "fanotify rejects FAN_FS_ERROR: the kernel is older than 5.16",
+                )),
+                // The root filesystem may not support file handles; others may.
+                Err(_) => Ok(()),
+            }
+        };
+        match probe() {
+            Ok(()) => Availability::Available,
+            Err(e) => Availability::Unavailable(e.to_string()),
+        }
+    }
+
+    /// Errors of a whole filesystem, whoever caused them: system scope (administrators).
+    fn parse_watch(&self, spec: &WatchSpec, _requester: &Identity) -> Result<PlannedWatch, Error> {
+        let path = parse_path(spec)?;
+        let state = Arc::clone(&self.state);
+        Ok(PlannedWatch::armed_by(Scope::System, move || {
+            arm(&state, &path)
+        }))
+    }
+
+    /// Errors are events, not objects: there is nothing to list.
+    fn scan(&self) -> io::Result<Vec<Object>> {
+        Ok(Vec::new())
+    }
+
+    fn open(&self) -> io::Result<SourceStream> {
+        let fan = Arc::new(Fanotify::new()?);
+        let mountinfo = fs::File::open(MOUNTINFO)
+            .map_err(|e| io::Error::new(e.kind(), format!("{MOUNTINFO}: {e}")))?;
+        let reader = Reader {
+            // SAFETY: the AsyncFd owns a reference to the group, so its fd stays open
+            // and the same while registered.
+            fan: unsafe {
+                AsyncFd::register_with_interest(
+                    fanotify::Shared(Arc::clone(&fan)),
+                    Interest::READABLE,
+                )
+            }?,
+            // SAFETY: the AsyncFd owns the File, so the fd stays open while registered.
+            mountinfo: unsafe { AsyncFd::register_with_interest(mountinfo, Interest::PRIORITY) }?,
+            state: Arc::clone(&self.state),
+            pending: VecDeque::new(),
+            buf: Vec::with_capacity(fanotify::READ_SIZE),
+            generation: 0,
+        };
+        let mut state = lock(&self.state);
+        state.generation += 1;
+        let mut reader = reader;
+        reader.generation = state.generation;
+        state.running = Some(Running {
+            fan,
+            marks: HashMap::new(),
+            generation: state.generation,
+        });
+        drop(state);
+        Ok(Box::pin(stream::unfold(reader, |mut reader| async move {
+            let msg = reader.next().await?;
+            Some((msg, reader))
+        })))
+    }
+}
+
+fn parse_path(spec: &WatchSpec) -> Result<PathBuf, Error> {
+    reject_unknown_keys(spec, NAME, &["path"])?;
+    let path = spec_str(spec, "path")?.ok_or_else(|| {
+        Error::InvalidArgument(format!(
+            "a {NAME} watch needs 'path' (s): a path on the filesystem to watch"
+        ))
+    })?;
+    if !path.starts_with('/') {
+        return Err(Error::InvalidArgument(format!(
+            "watch option 'path' must be absolute, got '{path}'"
+        )));
+    }
+    Ok(PathBuf::from(path))
+}
+
+/// Describes the filesystem holding `path`.
+pub fn describe(path: &Path) -> Result<FsInfo, Error> {
+    let not_found = |what: &str, e: &dyn std::fmt::Display| {
+        Error::NotFound(format!("cannot {what} {}: {e}", path.display()))
+    };
+    let canonical = fs::canonicalize(path).map_err(|e| not_found("resolve", &e))?;
+    let meta = fs::metadata(&canonical).map_err(|e| not_found("stat", &e))?;
+    let fsid = fanotify::fsid_of(&canonical).map_err(|e| not_found("statfs", &e))?;
+    let (major, minor) = (
+        nix::sys::stat::major(meta.dev()),
+        nix::sys::stat::minor(meta.dev()),
+    );
+    let (major, minor) = (
+        u32::try_from(major).unwrap_or(u32::MAX),
+        u32::try_from(minor).unwrap_or(u32::MAX),
+    );
+    let text = fs::read_to_string(MOUNTINFO)
+        .map_err(|e| Error::Unavailable(format!("cannot read {MOUNTINFO}: {e}")))?;
+    let mounts = wire::mountinfo(&text);
+    let canonical_str = canonical.to_string_lossy();
+    let mount = wire::mount_of(&mounts, &canonical_str, major, minor).ok_or_else(|| {
+        Error::NotFound(format!(
+            "no mount of device {major}:{minor} holds {} in the daemon's mount namespace",
+            path.display()
+        ))
+    })?;
+    Ok(FsInfo {
+        fsid: wire::fsid_key(fsid),
+        major,
+        minor,
+        device: device_name(major, minor, &mount.source),
+        fs_type: mount.fs_type.clone(),
+        mount_point: mount.mount_point.clone(),
+        source: mount.source.clone(),
+    })
+}
+
+/// The kernel name of a block device (`loop0`), or `fallback` (the mount source) for
+/// filesystems without one.
+pub fn device_name(major: u32, minor: u32, fallback: &str) -> String {
+    fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
+        .ok()
+        .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| fallback.to_owned())
+}
+
+/// Whether the filesystem is read-only now, from its superblock options in mountinfo
+/// (see the module documentation for why not `statvfs`).
+fn read_only_now(fs: &FsInfo) -> Option<bool> {
+    let text = fs::read_to_string(MOUNTINFO).ok()?;
+    let mounts = wire::mountinfo(&text);
+    mounts
+        .iter()
+        .find(|m| m.major == fs.major && m.minor == fs.minor)
+        .map(MountInfo::filesystem_read_only)
+}
+
+fn arm(state: &SharedState, path: &Path) -> Result<ArmedWatch, Error> {
+    let fs = describe(path)?;
+    let read_only = read_only_now(&fs).unwrap_or(false);
+    let mut guard = lock(state);
+    let running = guard
+        .running
+        .as_mut()
+        .ok_or_else(|| Error::Unavailable(format!("the {NAME} source is not running")))?;
+    match running.marks.get_mut(&fs.fsid) {
+        Some(marked) => marked.refs += 1,
+        None => {
+            running
+                .fan
+                .mark_filesystem(wire::FAN_FS_ERROR, Path::new(&fs.mount_point))
+                .map_err(|e| {
+                    let message = format!(
+                        "cannot watch errors of {} ({} on {}): fanotify_mark: {e}",
+                        fs.mount_point, fs.fs_type, fs.device
+                    );
+                    match e.raw_os_error() {
+                        Some(nix::libc::EOPNOTSUPP | nix::libc::EXDEV | nix::libc::ENODEV) => {
+                            Error::NotSupported(message)
+                        }
+                        _ => Error::Unavailable(message),
+                    }
+                })?;
+            tracing::info!(
+                source = NAME,
+                device = fs.device,
+                mount_point = fs.mount_point,
+                "marked filesystem for errors"
+            );
+            running.marks.insert(
+                fs.fsid,
+                Marked {
+                    refs: 1,
+                    fs: fs.clone(),
+                    read_only,
+                    last_error: None,
+                    recheck: None,
+                },
+            );
+        }
+    }
+    let hold = MarkHold {
+        state: Arc::clone(state),
+        generation: running.generation,
+        fsid: fs.fsid,
+    };
+    Ok(ArmedWatch {
+        matcher: Box::new(FilesystemWatch {
+            object: fs.object(),
+        }),
+        hold: Some(Box::new(hold)),
+    })
+}
+
+/// One watch's share of a filesystem's mark.
+struct MarkHold {
+    state: SharedState,
+    generation: u64,
+    fsid: u64,
+}
+
+impl Drop for MarkHold {
+    fn drop(&mut self) {
+        let mut guard = lock(&self.state);
+        let Some(running) = guard.running.as_mut() else {
+            return; // the group is closed: every mark went with it
+        };
+        if running.generation != self.generation {
+            return;
+        }
+        let Some(marked) = running.marks.get_mut(&self.fsid) else {
+            return; // unmounted: the mark went with the superblock
+        };
+        marked.refs -= 1;
+        if marked.refs > 0 {
+            return;
+        }
+        let Some(marked) = running.marks.remove(&self.fsid) else {
+            return;
+        };
+        // Only through a path that still leads to the same filesystem.
+        let mount_point = Path::new(&marked.fs.mount_point);
+        if fanotify::fsid_of(mount_point).is_ok_and(|f| wire::fsid_key(f) == self.fsid) {
+            if let Err(e) = running
+                .fan
+                .unmark_filesystem(wire::FAN_FS_ERROR, mount_point)
+            {
+                tracing::debug!(
+                    source = NAME,
+                    "removing the mark of {}: {e}",
+                    marked.fs.mount_point
+                );
+            }
+        }
+    }
+}
+
+/// A watch of one filesystem's errors.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FilesystemWatch {
+    object: String,
+}
+
+impl WatchMatcher for FilesystemWatch {
+    fn matches(&self, record: &Record) -> bool {
+        record.source == NAME && record.object_id == self.object
+    }
+
+    fn watched_object(&self) -> Option<&str> {
+        Some(&self.object)
+    }
+}
+
+struct Reader {
+    fan: AsyncFd<fanotify::Shared>,
+    mountinfo: AsyncFd<fs::File>,
+    state: SharedState,
+    pending: VecDeque<SourceMsg>,
+    buf: Vec<u8>,
+    /// The run this reader belongs to.
+    generation: u64,
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        // The group closes with the last Arc: make sure the state does not keep it. A
+        // stream being dropped late must not end a newer run's state.
+        let mut state = lock(&self.state);
+        if state
+            .running
+            .as_ref()
+            .is_some_and(|r| r.generation == self.generation)
+        {
+            state.running = None;
+        }
+    }
+}
+
+impl Reader {
+    async fn next(&mut self) -> Option<SourceMsg> {
+        loop {
+            if let Some(msg) = self.pending.pop_front() {
+                return Some(msg);
+            }
+            let deadline = {
+                let guard = lock(&self.state);
+                guard.running.as_ref().and_then(|r| {
+                    r.marks
+                        .values()
+                        .filter_map(|m| m.recheck.map(|(at, _)| at))
+                        .min()
+                })
+            };
+            let recheck = async {
+                match deadline {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                ready = self.fan.readable() => {
+                    match ready {
+                        Ok(mut guard) => {
+                            guard.clear_ready();
+                        }
+                        Err(e) => {
+                            tracing::error!(source = NAME, "fanotify fd failed: {e}");
+                            return None;
+                        }
+                    }
+                    if !self.drain() {
+                        return None;
+                    }
+                }
+                ready = self.mountinfo.ready(Interest::PRIORITY) => {
+                    match ready {
+                        Ok(mut guard) => guard.clear_ready(),
+                        Err(e) => {
+                            tracing::error!(source = NAME, "polling {MOUNTINFO} failed: {e}");
+                            return None;
+                        }
+                    }
+                    self.mount_table_changed();
+                }
+                () = recheck => self.recheck(Instant::now()),
+            }
+        }
+    }
+
+    /// Reads every queued event. False when the fd failed for good.
+    fn drain(&mut self) -> bool {
+        loop {
+            let fan = Arc::clone(&self.fan.get_ref().0);
+            match fan.read(&mut self.buf) {
+                Ok(0) => return true,
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::error!(source = NAME, "reading fanotify events: {e}");
+                    return false;
+                }
+            }
+            let buf = std::mem::take(&mut self.buf);
+            for item in wire::events(&buf) {
+                match item {
+                    Ok(event) => self.event(&event),
+                    Err(e) => {
+                        tracing::warn!(source = NAME, "dropped the rest of a fanotify read: {e}");
+                        break;
+                    }
+                }
+            }
+            self.buf = buf;
+            // Look at once, once per read however many errors it held; a filesystem
+            // still writable is looked at again RECHECK later.
+            self.recheck(Instant::now());
+        }
+    }
+
+    fn event(&mut self, event: &wire::Event) {
+        if event.mask & wire::FAN_Q_OVERFLOW != 0 {
+            tracing::warn!(source = NAME, "the kernel dropped filesystem error events");
+            self.pending.push_back(SourceMsg::Overflow {
+                objects: Vec::new(),
+            });
+            return;
+        }
+        if event.mask & wire::FAN_FS_ERROR == 0 {
+            return;
+        }
+        let (Some(fid), Some((error, count))) = (event.fid(), event.error()) else {
+            tracing::debug!(
+                source = NAME,
+                ?event,
+                "FAN_FS_ERROR without fid or error record"
+            );
+            return;
+        };
+        let now = Instant::now();
+        let mut guard = lock(&self.state);
+        let Some(marked) = guard
+            .running
+            .as_mut()
+            .and_then(|r| r.marks.get_mut(&fid.fsid_key()))
+        else {
+            tracing::debug!(
+                source = NAME,
+                fsid = fid.fsid_key(),
+                "error of an unwatched filesystem"
+            );
+            return;
+        };
+        marked.last_error = Some((error, count));
+        let mut attributes = base_attributes(&marked.fs, error);
+        attributes.insert("count".into(), Attr::U32(count));
+        if let Some(inode) = fid.inode() {
+            attributes.insert("inode".into(), inode.into());
+        }
+        attributes.insert(
+            "handle-type".into(),
+            Attr::U32(u32::from_ne_bytes(fid.handle_type.to_ne_bytes())),
+        );
+        if let Ok(pid) = u32::try_from(event.pid) {
+            if pid != 0 {
+                attributes.insert("pid".into(), pid.into());
+            }
+        }
+        self.pending.push_back(SourceMsg::Record(record(
+            SUBTYPE_ERROR,
+            &marked.fs,
+            attributes,
+        )));
+        if !marked.read_only {
+            marked.recheck = Some((now, true));
+        }
+    }
+
+    /// Checks the filesystems whose read-only state is due to be looked at.
+    fn recheck(&mut self, now: Instant) {
+        let due: Vec<FsInfo> = {
+            let guard = lock(&self.state);
+            let Some(running) = guard.running.as_ref() else {
+                return;
+            };
+            running
+                .marks
+                .values()
+                .filter(|m| m.recheck.is_some_and(|(at, _)| at <= now))
+                .map(|m| m.fs.clone())
+                .collect()
+        };
+        for fs in due {
+            let read_only = read_only_now(&fs);
+            let mut guard = lock(&self.state);
+            let Some(marked) = guard
+                .running
+                .as_mut()
+                .and_then(|r| r.marks.get_mut(&fs.fsid))
+            else {
+                continue;
+            };
+            let again = marked.recheck.take().is_some_and(|(_, again)| again);
+            match read_only {
+                Some(true) if !marked.read_only => {
+                    marked.read_only = true;
+                    let msg = read_only_record(marked, true);
+                    self.pending.push_back(msg);
+                }
+                Some(false) if again => marked.recheck = Some((now + RECHECK, false)),
+                _ => {}
+            }
+        }
+    }
+
+    /// After `POLLPRI` on mountinfo: ends the watches of filesystems that have no mount
+    /// left, and reports remounts between read-write and read-only.
+    fn mount_table_changed(&mut self) {
+        let text = match fs::read_to_string(MOUNTINFO) {
+            Ok(text) => text,
+            Err(e) => {
+                tracing::warn!(source = NAME, "cannot read {MOUNTINFO}: {e}");
+                return;
+            }
+        };
+        let mounts = wire::mountinfo(&text);
+        let mut guard = lock(&self.state);
+        let Some(running) = guard.running.as_mut() else {
+            return;
+        };
+        let mut gone = Vec::new();
+        for (fsid, marked) in &mut running.marks {
+            let fs = &marked.fs;
+            match mounts
+                .iter()
+                .find(|m| m.major == fs.major && m.minor == fs.minor)
+            {
+                None => gone.push(*fsid),
+                Some(mount) => {
+                    let read_only = mount.filesystem_read_only();
+                    if read_only != marked.read_only {
+                        marked.read_only = read_only;
+                        self.pending.push_back(read_only_record(marked, read_only));
+                    }
+                }
+            }
+        }
+        for fsid in gone {
+            if let Some(marked) = running.marks.remove(&fsid) {
+                tracing::info!(
+                    source = NAME,
+                    device = marked.fs.device,
+                    "watched filesystem unmounted"
+                );
+                self.pending.push_back(SourceMsg::WatchedObjectGone {
+                    object: marked.fs.object(),
+                    reason: format!(
+                        "unmounted: {} ({}) has no mount left",
+                        marked.fs.device, marked.fs.mount_point
+                    ),
+                });
+            }
+        }
+    }
+}
+
+fn base_attributes(fs: &FsInfo, error: i32) -> Attrs {
+    let mut attributes = Attrs::new();
+    attributes.insert("device".into(), fs.device.clone().into());
+    attributes.insert("major".into(), fs.major.into());
+    attributes.insert("minor".into(), fs.minor.into());
+    attributes.insert("fs-type".into(), fs.fs_type.clone().into());
+    attributes.insert("mount-point".into(), fs.mount_point.clone().into());
+    attributes.insert("source".into(), fs.source.clone().into());
+    attributes.insert("fsid".into(), format!("{:016x}", fs.fsid).into());
+    attributes.insert("errno".into(), Attr::U32(error.unsigned_abs()));
+    // A switch to read-only with no error before it has no errno: an empty name.
+    let errno_name = if error == 0 {
+        String::new()
+    } else {
+        crate::source::blockerr::wire::errno_name(error.abs())
+    };
+    attributes.insert("errno-name".into(), errno_name.into());
+    if let Some(name) = wire::filesystem_errno_name(error.abs()) {
+        attributes.insert("kernel-errno-name".into(), name.into());
+    }
+    attributes
+}
+
+/// A switch between read-write and read-only; with the last error when one preceded it.
+fn read_only_record(marked: &Marked, read_only: bool) -> SourceMsg {
+    let (error, count) = marked.last_error.unwrap_or((0, 0));
+    let mut attributes = base_attributes(&marked.fs, error);
+    attributes.insert("count".into(), Attr::U32(count));
+    attributes.insert("read-only".into(), read_only.into());
+    attributes.insert("after-error".into(), marked.last_error.is_some().into());
+    SourceMsg::Record(record(SUBTYPE_READ_ONLY, &marked.fs, attributes))
+}
+
+fn record(subtype: u8, fs: &FsInfo, attributes: Attrs) -> Record {
+    Record {
+        source: NAME,
+        subtype,
+        object_id: fs.object(),
+        change: Change::None,
+        attributes,
+        properties: Default::default(),
+        audience: Audience::Administrators,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(entries: &[(&str, zbus::OwnedVariant)]) -> WatchSpec {
+        entries
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), v.try_clone().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn watch_specs_need_an_absolute_path_and_nothing_else() {
+        let path = |p: &str| zbus::OwnedVariant::from(zbus::Str::from(p));
+        assert!(parse_path(&spec(&[])).is_err());
+        assert!(parse_path(&spec(&[("path", path("relative"))])).is_err());
+        assert!(parse_path(&spec(&[("path", path("/mnt")), ("x", path("y"))])).is_err());
+        assert_eq!(
+            parse_path(&spec(&[("path", path("/mnt"))])).unwrap(),
+            PathBuf::from("/mnt")
+        );
+    }
+
+    #[test]
+    fn records_carry_typed_attributes_for_administrators() {
+        let fs = FsInfo {
+            fsid: 1,
+            major: 7,
+            minor: 3,
+            device: "loop3".into(),
+            fs_type: "ext4".into(),
+            mount_point: "/mnt".into(),
+            source: "/dev/loop3".into(),
+        };
+        let rec = record(SUBTYPE_ERROR, &fs, base_attributes(&fs, 117));
+        assert_eq!(rec.attr_str("errno-name"), Some("EUCLEAN"));
+        assert_eq!(rec.attr_str("kernel-errno-name"), Some("EFSCORRUPTED"));
+        assert_eq!(rec.attr_u64("errno"), Some(117));
+        assert_eq!(rec.audience, Audience::Administrators);
+        let watch = FilesystemWatch {
+            object: "7:3".into(),
+        };
+        assert!(watch.matches(&rec));
+        assert_eq!(watch.watched_object(), Some("7:3"));
+    }
+}
