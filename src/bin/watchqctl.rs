@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, ReceivedObject, SubscriptionProxy,
-    WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, MountChangedBody, ReceivedObject,
+    SubscriptionProxy, WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -331,6 +331,23 @@ fn print_signal(message: &zbus::Message, json: bool) {
                 } else {
                     format!(
                         "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) sector {sector} +{sectors}, op {operation}"
+                    )
+                }
+            },
+        ),
+        "MountChanged" => body.deserialize::<MountChangedBody>().ok().map(
+            |(seq, tag, change, mount_id, parent_id, mount_point, source, fs_type, options, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "MountChanged", "seq": seq, "tag": tag, "source": "mounts",
+                        "change": change, "mount_id": mount_id, "parent_id": parent_id,
+                        "mount_point": mount_point, "mount_source": source, "fs_type": fs_type,
+                        "options": options, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "#{seq:<6} mounts  {change:<12} {mount_point} ({fs_type} from {source}, {options}) id {mount_id} parent {parent_id}"
                     )
                 }
             },

@@ -7,6 +7,7 @@
 
 pub mod blockerr;
 pub mod devices;
+pub mod mounts;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -41,6 +42,14 @@ pub trait WatchMatcher: Send + Sync + std::fmt::Debug {
     /// key, a mount namespace): a [`SourceMsg::WatchedObjectGone`] naming it removes the
     /// watch with `WatchRemoved`.
     fn watched_object(&self) -> Option<&str> {
+        None
+    }
+
+    /// For sources whose table holds the contents of several watched objects (each mount
+    /// namespace's mounts): whether `object` is in what this watch covers. A
+    /// subscription's snapshot then holds only objects some of its watches cover. `None`
+    /// (the default) means the watch does not divide the table.
+    fn covers(&self, _object: &Object) -> Option<bool> {
         None
     }
 }
@@ -150,6 +159,7 @@ impl Registry {
             // One line per source.
             Arc::new(devices::Devices::new(&config.devices)),
             Arc::new(blockerr::BlockErrors::new()),
+            Arc::new(mounts::Mounts::new()),
         ];
         Registry { sources }
     }

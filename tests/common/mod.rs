@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, SubscriptionProxy, WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, MountChangedBody, SubscriptionProxy,
+    WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -397,6 +398,18 @@ pub enum Signal {
         count: u64,
         attributes: HashMap<String, OwnedVariant>,
     },
+    Mount {
+        seq: u64,
+        tag: u64,
+        change: String,
+        mount_id: u64,
+        parent_id: u64,
+        mount_point: String,
+        source: String,
+        fs_type: String,
+        options: String,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -405,7 +418,8 @@ impl Signal {
             Signal::Device { seq, .. }
             | Signal::Lost { seq, .. }
             | Signal::WatchRemoved { seq, .. }
-            | Signal::BlockError { seq, .. } => *seq,
+            | Signal::BlockError { seq, .. }
+            | Signal::Mount { seq, .. } => *seq,
         }
     }
 
@@ -420,9 +434,9 @@ impl Signal {
     /// The typed attributes of a signal that carries them.
     pub fn attributes(&self) -> Option<&HashMap<String, OwnedVariant>> {
         match self {
-            Signal::Device { attributes, .. } | Signal::BlockError { attributes, .. } => {
-                Some(attributes)
-            }
+            Signal::Device { attributes, .. }
+            | Signal::BlockError { attributes, .. }
+            | Signal::Mount { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -505,6 +519,34 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 errno_name,
                 errno,
                 count,
+                attributes,
+            })
+        }
+        "MountChanged" => {
+            let (
+                seq,
+                tag,
+                change,
+                mount_id,
+                parent_id,
+                mount_point,
+                source,
+                fs_type,
+                options,
+                attributes,
+            ) = body
+                .deserialize::<MountChangedBody>()
+                .expect("MountChanged body");
+            Some(Signal::Mount {
+                seq,
+                tag,
+                change,
+                mount_id,
+                parent_id,
+                mount_point,
+                source,
+                fs_type,
+                options,
                 attributes,
             })
         }
