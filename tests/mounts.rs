@@ -553,3 +553,57 @@ async fn a_mount_storm_through_a_small_queue_loses_nothing_silently() {
         assert_eq!(mounts, now);
     }
 }
+
+/// The kernel's fanotify queue overflows while the daemon is stopped: the source lists
+/// the namespace again, the subscriber is told with Lost(kernel-overflow), and the
+/// snapshot is right afterwards, including a mount whose event the kernel dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_queue_overflow_is_rescanned_and_reported() {
+    let limit: u64 = fs::read_to_string("/proc/sys/fs/fanotify/max_queued_events")
+        .expect("fanotify's queue limit")
+        .trim()
+        .parse()
+        .expect("a number");
+    let rounds = limit / 2 + 500;
+    let daemon = Daemon::start();
+    let ns = Namespace::start();
+    let point = ns.mkdir("storm");
+    let last = ns.mkdir("last");
+    let mut sub = Subscriber::new(&daemon).await;
+    sub.watch("mounts", 1, &pid_spec(ns.pid())).await;
+    let _ = snapshot(&sub).await;
+
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the storm uses x86_64 syscall numbers"
+    );
+    ns.run(&format!(
+        "perl -e 'my ($s, $d, $t) = (\"watchq-storm\", \"{point}\", \"tmpfs\"); \
+         for (1..{rounds}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+         syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}'; \
+         mount -t tmpfs watchq-last {last}"
+    ));
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+
+    sub.until("Lost(kernel-overflow)", |signals| {
+        signals.iter().any(
+            |s| matches!(s, Signal::Lost { reason, source, .. } if reason == "kernel-overflow" && source == "mounts"),
+        )
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while sub.next(Duration::from_millis(200)).await.is_some() {}
+    assert_contiguous(&sub.received);
+    let (_, now, _) = snapshot(&sub).await;
+    assert!(
+        now.values().any(|m| m.mount_point == last),
+        "the mount made after the overflow is in the snapshot"
+    );
+    assert_eq!(
+        snapshot_view(&now),
+        mountinfo_view(&ns),
+        "snapshot = mountinfo after the overflow"
+    );
+}
