@@ -700,8 +700,10 @@ impl Hub {
         Ok((seq, objects))
     }
 
-    /// The objects a subscription's watches of a source cover ([`WatchMatcher::covers`]):
-    /// those some watch covers, and all of them when no watch divides the table.
+    /// The objects a subscription's watches of a source cover ([`WatchMatcher::covers`]).
+    /// A watch that does not divide the table covers all of it only if policy granted it
+    /// the whole system; without a watch of the source the caller was authorized for the
+    /// whole system at snapshot time (see the bus layer), and everything is returned.
     fn covered(
         state: &State,
         id: u64,
@@ -713,11 +715,15 @@ impl Hub {
             .get(&id)
             .map(|s| s.watches.iter().filter(|w| w.source == index).collect())
             .unwrap_or_default();
+        if watches.is_empty() {
+            return objects.collect();
+        }
         objects
             .filter(|object| {
-                let verdicts: Vec<Option<bool>> =
-                    watches.iter().map(|w| w.matcher.covers(object)).collect();
-                verdicts.contains(&Some(true)) || verdicts.iter().all(Option::is_none)
+                watches.iter().any(|w| match w.matcher.covers(object) {
+                    Some(covered) => covered,
+                    None => w.grant.scope() == policy::Scope::System,
+                })
             })
             .collect()
     }

@@ -40,7 +40,8 @@ enum Command {
         /// Events the daemon keeps for us if we fall behind.
         #[arg(long, value_name = "N")]
         queue_depth: Option<u32>,
-        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name).
+        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name;
+        /// mounts: pid, a process whose mount namespace to watch).
         #[arg(long = "match", value_name = "KEY=VALUE")]
         matches: Vec<String>,
         /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
@@ -191,7 +192,11 @@ async fn monitor(
         let (key, value) = m
             .split_once('=')
             .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
-        spec.insert(key, Variant::from(value));
+        // mounts' pid is a number on the bus.
+        match (key, value.parse::<u32>()) {
+            ("pid", Ok(pid)) => spec.insert(key, Variant::from(pid)),
+            _ => spec.insert(key, Variant::from(value)),
+        };
     }
 
     let mut subscribe_options = HashMap::new();
