@@ -607,3 +607,77 @@ async fn a_kernel_queue_overflow_is_rescanned_and_reported() {
         "snapshot = mountinfo after the overflow"
     );
 }
+
+/// An unprivileged user, through polkit: its own namespace by default (the one its
+/// process runs in, as the bus reports its pid), and not another process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_watches_its_own_namespace_and_not_another() {
+    let daemon = Daemon::with_polkit("");
+    let alice = common::polkit::user("watchq-alice");
+    let others = Namespace::start();
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-mnt-")
+        .tempdir()
+        .expect("temporary directory");
+    let point = dir.path().join("alice");
+    fs::create_dir(&point).expect("mkdir");
+    let point = point.display().to_string();
+    let watchqctl = env!("CARGO_BIN_EXE_watchqctl");
+    let as_alice = |extra: &[&str]| {
+        let mut command = Command::new("unshare");
+        command
+            .args(["-m", "--propagation", "private", "setpriv"])
+            .arg(format!("--reuid={}", alice.uid))
+            .arg(format!("--regid={}", alice.gid))
+            .args(["--clear-groups", watchqctl, "--address", daemon.address()])
+            .args(["monitor", "--json", "mounts"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+
+    // Another process's namespace is an administrator's action: refused.
+    let refused = as_alice(&[&format!("--match=pid={}", others.pid())])
+        .output()
+        .expect("watchqctl");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "alice watched another namespace");
+    assert!(stderr.contains("AccessDenied"), "refusal: {stderr}");
+
+    // Her own: watchqctl runs alone in a private namespace; a mount made there arrives.
+    let mut child = as_alice(&[]).spawn().expect("watchqctl");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).expect("watchqctl's first line");
+    assert!(line.starts_with("watching"), "as alice: {line}");
+    let out = Command::new("nsenter")
+        .args([
+            "-t",
+            &child.id().to_string(),
+            "-m",
+            "mount",
+            "-t",
+            "tmpfs",
+            "watchq-alice",
+        ])
+        .arg(&point)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut event = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut event).expect("an event");
+    let _ = child.kill();
+    let _ = child.wait();
+    let value: serde_json::Value = serde_json::from_str(&event).expect("JSON");
+    assert_eq!(value["signal"], "MountChanged");
+    assert_eq!(value["change"], "attach");
+    assert_eq!(value["mount_point"], point.as_str());
+    assert_eq!(value["mount_source"], "watchq-alice");
+    assert_eq!(value["fs_type"], "tmpfs");
+}
