@@ -86,6 +86,21 @@ pub type SpaceWarningBody = (
     HashMap<String, OwnedVariant>,
 );
 
+/// `MountChanged(t seq, t tag, s change, t mount_id, t parent_id, s mount_point,
+/// s source, s fs_type, s options, a{sv} attributes)` as received.
+pub type MountChangedBody = (
+    u64,
+    u64,
+    String,
+    u64,
+    u64,
+    String,
+    String,
+    String,
+    String,
+    HashMap<String, OwnedVariant>,
+);
+
 /// `Lost(t seq, t count, s source, s reason)` as received.
 pub type LostBody = (u64, u64, String, String);
 

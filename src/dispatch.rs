@@ -675,7 +675,12 @@ impl Hub {
                 )));
             }
             if let Some(table) = &slot.table {
-                return Ok((seq, table.values().cloned().collect()));
+                let objects = table.values().cloned();
+                let objects = match subscription {
+                    Some((id, _)) => Self::covered(&state, id, index, objects),
+                    None => objects.collect(),
+                };
+                return Ok((seq, objects));
             }
         }
         // Not running, so no event for it can be in flight: read the kernel's view
@@ -688,7 +693,50 @@ impl Hub {
             Some((id, caller)) => Self::owned(&mut state, id, caller)?.outbox.next_seq - 1,
             None => state.sources[index].generation,
         };
+        let objects = match subscription {
+            Some((id, _)) => Self::covered(&state, id, index, objects.into_iter()),
+            None => objects,
+        };
         Ok((seq, objects))
+    }
+
+    /// The objects a subscription's watches of a source cover ([`WatchMatcher::covers`]).
+    /// A watch that does not divide the table covers all of it only if policy granted it
+    /// the whole system; without a watch of the source the caller was authorized for the
+    /// whole system at snapshot time (see the bus layer), and everything is returned.
+    fn covered(
+        state: &State,
+        id: u64,
+        index: usize,
+        objects: impl Iterator<Item = Object>,
+    ) -> Vec<Object> {
+        let watches: Vec<&Watch> = state
+            .subscriptions
+            .get(&id)
+            .map(|s| s.watches.iter().filter(|w| w.source == index).collect())
+            .unwrap_or_default();
+        if watches.is_empty() {
+            return objects.collect();
+        }
+        objects
+            .filter(|object| {
+                watches.iter().any(|w| match w.matcher.covers(object) {
+                    Some(covered) => covered,
+                    None => w.grant.scope() == policy::Scope::System,
+                })
+            })
+            .collect()
+    }
+
+    /// Whether a subscription holds a watch of the source (policy allowed it already).
+    pub fn watches_source(&self, id: u64, source_name: &str) -> bool {
+        let Some(index) = self.registry.index_of(source_name) else {
+            return false;
+        };
+        self.lock()
+            .subscriptions
+            .get(&id)
+            .is_some_and(|s| s.watches.iter().any(|w| w.source == index))
     }
 
     async fn pump(self: Arc<Self>, index: usize, mut stream: crate::source::SourceStream) {
@@ -777,6 +825,12 @@ impl Hub {
                             reason: LossReason::KernelOverflow,
                         });
                     }
+                }
+            }
+            SourceMsg::Replace { prefix, objects } => {
+                if let Some(table) = &mut slot.table {
+                    table.retain(|id, _| !id.starts_with(&prefix));
+                    table.extend(objects.into_iter().map(|o| (o.id.clone(), o)));
                 }
             }
             SourceMsg::WatchedObjectGone { object, reason } => {

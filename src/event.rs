@@ -154,6 +154,14 @@ pub enum SourceMsg {
     Overflow {
         objects: Vec<Object>,
     },
+    /// The part of the source's table whose ids start with `prefix` is now exactly
+    /// `objects`, and no event is delivered: a watched object (a mount namespace) came
+    /// into view with its current contents, or went out of view because nobody watches
+    /// it any more.
+    Replace {
+        prefix: String,
+        objects: Vec<Object>,
+    },
     /// The kernel object some watches are bound to is gone (a key destroyed, a mount
     /// namespace freed): every watch whose [`crate::source::WatchMatcher::watched_object`]
     /// is `object` ends with `WatchRemoved(reason)`.

@@ -9,7 +9,8 @@ use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
     BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
-    QuotaWarningBody, ReceivedObject, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
+    MountChangedBody, QuotaWarningBody, ReceivedObject, SpaceWarningBody, SubscriptionProxy,
+    WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -42,7 +43,7 @@ enum Command {
         queue_depth: Option<u32>,
         /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name;
         /// quota: scope, type, device; filesystems: path; space: path, low-percent or
-        /// low-bytes).
+        /// low-bytes; mounts: pid, a process whose mount namespace to watch).
         #[arg(long = "match", value_name = "KEY=VALUE")]
         matches: Vec<String>,
         /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
@@ -193,9 +194,9 @@ async fn monitor(
         let (key, value) = m
             .split_once('=')
             .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
-        // The space thresholds are numbers on the bus; everything else is a string.
+        // Space thresholds and mounts' pid are numbers on the bus; the rest are strings.
         let typed = match key {
-            "low-percent" => value.parse::<u32>().map(Variant::from),
+            "low-percent" | "pid" => value.parse::<u32>().map(Variant::from),
             "low-bytes" => value.parse::<u64>().map(Variant::from),
             _ => Ok(Variant::from(value)),
         };
@@ -380,6 +381,23 @@ fn print_signal(message: &zbus::Message, json: bool) {
                         .unwrap_or_default();
                     format!(
                         "#{seq:<6} quota {kind} {resource} limit of {quota_type} {excess_id} on {device} ({major}:{minor}){place}, caused by uid {caused_id}"
+                    )
+                }
+            },
+        ),
+        "MountChanged" => body.deserialize::<MountChangedBody>().ok().map(
+            |(seq, tag, change, mount_id, parent_id, mount_point, source, fs_type, options, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "MountChanged", "seq": seq, "tag": tag, "source": "mounts",
+                        "change": change, "mount_id": mount_id, "parent_id": parent_id,
+                        "mount_point": mount_point, "mount_source": source, "fs_type": fs_type,
+                        "options": options, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    format!(
+                        "#{seq:<6} mounts  {change:<12} {mount_point} ({fs_type} from {source}, {options}) id {mount_id} parent {parent_id}"
                     )
                 }
             },

@@ -146,11 +146,16 @@ impl Service {
                 identity
             }
         };
-        self.authorizer
-            .watch(&identity, source, Scope::System, || {
-                !self.hub.subscriptions_of(sender.as_str()).is_empty()
-            })
-            .await?;
+        // A subscription that watches the source already holds grants for it, and its
+        // snapshot is limited to what those watches cover (Hub::snapshot).
+        let granted = subscription.is_some_and(|id| self.hub.watches_source(id, source));
+        if !granted {
+            self.authorizer
+                .watch(&identity, source, Scope::System, || {
+                    !self.hub.subscriptions_of(sender.as_str()).is_empty()
+                })
+                .await?;
+        }
         Ok(self
             .hub
             .snapshot(source, subscription.map(|id| (id, sender.as_str())))?)
@@ -470,6 +475,27 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     number("available-bytes"),
                     number("total-bytes"),
                     number("threshold-bytes"),
+                    types::AttrMap(&record.attributes),
+                )
+                .await
+            }
+            crate::source::mounts::NAME => {
+                let text = |key: &str| record.attr_str(key).unwrap_or_default();
+                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+                SubscriptionObject::mount_changed(
+                    emitter,
+                    *seq,
+                    *tag,
+                    crate::source::mounts::SUBTYPES
+                        .get(usize::from(record.subtype))
+                        .copied()
+                        .unwrap_or("attach"),
+                    number("mount-id"),
+                    number("parent-id"),
+                    text("mount-point"),
+                    text("source"),
+                    text("fs-type"),
+                    text("options"),
                     types::AttrMap(&record.attributes),
                 )
                 .await

@@ -66,7 +66,9 @@ impl SubscriptionObject {
     /// kernel name). filesystems (administrators): "path" (s, absolute; the whole
     /// filesystem holding it is watched). space (own): "path" (s, absolute, which the
     /// caller must be able to reach) and exactly one of "low-percent" (u, 1-99) and
-    /// "low-bytes" (t).
+    /// "low-bytes" (t). mounts: none for the caller's own mount namespace, or "pid" (u)
+    /// for that process's namespace (administrators, unless it is the caller's own); the
+    /// watch ends when no process is left in the namespace.
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -273,6 +275,29 @@ impl SubscriptionObject {
         available_bytes: u64,
         total_bytes: u64,
         threshold_bytes: u64,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// A mount changed in a watched mount namespace. change is the subtype name: attach,
+    /// detach, move (one event: the mount moved within its namespace) or remount (its
+    /// options changed: read-only, nosuid, filesystem options). mount_id and parent_id are
+    /// the kernel's 64-bit unique mount ids (not mountinfo's, which are in the attributes
+    /// as mountinfo-id); a detach is described as the mount was before it went. options
+    /// are the mount's own (ro,nosuid,nodev,noexec,relatime...). attributes repeat these
+    /// typed and add namespace, root, fs-options, read-only, fs-read-only, nosuid, nodev,
+    /// noexec, nosymfollow, idmapped, atime, propagation, peer-group, master, major, minor.
+    #[zbus(signal)]
+    pub async fn mount_changed(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        change: &str,
+        mount_id: u64,
+        parent_id: u64,
+        mount_point: &str,
+        source: &str,
+        fs_type: &str,
+        options: &str,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

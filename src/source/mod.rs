@@ -8,6 +8,7 @@
 pub mod blockerr;
 pub mod devices;
 pub mod filesystems;
+pub mod mounts;
 pub mod quota;
 pub mod space;
 
@@ -44,6 +45,14 @@ pub trait WatchMatcher: Send + Sync + std::fmt::Debug {
     /// key, a mount namespace): a [`SourceMsg::WatchedObjectGone`] naming it removes the
     /// watch with `WatchRemoved`.
     fn watched_object(&self) -> Option<&str> {
+        None
+    }
+
+    /// For sources whose table holds the contents of several watched objects (each mount
+    /// namespace's mounts): whether `object` is in what this watch covers. A
+    /// subscription's snapshot then holds only objects some of its watches cover. `None`
+    /// (the default) means the watch does not divide the table.
+    fn covers(&self, _object: &Object) -> Option<bool> {
         None
     }
 }
@@ -156,6 +165,7 @@ impl Registry {
             Arc::new(quota::Quota::new()),
             Arc::new(filesystems::Filesystems::new()),
             Arc::new(space::Space::new()),
+            Arc::new(mounts::Mounts::new()),
         ];
         Registry { sources }
     }

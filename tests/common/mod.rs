@@ -19,7 +19,7 @@ use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, 
 
 use watchqd::client::{
     BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
-    QuotaWarningBody, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
+    MountChangedBody, QuotaWarningBody, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -440,6 +440,18 @@ pub enum Signal {
         threshold_bytes: u64,
         attributes: HashMap<String, OwnedVariant>,
     },
+    Mount {
+        seq: u64,
+        tag: u64,
+        change: String,
+        mount_id: u64,
+        parent_id: u64,
+        mount_point: String,
+        source: String,
+        fs_type: String,
+        options: String,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -451,7 +463,8 @@ impl Signal {
             | Signal::BlockError { seq, .. }
             | Signal::QuotaWarning { seq, .. }
             | Signal::FilesystemError { seq, .. }
-            | Signal::SpaceWarning { seq, .. } => *seq,
+            | Signal::SpaceWarning { seq, .. }
+            | Signal::Mount { seq, .. } => *seq,
         }
     }
 
@@ -470,7 +483,8 @@ impl Signal {
             | Signal::BlockError { attributes, .. }
             | Signal::QuotaWarning { attributes, .. }
             | Signal::FilesystemError { attributes, .. }
-            | Signal::SpaceWarning { attributes, .. } => Some(attributes),
+            | Signal::SpaceWarning { attributes, .. }
+            | Signal::Mount { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -647,6 +661,34 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 available_bytes,
                 total_bytes,
                 threshold_bytes,
+                attributes,
+            })
+        }
+        "MountChanged" => {
+            let (
+                seq,
+                tag,
+                change,
+                mount_id,
+                parent_id,
+                mount_point,
+                source,
+                fs_type,
+                options,
+                attributes,
+            ) = body
+                .deserialize::<MountChangedBody>()
+                .expect("MountChanged body");
+            Some(Signal::Mount {
+                seq,
+                tag,
+                change,
+                mount_id,
+                parent_id,
+                mount_point,
+                source,
+                fs_type,
+                options,
                 attributes,
             })
         }

@@ -1,0 +1,683 @@
+//! Mount topology through a real bus: private mount namespaces made with `unshare -m`,
+//! real mounts made in them with `nsenter`, fanotify mount events and statmount in the
+//! daemon.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use zbus::Variant;
+
+/// A process alone in a private mount namespace (`unshare -m --propagation private`),
+/// killed on drop.
+struct Namespace {
+    child: Child,
+    /// Mount points live below here; the directory exists on the host, mounts on it only
+    /// in the namespace.
+    dir: tempfile::TempDir,
+}
+
+impl Namespace {
+    fn start() -> Namespace {
+        let dir = tempfile::Builder::new()
+            .prefix("watchq-mnt-")
+            .tempdir()
+            .expect("temporary directory");
+        let child = Command::new("unshare")
+            .args(["-m", "--propagation", "private", "sleep", "1000"])
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("unshare(1) must be installed (util-linux)");
+        let ns = Namespace { child, dir };
+        // unshare(1) execs sleep in the same process once the namespace exists.
+        let own = fs::read_link("/proc/self/ns/mnt").expect("own namespace");
+        let deadline = Instant::now() + TIMEOUT;
+        while fs::read_link(format!("/proc/{}/ns/mnt", ns.pid()))
+            .ok()
+            .as_ref()
+            == Some(&own)
+            || fs::read_link(format!("/proc/{}/exe", ns.pid()))
+                .map(|exe| !exe.ends_with("sleep"))
+                .unwrap_or(true)
+        {
+            assert!(
+                Instant::now() < deadline,
+                "unshare did not start sleep in a new namespace"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        ns
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.dir.path().join(name).display().to_string()
+    }
+
+    fn mkdir(&self, name: &str) -> String {
+        let path = self.dir.path().join(name);
+        fs::create_dir_all(&path).expect("mkdir");
+        path.display().to_string()
+    }
+
+    /// Runs a shell script inside the namespace.
+    fn run(&self, script: &str) {
+        let out = Command::new("nsenter")
+            .args(["-t", &self.pid().to_string(), "-m", "sh", "-ec", script])
+            .output()
+            .expect("nsenter(1) must be installed (util-linux)");
+        assert!(
+            out.status.success(),
+            "in the namespace: {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn mountinfo(&self) -> Vec<watchqd::source::mounts::wire::MountinfoLine> {
+        let text =
+            fs::read_to_string(format!("/proc/{}/mountinfo", self.pid())).expect("mountinfo");
+        watchqd::source::mounts::wire::parse_mountinfo(&text).expect("parse mountinfo")
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Namespace {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A mount as a snapshot or an event describes it: what a client keeps.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Mount {
+    mountinfo_id: u64,
+    mount_point: String,
+    fs_type: String,
+    options: String,
+}
+
+fn mount_of(attributes: &HashMap<String, zbus::OwnedVariant>) -> (u64, Mount) {
+    let text = |key: &str| {
+        attributes
+            .get(key)
+            .and_then(|v| <&str>::try_from(&**v).ok())
+            .unwrap_or_else(|| panic!("attribute {key} missing or not a string"))
+            .to_owned()
+    };
+    let number = |key: &str| match attributes.get(key).map(|v| &**v) {
+        Some(Variant::U64(n)) => *n,
+        Some(Variant::U32(n)) => u64::from(*n),
+        other => panic!("attribute {key} is {other:?}"),
+    };
+    (
+        number("mount-id"),
+        Mount {
+            mountinfo_id: number("mountinfo-id"),
+            mount_point: text("mount-point"),
+            fs_type: text("fs-type"),
+            options: text("options"),
+        },
+    )
+}
+
+/// A subscription's mounts snapshot: (seq, mounts by unique id, their namespace).
+async fn snapshot(sub: &Subscriber) -> (u64, BTreeMap<u64, Mount>, Vec<u64>) {
+    let (seq, objects) = sub
+        .proxy
+        .snapshot("mounts")
+        .await
+        .expect("Snapshot(mounts)");
+    let mut namespaces = Vec::new();
+    let mounts = objects
+        .iter()
+        .map(|(id, _, attributes, _)| {
+            let (mount_id, mount) = mount_of(attributes);
+            let namespace = match attributes.get("namespace").map(|v| &**v) {
+                Some(Variant::U64(n)) => *n,
+                other => panic!("namespace is {other:?}"),
+            };
+            assert_eq!(id, &format!("{namespace}/{mount_id}"), "object id");
+            namespaces.push(namespace);
+            (mount_id, mount)
+        })
+        .collect();
+    namespaces.sort_unstable();
+    namespaces.dedup();
+    (seq, mounts, namespaces)
+}
+
+/// Applies mount events to a snapshot, as a client would.
+fn apply(mounts: &mut BTreeMap<u64, Mount>, signals: &[Signal], after: u64) {
+    for signal in signals {
+        let Signal::Mount {
+            seq,
+            change,
+            mount_id,
+            attributes,
+            ..
+        } = signal
+        else {
+            continue;
+        };
+        if *seq <= after {
+            continue;
+        }
+        if change == "detach" {
+            mounts.remove(mount_id);
+        } else {
+            mounts.insert(*mount_id, mount_of(attributes).1);
+        }
+    }
+}
+
+/// What mountinfo says, in the same shape (mountinfo has no unique ids).
+fn mountinfo_view(ns: &Namespace) -> Vec<(u64, String, String)> {
+    let mut lines: Vec<_> = ns
+        .mountinfo()
+        .into_iter()
+        .map(|l| (u64::from(l.id), l.mount_point, l.fs_type))
+        .collect();
+    lines.sort();
+    lines
+}
+
+fn snapshot_view(mounts: &BTreeMap<u64, Mount>) -> Vec<(u64, String, String)> {
+    let mut view: Vec<_> = mounts
+        .values()
+        .map(|m| (m.mountinfo_id, m.mount_point.clone(), m.fs_type.clone()))
+        .collect();
+    view.sort();
+    view
+}
+
+fn pid_spec(pid: u32) -> [(&'static str, Variant<'static>); 1] {
+    [("pid", Variant::from(pid))]
+}
+
+fn mount_events<'a>(signals: &'a [Signal], below: &'a str) -> Vec<&'a Signal> {
+    signals
+        .iter()
+        .filter(
+            |s| matches!(s, Signal::Mount { mount_point, .. } if mount_point.starts_with(below)),
+        )
+        .collect()
+}
+
+fn change_of(signal: &Signal) -> (&str, u64, &str) {
+    match signal {
+        Signal::Mount {
+            change,
+            mount_id,
+            mount_point,
+            ..
+        } => (change.as_str(), *mount_id, mount_point.as_str()),
+        other => panic!("not a mount event: {other:?}"),
+    }
+}
+
+/// Waits for the next mount event below `below` after `count` such events.
+async fn next_mount(sub: &mut Subscriber, below: &str, count: usize) -> Signal {
+    sub.until(
+        &format!("mount event #{} below {below}", count + 1),
+        |signals| mount_events(signals, below).len() > count,
+    )
+    .await;
+    mount_events(&sub.received, below)[count].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_mount_operation_is_one_typed_event_in_its_namespace_only() {
+    let daemon = Daemon::start();
+    let mut ns = Namespace::start();
+    let base = ns.dir.path().display().to_string();
+    for dir in ["a", "b", "c", "d"] {
+        ns.mkdir(dir);
+    }
+
+    let mut inside = Subscriber::new(&daemon).await;
+    inside.watch("mounts", 7, &pid_spec(ns.pid())).await;
+    // The test's own namespace: another namespace from the one that changes.
+    let mut outside = Subscriber::new(&daemon).await;
+    outside.watch("mounts", 8, &[]).await;
+
+    let (seq0, mut mounts, namespaces) = snapshot(&inside).await;
+    assert_eq!(
+        namespaces.len(),
+        1,
+        "the snapshot holds one namespace: {namespaces:?}"
+    );
+    let namespace = namespaces[0];
+    assert_eq!(seq0, 0, "nothing was delivered before the snapshot");
+    assert_eq!(
+        snapshot_view(&mounts),
+        mountinfo_view(&ns),
+        "snapshot = mountinfo at start"
+    );
+    let (_, outside_mounts, outside_namespaces) = snapshot(&outside).await;
+    assert_eq!(outside_namespaces.len(), 1);
+    assert_ne!(outside_namespaces[0], namespace);
+    assert!(outside_mounts
+        .values()
+        .all(|m| !m.mount_point.starts_with(&base)));
+
+    let (a, b, c, d) = (ns.path("a"), ns.path("b"), ns.path("c"), ns.path("d"));
+
+    // mount
+    ns.run(&format!("mount -t tmpfs -o size=1m,nosuid watchq-a {a}"));
+    let attach = next_mount(&mut inside, &base, 0).await;
+    let (change, a_id, point) = change_of(&attach);
+    assert_eq!((change, point), ("attach", a.as_str()));
+    let Signal::Mount {
+        tag,
+        source,
+        fs_type,
+        options,
+        parent_id,
+        ..
+    } = &attach
+    else {
+        unreachable!()
+    };
+    assert_eq!(*tag, 7);
+    assert_eq!((source.as_str(), fs_type.as_str()), ("watchq-a", "tmpfs"));
+    assert!(options.starts_with("rw,nosuid"), "options {options}");
+    assert!(
+        mounts.contains_key(parent_id),
+        "parent {parent_id} is a known mount"
+    );
+    assert_eq!(attach.attr_bool("nosuid"), Some(true));
+    assert_eq!(attach.attr_bool("read-only"), Some(false));
+    assert_eq!(attach.attr_u64("namespace"), Some(namespace));
+    assert_eq!(attach.attr_str("propagation").as_deref(), Some("private"));
+    assert!(attach
+        .attr_str("fs-options")
+        .unwrap_or_default()
+        .contains("size=1024k"));
+
+    // bind mount
+    ns.run(&format!("mount --bind {a} {b}"));
+    let bind = next_mount(&mut inside, &base, 1).await;
+    let (change, b_id, point) = change_of(&bind);
+    assert_eq!((change, point), ("attach", b.as_str()));
+    assert_ne!(b_id, a_id);
+    assert_eq!(bind.attr_str("source").as_deref(), Some("watchq-a"));
+
+    // move: one event, same mount, new place
+    ns.run(&format!("mount --move {b} {c}"));
+    let moved = next_mount(&mut inside, &base, 2).await;
+    assert_eq!(change_of(&moved), ("move", b_id, c.as_str()));
+
+    // remount read-only: the mount at a (and the superblock it shares with c)
+    ns.run(&format!("mount -o remount,ro {a}"));
+    inside
+        .until("a remount of the first mount", |signals| {
+            mount_events(signals, &base)
+                .iter()
+                .any(|s| change_of(s) == ("remount", a_id, a.as_str()))
+        })
+        .await;
+    let remount = mount_events(&inside.received, &base)
+        .into_iter()
+        .find(|s| change_of(s) == ("remount", a_id, a.as_str()))
+        .expect("remount")
+        .clone();
+    assert_eq!(remount.attr_bool("read-only"), Some(true));
+    assert_eq!(remount.attr_bool("fs-read-only"), Some(true));
+    assert!(remount
+        .attr_str("options")
+        .unwrap_or_default()
+        .starts_with("ro,"));
+
+    // umount
+    let before = mount_events(&inside.received, &base).len();
+    ns.run(&format!("umount {c}"));
+    inside
+        .until("the detach of the moved mount", |signals| {
+            mount_events(signals, &base)
+                .iter()
+                .any(|s| change_of(s).0 == "detach")
+        })
+        .await;
+    let detach = mount_events(&inside.received, &base)[before..]
+        .iter()
+        .find(|s| change_of(s).0 == "detach")
+        .map(|s| (*s).clone())
+        .expect("detach");
+    // Described as it was: the kernel can no longer say.
+    assert_eq!(change_of(&detach), ("detach", b_id, c.as_str()));
+    assert_eq!(detach.attr_str("fs-type").as_deref(), Some("tmpfs"));
+
+    // lazy umount of a tree: every mount in it is detached
+    ns.run(&format!(
+        "mount -t tmpfs watchq-d {d}; mkdir {d}/e; mount -t tmpfs watchq-e {d}/e"
+    ));
+    inside
+        .until("the attach of d/e", |signals| {
+            mount_events(signals, &format!("{d}/e")).len() == 1
+        })
+        .await;
+    let d_id = mount_events(&inside.received, &d)
+        .iter()
+        .map(|s| change_of(s))
+        .find(|(change, _, point)| *change == "attach" && *point == d)
+        .expect("attach of d")
+        .1;
+    let e_id = change_of(mount_events(&inside.received, &format!("{d}/e"))[0]).1;
+    ns.run(&format!("umount -l {d}"));
+    inside
+        .until("the detach of d and d/e", |signals| {
+            let detached: Vec<u64> = mount_events(signals, &d)
+                .iter()
+                .map(|s| change_of(s))
+                .filter(|(change, _, _)| *change == "detach")
+                .map(|(_, id, _)| id)
+                .collect();
+            detached.contains(&d_id) && detached.contains(&e_id)
+        })
+        .await;
+
+    ns.run(&format!("umount {a}"));
+    inside
+        .until("the detach of a", |signals| {
+            mount_events(signals, &base)
+                .iter()
+                .any(|s| change_of(s) == ("detach", a_id, a.as_str()))
+        })
+        .await;
+
+    // Exactly these events, in this order (remounts: a, and c when its superblock's
+    // options changed under it).
+    let changes: Vec<(String, u64)> = mount_events(&inside.received, &base)
+        .iter()
+        .map(|s| {
+            let (change, id, _) = change_of(s);
+            (change.to_owned(), id)
+        })
+        .filter(|(change, id)| !(change == "remount" && *id == b_id))
+        .collect();
+    let expected: Vec<(String, u64)> = [
+        ("attach", a_id),
+        ("attach", b_id),
+        ("move", b_id),
+        ("remount", a_id),
+        ("detach", b_id),
+        ("attach", d_id),
+        ("attach", e_id),
+    ]
+    .iter()
+    .map(|(c, i)| ((*c).to_owned(), *i))
+    .collect();
+    assert_eq!(changes[..expected.len()], expected[..]);
+    let mut tail: Vec<_> = changes[expected.len()..].to_vec();
+    tail.sort();
+    let mut expected_tail = vec![
+        ("detach".to_owned(), a_id),
+        ("detach".to_owned(), d_id),
+        ("detach".to_owned(), e_id),
+    ];
+    expected_tail.sort();
+    assert_eq!(tail, expected_tail);
+    assert_contiguous(&inside.received);
+
+    // The snapshot taken first, with every later event applied, is the namespace now.
+    apply(&mut mounts, &inside.received, seq0);
+    let (seq1, now, _) = snapshot(&inside).await;
+    assert_eq!(seq1, inside.received.last().map_or(0, Signal::seq));
+    assert_eq!(mounts, now, "snapshot + events = snapshot");
+    assert_eq!(
+        snapshot_view(&now),
+        mountinfo_view(&ns),
+        "snapshot = mountinfo at the end"
+    );
+
+    // The other namespace's subscriber saw none of it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while outside.next(Duration::from_millis(100)).await.is_some() {}
+    assert!(
+        outside
+            .received
+            .iter()
+            .all(|s| s.attr_u64("namespace") != Some(namespace)
+                && !matches!(s, Signal::Mount { mount_point, .. } if mount_point.starts_with(&base))),
+        "the other namespace's watch received: {:?}",
+        outside.received
+    );
+
+    // The namespace's last process exits: the watch ends.
+    ns.kill();
+    inside
+        .until("WatchRemoved after the namespace emptied", |signals| {
+            signals
+                .iter()
+                .any(|s| matches!(s, Signal::WatchRemoved { tag: 7, .. }))
+        })
+        .await;
+    let Some(Signal::WatchRemoved { reason, .. }) = inside.received.last() else {
+        panic!("expected WatchRemoved last: {:?}", inside.received.last())
+    };
+    assert!(reason.starts_with("namespace-gone"), "reason {reason}");
+    let watches = inside.proxy.watches().await.expect("Watches");
+    assert!(watches.is_empty(), "watches left: {watches:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mount_storm_through_a_small_queue_loses_nothing_silently() {
+    const ROUNDS: u64 = 1000;
+    let daemon = Daemon::start();
+    let ns = Namespace::start();
+    let point = ns.mkdir("storm");
+    let mut sub = Subscriber::with_options(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(8u32))]),
+    )
+    .await;
+    sub.watch("mounts", 1, &pid_spec(ns.pid())).await;
+    let (seq0, mut mounts, _) = snapshot(&sub).await;
+    assert_eq!(seq0, 0);
+
+    // As fast as the kernel goes: one process making the syscalls (mount(2) is 165 and
+    // umount2(2) 166 on x86_64), so events arrive faster than a queue of 8 drains.
+    assert!(
+        std::env::consts::ARCH == "x86_64",
+        "the storm script uses x86_64 syscall numbers"
+    );
+    ns.run(&format!(
+        "perl -e 'my ($s, $d, $t) = (\"watchq-storm\", \"{point}\", \"tmpfs\"); \
+         for (1..{ROUNDS}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+         syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}'"
+    ));
+    let produced = 2 * ROUNDS;
+    let accounted = |signals: &[Signal]| -> u64 {
+        // Every mount event of the watch: a mount gone before the daemon described it
+        // has no mount point.
+        let events = signals
+            .iter()
+            .filter(|s| matches!(s, Signal::Mount { .. }))
+            .count() as u64;
+        let lost: u64 = signals
+            .iter()
+            .map(|s| match s {
+                Signal::Lost { count, .. } => *count,
+                _ => 0,
+            })
+            .sum();
+        events + lost
+    };
+    sub.until("every storm event received or counted lost", |signals| {
+        accounted(signals) >= produced
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while sub.next(Duration::from_millis(200)).await.is_some() {}
+    assert_contiguous(&sub.received);
+    assert!(
+        !sub.received
+            .iter()
+            .any(|s| matches!(s, Signal::Lost { reason, .. } if reason == "kernel-overflow")),
+        "the kernel queue overflowed"
+    );
+    assert_eq!(
+        accounted(&sub.received),
+        produced,
+        "received + Lost = produced"
+    );
+    let lost: u64 = sub
+        .received
+        .iter()
+        .map(|s| match s {
+            Signal::Lost { count, .. } => *count,
+            _ => 0,
+        })
+        .sum();
+    eprintln!("storm: {produced} events, {lost} counted lost with a queue of 8");
+
+    let (_, now, _) = snapshot(&sub).await;
+    assert_eq!(
+        snapshot_view(&now),
+        mountinfo_view(&ns),
+        "final snapshot = mountinfo"
+    );
+    if lost == 0 {
+        apply(&mut mounts, &sub.received, seq0);
+        assert_eq!(mounts, now);
+    }
+}
+
+/// The kernel's fanotify queue overflows while the daemon is stopped: the source lists
+/// the namespace again, the subscriber is told with Lost(kernel-overflow), and the
+/// snapshot is right afterwards, including a mount whose event the kernel dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kernel_queue_overflow_is_rescanned_and_reported() {
+    let limit: u64 = fs::read_to_string("/proc/sys/fs/fanotify/max_queued_events")
+        .expect("fanotify's queue limit")
+        .trim()
+        .parse()
+        .expect("a number");
+    let rounds = limit / 2 + 500;
+    let daemon = Daemon::start();
+    let ns = Namespace::start();
+    let point = ns.mkdir("storm");
+    let last = ns.mkdir("last");
+    let mut sub = Subscriber::new(&daemon).await;
+    sub.watch("mounts", 1, &pid_spec(ns.pid())).await;
+    let _ = snapshot(&sub).await;
+
+    daemon.signal(nix::sys::signal::Signal::SIGSTOP);
+    assert_eq!(
+        std::env::consts::ARCH,
+        "x86_64",
+        "the storm uses x86_64 syscall numbers"
+    );
+    ns.run(&format!(
+        "perl -e 'my ($s, $d, $t) = (\"watchq-storm\", \"{point}\", \"tmpfs\"); \
+         for (1..{rounds}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+         syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}'; \
+         mount -t tmpfs watchq-last {last}"
+    ));
+    daemon.signal(nix::sys::signal::Signal::SIGCONT);
+
+    sub.until("Lost(kernel-overflow)", |signals| {
+        signals.iter().any(
+            |s| matches!(s, Signal::Lost { reason, source, .. } if reason == "kernel-overflow" && source == "mounts"),
+        )
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while sub.next(Duration::from_millis(200)).await.is_some() {}
+    assert_contiguous(&sub.received);
+    let (_, now, _) = snapshot(&sub).await;
+    assert!(
+        now.values().any(|m| m.mount_point == last),
+        "the mount made after the overflow is in the snapshot"
+    );
+    assert_eq!(
+        snapshot_view(&now),
+        mountinfo_view(&ns),
+        "snapshot = mountinfo after the overflow"
+    );
+}
+
+/// An unprivileged user, through polkit: its own namespace by default (the one its
+/// process runs in, as the bus reports its pid), and not another process's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_watches_its_own_namespace_and_not_another() {
+    let daemon = Daemon::with_polkit("");
+    let alice = common::polkit::user("watchq-alice");
+    let others = Namespace::start();
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-mnt-")
+        .tempdir()
+        .expect("temporary directory");
+    let point = dir.path().join("alice");
+    fs::create_dir(&point).expect("mkdir");
+    let point = point.display().to_string();
+    let watchqctl = env!("CARGO_BIN_EXE_watchqctl");
+    let as_alice = |extra: &[&str]| {
+        let mut command = Command::new("unshare");
+        command
+            .args(["-m", "--propagation", "private", "setpriv"])
+            .arg(format!("--reuid={}", alice.uid))
+            .arg(format!("--regid={}", alice.gid))
+            .args(["--clear-groups", watchqctl, "--address", daemon.address()])
+            .args(["monitor", "--json", "mounts"])
+            .args(extra)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        command
+    };
+
+    // Another process's namespace is an administrator's action: refused.
+    let refused = as_alice(&[&format!("--match=pid={}", others.pid())])
+        .output()
+        .expect("watchqctl");
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(!refused.status.success(), "alice watched another namespace");
+    assert!(stderr.contains("AccessDenied"), "refusal: {stderr}");
+
+    // Her own: watchqctl runs alone in a private namespace; a mount made there arrives.
+    let mut child = as_alice(&[]).spawn().expect("watchqctl");
+    let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut stderr, &mut line).expect("watchqctl's first line");
+    assert!(line.starts_with("watching"), "as alice: {line}");
+    let out = Command::new("nsenter")
+        .args([
+            "-t",
+            &child.id().to_string(),
+            "-m",
+            "mount",
+            "-t",
+            "tmpfs",
+            "watchq-alice",
+        ])
+        .arg(&point)
+        .output()
+        .expect("nsenter");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut event = String::new();
+    std::io::BufRead::read_line(&mut stdout, &mut event).expect("an event");
+    let _ = child.kill();
+    let _ = child.wait();
+    let value: serde_json::Value = serde_json::from_str(&event).expect("JSON");
+    assert_eq!(value["signal"], "MountChanged");
+    assert_eq!(value["change"], "attach");
+    assert_eq!(value["mount_point"], point.as_str());
+    assert_eq!(value["mount_source"], "watchq-alice");
+    assert_eq!(value["fs_type"], "tmpfs");
+}
