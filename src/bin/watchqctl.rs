@@ -8,8 +8,8 @@ use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, ReceivedObject, SubscriptionProxy,
-    WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, KeyChangedBody, LostBody, ManagerProxy, ReceivedObject,
+    SubscriptionProxy, WatchRemovedBody,
 };
 
 #[derive(Parser, Debug)]
@@ -191,7 +191,13 @@ async fn monitor(
         let (key, value) = m
             .split_once('=')
             .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
-        spec.insert(key, Variant::from(value));
+        // Key serials and uids are numbers on the bus.
+        let value = match (key, value.parse::<i32>(), value.parse::<u32>()) {
+            ("serial", Ok(serial), _) => Variant::from(serial),
+            ("uid", _, Ok(uid)) => Variant::from(uid),
+            _ => Variant::from(value),
+        };
+        spec.insert(key, value);
     }
 
     let mut subscribe_options = HashMap::new();
@@ -332,6 +338,32 @@ fn print_signal(message: &zbus::Message, json: bool) {
                     format!(
                         "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) sector {sector} +{sectors}, op {operation}"
                     )
+                }
+            },
+        ),
+        "KeyChanged" => body.deserialize::<KeyChangedBody>().ok().map(
+            |(seq, tag, change, key, aux, key_type, description, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "KeyChanged", "seq": seq, "tag": tag, "source": "keys",
+                        "change": change, "key": key, "aux": aux, "type": key_type,
+                        "description": description, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    // keyctl watch's vocabulary: "<key> <change>", plus the other key of a
+                    // link or unlink.
+                    let other = match change.as_str() {
+                        "linked" | "unlinked" => format!(" {aux}"),
+                        "instantiated" if aux != 0 => format!(" error {aux}"),
+                        _ => String::new(),
+                    };
+                    let what = if key_type.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({key_type} \"{description}\")")
+                    };
+                    format!("#{seq:<6} keys {key} {change}{other}{what}")
                 }
             },
         ),

@@ -60,7 +60,10 @@ impl SubscriptionObject {
     /// spec holds the source's match keys. devices: "subsystem" (s: block or usb),
     /// "devtype" (s), "name" (s, with * and ? wildcards), "properties" (a{ss}, uevent
     /// properties that must be equal). block-errors (administrators): "name" (s, the
-    /// device's kernel name, with * and ? wildcards).
+    /// device's kernel name, with * and ? wildcards). keys: at most one of "keyring" (s:
+    /// user or persistent; with "uid" (u) another user's, for administrators) or
+    /// "serial" (i: a key or keyring of yours, e.g. your session keyring), and
+    /// optionally "changes" (as: the change kinds wanted); by default your user keyring.
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -190,6 +193,25 @@ impl SubscriptionObject {
         errno_name: &str,
         errno: i32,
         count: u64,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// A key or keyring changed (the kernel's watch_queue key notification). change is
+    /// the kind: instantiated, updated, linked, unlinked, cleared, revoked, invalidated,
+    /// setattr; key the serial of the watched key; aux the key linked or unlinked (for
+    /// linked/unlinked), the error of a negative instantiation, else 0. key_type and
+    /// description describe the watched key when known ("" otherwise); attributes repeat
+    /// key, aux, type, description and add owner (the key's uid).
+    #[zbus(signal)]
+    pub async fn key_changed(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        change: &str,
+        key: i32,
+        aux: i32,
+        key_type: &str,
+        description: &str,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

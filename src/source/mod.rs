@@ -7,6 +7,7 @@
 
 pub mod blockerr;
 pub mod devices;
+pub mod keys;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -150,6 +151,7 @@ impl Registry {
             // One line per source.
             Arc::new(devices::Devices::new(&config.devices)),
             Arc::new(blockerr::BlockErrors::new()),
+            Arc::new(keys::Keys::new()),
         ];
         Registry { sources }
     }

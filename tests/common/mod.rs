@@ -17,7 +17,8 @@ use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, LostBody, ManagerProxy, SubscriptionProxy, WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, KeyChangedBody, LostBody, ManagerProxy, SubscriptionProxy,
+    WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -397,6 +398,16 @@ pub enum Signal {
         count: u64,
         attributes: HashMap<String, OwnedVariant>,
     },
+    Key {
+        seq: u64,
+        tag: u64,
+        change: String,
+        key: i32,
+        aux: i32,
+        key_type: String,
+        description: String,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -405,7 +416,8 @@ impl Signal {
             Signal::Device { seq, .. }
             | Signal::Lost { seq, .. }
             | Signal::WatchRemoved { seq, .. }
-            | Signal::BlockError { seq, .. } => *seq,
+            | Signal::BlockError { seq, .. }
+            | Signal::Key { seq, .. } => *seq,
         }
     }
 
@@ -420,9 +432,9 @@ impl Signal {
     /// The typed attributes of a signal that carries them.
     pub fn attributes(&self) -> Option<&HashMap<String, OwnedVariant>> {
         match self {
-            Signal::Device { attributes, .. } | Signal::BlockError { attributes, .. } => {
-                Some(attributes)
-            }
+            Signal::Device { attributes, .. }
+            | Signal::BlockError { attributes, .. }
+            | Signal::Key { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -505,6 +517,21 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 errno_name,
                 errno,
                 count,
+                attributes,
+            })
+        }
+        "KeyChanged" => {
+            let (seq, tag, change, key, aux, key_type, description, attributes) = body
+                .deserialize::<KeyChangedBody>()
+                .expect("KeyChanged body");
+            Some(Signal::Key {
+                seq,
+                tag,
+                change,
+                key,
+                aux,
+                key_type,
+                description,
                 attributes,
             })
         }
