@@ -149,7 +149,8 @@ pub struct Keys {
 
 impl Keys {
     pub fn new() -> Self {
-        let helper = std::env::current_exe().unwrap_or_else(|_| PathBuf::from("watchqd"));
+        // The running image itself, even after a package upgrade replaced the file.
+        let helper = PathBuf::from("/proc/self/exe");
         Keys {
             shared: Arc::new(Shared {
                 helper,
