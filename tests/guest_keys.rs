@@ -242,6 +242,33 @@ mod inside {
             0,
         ))
         .unwrap();
+        // While the only watch wants unlinks, the kernel's filter drops links: the daemon
+        // never reads them (its debug log shows every record it reads).
+        let narrow = add_key("keyring", "watchqd-narrow", &[], session);
+        let mut narrow_sub = Subscriber::with_options(&daemon, depth.clone()).await;
+        narrow_sub
+            .watch(
+                "keys",
+                6,
+                &key_spec(&[
+                    ("serial", Variant::from(narrow)),
+                    ("changes", Variant::from(vec!["unlinked"])),
+                ]),
+            )
+            .await;
+        let n = add_key("user", "n", b"v", narrow);
+        keyctl("KEYCTL_UNLINK n", KEYCTL_UNLINK, n.into(), narrow.into(), 0);
+        expect_key(&mut narrow_sub, 6, "unlinked", narrow, Some(n)).await;
+        let log = daemon.log_text();
+        assert!(
+            log.contains(&format!(
+                "change: Unlinked, watch_id: 0, key: {narrow}, aux: {n}"
+            )) && !log.contains(&format!("change: Linked, watch_id: 0, key: {narrow}")),
+            "the kernel filter let a link through, or the unlink was not logged:\n{log}"
+        );
+        narrow_sub.proxy.remove_watch(6).await.expect("RemoveWatch");
+        println!("SEEN kernel filter");
+
         let ring = add_key("keyring", "watchqd-guest", &[], session);
         sub.watch("keys", 1, &key_spec(&[("serial", Variant::from(ring))]))
             .await;
@@ -489,6 +516,18 @@ mod inside {
         )
         .await;
 
+        // Root also watches alice's user keyring: alice's own watch below then shares
+        // the kernel watch (her helper gets EBUSY after passing the kernel's checks).
+        root.watch(
+            "keys",
+            2,
+            &key_spec(&[
+                ("keyring", Variant::from("user")),
+                ("uid", Variant::from(alice.uid)),
+            ]),
+        )
+        .await;
+
         let ctl = env!("CARGO_BIN_EXE_watchqctl");
         let monitor = |args: &[&str]| {
             let mut command = as_user(&alice, ctl, args);
@@ -567,6 +606,17 @@ mod inside {
 
         // Root saw bob's key linked into bob's user keyring.
         expect_key(&mut root, 1, "linked", bob_ring, None).await;
+        let alice_ring = lines
+            .iter()
+            .find(|l| l["aux"] == alice_key)
+            .and_then(|l| l["key"].as_i64())
+            .and_then(|k| i32::try_from(k).ok())
+            .unwrap();
+        expect_key(&mut root, 2, "linked", alice_ring, Some(alice_key)).await;
+        assert!(
+            daemon.log_text().contains("outcome=Shared"),
+            "alice's watch did not share root's kernel watch"
+        );
         println!("SEEN root watches bob's keyring");
     }
 }
