@@ -71,6 +71,7 @@ mod inside {
     const KEYCTL_CLEAR: libc::c_long = 7;
     const KEYCTL_UNLINK: libc::c_long = 9;
     const KEYCTL_INVALIDATE: libc::c_long = 21;
+    const KEYCTL_GET_PERSISTENT: libc::c_long = 22;
     const KEY_SPEC_SESSION_KEYRING: i32 = -3;
     /// The burst: more updates than the kernel queue holds (256 notes).
     const BURST: usize = 5000;
@@ -354,6 +355,24 @@ mod inside {
             ),
             other => panic!("{other:?}"),
         }
+
+        // The persistent keyring, resolved by the helper as the subscriber (root here).
+        sub.watch(
+            "keys",
+            10,
+            &key_spec(&[("keyring", Variant::from("persistent"))]),
+        )
+        .await;
+        let persistent = i32::try_from(keyctl(
+            "KEYCTL_GET_PERSISTENT",
+            KEYCTL_GET_PERSISTENT,
+            -1,
+            session.into(),
+            0,
+        ))
+        .unwrap();
+        let p = add_key("user", "p", b"v", persistent);
+        expect_key(&mut sub, 10, "linked", persistent, Some(p)).await;
 
         settle(&mut unlinks).await;
         settle(&mut filtered).await;

@@ -164,6 +164,13 @@ pub fn run(
             creds.uid
         );
         let errno = i32::try_from(errno).unwrap_or(0);
+        if step.starts_with("set") {
+            return Err(Error::Unavailable(format!(
+                "the key watch helper cannot take uid {}'s credentials ({step}: {message}); \
+                 the daemon needs CAP_SETUID and CAP_SETGID",
+                creds.uid
+            )));
+        }
         return Err(match errno {
             libc::EACCES | libc::EPERM => Error::AccessDenied(format!("the kernel refused {what}")),
             libc::ENOKEY | libc::EKEYREVOKED | libc::EKEYEXPIRED | libc::ENOENT => {
