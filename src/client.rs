@@ -100,6 +100,18 @@ pub type MountChangedBody = (
     String,
     HashMap<String, OwnedVariant>,
 );
+/// `KeyChanged(t seq, t tag, s change, i key, i aux, s key_type, s description,
+/// a{sv} attributes)` as received.
+pub type KeyChangedBody = (
+    u64,
+    u64,
+    String,
+    i32,
+    i32,
+    String,
+    String,
+    HashMap<String, OwnedVariant>,
+);
 
 /// `Lost(t seq, t count, s source, s reason)` as received.
 pub type LostBody = (u64, u64, String, String);

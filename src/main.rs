@@ -21,6 +21,12 @@ struct Args {
 }
 
 fn main() -> ExitCode {
+    // The key watch helper: this binary re-executed to act with a subscriber's
+    // credentials; it must run before any thread starts.
+    let argv: Vec<String> = std::env::args().collect();
+    if argv.get(1).map(String::as_str) == Some(watchqd::source::keys::helper::HELPER_ARG) {
+        return watchqd::source::keys::helper::helper_main(&argv[2..]);
+    }
     let args = Args::parse();
     watchqd::logging::init(&args.log_level);
     let config = match watchqd::config::Config::load(args.config.as_deref()) {

@@ -8,7 +8,7 @@ use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, KeyChangedBody, LostBody, ManagerProxy,
     MountChangedBody, QuotaWarningBody, ReceivedObject, SpaceWarningBody, SubscriptionProxy,
     WatchRemovedBody,
 };
@@ -194,10 +194,12 @@ async fn monitor(
         let (key, value) = m
             .split_once('=')
             .ok_or_else(|| format!("--match takes KEY=VALUE, got '{m}'"))?;
-        // Space thresholds and mounts' pid are numbers on the bus; the rest are strings.
+        // Space thresholds, mounts' pid, key serials and uids are numbers on the bus; the
+        // rest are strings.
         let typed = match key {
-            "low-percent" | "pid" => value.parse::<u32>().map(Variant::from),
+            "low-percent" | "pid" | "uid" => value.parse::<u32>().map(Variant::from),
             "low-bytes" => value.parse::<u64>().map(Variant::from),
+            "serial" => value.parse::<i32>().map(Variant::from),
             _ => Ok(Variant::from(value)),
         };
         spec.insert(
@@ -433,6 +435,32 @@ fn print_signal(message: &zbus::Message, json: bool) {
                     .to_string()
                 } else {
                     format!("#{seq:<6} space {level} {state} on {mount_point} ({path}): {available} of {total} bytes available, threshold {threshold}")
+                }
+            },
+        ),
+        "KeyChanged" => body.deserialize::<KeyChangedBody>().ok().map(
+            |(seq, tag, change, key, aux, key_type, description, attributes)| {
+                if json {
+                    serde_json::json!({
+                        "signal": "KeyChanged", "seq": seq, "tag": tag, "source": "keys",
+                        "change": change, "key": key, "aux": aux, "type": key_type,
+                        "description": description, "attributes": attrs_json(&attributes),
+                    })
+                    .to_string()
+                } else {
+                    // keyctl watch's vocabulary: "<key> <change>", plus the other key of a
+                    // link or unlink.
+                    let other = match change.as_str() {
+                        "linked" | "unlinked" => format!(" {aux}"),
+                        "instantiated" if aux != 0 => format!(" error {aux}"),
+                        _ => String::new(),
+                    };
+                    let what = if key_type.is_empty() {
+                        String::new()
+                    } else {
+                        format!("  ({key_type} \"{description}\")")
+                    };
+                    format!("#{seq:<6} keys {key} {change}{other}{what}")
                 }
             },
         ),

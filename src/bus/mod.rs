@@ -500,6 +500,30 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                 )
                 .await
             }
+            crate::source::keys::NAME => {
+                let change = crate::source::keys::SUBTYPES
+                    .get(usize::from(record.subtype))
+                    .copied()
+                    .unwrap_or("unknown");
+                // Serials and aux are the kernel's 32 bits; aux may be a negative errno.
+                let signed = |key: &str| {
+                    let bits =
+                        u32::try_from(record.attr_u64(key).unwrap_or_default()).unwrap_or_default();
+                    i32::from_ne_bytes(bits.to_ne_bytes())
+                };
+                SubscriptionObject::key_changed(
+                    emitter,
+                    *seq,
+                    *tag,
+                    change,
+                    signed("key"),
+                    signed("aux"),
+                    record.attr_str("type").unwrap_or_default(),
+                    record.attr_str("description").unwrap_or_default(),
+                    types::AttrMap(&record.attributes),
+                )
+                .await
+            }
             other => Err(zbus::Error::Failure(format!(
                 "no signal for source {other}"
             ))),

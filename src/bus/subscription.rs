@@ -68,7 +68,11 @@ impl SubscriptionObject {
     /// caller must be able to reach) and exactly one of "low-percent" (u, 1-99) and
     /// "low-bytes" (t). mounts: none for the caller's own mount namespace, or "pid" (u)
     /// for that process's namespace (administrators, unless it is the caller's own); the
-    /// watch ends when no process is left in the namespace.
+    /// watch ends when no process is left in the namespace. keys: at most one of
+    /// "keyring" (s: user or persistent; with "uid" (u) another user's, for
+    /// administrators) or "serial" (i: a key or keyring of yours, e.g. your session
+    /// keyring), and optionally "changes" (as: the change kinds wanted); by default your
+    /// user keyring.
     async fn add_watch(
         &self,
         #[zbus(header)] header: Header<'_>,
@@ -298,6 +302,25 @@ impl SubscriptionObject {
         source: &str,
         fs_type: &str,
         options: &str,
+        attributes: AttrMap<&Attrs>,
+    ) -> zbus::Result<()>;
+
+    /// A key or keyring changed (the kernel's watch_queue key notification). change is
+    /// the kind: instantiated, updated, linked, unlinked, cleared, revoked, invalidated,
+    /// setattr; key the serial of the watched key; aux the key linked or unlinked (for
+    /// linked/unlinked), the error of a negative instantiation, else 0. key_type and
+    /// description describe the watched key when known ("" otherwise); attributes repeat
+    /// key, aux, type, description and add owner (the key's uid).
+    #[zbus(signal)]
+    pub async fn key_changed(
+        emitter: &SignalEmitter<'_>,
+        seq: u64,
+        tag: u64,
+        change: &str,
+        key: i32,
+        aux: i32,
+        key_type: &str,
+        description: &str,
         attributes: AttrMap<&Attrs>,
     ) -> zbus::Result<()>;
 

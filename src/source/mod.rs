@@ -8,6 +8,7 @@
 pub mod blockerr;
 pub mod devices;
 pub mod filesystems;
+pub mod keys;
 pub mod mounts;
 pub mod quota;
 pub mod space;
@@ -166,6 +167,7 @@ impl Registry {
             Arc::new(filesystems::Filesystems::new()),
             Arc::new(space::Space::new()),
             Arc::new(mounts::Mounts::new()),
+            Arc::new(keys::Keys::new()),
         ];
         Registry { sources }
     }

@@ -18,7 +18,7 @@ use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, LostBody, ManagerProxy,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, KeyChangedBody, LostBody, ManagerProxy,
     MountChangedBody, QuotaWarningBody, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
 };
 
@@ -452,6 +452,16 @@ pub enum Signal {
         options: String,
         attributes: HashMap<String, OwnedVariant>,
     },
+    Key {
+        seq: u64,
+        tag: u64,
+        change: String,
+        key: i32,
+        aux: i32,
+        key_type: String,
+        description: String,
+        attributes: HashMap<String, OwnedVariant>,
+    },
 }
 
 impl Signal {
@@ -464,7 +474,8 @@ impl Signal {
             | Signal::QuotaWarning { seq, .. }
             | Signal::FilesystemError { seq, .. }
             | Signal::SpaceWarning { seq, .. }
-            | Signal::Mount { seq, .. } => *seq,
+            | Signal::Mount { seq, .. }
+            | Signal::Key { seq, .. } => *seq,
         }
     }
 
@@ -484,7 +495,8 @@ impl Signal {
             | Signal::QuotaWarning { attributes, .. }
             | Signal::FilesystemError { attributes, .. }
             | Signal::SpaceWarning { attributes, .. }
-            | Signal::Mount { attributes, .. } => Some(attributes),
+            | Signal::Mount { attributes, .. }
+            | Signal::Key { attributes, .. } => Some(attributes),
             _ => None,
         }
     }
@@ -689,6 +701,21 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 source,
                 fs_type,
                 options,
+                attributes,
+            })
+        }
+        "KeyChanged" => {
+            let (seq, tag, change, key, aux, key_type, description, attributes) = body
+                .deserialize::<KeyChangedBody>()
+                .expect("KeyChanged body");
+            Some(Signal::Key {
+                seq,
+                tag,
+                change,
+                key,
+                aux,
+                key_type,
+                description,
                 attributes,
             })
         }

@@ -1,0 +1,78 @@
+//! Keys on the host, whose kernel has no watch_queue (BRIEF section 2): the daemon says
+//! so, with the reason, and refuses key watches with NotSupported. What keys do on a
+//! kernel that has it is in tests/guest_keys.rs.
+
+mod common;
+
+use std::collections::HashMap;
+
+use common::*;
+use watchqd::client::ManagerProxy;
+use zbus::Variant;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn host_without_watch_queue_reports_keys_unavailable_and_refuses_watches() {
+    // The premise: this kernel lacks CONFIG_WATCH_QUEUE. If that changes, this test must
+    // change with it rather than pass for the wrong reason.
+    let mut fds = [-1; 2];
+    // SAFETY: fds points to two writable ints.
+    let r = unsafe { nix::libc::pipe2(fds.as_mut_ptr(), nix::libc::O_EXCL | nix::libc::O_CLOEXEC) };
+    let errno = std::io::Error::last_os_error().raw_os_error();
+    assert!(
+        r != 0 && errno == Some(nix::libc::ENOPKG),
+        "pipe2(O_NOTIFICATION_PIPE) on the host returned {r} ({errno:?}): this test expects a \
+         kernel without CONFIG_WATCH_QUEUE (ENOPKG)"
+    );
+
+    let daemon = Daemon::start();
+    let sub = Subscriber::new(&daemon).await;
+    let manager = ManagerProxy::new(&sub.conn).await.expect("manager proxy");
+    let sources = manager.sources().await.expect("Sources");
+    let keys = sources
+        .iter()
+        .find(|s| s.name == "keys")
+        .unwrap_or_else(|| panic!("no keys source in {sources:?}"));
+    assert!(!keys.available, "{keys:?}");
+    assert!(
+        keys.reason
+            .contains("kernel built without CONFIG_WATCH_QUEUE"),
+        "{keys:?}"
+    );
+    assert_eq!(
+        keys.subtypes,
+        [
+            "instantiated",
+            "updated",
+            "linked",
+            "unlinked",
+            "cleared",
+            "revoked",
+            "invalidated",
+            "setattr"
+        ]
+    );
+
+    for spec in [
+        HashMap::from([("keyring", Variant::from("user"))]),
+        HashMap::from([("serial", Variant::from(12345i32))]),
+        HashMap::new(),
+    ] {
+        match sub.proxy.add_watch("keys", 1, spec).await {
+            Err(zbus::Error::MethodError(name, Some(message), _)) => {
+                assert_eq!(name.as_str(), "org.watchq1.Error.NotSupported");
+                assert!(
+                    message.contains("kernel built without CONFIG_WATCH_QUEUE"),
+                    "{message}"
+                );
+            }
+            other => panic!("AddWatch(keys) on the host: expected NotSupported, got {other:?}"),
+        }
+    }
+    // Nothing was started for it.
+    assert!(sub.proxy.watches().await.expect("Watches").is_empty());
+    assert!(
+        !daemon.log_text().contains("source started"),
+        "{}",
+        daemon.log_text()
+    );
+}
