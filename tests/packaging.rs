@@ -43,13 +43,18 @@ fn the_unit_file_verifies_and_is_hardened() {
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // 2.7 today. What keeps it above systemd's best grades is what the kernel demands:
+    // CAP_SYS_ADMIN for fanotify mount-namespace and filesystem marks, CAP_SETUID and
+    // CAP_SETGID for the helper that sets key watches as the subscriber, CAP_NET_ADMIN,
+    // CAP_PERFMON, CAP_SYS_PTRACE, netlink, and the host's network namespace (uevents and
+    // quota exist only there). The threshold keeps anything else from creeping in.
     let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=25"])
+        .args(["security", "--offline=yes", "--threshold=28"])
         .arg(&unit)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exposure above 2.5:\n{text}");
+    assert!(out.status.success(), "exposure above 2.8:\n{text}");
 }
 
 /// Runs `scripts/run-daemon` as the README says, on a machine without a system bus, and
