@@ -84,6 +84,33 @@ fn context_switches(pid: u32) -> u64 {
     total
 }
 
+/// The private bus's dbus-daemon: the child of this process that runs it.
+fn bus_daemon_pid() -> u32 {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.contains("(dbus-daemon)")
+                    && stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.split(' ').nth(1))
+                        .is_some_and(|ppid| ppid == me.to_string())
+            })
+        })
+        .expect("the private bus's dbus-daemon")
+}
+
+/// CPU time per delivered signal of the three processes a signal crosses, in us, from
+/// two readings of (daemon, bus, this process) clock ticks.
+fn cpu_split(before: [u64; 3], after: [u64; 3], delivered: u64) -> [f64; 3] {
+    let per =
+        |i: usize| (after[i] - before[i]) as f64 / ticks_per_second() * 1e6 / delivered as f64;
+    [per(0), per(1), per(2)]
+}
+
 fn ticks_per_second() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -128,10 +155,16 @@ async fn signal_stream(conn: &Connection, sender: &str, interface: &str) -> Mess
         .unwrap()
 }
 
+/// Makes the kernel emit `n` synthetic `change` uevents for a block device. The file stays
+/// open: sysfs takes every write as a new request, and the open and close that
+/// `fs::write` adds per event would cost the writer, on the same cores as the daemon, more
+/// than the kernel's uevent itself, which the ceiling's emitter does not pay.
 fn write_changes(name: &str, n: u64) {
+    use std::io::Write;
     let path = format!("/sys/block/{name}/uevent");
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     for _ in 0..n {
-        std::fs::write(&path, "change").unwrap();
+        file.write_all(b"change").unwrap();
     }
 }
 
@@ -168,6 +201,8 @@ async fn main() {
         "[limits]\nsubscriptions_per_connection = 100\nsubscriptions_per_uid = 2000\n\n[delivery]\nmax_queue_depth = 65536\n",
     );
     let pid = daemon.pid();
+    let bus_pid = bus_daemon_pid();
+    let me = std::process::id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = daemon.rss_kib();
     let switches = context_switches(pid);
@@ -260,9 +295,10 @@ async fn main() {
             lat_raw.push(start.elapsed());
         }
     }
-    let raw_rate = {
+    let (raw_rate, raw_cpu) = {
         let stream = signal_stream(&receiver, &emitter_name, "org.watchq1.Bench").await;
         let counter = tokio::spawn(count_until(stream, flood, Arc::default()));
+        let cpu_before = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
         let start = Instant::now();
         for _ in 0..flood {
             emitter
@@ -277,7 +313,11 @@ async fn main() {
                 .unwrap();
         }
         let end = counter.await.unwrap();
-        flood as f64 / (end - start).as_secs_f64()
+        let cpu_after = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
+        (
+            flood as f64 / (end - start).as_secs_f64(),
+            cpu_split(cpu_before, cpu_after, flood),
+        )
     };
     drop(receiver);
     drop(emitter);
@@ -291,9 +331,11 @@ async fn main() {
         percentile(&lat_raw, 990),
     );
     out.say(format!(
-        "ceiling (raw zbus emitter -> 1 subscriber): {raw_rate:.0} signals/s; latency p50 {:.0} us, p99 {:.0} us",
+        "ceiling (raw zbus emitter -> 1 subscriber): {raw_rate:.0} signals/s; latency p50 {:.0} us, p99 {:.0} us; CPU per signal: dbus-daemon {:.1} us, emitter+receiver {:.1} us",
         micros(r50),
-        micros(r99)
+        micros(r99),
+        raw_cpu[1],
+        raw_cpu[2]
     ));
     out.say(format!(
         "watchqd latency (kernel uevent -> subscriber): p50 {:.0} us, p99 {:.0} us",
@@ -359,7 +401,7 @@ async fn main() {
                 )));
             }
         }
-        let cpu_before = cpu_ticks(pid);
+        let cpu_before = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
         let start = Instant::now();
         // Sustained throughput: the writer stays at most LAG events ahead of the slowest
         // delivery, as a steady producer would, so that queues (and memory) measure the
@@ -386,13 +428,19 @@ async fn main() {
         let elapsed = (end - start).as_secs_f64();
         let delivered = per_sub * receivers as u64;
         let rate = delivered as f64 / elapsed;
-        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / ticks_per_second();
+        let cpu = cpu_split(
+            cpu_before,
+            [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)],
+            delivered,
+        );
         let rss = daemon.rss_kib();
         rss_after_runs.push(rss);
         out.say(format!(
-            "watchqd {subscriptions:>4} subscriptions ({receivers} let {per_sub} events through, the rest filtered): {rate:.0} signals/s = {:.2}x ceiling; daemon CPU {:.1} us/delivered signal; RSS after {rss} KiB",
+            "watchqd {subscriptions:>4} subscriptions ({receivers} let {per_sub} events through, the rest filtered): {rate:.0} signals/s = {:.2}x ceiling; CPU per delivered signal: watchqd {:.1} us, dbus-daemon {:.1} us, writer+receivers {:.1} us; RSS after {rss} KiB",
             rate / raw_rate,
-            cpu * 1e6 / delivered as f64
+            cpu[0],
+            cpu[1],
+            cpu[2]
         ));
         match subscriptions {
             1 if rss_after_runs.len() == 1 => out.target(

@@ -23,10 +23,11 @@ use tokio::sync::Notify;
 use zbus::fdo::DBusProxy;
 use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, OwnedObjectPath, OwnedVariant};
+use zbus::{Connection, Message, ObjectPath, OwnedObjectPath, OwnedVariant, Signature};
 
 use crate::dispatch::{Delivery, Hub};
 use crate::error::Error;
+use crate::event::Record;
 use crate::policy::identity::BusCredentials;
 use crate::policy::{Authorizer, Identity, PolicyConfig, Polkit, Scope};
 use crate::source::WatchSpec;
@@ -277,6 +278,7 @@ impl Service {
                 return;
             }
         };
+        let object_path = emitter.path().to_owned();
         let mut in_flight = 0usize;
         // The outstanding Ping and how many signals its reply will acknowledge.
         let mut ping: Option<PendingPing> = None;
@@ -286,11 +288,23 @@ impl Service {
                 let Some(batch) = self.hub.take(id, credit) else {
                     return; // closed
                 };
+                // Event signals go out together, as few writes as the socket takes.
+                let mut messages = Vec::with_capacity(batch.len());
                 for delivery in &batch {
-                    if let Err(e) = emit(&emitter, delivery).await {
-                        tracing::warn!(subscription = id, "sending a signal failed: {e}");
+                    match event_message(&self.conn, &object_path, &owner, delivery) {
+                        Some(Ok(message)) => messages.push(message),
+                        Some(Err(e)) => {
+                            tracing::warn!(subscription = id, "building a signal failed: {e}");
+                        }
+                        None => {
+                            send_all(&self.conn, id, &mut messages).await;
+                            if let Err(e) = emit(&emitter, delivery).await {
+                                tracing::warn!(subscription = id, "sending a signal failed: {e}");
+                            }
+                        }
                     }
                 }
+                send_all(&self.conn, id, &mut messages).await;
                 in_flight += batch.len();
                 if !batch.is_empty() && in_flight < window {
                     continue;
@@ -369,33 +383,80 @@ async fn ping_peer(conn: Connection, owner: UniqueName<'static>) -> PingOutcome 
     }
 }
 
-async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<()> {
-    match delivery {
-        Delivery::Event { seq, tag, record } => match record.source {
-            crate::source::devices::NAME => {
-                let registry_subtype = crate::source::devices::SUBTYPES
-                    .get(usize::from(record.subtype))
-                    .copied()
-                    .unwrap_or("change");
-                SubscriptionObject::device_changed(
-                    emitter,
-                    *seq,
-                    *tag,
+async fn send_all(conn: &Connection, id: u64, messages: &mut Vec<Message>) {
+    if let Err(e) = conn.send_all(messages).await {
+        tracing::warn!(subscription = id, "sending signals failed: {e}");
+    }
+    messages.clear();
+}
+
+/// An event signal as every subscriber receives it, but for the sequence number and the
+/// tag that start every event signal's body; encoded once per record.
+struct EventEncoding {
+    member: &'static str,
+    signature: Signature,
+    /// Native-endian body with zero for seq and tag.
+    body: Box<[u8]>,
+}
+
+/// Offsets of seq and tag in an event signal's body: the first two arguments, `tt`.
+const SEQ_AT: std::ops::Range<usize> = 0..8;
+const TAG_AT: std::ops::Range<usize> = 8..16;
+
+/// An event's signal body, for the sources whose events are encoded once per record;
+/// `None` for the rest, which [`emit`] sends one by one. Every arm's body starts with
+/// (seq, tag).
+fn encode_event(record: &Record) -> Option<EventEncoding> {
+    fn encoded<B: serde::Serialize + zbus::DynamicType>(
+        member: &'static str,
+        body: &B,
+    ) -> Option<EventEncoding> {
+        let signature = body.signature();
+        if !signature.to_string().starts_with("(tt") {
+            tracing::error!(member, %signature, "an event signal must start with (seq, tag)");
+            return None;
+        }
+        let context = zbus::wire::serialized::Context::new(zbus::wire::NATIVE_ENDIAN, 0);
+        match zbus::wire::to_bytes(context, body) {
+            Ok(data) => Some(EventEncoding {
+                member,
+                signature,
+                body: data.bytes().into(),
+            }),
+            Err(e) => {
+                tracing::warn!(member, "encoding an event failed: {e}");
+                None
+            }
+        }
+    }
+    let (seq, tag) = (0u64, 0u64);
+    match record.source {
+        crate::source::devices::NAME => {
+            let registry_subtype = crate::source::devices::SUBTYPES
+                .get(usize::from(record.subtype))
+                .copied()
+                .unwrap_or("change");
+            encoded(
+                "DeviceChanged",
+                &(
+                    seq,
+                    tag,
                     registry_subtype,
                     record.attr_str("subsystem").unwrap_or_default(),
-                    &record.object_id,
+                    record.object_id.as_str(),
                     types::AttrMap(&record.attributes),
                     &record.properties,
-                )
-                .await
-            }
-            crate::source::blockerr::NAME => {
-                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
-                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
-                SubscriptionObject::block_error(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::blockerr::NAME => {
+            let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+            let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+            encoded(
+                "BlockError",
+                &(
+                    seq,
+                    tag,
                     record.attr_str("device").unwrap_or_default(),
                     narrow("major"),
                     narrow("minor"),
@@ -406,13 +467,46 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     i32::try_from(number("errno")).unwrap_or(i32::MAX),
                     number("count"),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            other => Err(zbus::Error::Failure(format!(
-                "no signal for source {other}"
-            ))),
-        },
+                ),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// The signal for an event delivery from its record's shared encoding; `None` when the
+/// delivery is no event or its source has no shared encoding.
+fn event_message(
+    conn: &Connection,
+    path: &ObjectPath<'_>,
+    owner: &UniqueName<'_>,
+    delivery: &Delivery,
+) -> Option<zbus::Result<Message>> {
+    let Delivery::Event { seq, tag, record } = delivery else {
+        return None;
+    };
+    let encoding = record.encoded(encode_event)?;
+    let mut body = encoding.body.to_vec();
+    body[SEQ_AT].copy_from_slice(&seq.to_ne_bytes());
+    body[TAG_AT].copy_from_slice(&tag.to_ne_bytes());
+    let mut builder =
+        Message::signal(path, subscription::INTERFACE, encoding.member).destination(owner);
+    if let Some(sender) = conn.unique_name() {
+        builder = builder.sender(sender);
+    }
+    // SAFETY: `body` is a native-endian serialization (the builder's default endianness)
+    // of a value of type `signature`, carrying no fds; only the two leading u64 the
+    // signature starts with were overwritten with other u64 values.
+    Some(unsafe { builder.build_raw_body(&body, encoding.signature.clone(), Vec::new()) })
+}
+
+/// Sends, one by one, what has no shared encoding (see [`encode_event`]).
+async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<()> {
+    match delivery {
+        Delivery::Event { record, .. } => Err(zbus::Error::Failure(format!(
+            "no signal for source {}",
+            record.source
+        ))),
         Delivery::Lost {
             seq,
             count,
