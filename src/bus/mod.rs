@@ -412,7 +412,18 @@ fn encode_event(record: &Record) -> Option<EventEncoding> {
         body: &B,
     ) -> Option<EventEncoding> {
         let signature = body.signature();
-        if !signature.to_string().starts_with("(tt") {
+        let leading_seq_and_tag = match &signature {
+            Signature::Structure(fields) => {
+                fields
+                    .iter()
+                    .take(2)
+                    .filter(|f| **f == Signature::U64)
+                    .count()
+                    == 2
+            }
+            _ => false,
+        };
+        if !leading_seq_and_tag {
             tracing::error!(member, %signature, "an event signal must start with (seq, tag)");
             return None;
         }
