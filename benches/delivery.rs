@@ -543,6 +543,27 @@ async fn main() {
         last <= first + 1024,
         format!("{first} KiB after the last run but one, {last} KiB after the same run again"),
     );
+    // Idle again, now with the device source running for a watch that sees no events:
+    // the source and the delivery task must sleep until the kernel or a client speaks.
+    let watcher = Subscriber::with_options(&daemon, deep()).await;
+    watcher
+        .watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let switches = context_switches(pid);
+    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 5 })).await;
+    let watching_wakeups =
+        (context_switches(pid) - switches) as f64 / if quick { 1.0 } else { 5.0 };
+    out.say(format!(
+        "daemon idle after the runs, one devices watch open: RSS {} KiB, {watching_wakeups:.1} wakeups/s",
+        daemon.rss_kib()
+    ));
+    out.target(
+        "no wakeups while idle with a watch open",
+        watching_wakeups == 0.0,
+        format!("{watching_wakeups:.1}/s"),
+    );
+    watcher.proxy.close().await.unwrap();
     if !out.quick {
         println!("\n(reproduce: cargo bench --bench delivery)");
     }
