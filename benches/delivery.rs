@@ -544,7 +544,9 @@ async fn main() {
         format!("{first} KiB after the last run but one, {last} KiB after the same run again"),
     );
     // Idle again, now with the device source running for a watch that sees no events:
-    // the source and the delivery task must sleep until the kernel or a client speaks.
+    // the source and the delivery task sleep until the kernel or a client speaks. Not a
+    // target: every uevent of the machine (another loop device, a USB port) wakes the
+    // source to read and drop it, and shared test machines have plenty.
     let watcher = Subscriber::with_options(&daemon, deep()).await;
     watcher
         .watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
@@ -555,14 +557,9 @@ async fn main() {
     let watching_wakeups =
         (context_switches(pid) - switches) as f64 / if quick { 1.0 } else { 5.0 };
     out.say(format!(
-        "daemon idle after the runs, one devices watch open: RSS {} KiB, {watching_wakeups:.1} wakeups/s",
+        "daemon idle after the runs, one devices watch open: RSS {} KiB, {watching_wakeups:.1} wakeups/s (each uevent of the machine is one)",
         daemon.rss_kib()
     ));
-    out.target(
-        "no wakeups while idle with a watch open",
-        watching_wakeups == 0.0,
-        format!("{watching_wakeups:.1}/s"),
-    );
     watcher.proxy.close().await.unwrap();
     if !out.quick {
         println!("\n(reproduce: cargo bench --bench delivery)");
