@@ -84,6 +84,33 @@ fn context_switches(pid: u32) -> u64 {
     total
 }
 
+/// The private bus's dbus-daemon: the child of this process that runs it.
+fn bus_daemon_pid() -> u32 {
+    let me = std::process::id();
+    std::fs::read_dir("/proc")
+        .expect("/proc")
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| {
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+                stat.contains("(dbus-daemon)")
+                    && stat
+                        .rsplit_once(") ")
+                        .and_then(|(_, rest)| rest.split(' ').nth(1))
+                        .is_some_and(|ppid| ppid == me.to_string())
+            })
+        })
+        .expect("the private bus's dbus-daemon")
+}
+
+/// CPU time per delivered signal of the three processes a signal crosses, in us, from
+/// two readings of (daemon, bus, this process) clock ticks.
+fn cpu_split(before: [u64; 3], after: [u64; 3], delivered: u64) -> [f64; 3] {
+    let per =
+        |i: usize| (after[i] - before[i]) as f64 / ticks_per_second() * 1e6 / delivered as f64;
+    [per(0), per(1), per(2)]
+}
+
 fn ticks_per_second() -> f64 {
     nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
         .ok()
@@ -128,10 +155,16 @@ async fn signal_stream(conn: &Connection, sender: &str, interface: &str) -> Mess
         .unwrap()
 }
 
+/// Makes the kernel emit `n` synthetic `change` uevents for a block device. The file stays
+/// open: sysfs takes every write as a new request, and the open and close that
+/// `fs::write` adds per event would cost the writer, on the same cores as the daemon, more
+/// than the kernel's uevent itself, which the ceiling's emitter does not pay.
 fn write_changes(name: &str, n: u64) {
+    use std::io::Write;
     let path = format!("/sys/block/{name}/uevent");
+    let mut file = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
     for _ in 0..n {
-        std::fs::write(&path, "change").unwrap();
+        file.write_all(b"change").unwrap();
     }
 }
 
@@ -168,6 +201,8 @@ async fn main() {
         "[limits]\nsubscriptions_per_connection = 100\nsubscriptions_per_uid = 2000\n\n[delivery]\nmax_queue_depth = 65536\n",
     );
     let pid = daemon.pid();
+    let bus_pid = bus_daemon_pid();
+    let me = std::process::id();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = daemon.rss_kib();
     let switches = context_switches(pid);
@@ -213,12 +248,18 @@ async fn main() {
         "signal size: {body_len} bytes (DeviceChanged of a loop device)"
     ));
 
-    // Latency through watchqd, one event at a time.
+    // Latency through watchqd, one event at a time, from just before the write that makes
+    // the kernel emit the uevent (the file is opened beforehand, as for the flood).
     let mut lat_daemon = Vec::with_capacity(reps);
     {
+        use std::io::Write;
+        let mut uevent = std::fs::OpenOptions::new()
+            .write(true)
+            .open(format!("/sys/block/{}/uevent", disk.name))
+            .unwrap();
         for _ in 0..reps {
             let start = Instant::now();
-            disk.synth_change();
+            uevent.write_all(b"change").unwrap();
             loop {
                 let m = stream.next().await.unwrap().unwrap();
                 if m.header().member().map(|m| m.as_str()) == Some("DeviceChanged") {
@@ -260,9 +301,10 @@ async fn main() {
             lat_raw.push(start.elapsed());
         }
     }
-    let raw_rate = {
+    let (raw_rate, raw_cpu) = {
         let stream = signal_stream(&receiver, &emitter_name, "org.watchq1.Bench").await;
         let counter = tokio::spawn(count_until(stream, flood, Arc::default()));
+        let cpu_before = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
         let start = Instant::now();
         for _ in 0..flood {
             emitter
@@ -277,7 +319,11 @@ async fn main() {
                 .unwrap();
         }
         let end = counter.await.unwrap();
-        flood as f64 / (end - start).as_secs_f64()
+        let cpu_after = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
+        (
+            flood as f64 / (end - start).as_secs_f64(),
+            cpu_split(cpu_before, cpu_after, flood),
+        )
     };
     drop(receiver);
     drop(emitter);
@@ -291,9 +337,11 @@ async fn main() {
         percentile(&lat_raw, 990),
     );
     out.say(format!(
-        "ceiling (raw zbus emitter -> 1 subscriber): {raw_rate:.0} signals/s; latency p50 {:.0} us, p99 {:.0} us",
+        "ceiling (raw zbus emitter -> 1 subscriber): {raw_rate:.0} signals/s; latency p50 {:.0} us, p99 {:.0} us; CPU per signal: dbus-daemon {:.1} us, emitter+receiver {:.1} us",
         micros(r50),
-        micros(r99)
+        micros(r99),
+        raw_cpu[1],
+        raw_cpu[2]
     ));
     out.say(format!(
         "watchqd latency (kernel uevent -> subscriber): p50 {:.0} us, p99 {:.0} us",
@@ -348,18 +396,24 @@ async fn main() {
             subs.push(sub);
         }
         let mut counters = Vec::new();
-        let progress = Arc::new(AtomicU64::new(0));
+        // Per receiving connection: signals received so far, and its receivers.
+        let mut progress = Vec::new();
         for (conn, expected) in conns.iter().zip(&per_conn_expected) {
             if *expected > 0 {
                 let stream = signal_stream(conn, "org.watchq1", "org.watchq1.Subscription").await;
-                counters.push(tokio::spawn(count_until(
-                    stream,
-                    *expected,
-                    Arc::clone(&progress),
-                )));
+                let received = Arc::new(AtomicU64::new(0));
+                progress.push((Arc::clone(&received), expected / per_sub));
+                counters.push(tokio::spawn(count_until(stream, *expected, received)));
             }
         }
-        let cpu_before = cpu_ticks(pid);
+        let slowest = || {
+            progress
+                .iter()
+                .map(|(received, receivers_here)| received.load(Ordering::Relaxed) / receivers_here)
+                .min()
+                .unwrap_or(0)
+        };
+        let cpu_before = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
         let start = Instant::now();
         // Sustained throughput: the writer stays at most LAG events ahead of the slowest
         // delivery, as a steady producer would, so that queues (and memory) measure the
@@ -368,6 +422,9 @@ async fn main() {
         const LAG: u64 = 2000;
         let receivers_u64 = receivers as u64;
         let mut written = 0;
+        // (As a receiver that fell far behind raises the daemon's high-water mark, which
+        // the allocator keeps, the RSS comparison between runs needs the bound per
+        // receiver, not on the total.)
         while written < per_sub {
             let n = CHUNK.min(per_sub - written);
             let name = disk.name.clone();
@@ -375,7 +432,7 @@ async fn main() {
                 .await
                 .unwrap();
             written += n;
-            while progress.load(Ordering::Relaxed) + LAG * receivers_u64 < written * receivers_u64 {
+            while slowest() + LAG < written {
                 tokio::time::sleep(Duration::from_micros(200)).await;
             }
         }
@@ -386,13 +443,79 @@ async fn main() {
         let elapsed = (end - start).as_secs_f64();
         let delivered = per_sub * receivers as u64;
         let rate = delivered as f64 / elapsed;
-        let cpu = (cpu_ticks(pid) - cpu_before) as f64 / ticks_per_second();
+        let cpu = cpu_split(
+            cpu_before,
+            [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)],
+            delivered,
+        );
         let rss = daemon.rss_kib();
         rss_after_runs.push(rss);
+        // The same signals from a raw emitter to the same receivers, on the bus as it is
+        // now (every subscription's match rule in place): what the bus itself manages at
+        // this scale.
+        let (bus_rate, bus_cpu) = {
+            let emitter = zbus::connection::Builder::address(daemon.address())
+                .build()
+                .await
+                .unwrap();
+            let emitter_name = emitter.unique_name().unwrap().to_string();
+            let each = (20_000 / receivers_u64).clamp(50, 2000).min(per_sub);
+            let mut names = Vec::new();
+            let mut counters = Vec::new();
+            for (conn, expected) in conns.iter().zip(&per_conn_expected) {
+                if *expected > 0 {
+                    let stream =
+                        signal_stream(conn, &emitter_name, "org.watchq1.Subscription").await;
+                    let receivers_here = expected / per_sub;
+                    names.push((conn.unique_name().unwrap().to_string(), receivers_here));
+                    counters.push(tokio::spawn(count_until(
+                        stream,
+                        each * receivers_here,
+                        Arc::default(),
+                    )));
+                }
+            }
+            let cpu_before = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
+            let start = Instant::now();
+            for _ in 0..each {
+                for (name, receivers_here) in &names {
+                    for _ in 0..*receivers_here {
+                        emitter
+                            .emit_signal(
+                                Some(name.as_str()),
+                                "/bench",
+                                "org.watchq1.Subscription",
+                                "DeviceChanged",
+                                &body,
+                            )
+                            .await
+                            .unwrap();
+                    }
+                }
+            }
+            let mut end = start;
+            for counter in counters {
+                end = end.max(counter.await.unwrap());
+            }
+            let sent = each * receivers_u64;
+            let cpu_after = [cpu_ticks(pid), cpu_ticks(bus_pid), cpu_ticks(me)];
+            (
+                sent as f64 / (end - start).as_secs_f64(),
+                cpu_split(cpu_before, cpu_after, sent),
+            )
+        };
         out.say(format!(
-            "watchqd {subscriptions:>4} subscriptions ({receivers} let {per_sub} events through, the rest filtered): {rate:.0} signals/s = {:.2}x ceiling; daemon CPU {:.1} us/delivered signal; RSS after {rss} KiB",
+            "watchqd {subscriptions:>4} subscriptions ({receivers} let {per_sub} events through, the rest filtered): {rate:.0} signals/s = {:.2}x ceiling; CPU per delivered signal: watchqd {:.1} us, dbus-daemon {:.1} us, writer+receivers {:.1} us; RSS after {rss} KiB",
             rate / raw_rate,
-            cpu * 1e6 / delivered as f64
+            cpu[0],
+            cpu[1],
+            cpu[2]
+        ));
+        out.say(format!(
+            "     raw emitter to the same {receivers} receivers on this bus: {bus_rate:.0} signals/s (watchqd = {:.2}x of it); CPU per signal: dbus-daemon {:.1} us, emitter+receivers {:.1} us",
+            rate / bus_rate,
+            bus_cpu[1],
+            bus_cpu[2]
         ));
         match subscriptions {
             1 if rss_after_runs.len() == 1 => out.target(
@@ -420,6 +543,24 @@ async fn main() {
         last <= first + 1024,
         format!("{first} KiB after the last run but one, {last} KiB after the same run again"),
     );
+    // Idle again, now with the device source running for a watch that sees no events:
+    // the source and the delivery task sleep until the kernel or a client speaks. Not a
+    // target: every uevent of the machine (another loop device, a USB port) wakes the
+    // source to read and drop it, and shared test machines have plenty.
+    let watcher = Subscriber::with_options(&daemon, deep()).await;
+    watcher
+        .watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
+        .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let switches = context_switches(pid);
+    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 5 })).await;
+    let watching_wakeups =
+        (context_switches(pid) - switches) as f64 / if quick { 1.0 } else { 5.0 };
+    out.say(format!(
+        "daemon idle after the runs, one devices watch open: RSS {} KiB, {watching_wakeups:.1} wakeups/s (each uevent of the machine is one)",
+        daemon.rss_kib()
+    ));
+    watcher.proxy.close().await.unwrap();
     if !out.quick {
         println!("\n(reproduce: cargo bench --bench delivery)");
     }

@@ -10,9 +10,10 @@
 //! is delivered in order as one `Lost` entry covering exactly the sequence numbers that
 //! were dropped.
 
+use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::ops::ControlFlow;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::ops::{ControlFlow, Deref};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use futures_util::StreamExt;
 use tokio::sync::Notify;
@@ -85,13 +86,52 @@ impl LossReason {
     }
 }
 
+/// A record as every subscription that receives it shares it.
+#[derive(Debug)]
+pub struct Published {
+    record: Record,
+    /// The record's encoding for the wire, made by the first delivery that needs it, so
+    /// that fanning a record out to many subscribers costs one encoding. Its format is the
+    /// bus layer's business.
+    encoded: OnceLock<Option<Box<dyn Any + Send + Sync>>>,
+}
+
+impl Published {
+    pub fn new(record: Record) -> Self {
+        Published {
+            record,
+            encoded: OnceLock::new(),
+        }
+    }
+
+    /// The encoding `encode` makes of the record, made once; `None` when it has none.
+    /// Every caller must ask for the same type `T` (there is one bus layer).
+    pub fn encoded<T: Any + Send + Sync>(
+        &self,
+        encode: impl FnOnce(&Record) -> Option<T>,
+    ) -> Option<&T> {
+        self.encoded
+            .get_or_init(|| encode(&self.record).map(|t| Box::new(t) as Box<dyn Any + Send + Sync>))
+            .as_ref()?
+            .downcast_ref()
+    }
+}
+
+impl Deref for Published {
+    type Target = Record;
+
+    fn deref(&self) -> &Record {
+        &self.record
+    }
+}
+
 /// One signal waiting to go to a subscriber.
 #[derive(Clone, Debug)]
 pub enum Delivery {
     Event {
         seq: u64,
         tag: u64,
-        record: Arc<Record>,
+        record: Arc<Published>,
     },
     /// Covers sequence numbers `seq .. seq + count` (one number when `count` is 0).
     Lost {
@@ -143,7 +183,7 @@ impl Outbox {
         seq
     }
 
-    fn push_event(&mut self, tag: u64, record: Arc<Record>) {
+    fn push_event(&mut self, tag: u64, record: Arc<Published>) {
         let seq = self.take_seq();
         if self.queued_events < self.depth {
             self.queued_events += 1;
@@ -782,7 +822,7 @@ impl Hub {
                 if let Some(table) = &mut slot.table {
                     apply_to_table(table, &mut record);
                 }
-                let record = Arc::new(record);
+                let record = Arc::new(Published::new(record));
                 for sub in state.subscriptions.values_mut() {
                     if !sub.filter.passes(record.source, record.subtype) {
                         continue;
@@ -939,8 +979,8 @@ mod tests {
     use super::*;
     use crate::event::{Attrs, Audience};
 
-    fn record(subtype: u8) -> Arc<Record> {
-        Arc::new(Record {
+    fn record(subtype: u8) -> Arc<Published> {
+        Arc::new(Published::new(Record {
             source: "devices",
             subtype,
             object_id: "/devices/x".into(),
@@ -948,7 +988,7 @@ mod tests {
             attributes: Attrs::new(),
             properties: Default::default(),
             audience: Audience::Everyone,
-        })
+        }))
     }
 
     fn seqs(entries: &[Delivery]) -> Vec<(u64, u64)> {
@@ -999,12 +1039,12 @@ mod tests {
     #[test]
     fn removal_completes_attributes_from_the_table() {
         let mut table = BTreeMap::new();
-        let mut add = (*record(0)).clone();
+        let mut add = Record::clone(&record(0));
         add.change = Change::Upsert;
         add.attributes.insert("size".into(), 512u64.into());
         apply_to_table(&mut table, &mut add);
         assert_eq!(table["/devices/x"].changes, 1);
-        let mut remove = (*record(1)).clone();
+        let mut remove = Record::clone(&record(1));
         remove.change = Change::Remove;
         apply_to_table(&mut table, &mut remove);
         assert!(table.is_empty());

@@ -23,10 +23,11 @@ use tokio::sync::Notify;
 use zbus::fdo::DBusProxy;
 use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
-use zbus::{Connection, OwnedObjectPath, OwnedVariant};
+use zbus::{Connection, Message, ObjectPath, OwnedObjectPath, OwnedVariant, Signature};
 
 use crate::dispatch::{Delivery, Hub};
 use crate::error::Error;
+use crate::event::Record;
 use crate::policy::identity::BusCredentials;
 use crate::policy::{Authorizer, Identity, PolicyConfig, Polkit, Scope};
 use crate::source::WatchSpec;
@@ -282,6 +283,7 @@ impl Service {
                 return;
             }
         };
+        let object_path = emitter.path().to_owned();
         let mut in_flight = 0usize;
         // The outstanding Ping and how many signals its reply will acknowledge.
         let mut ping: Option<PendingPing> = None;
@@ -291,11 +293,23 @@ impl Service {
                 let Some(batch) = self.hub.take(id, credit) else {
                     return; // closed
                 };
+                // Event signals go out together, as few writes as the socket takes.
+                let mut messages = Vec::with_capacity(batch.len());
                 for delivery in &batch {
-                    if let Err(e) = emit(&emitter, delivery).await {
-                        tracing::warn!(subscription = id, "sending a signal failed: {e}");
+                    match event_message(&self.conn, &object_path, &owner, delivery) {
+                        Some(Ok(message)) => messages.push(message),
+                        Some(Err(e)) => {
+                            tracing::warn!(subscription = id, "building a signal failed: {e}");
+                        }
+                        None => {
+                            send_all(&self.conn, id, &mut messages).await;
+                            if let Err(e) = emit(&emitter, delivery).await {
+                                tracing::warn!(subscription = id, "sending a signal failed: {e}");
+                            }
+                        }
                     }
                 }
+                send_all(&self.conn, id, &mut messages).await;
                 in_flight += batch.len();
                 if !batch.is_empty() && in_flight < window {
                     continue;
@@ -374,33 +388,91 @@ async fn ping_peer(conn: Connection, owner: UniqueName<'static>) -> PingOutcome 
     }
 }
 
-async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<()> {
-    match delivery {
-        Delivery::Event { seq, tag, record } => match record.source {
-            crate::source::devices::NAME => {
-                let registry_subtype = crate::source::devices::SUBTYPES
-                    .get(usize::from(record.subtype))
-                    .copied()
-                    .unwrap_or("change");
-                SubscriptionObject::device_changed(
-                    emitter,
-                    *seq,
-                    *tag,
+async fn send_all(conn: &Connection, id: u64, messages: &mut Vec<Message>) {
+    if let Err(e) = conn.send_all(messages).await {
+        tracing::warn!(subscription = id, "sending signals failed: {e}");
+    }
+    messages.clear();
+}
+
+/// An event signal as every subscriber receives it, but for the sequence number and the
+/// tag that start every event signal's body; encoded once per record.
+struct EventEncoding {
+    member: &'static str,
+    signature: Signature,
+    /// Native-endian body with zero for seq and tag.
+    body: Box<[u8]>,
+}
+
+/// Offsets of seq and tag in an event signal's body: the first two arguments, `tt`.
+const SEQ_AT: std::ops::Range<usize> = 0..8;
+const TAG_AT: std::ops::Range<usize> = 8..16;
+
+/// An event's signal body, for the sources whose events are encoded once per record;
+/// `None` for the rest, which [`emit`] sends one by one. Every arm's body starts with
+/// (seq, tag).
+fn encode_event(record: &Record) -> Option<EventEncoding> {
+    fn encoded<B: serde::Serialize + zbus::DynamicType>(
+        member: &'static str,
+        body: &B,
+    ) -> Option<EventEncoding> {
+        let signature = body.signature();
+        let leading_seq_and_tag = match &signature {
+            Signature::Structure(fields) => {
+                fields
+                    .iter()
+                    .take(2)
+                    .filter(|f| **f == Signature::U64)
+                    .count()
+                    == 2
+            }
+            _ => false,
+        };
+        if !leading_seq_and_tag {
+            tracing::error!(member, %signature, "an event signal must start with (seq, tag)");
+            return None;
+        }
+        let context = zbus::wire::serialized::Context::new(zbus::wire::NATIVE_ENDIAN, 0);
+        match zbus::wire::to_bytes(context, body) {
+            Ok(data) => Some(EventEncoding {
+                member,
+                signature,
+                body: data.bytes().into(),
+            }),
+            Err(e) => {
+                tracing::warn!(member, "encoding an event failed: {e}");
+                None
+            }
+        }
+    }
+    let (seq, tag) = (0u64, 0u64);
+    match record.source {
+        crate::source::devices::NAME => {
+            let registry_subtype = crate::source::devices::SUBTYPES
+                .get(usize::from(record.subtype))
+                .copied()
+                .unwrap_or("change");
+            encoded(
+                "DeviceChanged",
+                &(
+                    seq,
+                    tag,
                     registry_subtype,
                     record.attr_str("subsystem").unwrap_or_default(),
-                    &record.object_id,
+                    record.object_id.as_str(),
                     types::AttrMap(&record.attributes),
                     &record.properties,
-                )
-                .await
-            }
-            crate::source::blockerr::NAME => {
-                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
-                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
-                SubscriptionObject::block_error(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::blockerr::NAME => {
+            let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+            let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+            encoded(
+                "BlockError",
+                &(
+                    seq,
+                    tag,
                     record.attr_str("device").unwrap_or_default(),
                     narrow("major"),
                     narrow("minor"),
@@ -411,17 +483,18 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     i32::try_from(number("errno")).unwrap_or(i32::MAX),
                     number("count"),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            crate::source::quota::NAME => {
-                let text = |key: &str| record.attr_str(key).unwrap_or_default();
-                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
-                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
-                SubscriptionObject::quota_warning(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::quota::NAME => {
+            let text = |key: &str| record.attr_str(key).unwrap_or_default();
+            let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+            let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+            encoded(
+                "QuotaWarning",
+                &(
+                    seq,
+                    tag,
                     text("warning"),
                     text("kind"),
                     text("resource"),
@@ -432,16 +505,17 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     narrow("major"),
                     narrow("minor"),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            crate::source::filesystems::NAME => {
-                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
-                let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
-                SubscriptionObject::filesystem_error(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::filesystems::NAME => {
+            let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+            let narrow = |key: &str| u32::try_from(number(key)).unwrap_or(u32::MAX);
+            encoded(
+                "FilesystemError",
+                &(
+                    seq,
+                    tag,
                     crate::source::filesystems::SUBTYPES
                         .get(usize::from(record.subtype))
                         .copied()
@@ -456,15 +530,16 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     narrow("count"),
                     number("inode"),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            crate::source::space::NAME => {
-                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
-                SubscriptionObject::space_warning(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::space::NAME => {
+            let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+            encoded(
+                "SpaceWarning",
+                &(
+                    seq,
+                    tag,
                     record.attr_str("state").unwrap_or_default(),
                     crate::source::space::SUBTYPES
                         .get(usize::from(record.subtype))
@@ -476,16 +551,17 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     number("total-bytes"),
                     number("threshold-bytes"),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            crate::source::mounts::NAME => {
-                let text = |key: &str| record.attr_str(key).unwrap_or_default();
-                let number = |key: &str| record.attr_u64(key).unwrap_or_default();
-                SubscriptionObject::mount_changed(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::mounts::NAME => {
+            let text = |key: &str| record.attr_str(key).unwrap_or_default();
+            let number = |key: &str| record.attr_u64(key).unwrap_or_default();
+            encoded(
+                "MountChanged",
+                &(
+                    seq,
+                    tag,
                     crate::source::mounts::SUBTYPES
                         .get(usize::from(record.subtype))
                         .copied()
@@ -497,37 +573,71 @@ async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<
                     text("fs-type"),
                     text("options"),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            crate::source::keys::NAME => {
-                let change = crate::source::keys::SUBTYPES
-                    .get(usize::from(record.subtype))
-                    .copied()
-                    .unwrap_or("unknown");
-                // Serials and aux are the kernel's 32 bits; aux may be a negative errno.
-                let signed = |key: &str| {
-                    let bits =
-                        u32::try_from(record.attr_u64(key).unwrap_or_default()).unwrap_or_default();
-                    i32::from_ne_bytes(bits.to_ne_bytes())
-                };
-                SubscriptionObject::key_changed(
-                    emitter,
-                    *seq,
-                    *tag,
+                ),
+            )
+        }
+        crate::source::keys::NAME => {
+            let change = crate::source::keys::SUBTYPES
+                .get(usize::from(record.subtype))
+                .copied()
+                .unwrap_or("unknown");
+            // Serials and aux are the kernel's 32 bits; aux may be a negative errno.
+            let signed = |key: &str| {
+                let bits =
+                    u32::try_from(record.attr_u64(key).unwrap_or_default()).unwrap_or_default();
+                i32::from_ne_bytes(bits.to_ne_bytes())
+            };
+            encoded(
+                "KeyChanged",
+                &(
+                    seq,
+                    tag,
                     change,
                     signed("key"),
                     signed("aux"),
                     record.attr_str("type").unwrap_or_default(),
                     record.attr_str("description").unwrap_or_default(),
                     types::AttrMap(&record.attributes),
-                )
-                .await
-            }
-            other => Err(zbus::Error::Failure(format!(
-                "no signal for source {other}"
-            ))),
-        },
+                ),
+            )
+        }
+        _ => None,
+    }
+}
+
+/// The signal for an event delivery from its record's shared encoding; `None` when the
+/// delivery is no event or its source has no shared encoding.
+fn event_message(
+    conn: &Connection,
+    path: &ObjectPath<'_>,
+    owner: &UniqueName<'_>,
+    delivery: &Delivery,
+) -> Option<zbus::Result<Message>> {
+    let Delivery::Event { seq, tag, record } = delivery else {
+        return None;
+    };
+    let encoding = record.encoded(encode_event)?;
+    let mut body = encoding.body.to_vec();
+    body[SEQ_AT].copy_from_slice(&seq.to_ne_bytes());
+    body[TAG_AT].copy_from_slice(&tag.to_ne_bytes());
+    let mut builder =
+        Message::signal(path, subscription::INTERFACE, encoding.member).destination(owner);
+    if let Some(sender) = conn.unique_name() {
+        builder = builder.sender(sender);
+    }
+    // SAFETY: `body` is a native-endian serialization (the builder's default endianness)
+    // of a value of type `signature`, carrying no fds; only the two leading u64 the
+    // signature starts with were overwritten with other u64 values.
+    Some(unsafe { builder.build_raw_body(&body, encoding.signature.clone(), Vec::new()) })
+}
+
+/// Sends, one by one, what has no shared encoding (see [`encode_event`]).
+async fn emit(emitter: &SignalEmitter<'_>, delivery: &Delivery) -> zbus::Result<()> {
+    match delivery {
+        Delivery::Event { record, .. } => Err(zbus::Error::Failure(format!(
+            "no signal for source {}",
+            record.source
+        ))),
         Delivery::Lost {
             seq,
             count,

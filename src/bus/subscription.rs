@@ -17,6 +17,8 @@ use super::Service;
 use crate::event::Attrs;
 
 pub const PATH_PREFIX: &str = "/org/watchq1/subscription";
+/// The interface below, for signals built by hand (see `super::event_message`).
+pub const INTERFACE: &str = "org.watchq1.Subscription";
 
 pub fn path(id: u64) -> String {
     format!("{PATH_PREFIX}/{id}")

@@ -61,6 +61,10 @@ pub const SUBTYPES: &[&str] = &[
 ];
 
 const UEVENT_GROUP_KERNEL: u32 = 1;
+/// Devices whose changing attribute files the reader holds open (three each), so that a
+/// storm on them costs one read per attribute; the others reopen the files each event.
+/// Bounds the fds a machine with thousands of devices makes the daemon hold.
+const DEVICES_HOLDING_FILES: usize = 64;
 /// Largest uevent the kernel sends (`UEVENT_BUFFER_SIZE`) plus the header.
 const UEVENT_BUFFER: usize = 2048 + 512;
 
@@ -254,19 +258,39 @@ impl Reader {
             }
             action => {
                 let fresh = matches!(action, Action::Add | Action::Move);
-                if fresh || !self.known.contains_key(&event.devpath) {
+                let read_anew = fresh || !self.known.contains_key(&event.devpath);
+                if read_anew {
                     let attributes = self.sysfs.static_attributes(
                         &event.devpath,
                         &event.subsystem,
                         &event.properties,
                     );
-                    let dir = self.sysfs.open(&event.devpath);
+                    let holding = self
+                        .known
+                        .values()
+                        .filter(|(_, dir)| dir.as_ref().is_some_and(DeviceDir::holds_files))
+                        .count();
+                    let dir = self
+                        .sysfs
+                        .open(&event.devpath, holding < DEVICES_HOLDING_FILES);
                     self.known.insert(event.devpath.clone(), (attributes, dir));
                 }
-                let (known, dir) = &self.known[&event.devpath];
+                let Some((known, dir)) = self.known.get_mut(&event.devpath) else {
+                    return None; // inserted above when it was missing
+                };
+                if let Some(dir) = dir {
+                    // The driver changes only with add, bind and unbind (the kernel
+                    // announces every binding since 4.14), so it is cached between them.
+                    if read_anew
+                        || matches!(action, Action::Bind | Action::Unbind)
+                        || event.properties.contains_key("DRIVER")
+                    {
+                        dir.refresh_driver(&event.properties, known);
+                    }
+                }
                 let mut attributes = known.clone();
                 if let Some(dir) = dir {
-                    dir.refresh(&event.subsystem, &event.properties, &mut attributes);
+                    dir.refresh_changing(&event.subsystem, &event.properties, &mut attributes);
                 }
                 (Change::Upsert, attributes)
             }

@@ -98,8 +98,9 @@ impl Sysfs {
     /// an attribute this kernel lacks) leave the attribute out.
     pub fn attributes(&self, devpath: &str, subsystem: &str, properties: &Properties) -> Attrs {
         let mut attrs = self.static_attributes(devpath, subsystem, properties);
-        if let Some(dir) = self.open(devpath) {
-            dir.refresh(subsystem, properties, &mut attrs);
+        if let Some(mut dir) = self.open(devpath, false) {
+            dir.refresh_driver(properties, &mut attrs);
+            dir.refresh_changing(subsystem, properties, &mut attrs);
         }
         attrs
     }
@@ -139,16 +140,20 @@ impl Sysfs {
     }
 
     /// The device's sysfs directory, held open so that re-reading its changing
-    /// attributes walks one path component instead of the whole sysfs path. `None` when
-    /// the device is already gone.
-    pub fn open(&self, devpath: &str) -> Option<DeviceDir> {
+    /// attributes walks one path component instead of the whole sysfs path; with
+    /// `hold_files`, the changing attributes' files are held open too, so that re-reading
+    /// one is a single `pread`. `None` when the device is already gone.
+    pub fn open(&self, devpath: &str, hold_files: bool) -> Option<DeviceDir> {
         let fd = nix::fcntl::open(
             &self.dir(devpath),
             OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
         .ok()?;
-        Some(DeviceDir { fd })
+        Some(DeviceDir {
+            fd,
+            files: hold_files.then(Default::default),
+        })
     }
 
     fn link_name(&self, devpath: &str, link: &str) -> Option<String> {
@@ -157,16 +162,30 @@ impl Sysfs {
     }
 }
 
+/// The attribute files a block device's events re-read, by their index in
+/// [`DeviceDir::files`].
+const CHANGING: [&str; 3] = ["size", "ro", "loop/backing_file"];
+
 /// An open sysfs device directory (`O_PATH`).
 #[derive(Debug)]
 pub struct DeviceDir {
     fd: OwnedFd,
+    /// The files of [`CHANGING`], when held open: reading a sysfs attribute from offset 0
+    /// makes the kernel produce its value afresh. A file that stops answering (the
+    /// attribute was removed, as a loop device's `loop/` is on detach) is reopened at the
+    /// next read.
+    files: Option<[Option<OwnedFd>; 3]>,
 }
 
 impl DeviceDir {
-    /// Re-reads what a `change`, `bind` or `unbind` may alter (size, read-only, loop
-    /// backing file, driver, disk sequence) into `attrs`.
-    pub fn refresh(&self, subsystem: &str, properties: &Properties, attrs: &mut Attrs) {
+    /// Whether this directory holds attribute files open (see [`Sysfs::open`]).
+    pub fn holds_files(&self) -> bool {
+        self.files.is_some()
+    }
+
+    /// Re-reads the bound driver into `attrs`: the event's `DRIVER` property, else the
+    /// `driver` link. Only `add`, `bind` and `unbind` change it.
+    pub fn refresh_driver(&self, properties: &Properties, attrs: &mut Attrs) {
         match properties
             .get("DRIVER")
             .cloned()
@@ -179,29 +198,64 @@ impl DeviceDir {
                 attrs.remove("driver");
             }
         }
+    }
+
+    /// Re-reads what a `change` may alter (size, read-only, loop backing file, disk
+    /// sequence) into `attrs`.
+    pub fn refresh_changing(
+        &mut self,
+        subsystem: &str,
+        properties: &Properties,
+        attrs: &mut Attrs,
+    ) {
         if subsystem == "block" {
             self.block_dynamic_attributes(properties, attrs);
         }
     }
 
-    /// Reads a small attribute file without allocating for its size (sysfs attributes
-    /// are at most a page).
-    fn read_trimmed(&self, name: &str) -> Option<String> {
-        let fd = nix::fcntl::openat(
+    /// Reads one of [`CHANGING`] without allocating for its size (sysfs attributes are
+    /// at most a page).
+    fn read_trimmed(&mut self, index: usize) -> Option<String> {
+        let mut buf = [0u8; 4096];
+        let n = match self.files.as_mut() {
+            Some(files) => {
+                let held = files[index]
+                    .as_ref()
+                    .and_then(|fd| nix::sys::uio::pread(fd, &mut buf, 0).ok());
+                match held {
+                    Some(n) => n,
+                    None => {
+                        files[index] = None;
+                        let fd = self.open_attribute(CHANGING[index])?;
+                        let n = nix::sys::uio::pread(&fd, &mut buf, 0).ok()?;
+                        if let Some(files) = self.files.as_mut() {
+                            files[index] = Some(fd);
+                        }
+                        n
+                    }
+                }
+            }
+            None => {
+                let fd = self.open_attribute(CHANGING[index])?;
+                nix::unistd::read(&fd, &mut buf).ok()?
+            }
+        };
+        let text = std::str::from_utf8(&buf[..n]).ok()?;
+        Some(text.trim_end_matches('\n').to_owned())
+    }
+
+    fn open_attribute(&self, name: &str) -> Option<OwnedFd> {
+        nix::fcntl::openat(
             &self.fd,
             name,
             OFlag::O_RDONLY | OFlag::O_CLOEXEC,
             Mode::empty(),
         )
-        .ok()?;
-        let mut buf = [0u8; 4096];
-        let n = nix::unistd::read(&fd, &mut buf).ok()?;
-        let text = std::str::from_utf8(&buf[..n]).ok()?;
-        Some(text.trim_end_matches('\n').to_owned())
+        .ok()
     }
 
-    fn read_u64(&self, name: &str) -> Option<u64> {
-        self.read_trimmed(name)?.trim().parse().ok()
+    fn read_u64(&mut self, index: usize) -> Option<u64> {
+        self.read_trimmed(index)?.trim().parse().ok()
     }
 
     fn link_name(&self, name: &str) -> Option<String> {
@@ -214,15 +268,15 @@ impl DeviceDir {
         )
     }
 
-    fn block_dynamic_attributes(&self, properties: &Properties, attrs: &mut Attrs) {
+    fn block_dynamic_attributes(&mut self, properties: &Properties, attrs: &mut Attrs) {
         // sysfs `size` counts 512-byte sectors whatever the logical block size.
-        if let Some(sectors) = self.read_u64("size") {
+        if let Some(sectors) = self.read_u64(0) {
             attrs.insert("size".into(), sectors.saturating_mul(512).into());
         }
-        if let Some(ro) = self.read_u64("ro") {
+        if let Some(ro) = self.read_u64(1) {
             attrs.insert("read-only".into(), (ro != 0).into());
         }
-        match self.read_trimmed("loop/backing_file") {
+        match self.read_trimmed(2) {
             Some(backing) => {
                 attrs.insert("loop-backing-file".into(), backing.into());
             }
