@@ -358,16 +358,24 @@ enum PingOutcome {
     Gone,
 }
 
+/// How long a Ping may stay unanswered before another is sent. A bus configured with no
+/// reply timeout (the system bus's `reply_timeout` can be unlimited) never answers
+/// `NoReply`, so without this a lost or unanswerable Ping would stop the subscription's
+/// delivery for good; a later Ping's reply proves the same as the first's would have.
+const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
+
 async fn ping_peer(conn: Connection, owner: UniqueName<'static>) -> PingOutcome {
-    let reply = conn
-        .call_method(
-            Some(BusName::Unique(owner)),
-            "/",
-            Some("org.freedesktop.DBus.Peer"),
-            "Ping",
-            &(),
-        )
-        .await;
+    let call = conn.call_method(
+        Some(BusName::Unique(owner)),
+        "/",
+        Some("org.freedesktop.DBus.Peer"),
+        "Ping",
+        &(),
+    );
+    let Ok(reply) = tokio::time::timeout(PING_TIMEOUT, call).await else {
+        tracing::debug!("no Ping reply within {PING_TIMEOUT:?}; pinging again");
+        return PingOutcome::Retry;
+    };
     match reply {
         Ok(_) => PingOutcome::Read,
         Err(zbus::Error::MethodError(name, _, _)) => match name.as_str() {
