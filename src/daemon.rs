@@ -55,6 +55,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     for source in &sources {
         match &source.availability {
             Availability::Available => tracing::info!(source = source.name, "available"),
+            Availability::Degraded(note) => {
+                tracing::warn!(source = source.name, "available, degraded: {note}");
+            }
             Availability::Unavailable(why) => {
                 tracing::warn!(source = source.name, "unavailable: {why}");
             }
@@ -74,7 +77,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }
     let available = sources
         .iter()
-        .filter(|s| s.availability == Availability::Available)
+        .filter(|s| !matches!(s.availability, Availability::Unavailable(_)))
         .count();
     let status = format!(
         "Serving {BUS_NAME}; {available} of {} sources available",

@@ -135,6 +135,9 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
                 source.name,
                 source.subtypes.join(", ")
             );
+            if !source.reason.is_empty() {
+                println!("  {:<12} degraded: {}", "", source.reason);
+            }
         } else {
             println!("  {:<12} unavailable: {}", source.name, source.reason);
         }

@@ -48,7 +48,8 @@ impl From<Object> for SnapshotObject {
 }
 
 /// A source as the Manager's `Sources` property lists it:
-/// `(s name, b available, s reason, as subtypes)`.
+/// `(s name, b available, s reason, as subtypes)`; an available source with a reason
+/// works in a degraded mode the reason describes.
 #[derive(serde::Serialize, Deserialize, Type, Clone, Debug, PartialEq, Eq)]
 pub struct SourceInfo {
     pub name: String,

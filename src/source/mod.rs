@@ -34,6 +34,9 @@ pub type SourceStream = Pin<Box<dyn Stream<Item = SourceMsg> + Send>>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Availability {
     Available,
+    /// Works, by a weaker means than the source's own interface (which this kernel
+    /// lacks); the note says what is missing and what is lost, and `Sources` shows it.
+    Degraded(String),
     Unavailable(String),
 }
 

@@ -30,8 +30,16 @@
 //! that a subscription's snapshot can be limited to the namespaces its watches cover
 //! ([`WatchMatcher::covers`]).
 //!
-//! A kernel older than 6.15 rejects `FAN_REPORT_MNT` with EINVAL: the source reports
-//! itself unavailable with that reason. (A mountinfo-only fallback is not built.)
+//! A kernel older than 6.15 rejects `FAN_REPORT_MNT` (or `FAN_MARK_MNTNS`) with EINVAL.
+//! There the source runs degraded, and says so in its availability
+//! ([`Availability::Degraded`]): no fanotify group; each namespace is followed by its
+//! mountinfo alone. The same diff that finds remounts then reports everything: a line
+//! that appeared is an attach (its mount found by `listmount`, as mountinfo shows only
+//! the reusable old id), a line gone a detach, a mount with a new mount point or parent
+//! a move. Events carry the same unique ids and descriptions (`statmount`) as with
+//! fanotify; what is lost is a mount attached and detached again between two reads, and
+//! the exact order within one read. Without `statmount`/`listmount` with namespace ids
+//! (6.11) the source is unavailable.
 
 pub mod wire;
 
@@ -79,6 +87,10 @@ const NS_GET_MNTNS_ID: libc::c_ulong = 0x8008_b705;
 const ARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a fanotify group at once (an event with its mount record is 40).
 const READ_BUFFER: usize = 16 * 1024;
+/// The availability note of a kernel without fanotify mount events.
+const MOUNTINFO_ONLY: &str = "fanotify mount events (FAN_REPORT_MNT, FAN_MARK_MNTNS) need \
+     Linux 6.15; following each namespace by diffing /proc/PID/mountinfo instead: a mount \
+     attached and detached again between two reads is not seen";
 
 pub struct Mounts {
     shared: Arc<Shared>,
@@ -141,31 +153,21 @@ impl EventSource for Mounts {
     }
 
     fn probe(&self) -> Availability {
-        let probe = || -> io::Result<()> {
-            let group = fanotify_group().map_err(|e| {
-                if e.raw_os_error() == Some(libc::EINVAL) {
-                    io::Error::new(
-                        e.kind(),
-                        format!(
-                            "fanotify mount events (FAN_REPORT_MNT) need Linux 6.15 or later: {e}"
-                        ),
-                    )
-                } else {
-                    io::Error::new(e.kind(), format!("fanotify_init(FAN_REPORT_MNT): {e}"))
-                }
-            })?;
+        let probe = || -> io::Result<bool> {
+            let fanotify = fanotify_mount_events()?;
             let ns = open_namespace("/proc/self/ns/mnt")?;
-            mark(&group, &ns, true).map_err(|e| {
-                io::Error::new(e.kind(), format!("fanotify_mark(FAN_MARK_MNTNS): {e}"))
-            })?;
             let id = namespace_id(&ns)?;
             list_mounts(id).map_err(|e| {
-                io::Error::new(e.kind(), format!("listmount (needs Linux 6.8): {e}"))
+                io::Error::new(
+                    e.kind(),
+                    format!("listmount with a namespace id (needs Linux 6.11): {e}"),
+                )
             })?;
-            Ok(())
+            Ok(fanotify)
         };
         match probe() {
-            Ok(()) => Availability::Available,
+            Ok(true) => Availability::Available,
+            Ok(false) => Availability::Degraded(MOUNTINFO_ONLY.into()),
             Err(e) => Availability::Unavailable(e.to_string()),
         }
     }
@@ -206,6 +208,7 @@ impl EventSource for Mounts {
     fn open(&self) -> io::Result<SourceStream> {
         let (sender, receiver) = mpsc::unbounded_channel();
         let mut reader = Reader {
+            fanotify: fanotify_mount_events()?,
             namespaces: HashMap::new(),
             control: receiver,
             pending: VecDeque::new(),
@@ -350,6 +353,30 @@ fn fanotify_group() -> io::Result<OwnedFd> {
         )
     };
     owned_fd(libc::c_long::from(fd))
+}
+
+/// Whether this kernel reports mount events through fanotify: `false` when it rejects
+/// `FAN_REPORT_MNT` or `FAN_MARK_MNTNS` as unknown (EINVAL, before 6.15).
+fn fanotify_mount_events() -> io::Result<bool> {
+    let group = match fanotify_group() {
+        Ok(group) => group,
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => return Ok(false),
+        Err(e) => {
+            return Err(io::Error::new(
+                e.kind(),
+                format!("fanotify_init(FAN_REPORT_MNT): {e}"),
+            ))
+        }
+    };
+    let ns = open_namespace("/proc/self/ns/mnt")?;
+    match mark(&group, &ns, true) {
+        Ok(()) => Ok(true),
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => Ok(false),
+        Err(e) => Err(io::Error::new(
+            e.kind(),
+            format!("fanotify_mark(FAN_MARK_MNTNS): {e}"),
+        )),
+    }
 }
 
 fn mark(group: &OwnedFd, ns: &OwnedFd, add: bool) -> io::Result<()> {
@@ -574,17 +601,21 @@ fn record(subtype: u8, change: Change, namespace: u64, id: u64, attributes: Attr
     }
 }
 
-/// What identifies a mountinfo line across two reads, and what a remount changes.
+/// A mountinfo line as two reads compare it (by its old id).
 #[derive(Clone, Debug, PartialEq, Eq)]
 struct Line {
-    identity: (String, String, String),
+    parent: u32,
+    mount_point: String,
+    fs_type: String,
+    source: String,
     options: (String, String),
 }
 
 struct Namespace {
     id: u64,
     inode: (u64, u64),
-    group: AsyncFd<OwnedFd>,
+    /// `None` without fanotify mount events: mountinfo alone follows the namespace.
+    group: Option<AsyncFd<OwnedFd>>,
     mountinfo: AsyncFd<File>,
     /// The process this namespace was named by; `None` for the daemon's own.
     anchor: Option<AsyncFd<OwnedFd>>,
@@ -603,6 +634,8 @@ enum Wake {
 type Acknowledge = std::sync::mpsc::SyncSender<Result<u64, String>>;
 
 struct Reader {
+    /// Whether fanotify reports attaches, detaches and moves (else the mountinfo diff).
+    fanotify: bool,
     namespaces: HashMap<u64, Namespace>,
     control: mpsc::UnboundedReceiver<Control>,
     /// Messages to yield, each with the arm request to answer once the hub applied it.
@@ -638,13 +671,15 @@ impl Reader {
         waits.push(async move { Wake::Control(control.recv().await) }.boxed());
         for ns in self.namespaces.values() {
             let id = ns.id;
-            waits.push(
-                async move {
-                    let _ = ns.group.readable().await;
-                    Wake::Group(id)
-                }
-                .boxed(),
-            );
+            if let Some(group) = &ns.group {
+                waits.push(
+                    async move {
+                        let _ = group.readable().await;
+                        Wake::Group(id)
+                    }
+                    .boxed(),
+                );
+            }
             waits.push(
                 async move {
                     let _ = ns.mountinfo.ready(Interest::PRIORITY).await;
@@ -748,9 +783,15 @@ impl Reader {
     ) -> io::Result<(u64, SourceMsg)> {
         let id = namespace_id(ns)?;
         let meta = File::from(ns.try_clone()?).metadata()?;
-        let group = fanotify_group()?;
-        mark(&group, ns, true)
-            .map_err(|e| io::Error::new(e.kind(), format!("fanotify_mark(FAN_MARK_MNTNS): {e}")))?;
+        let group = if self.fanotify {
+            let group = fanotify_group()?;
+            mark(&group, ns, true).map_err(|e| {
+                io::Error::new(e.kind(), format!("fanotify_mark(FAN_MARK_MNTNS): {e}"))
+            })?;
+            Some(register(group, Interest::READABLE)?)
+        } else {
+            None
+        };
         let mut mountinfo = File::open(mountinfo_path)
             .map_err(|e| io::Error::new(e.kind(), format!("{mountinfo_path}: {e}")))?;
         let lines = read_lines(&mut mountinfo)?;
@@ -762,7 +803,7 @@ impl Reader {
             Namespace {
                 id,
                 inode: (meta.dev(), meta.ino()),
-                group: register(group, Interest::READABLE)?,
+                group,
                 mountinfo: register(mountinfo, Interest::PRIORITY)?,
                 anchor,
                 mounts,
@@ -778,13 +819,12 @@ impl Reader {
     }
 
     async fn read_group(&mut self, id: u64) -> Result<(), String> {
-        let Some(ns) = self.namespaces.get(&id) else {
+        let Some(group) = self.namespaces.get(&id).and_then(|ns| ns.group.as_ref()) else {
             return Ok(());
         };
         let mut events = Vec::new();
         loop {
-            let mut guard = ns
-                .group
+            let mut guard = group
                 .readable()
                 .await
                 .map_err(|e| format!("fanotify group of namespace {id}: {e}"))?;
@@ -883,9 +923,9 @@ impl Reader {
             .push_back((SourceMsg::Overflow { objects }, None));
     }
 
-    /// Diffs mountinfo with its previous read: a line that stayed (same id, mount point,
-    /// type and source) with other options is a remount of a cached mount.
+    /// Rereads a namespace's mountinfo after `POLLPRI` and diffs it with the cache.
     async fn reread_mountinfo(&mut self, id: u64) {
+        let follow_topology = !self.fanotify;
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
@@ -896,42 +936,14 @@ impl Reader {
             }
             Err(e) => Err(e),
         };
-        let lines = match lines {
-            Ok(lines) => lines,
-            Err(e) => {
-                tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}");
-                return;
-            }
-        };
-        let mut buf = vec![0u64; 512];
-        for (old_id, line) in &lines {
-            let changed = ns.lines.get(old_id).is_some_and(|before| {
-                before.identity == line.identity && before.options != line.options
-            });
-            if !changed {
-                continue;
-            }
-            let Some(mount) = ns
-                .mounts
-                .values()
-                .find(|m| m.old_id == *old_id)
-                .map(|m| m.id)
-            else {
-                continue;
-            };
-            match statmount(mount, id, &mut buf) {
-                Ok(described) => {
-                    let attrs = attributes(&described);
-                    ns.mounts.insert(mount, described);
-                    self.pending.push_back((
-                        SourceMsg::Record(record(REMOUNT, Change::Upsert, id, mount, attrs)),
-                        None,
-                    ));
+        match lines {
+            Ok(lines) => {
+                for record in diff(ns, lines, follow_topology) {
+                    self.pending.push_back((SourceMsg::Record(record), None));
                 }
-                Err(e) => tracing::debug!(source = NAME, mount, "statmount after remount: {e}"),
             }
+            Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
         }
-        ns.lines = lines;
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or
@@ -964,6 +976,103 @@ impl Reader {
     }
 }
 
+/// The one diff of a namespace's mounts: the lines of a new mountinfo read that differ
+/// from the previous read name the mounts to look at; `statmount` says what each is now,
+/// and comparing that with the cached description says what happened to it (the cache
+/// is updated). With `follow_topology` false, fanotify reports attaches, detaches and
+/// moves, so only remounts are taken from here.
+fn diff(ns: &mut Namespace, lines: HashMap<u32, Line>, follow_topology: bool) -> Vec<Record> {
+    let id = ns.id;
+    let by_old_id: HashMap<u32, u64> = ns.mounts.values().map(|m| (m.old_id, m.id)).collect();
+    let mut look_at = Vec::new();
+    let mut appeared = false;
+    for (old_id, line) in &lines {
+        if ns.lines.get(old_id) == Some(line) {
+            continue;
+        }
+        match by_old_id.get(old_id) {
+            Some(&mount) => look_at.push(mount),
+            None => appeared = true,
+        }
+    }
+    if follow_topology {
+        look_at.extend(
+            ns.lines
+                .keys()
+                .filter(|old_id| !lines.contains_key(old_id))
+                .filter_map(|old_id| by_old_id.get(old_id)),
+        );
+    }
+    ns.lines = lines;
+    // Newest first, so that of a tree detached at once, children go before parents.
+    look_at.sort_unstable_by(|a, b| b.cmp(a));
+    look_at.dedup();
+
+    let mut buf = vec![0u64; 512];
+    let mut records = Vec::new();
+    for mount in look_at {
+        let Some(before) = ns.mounts.get(&mount) else {
+            continue;
+        };
+        match statmount(mount, id, &mut buf) {
+            Ok(now) => {
+                let moved =
+                    now.mount_point != before.mount_point || now.parent_id != before.parent_id;
+                let remounted = now.attr != before.attr
+                    || now.sb_flags != before.sb_flags
+                    || now.fs_options != before.fs_options;
+                let attrs = attributes(&now);
+                ns.mounts.insert(mount, now);
+                if moved && follow_topology {
+                    records.push(record(MOVE, Change::Upsert, id, mount, attrs.clone()));
+                }
+                if remounted {
+                    records.push(record(REMOUNT, Change::Upsert, id, mount, attrs));
+                }
+            }
+            // Gone (its old id may be another mount's now): fanotify's detach follows.
+            Err(e) if !follow_topology => {
+                tracing::debug!(
+                    source = NAME,
+                    mount,
+                    "statmount after a mountinfo change: {e}"
+                );
+            }
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    tracing::warn!(source = NAME, mount, "statmount: {e}; taken as detached");
+                }
+                appeared = true;
+                if let Some(known) = ns.mounts.remove(&mount) {
+                    let attrs = attributes(&known);
+                    records.push(record(DETACH, Change::Remove, id, mount, attrs));
+                }
+            }
+        }
+    }
+    if follow_topology && appeared {
+        match list_mounts(id) {
+            Ok(mut listed) => {
+                listed.retain(|mount| !ns.mounts.contains_key(mount));
+                listed.sort_unstable();
+                for mount in listed {
+                    match statmount(mount, id, &mut buf) {
+                        Ok(now) => {
+                            let attrs = attributes(&now);
+                            ns.mounts.insert(mount, now);
+                            records.push(record(ATTACH, Change::Upsert, id, mount, attrs));
+                        }
+                        // Gone again before it could be described: nothing to report.
+                        Err(e) => tracing::debug!(source = NAME, mount, "statmount: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(source = NAME, namespace = id, "listmount: {e}"),
+        }
+    }
+    records
+}
+
 fn read_lines(file: &mut File) -> io::Result<HashMap<u32, Line>> {
     file.rewind()?;
     let mut text = String::new();
@@ -976,7 +1085,10 @@ fn read_lines(file: &mut File) -> io::Result<HashMap<u32, Line>> {
             (
                 l.id,
                 Line {
-                    identity: (l.mount_point, l.fs_type, l.source),
+                    parent: l.parent_id,
+                    mount_point: l.mount_point,
+                    fs_type: l.fs_type,
+                    source: l.source,
                     options: (l.mount_options, l.super_options),
                 },
             )
