@@ -476,3 +476,56 @@ fn users_without_authorization_are_refused_filesystem_errors() {
         "nothing armed for a refused watch"
     );
 }
+
+/// A subscriber (root) in a mount namespace of its own, where an ext4 is mounted on a
+/// directory that in the daemon's namespace lies on another filesystem: its watch of
+/// that path watches its ext4, named by the mount point it sees, and a real error of
+/// that ext4 reaches it.
+#[test]
+fn a_path_is_watched_as_the_caller_sees_it_in_its_mount_namespace() {
+    use common::ext4::NamespacedMonitor;
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(16);
+    run("mkfs.ext4", &["-q", "-F", &disk.device]);
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-ns-")
+        .tempdir()
+        .unwrap();
+    let dir_str = dir.path().display().to_string();
+    let monitor = NamespacedMonitor::spawn(
+        &daemon,
+        &format!("mount -t ext4 '{}' '{dir_str}'", disk.device),
+        None,
+        &["--match", &format!("path={dir_str}"), "filesystems"],
+    );
+    let ours = fs::metadata(dir.path()).unwrap().dev();
+    let theirs = fs::metadata(monitor.inside(dir.path())).unwrap().dev();
+    assert_ne!(
+        ours, theirs,
+        "the subscriber's ext4 is not in our namespace"
+    );
+    let daemon_mounts = fs::read_to_string(format!("/proc/{}/mountinfo", daemon.pid())).unwrap();
+    assert!(
+        !daemon_mounts.contains(&format!(" {} ", disk.device)),
+        "the subscriber's ext4 leaked into the daemon's namespace"
+    );
+    assert_eq!(fanotify_fds(&daemon), 1, "the watch is set");
+
+    fs::write(
+        format!("/sys/fs/ext4/{}/trigger_fs_error", disk.name),
+        "watchq namespace test",
+    )
+    .expect("write /sys/fs/ext4/N/trigger_fs_error");
+    let error = monitor
+        .next(TIMEOUT)
+        .expect("an error of the subscriber's ext4");
+    assert_eq!(error["signal"], "FilesystemError", "{error}");
+    assert_eq!(error["kind"], "error", "{error}");
+    assert_eq!(error["device"], disk.name.as_str(), "{error}");
+    assert_eq!(error["fs_type"], "ext4", "{error}");
+    assert_eq!(error["mount_point"], dir_str.as_str(), "{error}");
+    drop(monitor);
+    // The namespace ended with the monitor: its ext4 is unmounted once the daemon let
+    // go of it too (its watch ends with the subscriber's connection).
+    wait_fanotify_fds(&daemon, 0, "after the subscriber left");
+}

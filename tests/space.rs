@@ -350,3 +350,104 @@ fn watchqctl_monitor_leaves_out_sources_that_need_options() {
     ]));
     assert!(line.starts_with("watching space "), "{line}");
 }
+
+/// A subscriber in a mount namespace of its own, where a tmpfs is mounted on a
+/// directory that in the daemon's namespace lies on another filesystem: its space
+/// watch (as a test user, so the lookup also runs with its credentials) watches its
+/// tmpfs, and filling that tmpfs warns it.
+#[test]
+fn a_path_is_watched_as_the_caller_sees_it_in_its_mount_namespace() {
+    use common::ext4::NamespacedMonitor;
+    use std::os::unix::fs::MetadataExt;
+    let daemon = Daemon::with_polkit("");
+    let alice = common::polkit::user("watchq-alice");
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-ns-")
+        .tempdir()
+        .unwrap();
+    let dir_str = dir.path().display().to_string();
+    let monitor = NamespacedMonitor::spawn(
+        &daemon,
+        &format!("mount -t tmpfs -o size=8m,mode=1777 watchq-ns-tmpfs '{dir_str}'"),
+        Some((alice.uid, alice.gid)),
+        &[
+            "--match",
+            &format!("path={dir_str}"),
+            "--match",
+            &format!("low-bytes={}", 4 << 20),
+            "space",
+        ],
+    );
+    let inside = monitor.inside(dir.path());
+    // Two filesystems under one path: the daemon's and the subscriber's.
+    let ours = fs::metadata(dir.path()).unwrap().dev();
+    let theirs = fs::metadata(&inside).unwrap().dev();
+    assert_ne!(
+        ours, theirs,
+        "the subscriber's tmpfs is not in our namespace"
+    );
+    let daemon_mounts = fs::read_to_string(format!("/proc/{}/mountinfo", daemon.pid())).unwrap();
+    assert!(
+        !daemon_mounts.contains("watchq-ns-tmpfs"),
+        "the subscriber's tmpfs leaked into the daemon's namespace"
+    );
+    let (avail_ours, _) = available(dir.path());
+    assert!(
+        avail_ours >= 64 << 20,
+        "the daemon's filesystem under {dir_str} must not be low itself"
+    );
+    // Nothing on the first look: the tmpfs is empty.
+    assert!(monitor.next(Duration::from_millis(500)).is_none());
+
+    let mut file = fs::File::create(inside.join("fill")).unwrap();
+    fill(&mut file, &vec![3u8; 256 << 10], || {
+        available(&inside).0 < 3 << 20
+    });
+    let warning = monitor
+        .next(TIMEOUT)
+        .expect("a low warning for the subscriber's tmpfs");
+    assert_eq!(warning["signal"], "SpaceWarning", "{warning}");
+    assert_eq!(warning["level"], "low", "{warning}");
+    assert_eq!(warning["state"], "crossed", "{warning}");
+    assert_eq!(warning["path"], dir_str.as_str(), "{warning}");
+    // The mount point as the subscriber sees it; the tmpfs by its mount source.
+    assert_eq!(warning["mount_point"], dir_str.as_str(), "{warning}");
+    let (_, total) = available(&inside);
+    assert_eq!(warning["total_bytes"], total, "{warning}");
+    assert_eq!(warning["attributes"]["fs-type"], "tmpfs", "{warning}");
+    assert_eq!(
+        warning["attributes"]["device"], "watchq-ns-tmpfs",
+        "{warning}"
+    );
+    drop(file);
+}
+
+/// A caller whose path does not exist in its own namespace is told so, even when the
+/// path exists in the daemon's. (A caller the bus names no process of is refused by
+/// type: see the unit tests of `filesystems::resolve`.)
+#[test]
+fn a_path_missing_in_the_callers_namespace_is_not_found_there() {
+    use common::ext4::NamespacedMonitor;
+    let daemon = Daemon::start();
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-ns-")
+        .tempdir()
+        .unwrap();
+    let dir_str = dir.path().display().to_string();
+    // Hidden in the subscriber's namespace under an empty tmpfs: the daemon sees it.
+    fs::create_dir(dir.path().join("only-outside")).unwrap();
+    let setup = format!("mount -t tmpfs watchq-ns-tmpfs '{dir_str}'");
+    let script_args = [
+        "--match".to_owned(),
+        format!("path={dir_str}/only-outside"),
+        "--match".to_owned(),
+        "low-percent=50".to_owned(),
+        "space".to_owned(),
+    ];
+    let args: Vec<&str> = script_args.iter().map(String::as_str).collect();
+    let message = match NamespacedMonitor::try_spawn(&daemon, &setup, None, &args) {
+        Ok(_) => panic!("the watch of a path missing in the caller's namespace was accepted"),
+        Err(message) => message,
+    };
+    assert!(message.contains("org.watchq1.Error.NotFound"), "{message}");
+}

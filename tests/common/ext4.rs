@@ -1,5 +1,5 @@
 //! ext4 on a loop device, mounted in a temporary directory of the host's mount namespace
-//! (the daemon resolves watched paths in its own namespace, which is the host's).
+//! (the daemon resolves watched paths in the caller's namespace, which here is the host's).
 //! Unmounted and detached on drop, even when the test failed.
 
 use std::fs;
@@ -239,4 +239,96 @@ pub fn spawn_as_user(
 /// The outcome of one watch request by `user` (`ok` or the error name and message).
 pub fn as_user(daemon: &super::Daemon, user: &super::polkit::User, request: &str) -> String {
     spawn_as_user(daemon, user, request, 0, 0).next_line()
+}
+
+/// `watchqctl monitor --json` run in a private mount namespace of its own (`unshare -m`,
+/// private propagation) after `setup` (shell commands) mounted what it watches there:
+/// a subscriber whose paths mean something else in the daemon's namespace.
+pub struct NamespacedMonitor {
+    child: std::process::Child,
+    lines: std::sync::mpsc::Receiver<String>,
+}
+
+impl NamespacedMonitor {
+    /// `as_user`: `uid:gid` to run watchqctl as, after the mounts (root otherwise).
+    pub fn spawn(
+        daemon: &super::Daemon,
+        setup: &str,
+        as_user: Option<(u32, u32)>,
+        monitor_args: &[&str],
+    ) -> NamespacedMonitor {
+        Self::try_spawn(daemon, setup, as_user, monitor_args).unwrap_or_else(|e| {
+            panic!("watchqctl in a private mount namespace did not start watching: {e}")
+        })
+    }
+
+    /// As [`Self::spawn`]; Err: what watchqctl said instead of starting to watch.
+    pub fn try_spawn(
+        daemon: &super::Daemon,
+        setup: &str,
+        as_user: Option<(u32, u32)>,
+        monitor_args: &[&str],
+    ) -> Result<NamespacedMonitor, String> {
+        use std::io::BufRead;
+        let quote = |s: &str| format!("'{}'", s.replace('\'', r"'\''"));
+        let mut command = vec![quote(env!("CARGO_BIN_EXE_watchqctl"))];
+        command.extend(["--address", daemon.address(), "monitor", "--json"].map(quote));
+        command.extend(monitor_args.iter().map(|a| quote(a)));
+        let user = match as_user {
+            Some((uid, gid)) => {
+                format!("setpriv --reuid={uid} --regid={gid} --init-groups ")
+            }
+            None => String::new(),
+        };
+        let script = format!("set -e; {setup}; exec {user}{}", command.join(" "));
+        let mut child = Command::new("unshare")
+            .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("unshare (util-linux)");
+        let mut stderr = std::io::BufReader::new(child.stderr.take().expect("stderr"));
+        let mut first = String::new();
+        let _ = stderr.read_line(&mut first);
+        if !first.starts_with("watching ") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(first);
+        }
+        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let (send, lines) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in stdout.lines().map_while(Result::ok) {
+                if send.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(NamespacedMonitor { child, lines })
+    }
+
+    /// The monitor's pid: its `/proc/PID/root` shows its namespace's mounts.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `path` (absolute) as the monitor sees it, reached from this namespace.
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root", self.pid()))
+            .join(path.strip_prefix("/").expect("absolute path"))
+    }
+
+    /// The next signal printed, as JSON, or None after `timeout`.
+    pub fn next(&self, timeout: std::time::Duration) -> Option<serde_json::Value> {
+        let line = self.lines.recv_timeout(timeout).ok()?;
+        Some(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}")))
+    }
+}
+
+impl Drop for NamespacedMonitor {
+    fn drop(&mut self) {
+        // The namespace, and with it its mounts, ends with the process.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

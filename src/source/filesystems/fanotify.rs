@@ -70,6 +70,24 @@ impl Fanotify {
         Ok(())
     }
 
+    /// Adds `mask` to the mark of the filesystem an fd lies on (an `O_PATH` fd will do:
+    /// the mark goes through its `/proc/self/fd` link, which fanotify_mark accepts
+    /// where it refuses the `O_PATH` fd itself).
+    pub fn mark_filesystem_of(&self, mask: u64, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        self.mark(FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, Path::new(&link))
+    }
+
+    /// Removes `mask` from the mark of the filesystem an fd lies on.
+    pub fn unmark_filesystem_of(&self, mask: u64, fd: BorrowedFd<'_>) -> io::Result<()> {
+        let link = format!("/proc/self/fd/{}", fd.as_raw_fd());
+        self.mark(
+            FAN_MARK_REMOVE | FAN_MARK_FILESYSTEM,
+            mask,
+            Path::new(&link),
+        )
+    }
+
     /// Adds `mask` to the mark of the filesystem holding `path`.
     pub fn mark_filesystem(&self, mask: u64, path: &Path) -> io::Result<()> {
         self.mark(FAN_MARK_ADD | FAN_MARK_FILESYSTEM, mask, path)
@@ -114,9 +132,12 @@ impl AsRawFd for Shared {
 /// `f_fsid` of the filesystem holding `path`, the identifier fanotify puts in events.
 pub fn fsid_of(path: &Path) -> io::Result<[i32; 2]> {
     let stat = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
+    Ok(fsid_words(stat.filesystem_id()))
+}
+
+/// The two words of an `f_fsid`.
+pub fn fsid_words(fsid: nix::sys::statfs::fsid_t) -> [i32; 2] {
     // fsid_t is two ints; nix hides its fields, so read it as the kernel laid it out.
-    let fsid = stat.filesystem_id();
     // SAFETY: fsid_t is a plain struct of two c_int (`__val`), 8 bytes, no padding.
-    let words: [i32; 2] = unsafe { std::mem::transmute(fsid) };
-    Ok(words)
+    unsafe { std::mem::transmute(fsid) }
 }

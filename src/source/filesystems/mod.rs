@@ -4,10 +4,12 @@
 //! Touches: one fanotify group (`FAN_CLASS_NOTIF | FAN_REPORT_FID`, needs
 //! `CAP_SYS_ADMIN`) while someone watches, with one `FAN_MARK_FILESYSTEM` mark of
 //! `FAN_FS_ERROR` per watched filesystem (shared by every watch of it, removed with its
-//! last watch); `/proc/self/mountinfo`, read when the group starts and polled for
-//! `POLLPRI` (a mount table change) while it runs; `statfs(2)` and `stat(2)` of the
-//! watched paths; `readlink /sys/dev/block/MAJ:MIN` to name the device. Paths are
-//! resolved in the daemon's mount namespace.
+//! last watch); `/proc/self/mountinfo`, polled for `POLLPRI` (a mount table change)
+//! while it runs; the caller's `/proc/PID/root` and `/proc/PID/mountinfo`, kept open
+//! while its filesystem is watched; `statfs(2)` and `stat(2)` of the watched paths;
+//! `readlink /sys/dev/block/MAJ:MIN` to name the device. Paths are resolved as the
+//! caller sees them, in its root and mount namespace (see [`resolve`]); the mount point
+//! in events is the caller's.
 //!
 //! A watch names a path (`{"path": "/mnt/x"}`); it covers the whole filesystem that holds
 //! the path, wherever it is mounted. The filesystem is known by its `f_fsid` (what
@@ -36,12 +38,13 @@
 //! The source is idle when nobody watches: no fd, no timer.
 
 pub mod fanotify;
+pub mod resolve;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -58,6 +61,7 @@ use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
 use fanotify::Fanotify;
+use resolve::Place;
 use wire::MountInfo;
 
 pub const NAME: &str = "filesystems";
@@ -96,6 +100,8 @@ impl FsInfo {
 struct Marked {
     refs: usize,
     fs: FsInfo,
+    /// Where the filesystem was found: the first watcher's root and mount namespace.
+    place: Place,
     read_only: bool,
     /// The last error, reported again with the switch to read-only.
     last_error: Option<(i32, u32)>,
@@ -174,11 +180,12 @@ impl EventSource for Filesystems {
     }
 
     /// Errors of a whole filesystem, whoever caused them: system scope (administrators).
-    fn parse_watch(&self, spec: &WatchSpec, _requester: &Identity) -> Result<PlannedWatch, Error> {
+    fn parse_watch(&self, spec: &WatchSpec, requester: &Identity) -> Result<PlannedWatch, Error> {
         let path = parse_path(spec)?;
         let state = Arc::clone(&self.state);
+        let requester = requester.clone();
         Ok(PlannedWatch::armed_by(Scope::System, move || {
-            arm(&state, &path)
+            arm(&state, &path, &requester)
         }))
     }
 
@@ -239,43 +246,6 @@ fn parse_path(spec: &WatchSpec) -> Result<PathBuf, Error> {
     Ok(PathBuf::from(path))
 }
 
-/// Describes the filesystem holding `path`.
-pub fn describe(path: &Path) -> Result<FsInfo, Error> {
-    let not_found = |what: &str, e: &dyn std::fmt::Display| {
-        Error::NotFound(format!("cannot {what} {}: {e}", path.display()))
-    };
-    let canonical = fs::canonicalize(path).map_err(|e| not_found("resolve", &e))?;
-    let meta = fs::metadata(&canonical).map_err(|e| not_found("stat", &e))?;
-    let fsid = fanotify::fsid_of(&canonical).map_err(|e| not_found("statfs", &e))?;
-    let (major, minor) = (
-        nix::sys::stat::major(meta.dev()),
-        nix::sys::stat::minor(meta.dev()),
-    );
-    let (major, minor) = (
-        u32::try_from(major).unwrap_or(u32::MAX),
-        u32::try_from(minor).unwrap_or(u32::MAX),
-    );
-    let text = fs::read_to_string(MOUNTINFO)
-        .map_err(|e| Error::Unavailable(format!("cannot read {MOUNTINFO}: {e}")))?;
-    let mounts = wire::mountinfo(&text);
-    let canonical_str = canonical.to_string_lossy();
-    let mount = wire::mount_of(&mounts, &canonical_str, major, minor).ok_or_else(|| {
-        Error::NotFound(format!(
-            "no mount of device {major}:{minor} holds {} in the daemon's mount namespace",
-            path.display()
-        ))
-    })?;
-    Ok(FsInfo {
-        fsid: wire::fsid_key(fsid),
-        major,
-        minor,
-        device: device_name(major, minor, &mount.source),
-        fs_type: mount.fs_type.clone(),
-        mount_point: mount.mount_point.clone(),
-        source: mount.source.clone(),
-    })
-}
-
 /// The kernel name of a block device (`loop0`), or `fallback` (the mount source) for
 /// filesystems without one.
 pub fn device_name(major: u32, minor: u32, fallback: &str) -> String {
@@ -287,18 +257,19 @@ pub fn device_name(major: u32, minor: u32, fallback: &str) -> String {
 
 /// Whether the filesystem is read-only now, from its superblock options in mountinfo
 /// (see the module documentation for why not `statvfs`).
-fn read_only_now(fs: &FsInfo) -> Option<bool> {
-    let text = fs::read_to_string(MOUNTINFO).ok()?;
-    let mounts = wire::mountinfo(&text);
-    mounts
+fn read_only_now(fs: &FsInfo, place: &Place) -> Option<bool> {
+    place
+        .mounts()
+        .ok()?
         .iter()
         .find(|m| m.major == fs.major && m.minor == fs.minor)
         .map(MountInfo::filesystem_read_only)
 }
 
-fn arm(state: &SharedState, path: &Path) -> Result<ArmedWatch, Error> {
-    let fs = describe(path)?;
-    let read_only = read_only_now(&fs).unwrap_or(false);
+fn arm(state: &SharedState, path: &Path, requester: &Identity) -> Result<ArmedWatch, Error> {
+    // Administrators only (system scope): looked up with the daemon's credentials.
+    let (fs, place) = resolve::resolve(path, requester, false)?;
+    let read_only = read_only_now(&fs, &place).unwrap_or(false);
     let mut guard = lock(state);
     let running = guard
         .running
@@ -307,9 +278,15 @@ fn arm(state: &SharedState, path: &Path) -> Result<ArmedWatch, Error> {
     match running.marks.get_mut(&fs.fsid) {
         Some(marked) => marked.refs += 1,
         None => {
+            let at = place.open_fs(&fs.mount_point, fs.fsid).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "{} no longer leads to {} ({}) for pid {}",
+                    fs.mount_point, fs.device, fs.fs_type, place.pid
+                ))
+            })?;
             running
                 .fan
-                .mark_filesystem(wire::FAN_FS_ERROR, Path::new(&fs.mount_point))
+                .mark_filesystem_of(wire::FAN_FS_ERROR, at.as_fd())
                 .map_err(|e| {
                     let message = format!(
                         "cannot watch errors of {} ({} on {}): fanotify_mark: {e}",
@@ -333,6 +310,7 @@ fn arm(state: &SharedState, path: &Path) -> Result<ArmedWatch, Error> {
                 Marked {
                     refs: 1,
                     fs: fs.clone(),
+                    place,
                     read_only,
                     last_error: None,
                     recheck: None,
@@ -380,11 +358,10 @@ impl Drop for MarkHold {
             return;
         };
         // Only through a path that still leads to the same filesystem.
-        let mount_point = Path::new(&marked.fs.mount_point);
-        if fanotify::fsid_of(mount_point).is_ok_and(|f| wire::fsid_key(f) == self.fsid) {
+        if let Some(at) = marked.place.open_fs(&marked.fs.mount_point, self.fsid) {
             if let Err(e) = running
                 .fan
-                .unmark_filesystem(wire::FAN_FS_ERROR, mount_point)
+                .unmark_filesystem_of(wire::FAN_FS_ERROR, at.as_fd())
             {
                 tracing::debug!(
                     source = NAME,
@@ -592,8 +569,12 @@ impl Reader {
                 .collect()
         };
         for fs in due {
-            let read_only = read_only_now(&fs);
             let mut guard = lock(&self.state);
+            let read_only = guard
+                .running
+                .as_ref()
+                .and_then(|r| r.marks.get(&fs.fsid))
+                .and_then(|m| read_only_now(&fs, &m.place));
             let Some(marked) = guard
                 .running
                 .as_mut()
@@ -615,22 +596,26 @@ impl Reader {
     }
 
     /// After `POLLPRI` on mountinfo: ends the watches of filesystems that have no mount
-    /// left, and reports remounts between read-write and read-only.
+    /// left in the namespace they were found in, and reports remounts between
+    /// read-write and read-only.
     fn mount_table_changed(&mut self) {
-        let text = match fs::read_to_string(MOUNTINFO) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::warn!(source = NAME, "cannot read {MOUNTINFO}: {e}");
-                return;
-            }
-        };
-        let mounts = wire::mountinfo(&text);
         let mut guard = lock(&self.state);
         let Some(running) = guard.running.as_mut() else {
             return;
         };
         let mut gone = Vec::new();
         for (fsid, marked) in &mut running.marks {
+            let mounts = match marked.place.mounts() {
+                Ok(mounts) => mounts,
+                Err(e) => {
+                    tracing::warn!(
+                        source = NAME,
+                        "cannot read the mount table of pid {}: {e}",
+                        marked.place.pid
+                    );
+                    continue;
+                }
+            };
             let fs = &marked.fs;
             match mounts
                 .iter()

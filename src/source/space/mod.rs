@@ -34,27 +34,33 @@
 //! able to reach the path: the daemon looks it up and `statfs`es it on a thread that
 //! has taken the caller's filesystem credentials (`setfsuid`, `setfsgid` and the
 //! supplementary groups the bus reported, which also drops the thread's
-//! `CAP_DAC_OVERRIDE`/`CAP_DAC_READ_SEARCH`), and the filesystem it found must be the
-//! one the daemon then watches. A user thus learns nothing about a filesystem it could
-//! not `statfs` itself. Paths are resolved in the daemon's mount namespace.
+//! `CAP_DAC_OVERRIDE`/`CAP_DAC_READ_SEARCH`), and the fd it got is the filesystem the
+//! daemon then watches. A user thus learns nothing about a filesystem it could not
+//! `statfs` itself. Paths are resolved as the caller sees them, from its root and in
+//! its mount namespace ([`super::filesystems::resolve`]): `/tmp/x` is the caller's `/tmp`, not
+//! the daemon's private one; the mount point in warnings is the caller's.
 //!
-//! Unmounting a watched filesystem ends its watches with `WatchRemoved` (mountinfo
-//! `POLLPRI`, as in [`super::filesystems`]).
+//! Unmounting a watched filesystem ends its watches with `WatchRemoved`: on each
+//! mountinfo `POLLPRI` of the daemon's namespace, the mount table of the namespace the
+//! filesystem was found in is read (as in [`super::filesystems`]). An unmount in a
+//! caller's private namespace that does not propagate to the daemon's is noticed at the
+//! next mount table change of the daemon's namespace.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::os::fd::AsFd;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use futures_util::stream;
-use nix::libc;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use super::filesystems::{self, fanotify, fanotify::Fanotify, wire, FsInfo};
+use super::filesystems::resolve::{self, Place};
+use super::filesystems::{fanotify, fanotify::Fanotify, wire, FsInfo};
 use super::{
     reject_unknown_keys, spec_str, ArmedWatch, Availability, EventSource, PlannedWatch,
     SourceStream, WatchMatcher, WatchSpec,
@@ -174,6 +180,8 @@ struct WatchState {
 
 struct Watched {
     fs: FsInfo,
+    /// Where the filesystem was found: the first watcher's root and mount namespace.
+    place: Place,
     refs: usize,
     /// Whether the mark currently has its mask (it is removed while coalescing).
     armed: bool,
@@ -363,76 +371,8 @@ impl EventSource for Space {
     }
 }
 
-/// `statfs` of `path` on a thread with the caller's filesystem credentials: whether the
-/// caller can reach it, and which filesystem that is.
-fn fsid_as(path: &Path, requester: &Identity) -> Result<u64, Error> {
-    let path_owned = path.to_owned();
-    let uid = requester.uid;
-    let gids = requester.gids.clone();
-    let primary = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
-        .ok()
-        .flatten()
-        .map(|u| u.gid.as_raw())
-        .or_else(|| gids.first().copied())
-        .unwrap_or(u32::MAX);
-    let checked = std::thread::Builder::new()
-        .name("space-access".into())
-        .spawn(move || -> io::Result<[i32; 2]> {
-            // Raw syscalls change this thread's credentials only (the libc wrappers
-            // of setgroups would change every thread's); the thread ends right after.
-            let groups: Vec<libc::gid_t> = gids;
-            // SAFETY: a valid array of `groups.len()` gids.
-            let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // setfsgid/setfsuid return the previous value and cannot report failure;
-            // the second call of each confirms the change.
-            // SAFETY: plain integer arguments.
-            unsafe {
-                libc::syscall(libc::SYS_setfsgid, primary);
-                libc::syscall(libc::SYS_setfsuid, uid);
-            }
-            // SAFETY: as above; -1 (as unsigned) only queries.
-            let (now_gid, now_uid) = unsafe {
-                (
-                    libc::syscall(libc::SYS_setfsgid, u32::MAX),
-                    libc::syscall(libc::SYS_setfsuid, u32::MAX),
-                )
-            };
-            if now_uid != i64::from(uid) || now_gid != i64::from(primary) {
-                return Err(io::Error::other("could not take the caller's credentials"));
-            }
-            fanotify::fsid_of(&path_owned)
-        })
-        .map_err(|e| Error::Unavailable(format!("cannot start the access check: {e}")))?
-        .join()
-        .map_err(|_| Error::Unavailable("the access check panicked".into()))?;
-    match checked {
-        Ok(fsid) => Ok(wire::fsid_key(fsid)),
-        Err(e) => Err(match e.raw_os_error() {
-            Some(libc::ENOENT | libc::ENOTDIR) => Error::NotFound(format!(
-                "{} does not exist for uid {uid}: {e}",
-                path.display()
-            )),
-            _ => Error::AccessDenied(format!("uid {uid} cannot statfs {}: {e}", path.display())),
-        }),
-    }
-}
-
 fn arm(state: &SharedState, spec: &SpaceSpec, requester: &Identity) -> Result<ArmedWatch, Error> {
-    let fsid = if requester.uid == 0 {
-        None
-    } else {
-        Some(fsid_as(&spec.path, requester)?)
-    };
-    let fs = filesystems::describe(&spec.path)?;
-    if fsid.is_some_and(|f| f != fs.fsid) {
-        return Err(Error::NotFound(format!(
-            "{} changed filesystem while the watch was set; try again",
-            spec.path.display()
-        )));
-    }
+    let (fs, place) = resolve::resolve(&spec.path, requester, requester.uid != 0)?;
     let now = Instant::now();
     let mut guard = lock(state);
     let running = guard
@@ -446,9 +386,15 @@ fn arm(state: &SharedState, spec: &SpaceSpec, requester: &Identity) -> Result<Ar
             watched.due = Some(watched.due.map_or(settle, |d| d.min(settle)));
         }
         None => {
+            let at = place.open_fs(&fs.mount_point, fs.fsid).ok_or_else(|| {
+                Error::NotFound(format!(
+                    "{} changed filesystem while the watch was set; try again",
+                    spec.path.display()
+                ))
+            })?;
             running
                 .fan
-                .mark_filesystem(MASK, Path::new(&fs.mount_point))
+                .mark_filesystem_of(MASK, at.as_fd())
                 .map_err(|e| {
                     Error::NotSupported(format!(
                         "cannot watch writes to {} ({} on {}): fanotify_mark: {e}",
@@ -459,6 +405,7 @@ fn arm(state: &SharedState, spec: &SpaceSpec, requester: &Identity) -> Result<Ar
                 fs.fsid,
                 Watched {
                     fs: fs.clone(),
+                    place,
                     refs: 1,
                     armed: true,
                     last_statfs: None,
@@ -520,7 +467,7 @@ impl Drop for SpaceHold {
         }
         if let Some(watched) = running.filesystems.remove(&watch.fsid) {
             if watched.armed {
-                unmark(&running.fan, &watched.fs);
+                unmark(&running.fan, &watched);
             }
         }
     }
@@ -528,10 +475,10 @@ impl Drop for SpaceHold {
 
 /// Removes the mask from a filesystem's mark, through its mount point if that still
 /// leads to it (else the mark went with the filesystem).
-fn unmark(fan: &Fanotify, fs: &FsInfo) {
-    let mount_point = Path::new(&fs.mount_point);
-    if fanotify::fsid_of(mount_point).is_ok_and(|f| wire::fsid_key(f) == fs.fsid) {
-        if let Err(e) = fan.unmark_filesystem(MASK, mount_point) {
+fn unmark(fan: &Fanotify, watched: &Watched) {
+    let fs = &watched.fs;
+    if let Some(at) = watched.place.open_fs(&fs.mount_point, fs.fsid) {
+        if let Err(e) = fan.unmark_filesystem_of(MASK, at.as_fd()) {
             tracing::debug!(
                 source = NAME,
                 "removing the mark of {}: {e}",
@@ -558,13 +505,10 @@ impl WatchMatcher for SpaceWatch {
     }
 }
 
-fn statfs(fs: &FsInfo) -> Option<Usage> {
-    let mount_point = Path::new(&fs.mount_point);
-    let stat = nix::sys::statfs::statfs(mount_point).ok()?;
+fn statfs(fs: &FsInfo, place: &Place) -> Option<Usage> {
     // Only if the mount point still leads to the watched filesystem.
-    if fanotify::fsid_of(mount_point).ok().map(wire::fsid_key) != Some(fs.fsid) {
-        return None;
-    }
+    let at = place.open_fs(&fs.mount_point, fs.fsid)?;
+    let stat = nix::sys::statfs::fstatfs(&at).ok()?;
     let unit = u64::try_from(stat.block_size()).unwrap_or(0);
     #[allow(clippy::useless_conversion)] // the field types differ between targets
     let (blocks, bfree, bavail) = (
@@ -707,7 +651,7 @@ impl Reader {
                     evaluate_now.push(fsid);
                 } else if watched.armed {
                     // Coalesce: no more events until the interval ends.
-                    unmark(&running.fan, &watched.fs);
+                    unmark(&running.fan, watched);
                     watched.armed = false;
                     let end = watched.last_statfs.map_or(now + SETTLE, |at| at + INTERVAL);
                     watched.due = Some(watched.due.map_or(end, |d| d.min(end)));
@@ -746,9 +690,12 @@ impl Reader {
                 watched.due = None;
                 if !watched.armed {
                     // Re-arm before the statfs, so a write in between is not missed.
-                    match running
-                        .fan
-                        .mark_filesystem(MASK, Path::new(&watched.fs.mount_point))
+                    let at = watched
+                        .place
+                        .open_fs(&watched.fs.mount_point, watched.fs.fsid);
+                    match at
+                        .ok_or_else(|| io::Error::other("the mount point leads elsewhere now"))
+                        .and_then(|at| running.fan.mark_filesystem_of(MASK, at.as_fd()))
                     {
                         Ok(()) => watched.armed = true,
                         Err(e) => tracing::warn!(
@@ -765,22 +712,19 @@ impl Reader {
 
     /// One `statfs` of a filesystem, compared against every watch of it.
     fn evaluate(&mut self, fsid: u64, now: Instant) {
-        let fs = {
-            let mut guard = lock(&self.state);
-            let Some(watched) = guard
-                .running
-                .as_mut()
-                .and_then(|r| r.filesystems.get_mut(&fsid))
-            else {
-                return;
-            };
-            watched.last_statfs = Some(now);
-            watched.fs.clone()
-        };
-        let Some(usage) = statfs(&fs) else {
+        let mut guard = lock(&self.state);
+        let Some(watched) = guard
+            .running
+            .as_mut()
+            .and_then(|r| r.filesystems.get_mut(&fsid))
+        else {
             return;
         };
-        let mut guard = lock(&self.state);
+        watched.last_statfs = Some(now);
+        let fs = watched.fs.clone();
+        let Some(usage) = statfs(&fs, &watched.place) else {
+            return;
+        };
         let Some(running) = guard.running.as_mut() else {
             return;
         };
@@ -796,14 +740,6 @@ impl Reader {
     }
 
     fn mount_table_changed(&mut self) {
-        let text = match fs::read_to_string(MOUNTINFO) {
-            Ok(text) => text,
-            Err(e) => {
-                tracing::warn!(source = NAME, "cannot read {MOUNTINFO}: {e}");
-                return;
-            }
-        };
-        let mounts = wire::mountinfo(&text);
         let mut guard = lock(&self.state);
         let Some(running) = guard.running.as_mut() else {
             return;
@@ -811,10 +747,18 @@ impl Reader {
         let gone: Vec<u64> = running
             .filesystems
             .iter()
-            .filter(|(_, w)| {
-                !mounts
+            .filter(|(_, w)| match w.place.mounts() {
+                Ok(mounts) => !mounts
                     .iter()
-                    .any(|m| m.major == w.fs.major && m.minor == w.fs.minor)
+                    .any(|m| m.major == w.fs.major && m.minor == w.fs.minor),
+                Err(e) => {
+                    tracing::warn!(
+                        source = NAME,
+                        "cannot read the mount table of pid {}: {e}",
+                        w.place.pid
+                    );
+                    false
+                }
             })
             .map(|(fsid, _)| *fsid)
             .collect();

@@ -1,0 +1,265 @@
+//! A watched path as the caller sees it: through the caller's root and mount namespace.
+//!
+//! The daemon runs in a mount namespace of its own (systemd `PrivateTmp`,
+//! `PrivateMounts`), and callers may run in others (containers, `unshare -m`): `/tmp/x`
+//! of a caller is not the daemon's `/tmp/x`. So a path is looked up from the caller's
+//! root directory (`/proc/PID/root`, PID as the bus reported it), with
+//! `RESOLVE_IN_ROOT` so that absolute symlinks and `..` stay inside that root, and the
+//! filesystem is named from the caller's own mount table (`/proc/PID/mountinfo`): its
+//! mount point is the one the caller sees. Both stay open in a [`Place`] for as long
+//! as the filesystem is watched, so the mark can be re-armed, the filesystem `statfs`ed
+//! and its unmounting noticed in the caller's namespace even after the caller exits.
+//! Holding them pins the caller's root directory and mount namespace, never the
+//! watched mount (which stays unmountable).
+
+use std::fs;
+use std::io::{self, Read, Seek};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::libc;
+
+use super::{device_name, fanotify, wire, FsInfo};
+use crate::error::Error;
+use crate::policy::Identity;
+
+/// The caller's root directory and mount table, kept while its filesystem is watched.
+#[derive(Debug)]
+pub struct Place {
+    root: OwnedFd,
+    mountinfo: fs::File,
+    /// For messages: whose namespace this is.
+    pub pid: u32,
+}
+
+impl Place {
+    /// The caller's root and mount table, opened by the daemon (reading another user's
+    /// `/proc/PID/root` needs ptrace access, which the daemon has).
+    pub fn of(requester: &Identity) -> Result<Place, Error> {
+        let pid = requester.pid.ok_or_else(|| {
+            Error::NotSupported(format!(
+                "the bus did not report the process of {} (uid {}): a watched path is \
+                 resolved in the caller's mount namespace, which needs its pid",
+                requester.unique_name, requester.uid
+            ))
+        })?;
+        let gone = |what: &str, e: &dyn std::fmt::Display| {
+            Error::NotFound(format!(
+                "cannot open {what} of the caller (pid {pid}) to resolve its path: {e}"
+            ))
+        };
+        let root = nix::fcntl::open(
+            format!("/proc/{pid}/root").as_str(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| gone("the root directory", &e))?;
+        let mountinfo = fs::File::open(format!("/proc/{pid}/mountinfo"))
+            .map_err(|e| gone("the mount table", &e))?;
+        Ok(Place {
+            root,
+            mountinfo,
+            pid,
+        })
+    }
+
+    /// Looks `path` up from the caller's root, without leaving it.
+    pub fn open(&self, path: &Path) -> io::Result<OwnedFd> {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        nix::fcntl::openat2(self.root.as_fd(), path, how).map_err(io::Error::from)
+    }
+
+    /// The caller's mount table now (the file is re-read from its start).
+    pub fn mounts(&self) -> io::Result<Vec<wire::MountInfo>> {
+        let mut file = &self.mountinfo;
+        file.rewind()?;
+        let mut text = String::new();
+        file.read_to_string(&mut text)?;
+        Ok(wire::mountinfo(&text))
+    }
+
+    /// An fd of `mount_point` if it still leads to the filesystem `fsid`.
+    pub fn open_fs(&self, mount_point: &str, fsid: u64) -> Option<OwnedFd> {
+        let fd = self.open(Path::new(mount_point)).ok()?;
+        (fsid_key_of(&fd).ok()? == fsid).then_some(fd)
+    }
+}
+
+/// The fsid key (as fanotify reports it) of the filesystem holding `fd`.
+pub fn fsid_key_of(fd: &OwnedFd) -> io::Result<u64> {
+    let stat = nix::sys::statfs::fstatfs(fd).map_err(io::Error::from)?;
+    Ok(wire::fsid_key(fanotify::fsid_words(stat.filesystem_id())))
+}
+
+/// The mount an fd lies on, from `/proc/self/fdinfo` (works for `O_PATH` fds, unlike
+/// `statx(STATX_MNT_ID)` on older libcs).
+fn mount_id_of(fd: &OwnedFd) -> io::Result<u64> {
+    let text = fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))?;
+    mount_id_in_fdinfo(&text)
+        .ok_or_else(|| io::Error::other("fdinfo has no mnt_id (kernel older than 3.15)"))
+}
+
+fn mount_id_in_fdinfo(text: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix("mnt_id:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Runs `f` on a thread that has taken the caller's filesystem credentials
+/// (`setfsuid`, `setfsgid` and the supplementary groups the bus reported, which also
+/// drops the thread's `CAP_DAC_OVERRIDE`/`CAP_DAC_READ_SEARCH`): the kernel checks the
+/// caller's access, not the daemon's.
+fn as_caller<T: Send + 'static>(
+    requester: &Identity,
+    f: impl FnOnce() -> io::Result<T> + Send + 'static,
+) -> Result<io::Result<T>, Error> {
+    let uid = requester.uid;
+    let gids = requester.gids.clone();
+    let primary = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.gid.as_raw())
+        .or_else(|| gids.first().copied())
+        .unwrap_or(u32::MAX);
+    std::thread::Builder::new()
+        .name("fs-access".into())
+        .spawn(move || -> io::Result<T> {
+            // Raw syscalls change this thread's credentials only (the libc wrappers
+            // of setgroups would change every thread's); the thread ends right after.
+            let groups: Vec<libc::gid_t> = gids;
+            // SAFETY: a valid array of `groups.len()` gids.
+            let rc = unsafe { libc::syscall(libc::SYS_setgroups, groups.len(), groups.as_ptr()) };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // setfsgid/setfsuid return the previous value and cannot report failure;
+            // the second call of each confirms the change.
+            // SAFETY: plain integer arguments.
+            unsafe {
+                libc::syscall(libc::SYS_setfsgid, primary);
+                libc::syscall(libc::SYS_setfsuid, uid);
+            }
+            // SAFETY: as above; -1 (as unsigned) only queries.
+            let (now_gid, now_uid) = unsafe {
+                (
+                    libc::syscall(libc::SYS_setfsgid, u32::MAX),
+                    libc::syscall(libc::SYS_setfsuid, u32::MAX),
+                )
+            };
+            if now_uid != i64::from(uid) || now_gid != i64::from(primary) {
+                return Err(io::Error::other("could not take the caller's credentials"));
+            }
+            f()
+        })
+        .map_err(|e| Error::Unavailable(format!("cannot start the access check: {e}")))?
+        .join()
+        .map_err(|_| Error::Unavailable("the access check panicked".into()))
+}
+
+/// Finds the filesystem holding `path` as `requester` sees it. With `check_access`,
+/// the lookup runs with the caller's filesystem credentials, so a caller learns nothing
+/// about a filesystem it could not reach itself.
+pub fn resolve(
+    path: &Path,
+    requester: &Identity,
+    check_access: bool,
+) -> Result<(FsInfo, Place), Error> {
+    let place = Place::of(requester)?;
+    let uid = requester.uid;
+    let looked_up = if check_access {
+        let root = place.root.try_clone().map_err(|e| {
+            Error::Unavailable(format!("cannot duplicate the caller's root fd: {e}"))
+        })?;
+        let lookup = Place {
+            root,
+            mountinfo: place.mountinfo.try_clone().map_err(|e| {
+                Error::Unavailable(format!("cannot duplicate the caller's mountinfo: {e}"))
+            })?,
+            pid: place.pid,
+        };
+        let owned = path.to_owned();
+        as_caller(requester, move || {
+            let fd = lookup.open(&owned)?;
+            // statfs too, as the caller: what `df` would need.
+            fsid_key_of(&fd)?;
+            Ok(fd)
+        })?
+    } else {
+        place.open(path)
+    };
+    let fd = looked_up.map_err(|e| match e.raw_os_error() {
+        Some(libc::ENOENT | libc::ENOTDIR) => Error::NotFound(format!(
+            "{} does not exist for uid {uid} (pid {}): {e}",
+            path.display(),
+            place.pid
+        )),
+        _ => Error::AccessDenied(format!(
+            "uid {uid} (pid {}) cannot reach {}: {e}",
+            place.pid,
+            path.display()
+        )),
+    })?;
+    let not_found = |what: &str, e: &dyn std::fmt::Display| {
+        Error::NotFound(format!("cannot {what} {}: {e}", path.display()))
+    };
+    let fsid = fsid_key_of(&fd).map_err(|e| not_found("statfs", &e))?;
+    let meta = nix::sys::stat::fstat(&fd).map_err(|e| not_found("stat", &e))?;
+    let dev = meta.st_dev;
+    let (major, minor) = (
+        u32::try_from(nix::sys::stat::major(dev)).unwrap_or(u32::MAX),
+        u32::try_from(nix::sys::stat::minor(dev)).unwrap_or(u32::MAX),
+    );
+    let mount_id = mount_id_of(&fd).map_err(|e| not_found("find the mount of", &e))?;
+    let mounts = place.mounts().map_err(|e| {
+        Error::Unavailable(format!(
+            "cannot read the mount table of pid {}: {e}",
+            place.pid
+        ))
+    })?;
+    let mount = mounts
+        .iter()
+        .find(|m| m.mount_id == mount_id)
+        .ok_or_else(|| {
+            Error::NotFound(format!(
+                "mount {mount_id} holding {} is not in the mount table of pid {}",
+                path.display(),
+                place.pid
+            ))
+        })?;
+    Ok((
+        FsInfo {
+            fsid,
+            major,
+            minor,
+            device: device_name(major, minor, &mount.source),
+            fs_type: mount.fs_type.clone(),
+            mount_point: mount.mount_point.clone(),
+            source: mount.source.clone(),
+        },
+        place,
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_mount_id_is_read_from_fdinfo() {
+        let text = "pos:\t0\nflags:\t012100000\nmnt_id:\t42\nino:\t2\n";
+        assert_eq!(mount_id_in_fdinfo(text), Some(42));
+        assert_eq!(mount_id_in_fdinfo("pos:\t0\n"), None);
+    }
+
+    #[test]
+    fn a_caller_without_pid_is_refused_with_a_reason() {
+        let who = Identity::new(":1.7".into(), 1000);
+        match Place::of(&who) {
+            Err(Error::NotSupported(m)) => assert!(m.contains("pid"), "{m}"),
+            other => panic!("expected NotSupported, got {other:?}"),
+        }
+    }
+}
