@@ -1,33 +1,46 @@
-//! D-Bus method arguments a caller controls: watch specifications (`a{sv}`) and filters
-//! (`a(sas)`), decoded from D-Bus wire bytes exactly as the daemon receives them, then
-//! validated by the same code the daemon runs.
+//! D-Bus method arguments a caller controls: watch specifications (`a{sv}`) for every
+//! built-in source and filters (`a(sas)`), decoded from D-Bus wire bytes exactly as the
+//! daemon receives them, then validated by the same code the daemon runs. Only parsing
+//! runs: arming a watch (helpers, fanotify marks) happens after policy, not here.
 #![no_main]
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
+use watchqd::config::Config;
+use watchqd::filter::Filter;
+use watchqd::policy::Identity;
+use watchqd::source::Registry;
 use zbus::wire::serialized::{Context, Data};
 use zbus::wire::LE;
 use zbus::OwnedVariant;
-use watchqd::filter::Filter;
-use watchqd::source::devices::{Devices, DevicesConfig, DeviceWatch};
-use watchqd::source::{EventSource, Registry};
+
+fn registry() -> &'static Registry {
+    static REGISTRY: OnceLock<Registry> = OnceLock::new();
+    REGISTRY.get_or_init(|| Registry::builtin(&Config::default()))
+}
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, body)) = data.split_first() else { return };
     let ctxt = Context::new(LE, 0);
     let bytes = Data::new(body, ctxt);
+    let registry = registry();
     if selector & 1 == 0 {
         if let Ok((spec, _)) = bytes.deserialize::<HashMap<String, OwnedVariant>>() {
-            let _ = DeviceWatch::parse(&spec);
+            let sources = registry.all();
+            let source = &sources[usize::from(selector >> 1) % sources.len()];
+            // Root and an ordinary user, with and without a pid from the bus.
+            let mut requester = Identity::new(":1.7".into(), if selector & 0x40 != 0 { 0 } else { 1000 });
+            if selector & 0x80 != 0 {
+                requester.pid = Some(std::process::id());
+            }
+            let _ = source.parse_watch(&spec, &requester);
         }
     } else if let Ok((filter, _)) = bytes.deserialize::<Vec<(String, Vec<String>)>>() {
-        let devices: Arc<dyn EventSource> = Arc::new(Devices::new(&DevicesConfig::default()));
-        let registry = Registry::from_sources(vec![devices]);
-        if let Ok(parsed) = Filter::parse(&registry, &filter) {
+        if let Ok(parsed) = Filter::parse(registry, &filter) {
             // What was accepted describes itself back as the same sources.
-            let described = parsed.describe(&registry);
+            let described = parsed.describe(registry);
             assert_eq!(described.len(), filter.len());
         }
     }
