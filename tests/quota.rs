@@ -8,7 +8,6 @@ mod common;
 #[path = "common/quota.rs"]
 mod quota;
 
-use std::fs;
 use std::time::{Duration, Instant};
 
 use common::polkit::user;
@@ -19,25 +18,7 @@ use zbus::Variant;
 
 /// The daemon's open `NETLINK_GENERIC` sockets (protocol 16 in /proc/net/netlink).
 fn genl_sockets(daemon: &Daemon) -> usize {
-    let inodes: Vec<String> = fs::read_dir(format!("/proc/{}/fd", daemon.pid()))
-        .expect("daemon fds")
-        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-        .filter_map(|t| {
-            t.to_str()?
-                .strip_prefix("socket:[")?
-                .strip_suffix(']')
-                .map(str::to_owned)
-        })
-        .collect();
-    let table = fs::read_to_string("/proc/net/netlink").expect("/proc/net/netlink");
-    table
-        .lines()
-        .skip(1)
-        .filter(|line| {
-            let cols: Vec<&str> = line.split_whitespace().collect();
-            cols.len() >= 10 && cols[1] == "16" && inodes.iter().any(|i| i == cols[9])
-        })
-        .count()
+    daemon.netlink_sockets(16)
 }
 
 /// Waits until the daemon's log has `count` lines containing `needle`.

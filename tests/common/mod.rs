@@ -200,6 +200,11 @@ impl Daemon {
 
     /// The daemon's open `NETLINK_KOBJECT_UEVENT` sockets.
     pub fn uevent_sockets(&self) -> usize {
+        self.netlink_sockets(15)
+    }
+
+    /// The daemon's open netlink sockets of one protocol (15 uevent, 16 generic).
+    pub fn netlink_sockets(&self, protocol: u32) -> usize {
         let inodes: Vec<String> = fs::read_dir(format!("/proc/{}/fd", self.pid()))
             .expect("daemon fds")
             .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
@@ -210,16 +215,21 @@ impl Daemon {
                     .map(str::to_owned)
             })
             .collect();
+        let protocol = protocol.to_string();
         let table = fs::read_to_string("/proc/net/netlink").expect("/proc/net/netlink");
+        // Counted by inode: the kernel walks a hash table that other tests' sockets may be
+        // resizing, and a walk during a resize can list one socket twice.
         table
             .lines()
             .skip(1)
-            .filter(|line| {
+            .filter_map(|line| {
                 let cols: Vec<&str> = line.split_whitespace().collect();
                 // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-                cols.len() >= 10 && cols[1] == "15" && inodes.iter().any(|i| i == cols[9])
+                (cols.len() >= 10 && cols[1] == protocol && inodes.iter().any(|i| i == cols[9]))
+                    .then(|| cols[9].to_owned())
             })
-            .count()
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     pub async fn connect(&self) -> Connection {
