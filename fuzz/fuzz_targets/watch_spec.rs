@@ -1,5 +1,5 @@
 //! D-Bus method arguments a caller controls: watch specifications (`a{sv}`) for every
-//! built-in source and filters (`a(sas)`), decoded from D-Bus wire bytes exactly as the
+//! built-in source, filters (`a(sas)`) and Subscribe options (`a{sv}`), decoded from D-Bus wire bytes exactly as the
 //! daemon receives them, then validated by the same code the daemon runs. Only parsing
 //! runs: arming a watch (helpers, fanotify marks) happens after policy, not here.
 #![no_main]
@@ -36,6 +36,10 @@ fuzz_target!(|data: &[u8]| {
                 requester.pid = Some(std::process::id());
             }
             let _ = source.parse_watch(&spec, &requester);
+        }
+    } else if selector & 2 != 0 {
+        if let Ok((options, _)) = bytes.deserialize::<HashMap<String, OwnedVariant>>() {
+            let _ = watchqd::bus::subscribe_options(&options);
         }
     } else if let Ok((filter, _)) = bytes.deserialize::<Vec<(String, Vec<String>)>>() {
         if let Ok(parsed) = Filter::parse(registry, &filter) {

@@ -177,25 +177,7 @@ impl Service {
         sender: &UniqueName<'_>,
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let mut depth = None;
-        for (key, value) in options {
-            match key.as_str() {
-                "queue-depth" => {
-                    let requested = u32::try_from(value.clone()).map_err(|_| {
-                        BusError::InvalidArgument(format!(
-                            "option 'queue-depth' must be a u32 (D-Bus type 'u'), got '{}'",
-                            value.value_signature()
-                        ))
-                    })?;
-                    depth = Some(usize::try_from(requested).unwrap_or(usize::MAX));
-                }
-                other => {
-                    return Err(BusError::InvalidArgument(format!(
-                        "unknown Subscribe option '{other}'; known: queue-depth"
-                    )))
-                }
-            }
-        }
+        let depth = subscribe_options(options)?;
         let identity = self.identity(sender).await?;
         self.authorizer.subscribe(&identity)?;
         let uid = identity.uid;
@@ -356,6 +338,33 @@ enum PingOutcome {
     Retry,
     /// The peer is gone.
     Gone,
+}
+
+/// Reads `Subscribe`'s options: only `queue-depth` (u) so far, whose range the hub
+/// checks. Public so that the fuzzer runs exactly what the daemon runs.
+pub fn subscribe_options(
+    options: &HashMap<String, OwnedVariant>,
+) -> Result<Option<usize>, BusError> {
+    let mut depth = None;
+    for (key, value) in options {
+        match key.as_str() {
+            "queue-depth" => {
+                let requested = u32::try_from(value.clone()).map_err(|_| {
+                    BusError::InvalidArgument(format!(
+                        "option 'queue-depth' must be a u32 (D-Bus type 'u'), got '{}'",
+                        value.value_signature()
+                    ))
+                })?;
+                depth = Some(usize::try_from(requested).unwrap_or(usize::MAX));
+            }
+            other => {
+                return Err(BusError::InvalidArgument(format!(
+                    "unknown Subscribe option '{other}'; known: queue-depth"
+                )))
+            }
+        }
+    }
+    Ok(depth)
 }
 
 /// How long a Ping may stay unanswered before another is sent. A bus configured with no
