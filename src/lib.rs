@@ -6,6 +6,7 @@
 //! per-subscription outboxes), [`bus`] (the `org.watchq1` objects and signal delivery),
 //! [`daemon`] (the supervisor) and [`config`].
 
+pub mod activation;
 pub mod bus;
 pub mod client;
 pub mod config;

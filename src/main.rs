@@ -29,6 +29,11 @@ fn main() -> ExitCode {
     }
     let args = Args::parse();
     watchqd::logging::init(&args.log_level);
+    // Before the runtime's threads start: this clears the activation variables.
+    if let Err(e) = watchqd::activation::take_passed_sockets() {
+        eprintln!("watchqd: the sockets systemd passed are not what watchqd.socket declares: {e}");
+        return ExitCode::from(78); // EX_CONFIG
+    }
     let config = match watchqd::config::Config::load(args.config.as_deref()) {
         Ok(config) => config,
         Err(e) => {

@@ -24,12 +24,16 @@ fn unit_with_binary(dir: &std::path::Path) -> std::path::PathBuf {
 }
 
 #[test]
-fn the_unit_file_verifies_and_is_hardened() {
+fn the_unit_files_verify_and_the_service_is_hardened() {
     let dir = tempfile::tempdir().unwrap();
     let unit = unit_with_binary(dir.path());
+    let socket = dir.path().join("watchqd.socket");
+    std::fs::copy(repo().join("systemd/watchqd.socket"), &socket).unwrap();
+    // --man=no: the man pages the units point to come with the package, not this checkout.
     let out = Command::new("systemd-analyze")
-        .arg("verify")
+        .args(["verify", "--man=no"])
         .arg(&unit)
+        .arg(&socket)
         .output()
         .expect("systemd-analyze (package systemd)");
     assert!(
@@ -43,18 +47,18 @@ fn the_unit_file_verifies_and_is_hardened() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    // 2.7 today. What keeps it above systemd's best grades is what the kernel demands:
-    // CAP_SYS_ADMIN for fanotify mount-namespace and filesystem marks, CAP_SETUID and
-    // CAP_SETGID for the helper that sets key watches as the subscriber, CAP_NET_ADMIN,
-    // CAP_PERFMON, CAP_SYS_PTRACE, netlink, and the host's network namespace (uevents and
-    // quota exist only there). The threshold keeps anything else from creeping in.
+    // 1.9 today, "OK" (issue 9 asks for 2.0 or lower). What keeps it from systemd's best
+    // grades is what the kernel demands: CAP_SYS_ADMIN for fanotify mount-namespace and
+    // filesystem marks, CAP_SETUID and CAP_SETGID for the helper that sets key watches as
+    // the subscriber, CAP_PERFMON, CAP_SYS_PTRACE, and running as root. The threshold
+    // keeps anything else from creeping in.
     let out = Command::new("systemd-analyze")
-        .args(["security", "--offline=yes", "--threshold=28"])
+        .args(["security", "--offline=yes", "--threshold=20"])
         .arg(&unit)
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "exposure above 2.8:\n{text}");
+    assert!(out.status.success(), "exposure above 2.0:\n{text}");
 }
 
 /// Runs `scripts/run-daemon` as the README says, on a machine without a system bus, and

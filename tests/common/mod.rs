@@ -128,6 +128,16 @@ impl Daemon {
     }
 
     fn launch(toml: &str, with_polkit: bool) -> Daemon {
+        Daemon::launch_with(toml, with_polkit, Vec::new())
+    }
+
+    /// The daemon started as systemd starts it from `watchqd.socket`: `sockets` become
+    /// descriptors 3, 4, … with `LISTEN_FDS` and `LISTEN_PID` set.
+    pub fn with_passed_sockets(toml: &str, sockets: Vec<std::os::fd::OwnedFd>) -> Daemon {
+        Daemon::launch_with(toml, false, sockets)
+    }
+
+    fn launch_with(toml: &str, with_polkit: bool, sockets: Vec<std::os::fd::OwnedFd>) -> Daemon {
         let bus = PrivateBus::start();
         let polkit = with_polkit.then(|| polkit::Polkitd::start(&bus.address, bus.dir.path()));
         let config = bus.dir.path().join("watchqd.toml");
@@ -136,7 +146,7 @@ impl Daemon {
         let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
         notify.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         let log = bus.dir.path().join("watchqd.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_watchqd"))
+        let child = daemon_command(sockets)
             .arg("--config")
             .arg(&config)
             .args(["--log-level", "debug"])
@@ -173,6 +183,11 @@ impl Daemon {
         self.child.id()
     }
 
+    /// Inodes of the daemon's open netlink sockets of one protocol.
+    pub fn netlink_socket_inodes(&self, protocol: u32) -> std::collections::HashSet<u64> {
+        netlink_socket_inodes(self.pid(), protocol)
+    }
+
     pub fn address(&self) -> &str {
         &self.bus.address
     }
@@ -205,31 +220,7 @@ impl Daemon {
 
     /// The daemon's open netlink sockets of one protocol (15 uevent, 16 generic).
     pub fn netlink_sockets(&self, protocol: u32) -> usize {
-        let inodes: Vec<String> = fs::read_dir(format!("/proc/{}/fd", self.pid()))
-            .expect("daemon fds")
-            .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
-            .filter_map(|t| {
-                t.to_str()?
-                    .strip_prefix("socket:[")?
-                    .strip_suffix(']')
-                    .map(str::to_owned)
-            })
-            .collect();
-        let protocol = protocol.to_string();
-        let table = fs::read_to_string("/proc/net/netlink").expect("/proc/net/netlink");
-        // Counted by inode: the kernel walks a hash table that other tests' sockets may be
-        // resizing, and a walk during a resize can list one socket twice.
-        table
-            .lines()
-            .skip(1)
-            .filter_map(|line| {
-                let cols: Vec<&str> = line.split_whitespace().collect();
-                // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
-                (cols.len() >= 10 && cols[1] == protocol && inodes.iter().any(|i| i == cols[9]))
-                    .then(|| cols[9].to_owned())
-            })
-            .collect::<std::collections::HashSet<_>>()
-            .len()
+        self.netlink_socket_inodes(protocol).len()
     }
 
     pub async fn connect(&self) -> Connection {
@@ -861,4 +852,67 @@ pub fn error_name<T: std::fmt::Debug>(result: zbus::Result<T>) -> String {
 
 pub fn path_exists(path: &Path) -> bool {
     path.exists()
+}
+
+/// The watchqd binary; with `sockets`, as socket activation runs it (descriptors from 3,
+/// `LISTEN_FDS`, and `LISTEN_PID` naming the daemon itself, set by a shell that execs it).
+pub fn daemon_command(sockets: Vec<std::os::fd::OwnedFd>) -> Command {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    if sockets.is_empty() {
+        return Command::new(env!("CARGO_BIN_EXE_watchqd"));
+    }
+    let mut command = Command::new("/bin/sh");
+    command
+        .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_watchqd"))
+        .env("LISTEN_FDS", sockets.len().to_string());
+    // SAFETY: only fcntl and dup2, which are async-signal-safe, run between fork and exec.
+    // The closure owns the sockets, so the parent's copies close when the Command goes.
+    unsafe {
+        command.pre_exec(move || {
+            // Copies above every target first, so that no dup2 overwrites a socket not
+            // yet moved; the copies close at exec, the targets stay.
+            let high: Vec<i32> = sockets
+                .iter()
+                .map(|fd| nix::libc::fcntl(fd.as_raw_fd(), nix::libc::F_DUPFD_CLOEXEC, 100))
+                .collect();
+            for (target, &fd) in (3..).zip(&high) {
+                if fd < 0 || nix::libc::dup2(fd, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    command
+}
+
+/// Inodes of the netlink sockets of `protocol` (15 uevent, 16 generic) open in `pid`.
+pub fn netlink_socket_inodes(pid: u32, protocol: u32) -> std::collections::HashSet<u64> {
+    let inodes: Vec<String> = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("process fds")
+        .filter_map(|e| fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|t| {
+            t.to_str()?
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')
+                .map(str::to_owned)
+        })
+        .collect();
+    let protocol = protocol.to_string();
+    let table = fs::read_to_string("/proc/net/netlink").expect("/proc/net/netlink");
+    // Counted by inode: the kernel walks a hash table that other tests' sockets may be
+    // resizing, and a walk during a resize can list one socket twice.
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            // sk Eth Pid Groups Rmem Wmem Dump Locks Drops Inode
+            (cols.len() >= 10 && cols[1] == protocol && inodes.iter().any(|i| i == cols[9]))
+                .then(|| cols[9].parse().ok())
+                .flatten()
+        })
+        .collect()
 }

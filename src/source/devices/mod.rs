@@ -3,7 +3,9 @@
 //! Touches: a `NETLINK_KOBJECT_UEVENT` socket bound to multicast group 1 (the kernel's,
 //! not udev's), `SO_RCVBUFFORCE` (CAP_NET_ADMIN; falls back to `SO_RCVBUF`),
 //! `SO_PASSCRED`, and reads below `/sys`. Works on any kernel with `CONFIG_NET`; no
-//! other capability. The socket exists only while some subscription watches devices.
+//! other capability. Under systemd the socket is the one `watchqd.socket` passes, in the
+//! host's network namespace, with the buffer systemd sized ([`crate::activation`]);
+//! otherwise it exists only while some subscription watches devices.
 //!
 //! Origin is checked at the edge: a message counts as the kernel's only when the sender's
 //! netlink port id is 0 and its credentials say uid 0. Root in the initial network
@@ -33,6 +35,7 @@ use super::{
     reject_unknown_keys, spec_str, spec_str_map, Availability, EventSource, PlannedWatch,
     SourceStream, WatchMatcher, WatchSpec,
 };
+use crate::activation;
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::glob::glob_match;
@@ -122,6 +125,9 @@ impl EventSource for Devices {
     }
 
     fn probe(&self) -> Availability {
+        if activation::has_passed(activation::NETLINK_KOBJECT_UEVENT) {
+            return Availability::Available;
+        }
         match open_socket(0) {
             Ok(_) => Availability::Available,
             Err(e) => {
@@ -159,20 +165,34 @@ impl EventSource for Devices {
     }
 }
 
+/// The socket systemd passed (bound by its `ListenNetlink=kobject-uevent 1`), or one of
+/// our own.
 fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
-    let fd = socket::socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-        SockProtocol::NetlinkKObjectUEvent,
-    )?;
-    // SO_RCVBUFFORCE needs CAP_NET_ADMIN; without it the kernel caps SO_RCVBUF.
-    if receive_buffer > 0 && socket::setsockopt(&fd, sockopt::RcvBufForce, &receive_buffer).is_err()
-    {
-        socket::setsockopt(&fd, sockopt::RcvBuf, &receive_buffer)?;
+    let (fd, passed) = match activation::passed_socket(activation::NETLINK_KOBJECT_UEVENT)? {
+        Some(fd) => (fd, true),
+        None => {
+            let fd = socket::socket(
+                AddressFamily::Netlink,
+                SockType::Raw,
+                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                SockProtocol::NetlinkKObjectUEvent,
+            )?;
+            (fd, false)
+        }
+    };
+    if receive_buffer > 0 {
+        let got = activation::raise_receive_buffer(&fd, receive_buffer)?;
+        if got < receive_buffer {
+            tracing::info!(
+                source = NAME,
+                "uevent socket buffer is {got} bytes, not {receive_buffer}: without CAP_NET_ADMIN the kernel caps it at net.core.rmem_max (ReceiveBuffer= in watchqd.socket sets it under systemd)"
+            );
+        }
     }
     socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, UEVENT_GROUP_KERNEL))?;
+    if !passed {
+        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, UEVENT_GROUP_KERNEL))?;
+    }
     Ok(fd)
 }
 

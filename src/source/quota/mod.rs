@@ -4,9 +4,11 @@
 //! the family and its multicast group `events` (their numbers are assigned at boot, so
 //! they are resolved each time the source opens) and joins that group; reads
 //! `/sys/dev/block/MAJ:MIN` and `/proc/self/mountinfo` to name the device. Needs a kernel
-//! with `CONFIG_QUOTA_NETLINK_INTERFACE`, and the initial network namespace (the family
-//! is not network-namespace aware: under `PrivateNetwork=` it does not resolve). No
-//! capability. The socket exists only while some subscription watches quota.
+//! with `CONFIG_QUOTA_NETLINK_INTERFACE`, and a socket in the initial network namespace
+//! (the family is not network-namespace aware): under systemd, where the daemon runs with
+//! `PrivateNetwork=yes`, that is the socket `watchqd.socket` passes
+//! ([`crate::activation`]). No capability. Without systemd, the socket exists only while
+//! some subscription watches quota.
 //!
 //! The kernel multicasts every warning to every member of the group, whoever they are:
 //! that is why `quota_nld` tells everyone which uid hit its quota. Here each warning
@@ -49,6 +51,7 @@ use super::{
     reject_unknown_keys, spec_str, Availability, EventSource, PlannedWatch, SourceStream,
     WatchMatcher, WatchSpec,
 };
+use crate::activation;
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
@@ -152,8 +155,8 @@ impl EventSource for Quota {
         })?;
         join_group(&fd, group)?;
         // A larger buffer only where allowed; the default one still works.
-        if socket::setsockopt(&fd, sockopt::RcvBufForce, &SOCKET_BUFFER).is_err() {
-            let _ = socket::setsockopt(&fd, sockopt::RcvBuf, &SOCKET_BUFFER);
+        if let Err(e) = activation::raise_receive_buffer(&fd, SOCKET_BUFFER) {
+            tracing::debug!(source = NAME, "cannot size the socket buffer: {e}");
         }
         set_nonblocking(&fd)?;
         tracing::debug!(
@@ -178,7 +181,14 @@ impl EventSource for Quota {
     }
 }
 
+/// The socket systemd passed (`ListenNetlink=generic`, in the host's network namespace
+/// where the family lives), or one of our own.
 fn open_socket() -> io::Result<OwnedFd> {
+    if let Some(fd) = activation::passed_socket(activation::NETLINK_GENERIC)? {
+        // systemd passes it non-blocking; resolve() waits for the controller's answer.
+        set_blocking(&fd)?;
+        return Ok(fd);
+    }
     let fd = socket::socket(
         AddressFamily::Netlink,
         SockType::Raw,
@@ -196,9 +206,18 @@ fn os_error(errno: nix::errno::Errno, what: &str) -> io::Error {
 }
 
 fn set_nonblocking(fd: &OwnedFd) -> io::Result<()> {
+    set_flag_nonblock(fd, true)
+}
+
+fn set_blocking(fd: &OwnedFd) -> io::Result<()> {
+    set_flag_nonblock(fd, false)
+}
+
+fn set_flag_nonblock(fd: &OwnedFd, on: bool) -> io::Result<()> {
     use nix::fcntl::{fcntl, FcntlArg, OFlag};
-    let flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
-    fcntl(fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+    let mut flags = OFlag::from_bits_truncate(fcntl(fd, FcntlArg::F_GETFL)?);
+    flags.set(OFlag::O_NONBLOCK, on);
+    fcntl(fd, FcntlArg::F_SETFL(flags))?;
     Ok(())
 }
 
