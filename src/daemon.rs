@@ -86,7 +86,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     tracing::info!(config = %config.origin, address = %address, "{status}");
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
-    let mut watchdog = tokio::spawn(watchdog());
+    let mut watchdog = tokio::spawn(watchdog(conn.clone(), Arc::clone(&hub)));
     let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
     let result = tokio::select! {
@@ -109,15 +109,43 @@ fn notify(states: &[NotifyState<'_>]) {
     }
 }
 
-/// Pings systemd's watchdog at half the configured interval, if one is configured.
-async fn watchdog() {
+/// Pings systemd's watchdog at half the configured interval, if one is configured, and
+/// only while the daemon works: the hub's state can be taken and the bus answers. A
+/// deadlock or a dead bus connection thus ends in systemd killing and restarting the
+/// daemon (`Restart=on-failure`), not in a daemon that looks alive and delivers nothing.
+async fn watchdog(conn: zbus::Connection, hub: Arc<Hub>) {
     let mut usec = 0;
     if !sd_notify::watchdog_enabled(false, &mut usec) || usec == 0 {
         std::future::pending::<()>().await;
     }
-    let mut tick = tokio::time::interval(Duration::from_micros(usec / 2));
+    let interval = Duration::from_micros(usec / 2);
+    let mut tick = tokio::time::interval(interval);
     loop {
         tick.tick().await;
-        notify(&[NotifyState::Watchdog]);
+        match healthy(&conn, &hub, interval / 2).await {
+            Ok(()) => notify(&[NotifyState::Watchdog]),
+            Err(why) => tracing::error!("not pinging the watchdog: {why}"),
+        }
     }
+}
+
+async fn healthy(conn: &zbus::Connection, hub: &Arc<Hub>, within: Duration) -> Result<(), String> {
+    // On a blocking thread: if the lock is held forever, only that thread waits.
+    let hub = Arc::clone(hub);
+    tokio::time::timeout(within, tokio::task::spawn_blocking(move || hub.sources()))
+        .await
+        .map_err(|_| format!("the hub's state was not free within {within:?}"))?
+        .map_err(|e| format!("the hub check failed: {e}"))?;
+    let ping = conn.call_method(
+        Some("org.freedesktop.DBus"),
+        "/org/freedesktop/DBus",
+        Some("org.freedesktop.DBus.Peer"),
+        "Ping",
+        &(),
+    );
+    tokio::time::timeout(within, ping)
+        .await
+        .map_err(|_| format!("the bus did not answer a Ping within {within:?}"))?
+        .map_err(|e| format!("the bus connection failed: {e}"))?;
+    Ok(())
 }

@@ -113,7 +113,8 @@ async fn a_thousand_subscribe_disconnect_cycles_leak_nothing() {
 }
 
 /// The daemon as systemd runs it: READY=1 with a STATUS once the name is owned, watchdog
-/// pings at half of `WATCHDOG_USEC`, and on SIGTERM STOPPING=1, the name released and a
+/// pings at half of `WATCHDOG_USEC` while the bus answers and none while it does not, and
+/// on SIGTERM STOPPING=1, the name released and a
 /// clean exit.
 #[test]
 fn systemd_notifications_watchdog_and_clean_stop() {
@@ -170,6 +171,39 @@ fn systemd_notifications_watchdog_and_clean_stop() {
         watchqd_owns_the_name(&bus.address),
         "READY=1 came before the name was owned"
     );
+
+    // A bus that stops answering: the daemon cannot deliver, so it must stop pinging and
+    // let systemd restart it; when the bus answers again, the pings come back.
+    let bus_pid = nix::unistd::Pid::from_raw(i32::try_from(bus.pid()).unwrap());
+    nix::sys::signal::kill(bus_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
+    // A ping already decided may still arrive.
+    notify
+        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
+        .unwrap();
+    while notify.recv(&mut buf).is_ok() {}
+    let hung = std::time::Instant::now();
+    while let Ok(n) = notify.recv(&mut buf) {
+        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+        assert!(
+            !text.lines().any(|l| l == "WATCHDOG=1"),
+            "pinged the watchdog {:?} after the bus stopped answering",
+            hung.elapsed()
+        );
+        assert!(hung.elapsed() < TIMEOUT);
+    }
+    nix::sys::signal::kill(bus_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
+    notify.set_read_timeout(Some(TIMEOUT)).unwrap();
+    loop {
+        let n = notify
+            .recv(&mut buf)
+            .expect("watchdog pings again once the bus answers");
+        if String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .any(|l| l == "WATCHDOG=1")
+        {
+            break;
+        }
+    }
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),

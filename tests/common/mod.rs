@@ -36,6 +36,10 @@ pub struct PrivateBus {
 }
 
 impl PrivateBus {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn start() -> PrivateBus {
         let dir = tempfile::Builder::new()
             .prefix("watchq-bus-")
