@@ -131,6 +131,14 @@ pub trait EventSource: Send + Sync + 'static {
     /// part of the interface.
     fn subtypes(&self) -> &'static [&'static str];
 
+    /// Whether the open source reports every event of its kind on the system by itself
+    /// (device uevents, block errors, quota warnings), so that the daemon's own consumers
+    /// (unit rules, journal records) receive events with no subscriber's watch. Sources
+    /// that report only what a watch names (a path, a mount namespace, a key) say no.
+    fn system_wide(&self) -> bool {
+        false
+    }
+
     /// Probes the kernel. Called once at start; must not keep anything open.
     fn probe(&self) -> Availability;
 
