@@ -3,7 +3,9 @@
 //! A source is one module under `src/source/` that implements [`EventSource`] and is
 //! listed once in [`Registry::builtin`]. The core never opens a source nobody watches:
 //! [`EventSource::open`] is called when the first watch on it is added, and the stream it
-//! returns (with every fd it owns) is dropped when the last watch goes.
+//! returns (with every fd it owns) is dropped when the last watch goes. The exception is
+//! a source one of the daemon's own consumers names (a unit rule, journal records; see
+//! [`crate::consumers`]): it is opened at start and stays open.
 
 pub mod blockerr;
 pub mod devices;
