@@ -67,6 +67,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Serve)?;
     let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());
+    let mut consumers = crate::consumers::Consumers::start(&config, &hub, &conn);
 
     let reply = conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
@@ -94,6 +95,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
         ended = &mut reaper => Err(DaemonError::TaskEnded(format!("the connection watcher stopped: {ended:?}"))),
         ended = &mut watchdog => Err(DaemonError::TaskEnded(format!("the watchdog task stopped: {ended:?}"))),
+        ended = consumers.ended() => Err(DaemonError::TaskEnded(ended)),
     };
     notify(&[NotifyState::Stopping]);
     reaper.abort();

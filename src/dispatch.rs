@@ -9,14 +9,20 @@
 //! blocking the producer; when full, newer events are dropped and counted, and the count
 //! is delivered in order as one `Lost` entry covering exactly the sequence numbers that
 //! were dropped.
+//!
+//! Besides subscriptions, the daemon's own *consumers* (rules that start systemd units,
+//! the journal writer) take records from the hub: each holds the sources it names open
+//! for the daemon's life, sees every record of them (no policy applies: they act as the
+//! system), and gets them through a bounded queue the hub never waits on.
 
 use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{ControlFlow, Deref};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
+use tokio::sync::{mpsc, Notify};
 use tokio::task::JoinHandle;
 
 use crate::error::Error;
@@ -237,6 +243,8 @@ struct Subscription {
 struct SourceSlot {
     availability: Availability,
     watches: usize,
+    /// Internal consumers holding the source open (see [`Hub::consume`]).
+    consumers: usize,
     pump: Option<JoinHandle<()>>,
     /// Present while the source runs: every object it reported, by id.
     table: Option<BTreeMap<String, Object>>,
@@ -249,6 +257,48 @@ struct State {
     next_id: u64,
     subscriptions: BTreeMap<u64, Subscription>,
     sources: Vec<SourceSlot>,
+    consumers: Vec<ConsumerSlot>,
+}
+
+/// What an internal consumer receives.
+#[derive(Debug)]
+pub enum Consumed {
+    /// A record. `seq` is its source's sequence number (the one `Manager.Snapshot`
+    /// reports), so that consumers can tell records apart and in order.
+    Event { seq: u64, record: Arc<Published> },
+    /// The kernel dropped events of `source`; the source has resynchronised.
+    KernelOverflow { source: &'static str },
+}
+
+/// An internal consumer's end of its queue.
+pub struct ConsumerFeed {
+    index: usize,
+    pub name: &'static str,
+    pub receiver: mpsc::Receiver<Consumed>,
+    dropped: Arc<AtomicU64>,
+}
+
+impl ConsumerFeed {
+    /// How many entries the hub dropped because the queue was full, since the last call.
+    pub fn take_dropped(&self) -> u64 {
+        self.dropped.swap(0, Ordering::Relaxed)
+    }
+}
+
+struct ConsumerSlot {
+    sender: mpsc::Sender<Consumed>,
+    dropped: Arc<AtomicU64>,
+    /// The sources it consumes and which of their records it wants.
+    interests: Vec<(usize, Box<dyn WatchMatcher>)>,
+}
+
+impl ConsumerSlot {
+    fn offer(&self, entry: Consumed) {
+        // Never wait: a consumer that falls behind loses entries, counted.
+        if self.sender.try_send(entry).is_err() {
+            self.dropped.fetch_add(1, Ordering::Relaxed);
+        }
+    }
 }
 
 /// A new subscription's handle for whoever delivers its outbox.
@@ -289,6 +339,7 @@ impl Hub {
             .map(|source| SourceSlot {
                 availability: source.probe(),
                 watches: 0,
+                consumers: 0,
                 pump: None,
                 table: None,
                 generation: 0,
@@ -516,8 +567,6 @@ impl Hub {
         index: usize,
         tag: u64,
     ) -> Result<(), Error> {
-        let source = Arc::clone(&self.registry.all()[index]);
-        let source_name = source.name();
         let mut state = self.lock();
         let sub = Self::owned(&mut state, id, caller)?;
         if sub.watches.iter().any(|w| w.tag == tag) {
@@ -531,24 +580,80 @@ impl Hub {
                 self.limits.watches_per_subscription
             )));
         }
+        self.ensure_running(&mut state, index)?;
+        state.sources[index].watches += 1;
+        Ok(())
+    }
+
+    /// Starts a source that does not run: opens it, seeds its table and spawns its pump.
+    fn ensure_running(self: &Arc<Self>, state: &mut State, index: usize) -> Result<(), Error> {
         let slot = &mut state.sources[index];
-        if slot.watches == 0 {
-            let stream = source.open().map_err(|e| {
-                Error::Unavailable(format!("cannot start the {source_name} source: {e}"))
-            })?;
-            // Seed the table after the kernel interface is open, so nothing falls between
-            // the scan and the first event; events already reflected in the scan are
-            // idempotent upserts and removals.
-            let objects = source.scan().unwrap_or_else(|e| {
-                tracing::warn!(source = source_name, "initial scan failed: {e}");
-                Vec::new()
-            });
-            slot.table = Some(objects.into_iter().map(|o| (o.id.clone(), o)).collect());
-            let hub = Arc::clone(self);
-            slot.pump = Some(tokio::spawn(async move { hub.pump(index, stream).await }));
-            tracing::info!(source = source_name, "source started");
+        if slot.pump.is_some() {
+            return Ok(());
         }
-        slot.watches += 1;
+        let source = &self.registry.all()[index];
+        let source_name = source.name();
+        let stream = source.open().map_err(|e| {
+            Error::Unavailable(format!("cannot start the {source_name} source: {e}"))
+        })?;
+        // Seed the table after the kernel interface is open, so nothing falls between
+        // the scan and the first event; events already reflected in the scan are
+        // idempotent upserts and removals.
+        let objects = source.scan().unwrap_or_else(|e| {
+            tracing::warn!(source = source_name, "initial scan failed: {e}");
+            Vec::new()
+        });
+        slot.table = Some(objects.into_iter().map(|o| (o.id.clone(), o)).collect());
+        let hub = Arc::clone(self);
+        slot.pump = Some(tokio::spawn(async move { hub.pump(index, stream).await }));
+        tracing::info!(source = source_name, "source started");
+        Ok(())
+    }
+
+    /// Registers an internal consumer with a queue of `capacity` entries. It receives
+    /// nothing until it names sources with [`Hub::consume`].
+    pub fn add_consumer(&self, name: &'static str, capacity: usize) -> ConsumerFeed {
+        let (sender, receiver) = mpsc::channel(capacity.max(1));
+        let dropped = Arc::new(AtomicU64::new(0));
+        let mut state = self.lock();
+        state.consumers.push(ConsumerSlot {
+            sender,
+            dropped: Arc::clone(&dropped),
+            interests: Vec::new(),
+        });
+        ConsumerFeed {
+            index: state.consumers.len() - 1,
+            name,
+            receiver,
+            dropped,
+        }
+    }
+
+    /// Makes a consumer receive the records of `source_name` that `matcher` accepts, with
+    /// no policy check, and starts the source if it does not run. The source then runs
+    /// for the daemon's life, whether or not anyone subscribes. Only sources that report
+    /// on their own ([`crate::source::EventSource::system_wide`]) can be consumed.
+    pub fn consume(
+        self: &Arc<Self>,
+        feed: &ConsumerFeed,
+        source_name: &str,
+        matcher: Box<dyn WatchMatcher>,
+    ) -> Result<(), Error> {
+        let index = self.source_index(source_name)?;
+        if !self.registry.all()[index].system_wide() {
+            return Err(Error::NotSupported(format!(
+                "the {source_name} source reports only what a subscriber's watch names"
+            )));
+        }
+        let mut state = self.lock();
+        if let Availability::Unavailable(reason) = &state.sources[index].availability {
+            return Err(Error::NotSupported(format!(
+                "{source_name} events are not available: {reason}"
+            )));
+        }
+        self.ensure_running(&mut state, index)?;
+        state.sources[index].consumers += 1;
+        state.consumers[feed.index].interests.push((index, matcher));
         Ok(())
     }
 
@@ -574,7 +679,7 @@ impl Hub {
     fn release_source(&self, state: &mut State, index: usize) -> Option<JoinHandle<()>> {
         let slot = &mut state.sources[index];
         slot.watches = slot.watches.saturating_sub(1);
-        if slot.watches > 0 {
+        if slot.watches > 0 || slot.consumers > 0 {
             return None;
         }
         slot.table = None;
@@ -788,11 +893,12 @@ impl Hub {
             }
         }
         let name = self.registry.all()[index].name();
+        let mut state = self.lock();
         tracing::error!(
             source = name,
-            "source stopped unexpectedly; removing its watches"
+            consumers = state.sources[index].consumers,
+            "source stopped unexpectedly; removing its watches (the next watch restarts it)"
         );
-        let mut state = self.lock();
         for sub in state.subscriptions.values_mut() {
             let (gone, kept): (Vec<_>, Vec<_>) =
                 sub.watches.drain(..).partition(|w| w.source == index);
@@ -817,12 +923,25 @@ impl Hub {
         let mut state = self.lock();
         let slot = &mut state.sources[index];
         slot.generation += 1;
+        let generation = slot.generation;
         match msg {
             SourceMsg::Record(mut record) => {
                 if let Some(table) = &mut slot.table {
                     apply_to_table(table, &mut record);
                 }
                 let record = Arc::new(Published::new(record));
+                for consumer in &state.consumers {
+                    if consumer
+                        .interests
+                        .iter()
+                        .any(|(source, matcher)| *source == index && matcher.matches(&record))
+                    {
+                        consumer.offer(Consumed::Event {
+                            seq: generation,
+                            record: Arc::clone(&record),
+                        });
+                    }
+                }
                 for sub in state.subscriptions.values_mut() {
                     if !sub.filter.passes(record.source, record.subtype) {
                         continue;
@@ -856,6 +975,11 @@ impl Hub {
                     }
                 }
                 let source = self.registry.all()[index].name();
+                for consumer in &state.consumers {
+                    if consumer.interests.iter().any(|(s, _)| *s == index) {
+                        consumer.offer(Consumed::KernelOverflow { source });
+                    }
+                }
                 for sub in state.subscriptions.values_mut() {
                     if sub.watches.iter().any(|w| w.source == index) {
                         sub.outbox.push_meta(|seq| Delivery::Lost {
@@ -891,7 +1015,7 @@ impl Hub {
                 }
                 let slot = &mut state.sources[index];
                 slot.watches = slot.watches.saturating_sub(ended);
-                if ended > 0 && slot.watches == 0 {
+                if ended > 0 && slot.watches == 0 && slot.consumers == 0 {
                     slot.table = None;
                     slot.pump = None;
                     tracing::info!(

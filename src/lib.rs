@@ -4,12 +4,14 @@
 //! Layers, each its own module: [`source`] (kernel interfaces → typed [`event`] records),
 //! [`policy`] (who may watch and see what), [`dispatch`] (fan-out into bounded
 //! per-subscription outboxes), [`bus`] (the `org.watchq1` objects and signal delivery),
-//! [`daemon`] (the supervisor) and [`config`].
+//! [`daemon`] (the supervisor), [`consumers`] (the daemon's own uses of events: unit
+//! rules, journal records) and [`config`].
 
 pub mod activation;
 pub mod bus;
 pub mod client;
 pub mod config;
+pub mod consumers;
 pub mod daemon;
 pub mod dispatch;
 pub mod error;

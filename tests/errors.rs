@@ -173,6 +173,11 @@ fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
             "watches_per_subscription",
         ),
         ("this is not toml", ""),
+        (
+            "[[units]]\nsource = \"devices\"\nunit = \"x.service\"\n\n[[units]]\nsource = \"devices\"\nunit = \"watchq@.service\"\n",
+            "units[1]: 'watchq@.service' is a template",
+        ),
+        ("[journal]\nsources = [\"mounts\"]\n", "journal.sources"),
     ] {
         let path = dir.path().join("broken.toml");
         std::fs::write(&path, text).unwrap();

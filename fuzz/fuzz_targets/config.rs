@@ -11,6 +11,10 @@ fuzz_target!(|data: &[u8]| {
             Ok(config) => {
                 assert!(config.delivery.default_queue_depth <= config.delivery.max_queue_depth);
                 assert!(config.delivery.default_queue_depth >= 1);
+                // A rule has an instance exactly when its unit is a template.
+                for rule in &config.units {
+                    assert_eq!(rule.unit.is_template(), rule.instance.is_some());
+                }
             }
             Err(e) => assert!(e.to_string().starts_with("fuzz.toml")),
         }

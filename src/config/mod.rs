@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::consumers::journal::JournalConfig;
+use crate::consumers::units::{system_wide_names, RawUnitRule, UnitRule, UnitRuleError};
 use crate::dispatch::{DeliveryConfig, Limits};
 use crate::filter::Filter;
 use crate::policy::{PolicyConfig, Rule, Verdict};
 use crate::source::devices::DevicesConfig;
+use crate::source::Registry;
 
 pub const DEFAULT_PATH: &str = "/etc/watchqd/watchqd.toml";
 pub const ENV_PREFIX: &str = "WATCHQD";
@@ -43,6 +46,13 @@ pub enum ConfigError {
         key: &'static str,
         message: String,
     },
+    /// A `[[units]]` rule is wrong; `index` counts from 0 in file order.
+    #[error("{origin}: units[{index}]: {error}")]
+    UnitRule {
+        origin: String,
+        index: usize,
+        error: UnitRuleError,
+    },
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -52,6 +62,16 @@ pub struct RawConfig {
     pub limits: RawLimits,
     pub policy: RawPolicy,
     pub sources: RawSources,
+    pub units: Vec<RawUnitRule>,
+    pub journal: RawJournal,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawJournal {
+    pub events: Option<bool>,
+    pub sources: Option<Vec<String>>,
+    pub socket: Option<PathBuf>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -107,6 +127,9 @@ pub struct Config {
     pub limits: Limits,
     pub policy: PolicyConfig,
     pub devices: DevicesConfig,
+    /// Rules that start systemd units on events (`[[units]]`), in file order.
+    pub units: Vec<UnitRule>,
+    pub journal: JournalConfig,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -281,11 +304,55 @@ impl Config {
                 1 << 30,
             )?,
         };
+        // The sources rules and journal records may name, as this daemon has them.
+        let registry = Registry::builtin(&Config::default());
+        let units = raw
+            .units
+            .into_iter()
+            .enumerate()
+            .map(|(index, rule)| {
+                UnitRule::from_raw(rule, &registry).map_err(|error| ConfigError::UnitRule {
+                    origin: origin.clone(),
+                    index,
+                    error,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut journal = JournalConfig {
+            events: raw.journal.events.unwrap_or(defaults.journal.events),
+            socket: raw.journal.socket.unwrap_or(defaults.journal.socket),
+            sources: Vec::new(),
+        };
+        for name in raw.journal.sources.unwrap_or_default() {
+            let source = registry
+                .get(&name)
+                .filter(|s| s.system_wide())
+                .ok_or_else(|| {
+                    invalid(
+                        "journal.sources",
+                        format!(
+                            "'{name}' is not a source that reports on its own; journal records can be written for: {}",
+                            system_wide_names(&registry)
+                        ),
+                    )
+                })?;
+            if !journal.sources.contains(&source.name()) {
+                journal.sources.push(source.name());
+            }
+        }
+        if !journal.socket.is_absolute() {
+            return Err(invalid(
+                "journal.socket",
+                format!("must be an absolute path, got {}", journal.socket.display()),
+            ));
+        }
         Ok(Config {
             delivery,
             limits,
             policy,
             devices,
+            units,
+            journal,
             origin,
         })
     }
@@ -373,6 +440,101 @@ mod tests {
         assert!(err.to_string().contains("policy.rules"), "{err}");
         let err = Config::from_toml("[limits]\nfilter_entries = 17\n", "t.toml").unwrap_err();
         assert!(err.to_string().contains("limits.filter_entries"), "{err}");
+    }
+
+    #[test]
+    fn the_documented_unit_rules_and_journal_section_parse() {
+        // The commented examples of the shipped file, uncommented.
+        let text = include_str!("../../config/watchqd.toml")
+            .lines()
+            .skip_while(|l| !l.starts_with("[journal]"))
+            .map(|l| {
+                l.strip_prefix("# ")
+                    .filter(|l| {
+                        l.starts_with('[')
+                            || l.split_once(" = ").is_some_and(|(k, _)| {
+                                k.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
+                            })
+                    })
+                    .unwrap_or(l)
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+            .replace("events = false", "events = true");
+        let config = Config::from_toml(&text, "t.toml").unwrap();
+        assert_eq!(config.units.len(), 3);
+        assert_eq!(config.units[0].source, "devices");
+        assert_eq!(config.units[0].kinds, vec!["add"]);
+        assert_eq!(
+            config.units[0].properties,
+            [
+                ("devtype".to_owned(), "usb_device".to_owned()),
+                ("subsystem".to_owned(), "usb".to_owned())
+            ]
+            .into()
+        );
+        assert_eq!(config.units[0].unit.to_string(), "watchq-usb@.service");
+        assert_eq!(config.units[0].instance.as_deref(), Some("name"));
+        assert_eq!(config.units[2].source, "block-errors");
+        assert_eq!(config.units[2].instance, None);
+        assert!(config.journal.events);
+        assert_eq!(config.journal.sources, vec!["devices", "block-errors"]);
+    }
+
+    #[test]
+    fn a_bad_unit_rule_is_named_by_its_index() {
+        let good = "[[units]]\nsource = \"devices\"\nunit = \"a.service\"\n\n";
+        for (rule, problem) in [
+            (
+                "source = \"toasters\"\nunit = \"a.service\"",
+                "unknown source 'toasters'",
+            ),
+            (
+                "source = \"mounts\"\nunit = \"a.service\"",
+                "reports only what a subscriber's watch names",
+            ),
+            (
+                "source = \"devices\"\nunit = \"not a unit\"",
+                "is not a valid unit name",
+            ),
+            (
+                "source = \"devices\"\nunit = \"a@.service\"",
+                "'instance' must name",
+            ),
+            (
+                "source = \"devices\"\nunit = \"a.service\"\ninstance = \"name\"",
+                "takes no 'instance'",
+            ),
+            (
+                "source = \"devices\"\nkinds = [\"explode\"]\nunit = \"a.service\"",
+                "'explode' is not a kind of devices event",
+            ),
+            ("unit = \"a.service\"", "'source' is missing"),
+            ("source = \"devices\"", "'unit' is missing"),
+        ] {
+            let err =
+                Config::from_toml(&format!("{good}[[units]]\n{rule}\n"), "t.toml").unwrap_err();
+            assert!(
+                matches!(err, ConfigError::UnitRule { index: 1, .. }),
+                "{err:?}"
+            );
+            let text = err.to_string();
+            assert!(
+                text.starts_with("t.toml: units[1]: ") && text.contains(problem),
+                "{text}"
+            );
+        }
+        let err = Config::from_toml(
+            "[[units]]\nsource = \"devices\"\nunit = \"a.service\"\ncolour = \"red\"\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("colour"), "{err}");
+        let err = Config::from_toml("[journal]\nsources = [\"keys\"]\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("journal.sources"), "{err}");
+        let err =
+            Config::from_toml("[journal]\nsocket = \"journal.sock\"\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("journal.socket"), "{err}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! A source is one module under `src/source/` that implements [`EventSource`] and is
 //! listed once in [`Registry::builtin`]. The core never opens a source nobody watches:
 //! [`EventSource::open`] is called when the first watch on it is added, and the stream it
-//! returns (with every fd it owns) is dropped when the last watch goes.
+//! returns (with every fd it owns) is dropped when the last watch goes. The exception is
+//! a source one of the daemon's own consumers names (a unit rule, journal records; see
+//! [`crate::consumers`]): it is opened at start and stays open.
 
 pub mod blockerr;
 pub mod devices;
@@ -130,6 +132,14 @@ pub trait EventSource: Send + Sync + 'static {
     /// Subtype names; a subtype's number is its index here. Never reorder: numbers are
     /// part of the interface.
     fn subtypes(&self) -> &'static [&'static str];
+
+    /// Whether the open source reports every event of its kind on the system by itself
+    /// (device uevents, block errors, quota warnings), so that the daemon's own consumers
+    /// (unit rules, journal records) receive events with no subscriber's watch. Sources
+    /// that report only what a watch names (a path, a mount namespace, a key) say no.
+    fn system_wide(&self) -> bool {
+        false
+    }
 
     /// Probes the kernel. Called once at start; must not keep anything open.
     fn probe(&self) -> Availability;

@@ -98,6 +98,10 @@ impl EventSource for BlockErrors {
         NAME
     }
 
+    fn system_wide(&self) -> bool {
+        true
+    }
+
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
     }

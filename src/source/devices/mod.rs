@@ -120,6 +120,10 @@ impl EventSource for Devices {
         NAME
     }
 
+    fn system_wide(&self) -> bool {
+        true
+    }
+
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
     }

@@ -115,6 +115,10 @@ impl EventSource for Quota {
         NAME
     }
 
+    fn system_wide(&self) -> bool {
+        true
+    }
+
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
     }

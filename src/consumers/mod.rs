@@ -1,0 +1,205 @@
+//! The daemon's own consumers of events, beside D-Bus subscribers: rules that start
+//! systemd units (`[[units]]`, [`units`]) and structured journal records (`[journal]`,
+//! [`journal`]).
+//!
+//! Each is registered in the [`Hub`] with [`Hub::add_consumer`] and names its sources
+//! with [`Hub::consume`]: those sources are opened at start and stay open for the
+//! daemon's life, with or without subscribers. A consumer sees every record of its
+//! sources (it acts as the system; no policy applies), through a bounded queue the hub
+//! never waits on: when the consumer falls behind, records are dropped and counted, and
+//! the consumer logs the count. Failures are logged at a bounded rate ([`LogLimit`]).
+
+pub mod journal;
+pub mod unit_name;
+pub mod units;
+
+use std::borrow::Cow;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::dispatch::Hub;
+use crate::event::{Attr, Record};
+
+/// The running consumers, for the supervisor.
+pub struct Consumers {
+    tasks: JoinSet<&'static str>,
+}
+
+impl Consumers {
+    /// Starts every consumer the configuration enables and opens its sources. A source
+    /// that cannot be opened (unavailable on this kernel) is logged and leaves the rules
+    /// or records that need it inactive; the daemon serves on.
+    pub fn start(config: &Config, hub: &Arc<Hub>, conn: &zbus::Connection) -> Consumers {
+        let mut tasks = JoinSet::new();
+        let registry = hub.registry().clone();
+        if !config.units.is_empty() {
+            let rules: Arc<[units::UnitRule]> = config.units.clone().into();
+            let feed = hub.add_consumer("unit rules", units::QUEUE);
+            let mut sources: Vec<&'static str> = rules.iter().map(|r| r.source).collect();
+            sources.sort_unstable();
+            sources.dedup();
+            for source in sources {
+                let subtypes = registry.get(source).map_or(&[][..], |s| s.subtypes());
+                let matcher = units::RulesMatcher {
+                    rules: Arc::clone(&rules),
+                    source,
+                    subtypes,
+                };
+                match hub.consume(&feed, source, Box::new(matcher)) {
+                    Ok(()) => tracing::info!(
+                        source,
+                        "unit rules: {} rule(s) watch {source} events",
+                        rules.iter().filter(|r| r.source == source).count()
+                    ),
+                    Err(e) => tracing::error!(
+                        source,
+                        "unit rules: {e}; the rules for {source} events are inactive"
+                    ),
+                }
+            }
+            let (registry, conn) = (registry.clone(), conn.clone());
+            tasks.spawn(async move {
+                units::run(feed, rules, registry, conn).await;
+                "unit rules"
+            });
+        }
+        if config.journal.events {
+            let feed = hub.add_consumer("journal records", journal::QUEUE);
+            for source in journal::sources(&config.journal, &registry) {
+                match hub.consume(&feed, source, Box::new(Everything)) {
+                    Ok(()) => {
+                        tracing::info!(source, "journal: writing a record per {source} event")
+                    }
+                    Err(e) => {
+                        tracing::error!(source, "journal: {e}; no records for {source} events")
+                    }
+                }
+            }
+            let socket = config.journal.socket.clone();
+            let registry = hub.registry().clone();
+            tasks.spawn(async move {
+                journal::run(feed, socket, registry).await;
+                "journal records"
+            });
+        }
+        Consumers { tasks }
+    }
+
+    /// Waits until a consumer's task ends (which it never should), and names it; pends
+    /// forever when none runs.
+    pub async fn ended(&mut self) -> String {
+        match self.tasks.join_next().await {
+            Some(Ok(name)) => format!("the {name} consumer stopped"),
+            Some(Err(e)) => format!("a consumer failed: {e}"),
+            None => std::future::pending().await,
+        }
+    }
+}
+
+/// Takes every record of a source.
+#[derive(Debug)]
+struct Everything;
+
+impl crate::source::WatchMatcher for Everything {
+    fn matches(&self, _record: &Record) -> bool {
+        true
+    }
+}
+
+/// A record's kind: its subtype's name in the source's table.
+pub fn kind_of(subtypes: &'static [&'static str], record: &Record) -> &'static str {
+    subtypes
+        .get(usize::from(record.subtype))
+        .copied()
+        .unwrap_or("unknown")
+}
+
+/// The value of `key` in an event, as text: its attribute of that name, or else its raw
+/// property (uevent `KEY=value`) of that name.
+pub fn event_value<'r>(record: &'r Record, key: &str) -> Option<Cow<'r, str>> {
+    match record.attributes.get(key) {
+        Some(attr) => Some(attr_text(attr)),
+        None => record
+            .properties
+            .get(key)
+            .map(|v| Cow::Borrowed(v.as_str())),
+    }
+}
+
+/// An attribute as text: numbers in decimal, booleans as `true`/`false`.
+pub fn attr_text(attr: &Attr) -> Cow<'_, str> {
+    match attr {
+        Attr::Str(s) => Cow::Borrowed(s),
+        Attr::U64(v) => Cow::Owned(v.to_string()),
+        Attr::U32(v) => Cow::Owned(v.to_string()),
+        Attr::Bool(v) => Cow::Borrowed(if *v { "true" } else { "false" }),
+    }
+}
+
+/// At most [`LogLimit::BURST`] messages per [`LogLimit::INTERVAL`]; the first message
+/// after a quiet spell says how many were suppressed. A flood of failing events costs a
+/// few log lines, never a flood of them.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    pub const BURST: u32 = 5;
+    pub const INTERVAL: Duration = Duration::from_secs(10);
+
+    /// Whether to log now; when yes, how many messages were suppressed before this one.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .window
+            .is_none_or(|start| now.saturating_duration_since(start) >= Self::INTERVAL);
+        if fresh {
+            self.window = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window < Self::BURST {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+
+    /// The note to append to a message allowed after `suppressed` others.
+    pub fn note(suppressed: u64) -> String {
+        if suppressed == 0 {
+            String::new()
+        } else {
+            format!(" ({suppressed} similar messages suppressed)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_logged_a_few_times_then_counted() {
+        let mut limit = LogLimit::default();
+        let start = Instant::now();
+        let allowed = (0..1000)
+            .filter(|i| limit.allow(start + Duration::from_millis(*i)).is_some())
+            .count();
+        assert_eq!(allowed, LogLimit::BURST as usize);
+        assert_eq!(
+            limit.allow(start + LogLimit::INTERVAL + Duration::from_secs(1)),
+            Some(1000 - u64::from(LogLimit::BURST))
+        );
+        assert_eq!(
+            limit.allow(start + LogLimit::INTERVAL + Duration::from_secs(2)),
+            Some(0)
+        );
+    }
+}

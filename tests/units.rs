@@ -1,0 +1,209 @@
+//! The daemon's own consumers of events, on a real private bus with real loop devices:
+//! `[[units]]` rules (here with no systemd on the bus, so every start fails) and
+//! `[journal]` records (to a real datagram socket, and to none). Neither may delay or
+//! disturb delivery to subscribers. Starting units through a real systemd is tested in
+//! the full-OS guest.
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::time::{Duration, Instant};
+
+use common::*;
+use zbus::Variant;
+
+/// Waits until the daemon's log holds `needle`, and returns the log.
+fn wait_for_log(daemon: &Daemon, needle: &str) -> String {
+    let start = Instant::now();
+    loop {
+        let log = daemon.log_text();
+        if log.contains(needle) {
+            return log;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "waited {TIMEOUT:?} for {needle:?} in the daemon's log"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+async fn watch_loop_devices(daemon: &Daemon) -> Subscriber {
+    let sub = Subscriber::new(daemon).await;
+    sub.watch(
+        "devices",
+        1,
+        &[
+            ("subsystem", Variant::from("block")),
+            ("name", Variant::from("loop*")),
+        ],
+    )
+    .await;
+    sub
+}
+
+/// Receives until `count` change events of `path` arrived, then checks the whole stream:
+/// numbered without a gap, no `Lost`.
+async fn expect_changes(sub: &mut Subscriber, path: &str, count: usize) {
+    sub.until("every change event", |s| {
+        s.iter()
+            .filter(|e| matches!(e, Signal::Device { action, sys_path, .. } if action == "change" && sys_path == path))
+            .count()
+            >= count
+    })
+    .await;
+    assert!(
+        !sub.received
+            .iter()
+            .any(|s| matches!(s, Signal::Lost { .. })),
+        "a subscriber lost events"
+    );
+    assert_contiguous(&sub.received);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_rule_without_systemd_logs_each_failure_and_never_delays_delivery() {
+    let daemon = Daemon::with_config(
+        r#"
+[[units]]
+source = "devices"
+kinds = ["add", "change"]
+properties = { subsystem = "block", name = "loop*" }
+unit = "watchq-test@.service"
+instance = "devname"
+"#,
+    );
+    // The rule holds the devices source open with nobody subscribed.
+    wait_for_log(&daemon, "unit rules: 1 rule(s) watch devices events");
+    assert_eq!(daemon.uevent_sockets(), 1, "the rule's source is open");
+
+    let mut sub = watch_loop_devices(&daemon).await;
+    let disk = LoopDevice::attach(4);
+    let path = disk.sys_path();
+    disk.synth_change();
+    let unit = format!("watchq-test@dev-{}.service", disk.name);
+    let log = wait_for_log(&daemon, &format!("cannot start unit {unit}"));
+    let failure = log
+        .lines()
+        .find(|l| l.contains(&format!("cannot start unit {unit}")))
+        .unwrap();
+    assert!(
+        failure.contains("rule units[0]")
+            && failure.contains("org.freedesktop.systemd1")
+            && failure.contains(&format!("for devices change {path}")),
+        "the failure names the rule, the unit, the reason and the event: {failure}"
+    );
+
+    eprintln!("failure line: {failure}");
+    // A flood of matching events: every one reaches the subscriber, in order, while
+    // each start fails; the log gets a few lines, not a flood.
+    for _ in 0..200 {
+        disk.synth_change();
+    }
+    expect_changes(&mut sub, &path, 201).await;
+    let failures = daemon
+        .log_text()
+        .lines()
+        .filter(|l| l.contains("cannot start unit"))
+        .count();
+    assert!(
+        (1..=10).contains(&failures),
+        "{failures} failure lines for 201 failed starts"
+    );
+    // Still serving, and the source still open after the subscriber leaves.
+    sub.proxy.close().await.expect("Close");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(daemon.uevent_sockets(), 1, "the rule keeps its source open");
+    let mut again = watch_loop_devices(&daemon).await;
+    disk.synth_change();
+    expect_changes(&mut again, &path, 1).await;
+}
+
+/// The fields of one native-protocol journal record (both value forms).
+fn journal_fields(mut buf: &[u8]) -> Vec<(String, String)> {
+    let mut fields = Vec::new();
+    while let Some(end) = buf.iter().position(|b| *b == b'\n') {
+        let line = &buf[..end];
+        if let Some(eq) = line.iter().position(|b| *b == b'=') {
+            fields.push((
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            ));
+            buf = &buf[end + 1..];
+        } else {
+            let rest = &buf[end + 1..];
+            let len = usize::try_from(u64::from_le_bytes(rest[..8].try_into().unwrap())).unwrap();
+            fields.push((
+                String::from_utf8_lossy(line).into_owned(),
+                String::from_utf8_lossy(&rest[8..8 + len]).into_owned(),
+            ));
+            buf = &rest[9 + len..];
+        }
+    }
+    fields
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn journal_records_carry_the_kind_s_message_id_and_every_attribute() {
+    let dir = tempfile::tempdir().unwrap();
+    let socket_path = dir.path().join("journal.socket");
+    let journal = UnixDatagram::bind(&socket_path).expect("bind a journal socket");
+    journal.set_read_timeout(Some(TIMEOUT)).unwrap();
+    let daemon = Daemon::with_config(&format!(
+        "[journal]\nevents = true\nsources = [\"devices\"]\nsocket = \"{}\"\n",
+        socket_path.display()
+    ));
+    assert_eq!(daemon.uevent_sockets(), 1, "the journal's source is open");
+
+    // No subscriber at all: the records are written anyway.
+    let disk = LoopDevice::attach(4);
+    disk.synth_change();
+    let path = disk.sys_path();
+    let mut buf = vec![0u8; 65536];
+    let record = loop {
+        let n = journal.recv(&mut buf).expect("a journal record");
+        let fields = journal_fields(&buf[..n]);
+        let has = |k: &str, v: &str| fields.iter().any(|(name, value)| name == k && value == v);
+        if has("WATCHQ_OBJECT", &path) && has("WATCHQ_KIND", "change") {
+            break fields;
+        }
+    };
+    let get = |k: &str| {
+        record
+            .iter()
+            .find(|(name, _)| name == k)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_else(|| panic!("no {k} in {record:?}"))
+    };
+    assert_eq!(get("MESSAGE_ID"), "9dac70fd54f04de293ff2890bf916cae");
+    assert_eq!(get("SYSLOG_IDENTIFIER"), "watchqd");
+    assert_eq!(get("WATCHQ_SOURCE"), "devices");
+    assert_eq!(get("WATCHQ_DEVNAME"), disk.device);
+    assert_eq!(get("WATCHQ_NAME"), disk.name);
+    assert_eq!(get("WATCHQ_SUBSYSTEM"), "block");
+    assert_eq!(get("WATCHQ_MAJOR"), "7");
+    assert!(get("WATCHQ_SEQ").parse::<u64>().is_ok_and(|n| n > 0));
+    assert!(get("WATCHQ_KERNEL_SEQNUM").parse::<u64>().is_ok());
+    assert!(get("MESSAGE").starts_with(&format!("devices change {path}")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_a_journal_the_daemon_says_so_once_and_serves_events() {
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::with_config(&format!(
+        "[journal]\nevents = true\nsocket = \"{}\"\n",
+        dir.path().join("no-journal-here").display()
+    ));
+    let mut sub = watch_loop_devices(&daemon).await;
+    let disk = LoopDevice::attach(4);
+    for _ in 0..20 {
+        disk.synth_change();
+    }
+    expect_changes(&mut sub, &disk.sys_path(), 20).await;
+    let log = wait_for_log(&daemon, "journal: unavailable at");
+    assert_eq!(
+        log.matches("journal: unavailable at").count(),
+        1,
+        "said once: {log}"
+    );
+}
