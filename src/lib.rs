@@ -7,6 +7,7 @@
 //! [`daemon`] (the supervisor) and [`config`].
 
 pub mod bus;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod daemon;
