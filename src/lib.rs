@@ -9,6 +9,7 @@
 
 pub mod activation;
 pub mod bus;
+pub mod cli;
 pub mod client;
 pub mod config;
 pub mod consumers;

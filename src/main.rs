@@ -1,24 +1,9 @@
 //! `watchqd`, the daemon.
 
-use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-
-/// Policy-checked, typed, loss-aware D-Bus events from the kernel's notification sources.
-#[derive(Parser, Debug)]
-#[command(version, about)]
-struct Args {
-    /// Configuration file (default: /etc/watchqd/watchqd.toml if it exists).
-    #[arg(long, value_name = "PATH")]
-    config: Option<PathBuf>,
-    /// Check the configuration, print it, and exit.
-    #[arg(long)]
-    check_config: bool,
-    /// Log level or filter when RUST_LOG is not set (error, warn, info, debug, trace).
-    #[arg(long, default_value = "info")]
-    log_level: String,
-}
+use watchqd::cli::daemon::Args;
 
 fn main() -> ExitCode {
     // The key watch helper: this binary re-executed to act with a subscriber's

@@ -3,61 +3,16 @@
 use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::Parser;
 use futures_util::StreamExt;
 use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
 
+use watchqd::cli::ctl::{Args, Command};
 use watchqd::client::{
     BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, KeyChangedBody, LostBody, ManagerProxy,
     MountChangedBody, QuotaWarningBody, ReceivedObject, SpaceWarningBody, SubscriptionProxy,
     WatchRemovedBody,
 };
-
-#[derive(Parser, Debug)]
-#[command(
-    version,
-    about = "Look at and listen to watchqd (honours DBUS_SYSTEM_BUS_ADDRESS)"
-)]
-struct Args {
-    /// Bus address instead of the system bus.
-    #[arg(long, global = true, value_name = "ADDRESS")]
-    address: Option<String>,
-    #[command(subcommand)]
-    command: Command,
-}
-
-#[derive(Subcommand, Debug)]
-enum Command {
-    /// The daemon's version and which sources this kernel offers.
-    Status {
-        #[arg(long)]
-        json: bool,
-    },
-    /// Print events as they happen, until interrupted.
-    Monitor {
-        /// One JSON object per line instead of text.
-        #[arg(long)]
-        json: bool,
-        /// Events the daemon keeps for us if we fall behind.
-        #[arg(long, value_name = "N")]
-        queue_depth: Option<u32>,
-        /// Watch option KEY=VALUE passed to every watch (devices: subsystem, devtype, name;
-        /// quota: scope, type, device; filesystems: path; space: path, low-percent or
-        /// low-bytes; mounts: pid, a process whose mount namespace to watch).
-        #[arg(long = "match", value_name = "KEY=VALUE")]
-        matches: Vec<String>,
-        /// Only these subtypes (repeatable), e.g. --subtype add --subtype remove.
-        #[arg(long = "subtype", value_name = "NAME")]
-        subtypes: Vec<String>,
-        /// Sources to watch (default: every available one).
-        sources: Vec<String>,
-    },
-    /// The current devices (block and USB) with their attributes.
-    Devices {
-        #[arg(long)]
-        json: bool,
-    },
-}
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
