@@ -325,6 +325,10 @@ fn installed_package_serves_the_system_bus() {
     let show = unit_state(&guest);
     println!("after D-Bus activation:\n{show}");
     assert_running(&guest, &show, "after D-Bus activation");
+    println!(
+        "journalctl -u watchqd -b:\n{}",
+        ok(&guest, "journalctl -u watchqd -b --no-pager")
+    );
 
     guest.shutdown().expect("guest shutdown");
     println!("whole test: {:.1} s", start.elapsed().as_secs_f64());
