@@ -20,6 +20,9 @@
 //! (`argv`, `env`, `cwd` written by the host; `stdout`, `stderr` written by the guest). The
 //! guest's init (`tests/vm/guest-init`) reads `run ID` lines from a virtio-serial port backed by
 //! `ctl.sock`, runs each command in the background and answers `done ID STATUS`.
+//! [`BootOptions::os`] boots the full-OS guest instead (systemd as PID 1, from the image of
+//! `tests/vm/build-os-image`), whose `watchq-agent.service` runs `tests/vm/os-agent`, which
+//! speaks the same protocol (`tests/vm/guest-lib`).
 //!
 //! Nothing here skips: a missing qemu or kernel is an error that names what to install. Every
 //! wait has a timeout; every error names the console log. The guest directory is removed when
@@ -82,42 +85,57 @@ pub fn vm_dir() -> PathBuf {
 
 const SETUP_HINT: &str =
     "run tests/vm/setup-host as root (it installs qemu-system-x86, keyutils, quota, \
-     the kernel build's packages, and builds the guest kernel once, ~5 minutes)";
+     the kernel build's packages and debootstrap, and builds the guest kernel and the \
+     full-OS image once, ~7 minutes)";
 
 /// Path of the cached guest kernel, building it first if needed (`tests/vm/build-kernel
 /// --no-install`: it never installs packages at test time, it fails naming them).
 pub fn kernel() -> Result<PathBuf> {
     static KERNEL: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
-    KERNEL
-        .get_or_init(|| {
-            let script = vm_dir().join("build-kernel");
-            let out = Command::new(&script)
-                .arg("--no-install")
-                .stdin(Stdio::null())
-                .output()
-                .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
-            let stderr = String::from_utf8_lossy(&out.stderr);
-            if !out.status.success() {
-                return Err(format!(
-                    "{} failed ({}):\n{stderr}\nfix: {SETUP_HINT}",
-                    script.display(),
-                    out.status
-                ));
-            }
-            let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-            let path = PathBuf::from(path);
-            if path.is_file() {
-                Ok(path)
-            } else {
-                Err(format!(
-                    "{} printed '{}', which is not a file; stderr:\n{stderr}",
-                    script.display(),
-                    path.display()
-                ))
-            }
-        })
-        .clone()
-        .map_err(Error)
+    cached_build(&KERNEL, "build-kernel")
+}
+
+/// Path of the cached root image of the full-OS guest (systemd as PID 1), building it first if
+/// needed (`tests/vm/build-os-image --no-install`, ~2 minutes; it never installs packages).
+pub fn os_image() -> Result<PathBuf> {
+    static IMAGE: OnceLock<std::result::Result<PathBuf, String>> = OnceLock::new();
+    cached_build(&IMAGE, "build-os-image")
+}
+
+/// Run `tests/vm/SCRIPT --no-install` once per process and return the path it prints.
+fn cached_build(
+    cell: &OnceLock<std::result::Result<PathBuf, String>>,
+    script: &str,
+) -> Result<PathBuf> {
+    cell.get_or_init(|| {
+        let script = vm_dir().join(script);
+        let out = Command::new(&script)
+            .arg("--no-install")
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| format!("cannot run {}: {e}", script.display()))?;
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        if !out.status.success() {
+            return Err(format!(
+                "{} failed ({}):\n{stderr}\nfix: {SETUP_HINT}",
+                script.display(),
+                out.status
+            ));
+        }
+        let path = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let path = PathBuf::from(path);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            Err(format!(
+                "{} printed '{}', which is not a file; stderr:\n{stderr}",
+                script.display(),
+                path.display()
+            ))
+        }
+    })
+    .clone()
+    .map_err(Error)
 }
 
 /// Fails with the package to install when qemu is missing.
@@ -161,6 +179,7 @@ pub fn blkdebug_blockdev(node_name: &str, image: &Path, sector: u64, errno: i32)
 #[derive(Clone, Debug, Default)]
 pub struct BootOptions {
     hotplug: bool,
+    os: bool,
     qemu_args: Vec<String>,
 }
 
@@ -172,6 +191,15 @@ impl BootOptions {
     /// Add a `qemu-xhci` controller (bus `xhci.0`) and a `pcie-root-port` (bus `rp0`).
     pub fn hotplug(mut self) -> Self {
         self.hotplug = true;
+        self
+    }
+
+    /// Boot the full-OS guest: a minimal Debian bookworm with systemd as PID 1, dbus, polkitd,
+    /// udev, logind and the user `alice` (uid 1000), from the cached image of
+    /// `tests/vm/build-os-image` (a snapshot: every boot starts clean). The host's files are
+    /// not there: copy what the guest needs into [`Guest::dir`], where commands also run.
+    pub fn os(mut self) -> Self {
+        self.os = true;
         self
     }
 
@@ -283,6 +311,8 @@ struct Qmp {
 /// A running guest. Dropping it kills qemu.
 pub struct Guest {
     dir: PathBuf,
+    /// The full-OS guest (systemd), not the 9p-root one.
+    os: bool,
     qemu: Mutex<Child>,
     ctl: Mutex<Ctl>,
     ctl_writer: Mutex<UnixStream>,
@@ -323,6 +353,7 @@ impl Guest {
     pub fn boot(options: &BootOptions) -> Result<Guest> {
         check_qemu()?;
         let kernel = kernel()?;
+        let os_image = if options.os { Some(os_image()?) } else { None };
         let dir = tempfile::Builder::new()
             .prefix("watchqd-vm.")
             .tempdir_in("/tmp")
@@ -338,6 +369,9 @@ impl Guest {
         cmd.arg("--serve").arg(&dir).arg("--kernel").arg(&kernel);
         if options.hotplug {
             cmd.arg("--hotplug");
+        }
+        if let Some(image) = &os_image {
+            cmd.arg("--os-image").arg(image);
         }
         for arg in &options.qemu_args {
             cmd.arg("--qemu-arg").arg(arg);
@@ -388,6 +422,7 @@ impl Guest {
             }),
             qemu: Mutex::new(qemu),
             dir,
+            os: options.os,
             next_id: AtomicU64::new(1),
             keep: AtomicBool::new(false),
         };
@@ -498,7 +533,12 @@ impl Guest {
         }
         vars.extend(env.iter().map(|(k, v)| format!("{k}={v}")));
         write("env", &nul_join(&mut vars.into_iter()))?;
-        let cwd = std::env::current_dir().map_err(|e| error(format!("current dir: {e}")))?;
+        // The full-OS guest has no host files: its commands run in the shared directory.
+        let cwd = if self.os {
+            self.dir.clone()
+        } else {
+            std::env::current_dir().map_err(|e| error(format!("current dir: {e}")))?
+        };
         write("cwd", cwd.as_os_str().as_encoded_bytes())?;
         write("stdout", b"")?;
         write("stderr", b"")?;
@@ -649,7 +689,9 @@ impl Guest {
         }
     }
 
-    /// Ask the guest to power off and wait for qemu to exit (killing it after 30 s).
+    /// Ask the guest to power off and wait for qemu to exit (killing it after 30 s). The
+    /// full-OS guest's agent does it with `systemctl reboot --force` (the writes to its
+    /// snapshot are discarded anyway; the kernel has no ACPI power-off).
     pub fn shutdown(self) -> Result<()> {
         {
             let mut writer = lock(&self.ctl_writer);
