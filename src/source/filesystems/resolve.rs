@@ -12,13 +12,17 @@
 //! Holding them pins the caller's root directory and mount namespace, never the
 //! watched mount (which stays unmountable).
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
 use std::io::{self, Read, Seek};
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 
-use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+use nix::errno::Errno;
+use nix::fcntl::{openat, OFlag, OpenHow, ResolveFlag};
 use nix::libc;
+use nix::sys::stat::Mode;
 
 use super::{device_name, fanotify, wire, FsInfo};
 use crate::error::Error;
@@ -69,7 +73,13 @@ impl Place {
         let how = OpenHow::new()
             .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
             .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        nix::fcntl::openat2(self.root.as_fd(), path, how).map_err(io::Error::from)
+        match nix::fcntl::openat2(self.root.as_fd(), path, how) {
+            // Kernels before 5.6 lack openat2, and seccomp filters that cannot look into
+            // its `struct open_how` refuse it with ENOSYS (systemd's `RestrictSUIDSGID=`
+            // does, for the O_CREAT mode it would have to check).
+            Err(Errno::ENOSYS) => open_in_root(self.root.as_fd(), path),
+            opened => opened.map_err(io::Error::from),
+        }
     }
 
     /// The caller's mount table now (the file is re-read from its start).
@@ -86,6 +96,87 @@ impl Place {
         let fd = self.open(Path::new(mount_point)).ok()?;
         (fsid_key_of(&fd).ok()? == fsid).then_some(fd)
     }
+}
+
+/// Symlinks one lookup follows before it fails with ELOOP, as the kernel's MAXSYMLINKS.
+const MAX_SYMLINKS: usize = 40;
+
+/// `RESOLVE_IN_ROOT` without openat2: a walk one component at a time, each opened with
+/// `O_NOFOLLOW` from the directory before it. `..` goes back to the directory it came
+/// from and never above `root`; a symlink's target is walked in its place, from `root`
+/// when absolute. Magic links (`/proc/PID/fd/N`) are walked as the text they read as,
+/// never jumped through. Runs with the thread's credentials, so the caller's search
+/// permission is checked on every directory, as the kernel would.
+fn open_in_root(root: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
+    if path.as_os_str().is_empty() {
+        return Err(io::Error::from_raw_os_error(libc::ENOENT));
+    }
+    // Components still to walk, the next one last.
+    let mut pending: Vec<OsString> = components(path.as_os_str());
+    // The directories walked so far below `root`, the current one last.
+    let mut walked: Vec<OwnedFd> = Vec::new();
+    let mut links = 0;
+    while let Some(name) = pending.pop() {
+        let here = walked.last().map_or(root, |fd| fd.as_fd());
+        if !fstat(here)?.is_dir() {
+            return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
+        }
+        if name == ".." {
+            walked.pop();
+            continue;
+        }
+        let fd = openat(
+            here,
+            name.as_os_str(),
+            OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        if !fstat(fd.as_fd())?.is_symlink() {
+            walked.push(fd);
+            continue;
+        }
+        links += 1;
+        if links > MAX_SYMLINKS {
+            return Err(io::Error::from_raw_os_error(libc::ELOOP));
+        }
+        let target = nix::fcntl::readlinkat(&fd, "")?;
+        if target.as_bytes().starts_with(b"/") {
+            walked.clear();
+        }
+        pending.extend(components(&target));
+    }
+    match walked.pop() {
+        Some(fd) => Ok(fd),
+        None => root.try_clone_to_owned(),
+    }
+}
+
+/// The names in `path` in reverse order (the first to walk last), without the empty
+/// ones and `.`s that change nothing.
+fn components(path: &OsStr) -> Vec<OsString> {
+    path.as_bytes()
+        .split(|&b| b == b'/')
+        .filter(|name| !name.is_empty() && *name != b".")
+        .rev()
+        .map(|name| OsStr::from_bytes(name).to_owned())
+        .collect()
+}
+
+/// What `fstat` says of an fd's file type.
+struct FileType(libc::mode_t);
+
+impl FileType {
+    fn is_dir(&self) -> bool {
+        self.0 & libc::S_IFMT == libc::S_IFDIR
+    }
+
+    fn is_symlink(&self) -> bool {
+        self.0 & libc::S_IFMT == libc::S_IFLNK
+    }
+}
+
+fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileType> {
+    Ok(FileType(nix::sys::stat::fstat(fd)?.st_mode))
 }
 
 /// The fsid key (as fanotify reports it) of the filesystem holding `fd`.
@@ -252,6 +343,78 @@ mod tests {
         let text = "pos:\t0\nflags:\t012100000\nmnt_id:\t42\nino:\t2\n";
         assert_eq!(mount_id_in_fdinfo(text), Some(42));
         assert_eq!(mount_id_in_fdinfo("pos:\t0\n"), None);
+    }
+
+    /// A tree with the traps RESOLVE_IN_ROOT defuses: symlinks and `..`s that would
+    /// leave the root, a loop, a file used as a directory.
+    fn hostile_tree() -> tempfile::TempDir {
+        let outer = tempfile::tempdir().expect("tempdir");
+        let root = outer.path();
+        fs::create_dir_all(root.join("etc")).expect("mkdir etc");
+        fs::create_dir_all(root.join("home/alice/small")).expect("mkdir home");
+        fs::write(root.join("etc/file"), b"x").expect("write file");
+        let link = |target: &str, at: &str| {
+            std::os::unix::fs::symlink(target, root.join(at)).expect("symlink");
+        };
+        link("/etc", "absolute");
+        link("../../../../etc", "home/alice/up");
+        link("small/../../alice", "home/alice/self");
+        link("loop-b", "loop-a");
+        link("loop-a", "loop-b");
+        outer
+    }
+
+    /// (device, inode) of what the lookup found, or its errno.
+    fn found(opened: io::Result<OwnedFd>) -> Result<(u64, u64), i32> {
+        opened
+            .map(|fd| {
+                let stat = nix::sys::stat::fstat(&fd).expect("fstat");
+                (stat.st_dev, stat.st_ino)
+            })
+            .map_err(|e| e.raw_os_error().expect("an errno"))
+    }
+
+    #[test]
+    fn the_walk_without_openat2_finds_what_openat2_finds() {
+        let tree = hostile_tree();
+        let root = nix::fcntl::open(
+            tree.path(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )
+        .expect("open the root");
+        let how = || {
+            OpenHow::new()
+                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+        };
+        let inside = |rel: &str| found(fs::File::open(tree.path().join(rel)).map(OwnedFd::from));
+        let cases = [
+            ("/", inside(".")),
+            ("", Err(libc::ENOENT)),
+            ("home/alice/small", inside("home/alice/small")),
+            ("/../../etc", inside("etc")),
+            ("absolute/file", inside("etc/file")),
+            ("/home/alice/up/file", inside("etc/file")),
+            ("home/alice/self/small/.", inside("home/alice/small")),
+            ("home//alice/./small/", inside("home/alice/small")),
+            ("missing", Err(libc::ENOENT)),
+            ("etc/file/more", Err(libc::ENOTDIR)),
+            ("etc/file/..", Err(libc::ENOTDIR)),
+            ("loop-a", Err(libc::ELOOP)),
+        ];
+        for (path, expected) in cases {
+            let walked = found(open_in_root(root.as_fd(), Path::new(path)));
+            assert_eq!(walked, expected, "walk of {path:?}");
+            match nix::fcntl::openat2(root.as_fd(), path, how()) {
+                Err(Errno::ENOSYS) => {}
+                by_kernel => assert_eq!(
+                    found(by_kernel.map_err(io::Error::from)),
+                    expected,
+                    "openat2 of {path:?}"
+                ),
+            }
+        }
     }
 
     #[test]
