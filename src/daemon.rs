@@ -52,14 +52,17 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let registry = Registry::builtin(&config);
     let hub = Hub::new(registry, config.delivery.clone(), config.limits.clone());
     let sources = hub.sources();
+    // The source's name is in the message text too: journald shows MESSAGE alone, and
+    // the structured SOURCE= field only to those who ask for it.
     for source in &sources {
+        let name = source.name;
         match &source.availability {
-            Availability::Available => tracing::info!(source = source.name, "available"),
+            Availability::Available => tracing::info!(source = name, "source {name} available"),
             Availability::Degraded(note) => {
-                tracing::warn!(source = source.name, "available, degraded: {note}");
+                tracing::warn!(source = name, "source {name} available, degraded: {note}");
             }
             Availability::Unavailable(why) => {
-                tracing::warn!(source = source.name, "unavailable: {why}");
+                tracing::warn!(source = name, "source {name} unavailable: {why}");
             }
         }
     }

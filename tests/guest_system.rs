@@ -142,56 +142,54 @@ fn os_guest_is_a_working_system() {
     println!("whole test: {:.1} s", start.elapsed().as_secs_f64());
 }
 
-/// The watchqd package to install in the guest. For now staged with `packaging/install`
-/// (DESTDIR), every file of `systemd/`, a minimal control file and `dpkg-deb --build`;
-/// `packaging/build` (cargo-deb) will replace this body.
+/// The Debian package, built by the README's one command for it (`packaging/build`, which
+/// prints the .deb's path first).
 fn watchqd_deb() -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let work = Path::new(env!("CARGO_TARGET_TMPDIR")).join("watchqd-deb");
-    let root = work.join("root");
-    let _ = fs::remove_dir_all(&work);
-    fs::create_dir_all(root.join("DEBIAN")).expect("create the staging directory");
-    let run = |cmd: &mut Command| {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?}: {}\n{}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    run(Command::new(repo.join("packaging/install"))
-        .env("DESTDIR", &root)
-        .current_dir(repo));
-    let units = root.join("usr/lib/systemd/system");
-    for entry in fs::read_dir(repo.join("systemd")).expect("read systemd/") {
-        let path = entry.expect("systemd/ entry").path();
-        fs::copy(&path, units.join(path.file_name().expect("file name")))
-            .unwrap_or_else(|e| panic!("copy {}: {e}", path.display()));
-    }
-    let arch = run(Command::new("dpkg").arg("--print-architecture"));
-    fs::write(
-        root.join("DEBIAN/control"),
-        format!(
-            "Package: watchqd\nVersion: {}\nArchitecture: {arch}\n\
-             Maintainer: watchqd tests <root@localhost>\nDepends: dbus, polkitd, systemd\n\
-             Section: admin\nPriority: optional\n\
-             Description: kernel notification events on D-Bus (test build)\n",
-            env!("CARGO_PKG_VERSION")
-        ),
-    )
-    .expect("write DEBIAN/control");
-    fs::write(root.join("DEBIAN/conffiles"), "/etc/watchqd/watchqd.toml\n")
-        .expect("write DEBIAN/conffiles");
-    let deb = work.join("watchqd.deb");
-    run(Command::new("dpkg-deb")
-        .args(["--root-owner-group", "--build"])
-        .arg(&root)
-        .arg(&deb));
-    deb
+    let out = Command::new(repo.join("packaging/build"))
+        .current_dir(repo)
+        .output()
+        .expect("run packaging/build");
+    assert!(
+        out.status.success(),
+        "packaging/build: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let deb = stdout
+        .lines()
+        .find(|line| line.ends_with(".deb"))
+        .unwrap_or_else(|| panic!("packaging/build printed no .deb path:\n{stdout}"));
+    PathBuf::from(deb)
 }
+
+/// What an administrator adds to /etc/watchqd/watchqd.toml: a USB device plugged in
+/// starts a templated unit named after it. (Device events going to the journal is a
+/// one-word edit of the installed file's `[journal]` section.)
+const ADMIN_RULE: &str = r#"
+[[units]]
+source = "devices"
+kinds = ["add"]
+properties = { subsystem = "usb", devtype = "usb_device" }
+unit = "watchq-usb@.service"
+instance = "name"
+"#;
+
+/// The unit the rule starts: it records which device it was started for.
+const USB_TEMPLATE: &str = "[Unit]
+Description=USB device %I, announced by watchqd
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/bin/sh -c 'echo \"%I\" >>/run/watchq-usb-started'
+";
+
+/// MESSAGE_ID of a device `change` record (README, "Journal records").
+const DEVICE_CHANGE_ID: &str = "9dac70fd54f04de293ff2890bf916cae";
+/// MESSAGE_ID of a device `add` record.
+const DEVICE_ADD_ID: &str = "384f719155194359bb7ed41ca9f34bb1";
 
 /// `systemctl show` of the unit's state and restart count.
 fn unit_state(guest: &vm::Guest) -> String {
@@ -228,20 +226,50 @@ fn installed_package_serves_the_system_bus() {
     let start = Instant::now();
     let deb = watchqd_deb();
     println!("package built in {:.1} s", start.elapsed().as_secs_f64());
-    let guest = boot(&vm::BootOptions::new().os());
+    let guest = boot(&vm::BootOptions::new().os().hotplug());
     wait_running(&guest);
     fs::copy(&deb, guest.dir().join("watchqd.deb")).expect("copy the package to the guest");
 
+    // Installed as Debian does it: enabled and started by the package.
     let installed = ok(&guest, "dpkg -i watchqd.deb");
     println!("{installed}");
+    let show = unit_state(&guest);
+    assert_running(&guest, &show, "after dpkg -i");
+    assert_eq!(
+        ok(
+            &guest,
+            "systemctl is-enabled watchqd.service watchqd.socket"
+        )
+        .lines()
+        .collect::<Vec<_>>(),
+        ["enabled", "enabled"]
+    );
+
+    // An administrator stops it, configures a rule and the journal, and starts it the
+    // README's way.
     ok(
         &guest,
-        "systemctl daemon-reload && systemctl enable --now watchqd",
+        "systemctl disable --now watchqd.service watchqd.socket",
     );
+    fs::write(guest.dir().join("admin.toml"), ADMIN_RULE).expect("write the admin rule");
+    fs::write(guest.dir().join("watchq-usb@.service"), USB_TEMPLATE).expect("write the template");
+    ok(
+        &guest,
+        "sed -i 's/^events = false$/events = true/' /etc/watchqd/watchqd.toml \
+         && grep -qx 'events = true' /etc/watchqd/watchqd.toml \
+         && cat admin.toml >>/etc/watchqd/watchqd.toml \
+         && /usr/libexec/watchqd --check-config >/dev/null \
+         && cp watchq-usb@.service /etc/systemd/system/ && systemctl daemon-reload",
+    );
+    ok(&guest, "systemctl enable --now watchqd");
     let show = unit_state(&guest);
     println!("{show}");
     assert_running(&guest, &show, "after systemctl enable --now");
     assert_eq!(property(&show, "Type"), "notify", "{show}");
+    assert_eq!(
+        ok(&guest, "systemctl is-active watchqd.socket").trim(),
+        "active"
+    );
     let first_pid = property(&show, "MainPID").to_owned();
 
     println!("{}", ok(&guest, "su -l alice -c 'watchqctl status'"));
@@ -254,7 +282,27 @@ fn installed_package_serves_the_system_bus() {
         "introspection as alice:\n{introspection}"
     );
 
-    // A subscriber (alice) and a bus monitor (root) see a loop device arrive.
+    // The hardening as systemd itself scores it, on the installed unit.
+    let security = ok(
+        &guest,
+        "systemd-analyze security --no-pager watchqd.service",
+    );
+    println!("systemd-analyze security watchqd.service:\n{security}");
+    let exposure: f64 = security
+        .lines()
+        .find_map(|l| {
+            l.split("Overall exposure level for watchqd.service: ")
+                .nth(1)
+        })
+        .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no overall exposure in:\n{security}"));
+    assert!(
+        exposure <= 2.0,
+        "exposure {exposure} above 2.0:\n{security}"
+    );
+
+    // A subscriber (alice) and a bus monitor (root) see a loop device arrive, through the
+    // uevent socket systemd opened (the daemon has a network namespace of its own).
     let monitor = spawn_killable(
         &guest,
         "/run/monitor.pid",
@@ -268,10 +316,11 @@ fn installed_package_serves_the_system_bus() {
     subscriber
         .wait_for_stdout("watching devices", STEP)
         .expect("watchqctl monitor subscribed");
-    ok(
+    let loop_device = ok(
         &guest,
         "truncate -s 16M /var/tmp/watched.img && losetup -f --show /var/tmp/watched.img",
     );
+    let loop_device = loop_device.trim();
     subscriber
         .wait_for_stdout("\"signal\":\"DeviceChanged\"", STEP)
         .expect("DeviceChanged at the subscriber");
@@ -289,17 +338,117 @@ fn installed_package_serves_the_system_bus() {
         .unwrap_or_default();
     println!("busctl monitor, the first DeviceChanged:\n{signal}");
     assert!(
-        subscriber.stdout.contains("loop"),
-        "no loop device among the subscriber's events:\n{}",
+        subscriber.stdout.contains(loop_device),
+        "no {loop_device} among the subscriber's events:\n{}",
         subscriber.stdout
     );
 
-    // Captured for the record; the score is checked elsewhere.
-    let security = sh(
+    // The same event in the journal, findable by its MESSAGE_ID and fields.
+    let journal = ok(
         &guest,
-        "systemd-analyze security --no-pager watchqd.service",
+        &format!(
+            "for i in $(seq 100); do \
+               out=$(journalctl -b -o export --no-pager MESSAGE_ID={DEVICE_CHANGE_ID} \
+                     WATCHQ_DEVNAME={loop_device}); \
+               [ -n \"$out\" ] && break; sleep 0.1; \
+             done; echo \"$out\""
+        ),
     );
-    println!("systemd-analyze security watchqd.service:\n{security}");
+    assert!(
+        journal.contains("WATCHQ_SOURCE=devices") && journal.contains("WATCHQ_KIND=change"),
+        "no journal record of {loop_device}'s change:\n{journal}\n{}",
+        sh(
+            &guest,
+            "journalctl -b -o verbose --no-pager -t watchqd | tail -n 80"
+        )
+        .stdout
+    );
+
+    // A USB keyboard plugged in: the rule starts watchq-usb@<its name>.service.
+    guest
+        .qmp_execute(
+            "device_add",
+            &json!({"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}),
+        )
+        .expect("device_add usb-kbd");
+    let started = ok(
+        &guest,
+        "for i in $(seq 600); do [ -s /run/watchq-usb-started ] && break; sleep 0.1; done; \
+         cat /run/watchq-usb-started",
+    );
+    let name = started.trim();
+    let product = ok(&guest, &format!("cat /sys/bus/usb/devices/{name}/product"));
+    assert_eq!(product.trim(), "QEMU USB Keyboard", "started for {name}");
+    let escaped = ok(
+        &guest,
+        &format!("systemd-escape --template=watchq-usb@.service '{name}'"),
+    );
+    let unit = escaped.trim();
+    assert_eq!(
+        ok(&guest, &format!("systemctl is-active '{unit}'")).trim(),
+        "active"
+    );
+    let log = ok(&guest, "journalctl -b -u watchqd --no-pager");
+    assert!(
+        log.contains(&format!("started unit {unit} for devices add")),
+        "{log}"
+    );
+    let journal = ok(
+        &guest,
+        &format!(
+            "journalctl -b -o export --no-pager MESSAGE_ID={DEVICE_ADD_ID} WATCHQ_SUBSYSTEM=usb \
+             WATCHQ_NAME={name}"
+        ),
+    );
+    assert!(journal.contains("WATCHQ_DEVTYPE=usb_device"), "{journal}");
+
+    // Key changes as alice: the helper sets her watch with her credentials, under
+    // KeyringMode=private, the syscall filter and ProtectProc=invisible.
+    let keys = spawn_killable(
+        &guest,
+        "/run/keys.pid",
+        "su -l alice -c 'exec watchqctl monitor --json keys 2>&1'",
+    );
+    keys.wait_for_stdout("watching keys", STEP)
+        .expect("alice watches her keys");
+    let key = ok(&guest, "su -l alice -c 'keyctl add user watched v1 @u'");
+    keys.wait_for_stdout("\"signal\":\"KeyChanged\"", STEP)
+        .expect("KeyChanged for alice's new key");
+    ok(&guest, "kill $(cat /run/keys.pid)");
+    let keys = keys.wait(STEP).expect("watchqctl monitor keys ends");
+    println!(
+        "alice's keys, after adding {}:\n{}",
+        key.trim(),
+        keys.stdout
+    );
+
+    // Low space on a filesystem alice owns under /home (ProtectHome, PrivateMounts: the
+    // path is resolved in her namespace, the mount made after the daemon started).
+    ok(
+        &guest,
+        "truncate -s 32M /var/tmp/small.img && mkfs.ext4 -q /var/tmp/small.img \
+         && mkdir /home/alice/small && mount -o loop /var/tmp/small.img /home/alice/small \
+         && chown alice: /home/alice/small",
+    );
+    let space = spawn_killable(
+        &guest,
+        "/run/space.pid",
+        "su -l alice -c 'exec watchqctl monitor --json space --match path=/home/alice/small \
+         --match low-percent=50 2>&1'",
+    );
+    space
+        .wait_for_stdout("watching space", STEP)
+        .expect("alice watches her filesystem's space");
+    ok(
+        &guest,
+        "su -l alice -c 'dd if=/dev/zero of=/home/alice/small/fill bs=1M count=24 status=none; sync'",
+    );
+    space
+        .wait_for_stdout("\"signal\":\"SpaceWarning\"", STEP)
+        .expect("SpaceWarning for alice's filesystem");
+    ok(&guest, "kill $(cat /run/space.pid)");
+    let space = space.wait(STEP).expect("watchqctl monitor space ends");
+    println!("alice's space warnings:\n{}", space.stdout);
 
     // Killed: systemd restarts it (Restart=on-failure).
     ok(&guest, "systemctl kill -s KILL watchqd");
@@ -325,10 +474,13 @@ fn installed_package_serves_the_system_bus() {
     let show = unit_state(&guest);
     println!("after D-Bus activation:\n{show}");
     assert_running(&guest, &show, "after D-Bus activation");
-    println!(
-        "journalctl -u watchqd -b:\n{}",
-        ok(&guest, "journalctl -u watchqd -b --no-pager")
+    let log = ok(&guest, "journalctl -u watchqd -b --no-pager");
+    println!("journalctl -u watchqd -b:\n{log}");
+    let errors = ok(
+        &guest,
+        "journalctl -b _SYSTEMD_UNIT=watchqd.service -p err -o cat --no-pager",
     );
+    assert!(errors.trim().is_empty(), "watchqd logged errors:\n{errors}");
 
     guest.shutdown().expect("guest shutdown");
     println!("whole test: {:.1} s", start.elapsed().as_secs_f64());
