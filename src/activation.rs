@@ -133,6 +133,13 @@ pub fn raise_receive_buffer(fd: &OwnedFd, bytes: usize) -> io::Result<usize> {
     if current >= bytes {
         return Ok(current);
     }
+    set_receive_buffer(fd, bytes)
+}
+
+/// Sets the receive buffer to `bytes` (as far as the kernel allows, see
+/// [`raise_receive_buffer`]), smaller than the default if asked: the configured size
+/// of a socket the daemon opened itself is the size it gets.
+pub fn set_receive_buffer(fd: &OwnedFd, bytes: usize) -> io::Result<usize> {
     if socket::setsockopt(fd, sockopt::RcvBufForce, &bytes).is_err() {
         socket::setsockopt(fd, sockopt::RcvBuf, &bytes)?;
     }

@@ -185,7 +185,11 @@ fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
         }
     };
     if receive_buffer > 0 {
-        let got = activation::raise_receive_buffer(&fd, receive_buffer)?;
+        let got = if passed {
+            activation::raise_receive_buffer(&fd, receive_buffer)?
+        } else {
+            activation::set_receive_buffer(&fd, receive_buffer)?
+        };
         if got < receive_buffer {
             tracing::info!(
                 source = NAME,
