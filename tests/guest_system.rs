@@ -166,8 +166,16 @@ fn watchqd_deb() -> PathBuf {
 
 /// What an administrator adds to /etc/watchqd/watchqd.toml: a USB device plugged in
 /// starts a templated unit named after it. (Device events going to the journal is a
-/// one-word edit of the installed file's `[journal]` section.)
+/// one-word edit of the installed file's `[journal]` section.) The first rule names a
+/// unit that was never installed: its failure must not keep the second from starting.
 const ADMIN_RULE: &str = r#"
+[[units]]
+source = "devices"
+kinds = ["add"]
+properties = { subsystem = "usb", devtype = "usb_device" }
+unit = "watchq-absent@.service"
+instance = "name"
+
 [[units]]
 source = "devices"
 kinds = ["add"]
@@ -392,6 +400,20 @@ fn installed_package_serves_the_system_bus() {
     assert!(
         log.contains(&format!("started unit {unit} for devices add")),
         "{log}"
+    );
+    // The rule before it failed, said why, and delayed nothing.
+    let absent = ok(
+        &guest,
+        &format!("systemd-escape --template=watchq-absent@.service '{name}'"),
+    );
+    let failure = format!("rule units[0]: cannot start unit {}", absent.trim());
+    let failed = log
+        .lines()
+        .find(|line| line.contains(&failure))
+        .unwrap_or_else(|| panic!("no '{failure}' in the log:\n{log}"));
+    assert!(
+        failed.contains("NoSuchUnit") && failed.contains("for devices add"),
+        "the failure names systemd's reason and the event: {failed}"
     );
     let journal = ok(
         &guest,
