@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{ControlFlow, Deref};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio::sync::{mpsc, Notify};
@@ -245,6 +246,11 @@ struct SourceSlot {
     watches: usize,
     /// Internal consumers holding the source open (see [`Hub::consume`]).
     consumers: usize,
+    /// When the running source was opened.
+    opened: Option<Instant>,
+    /// The wait before the next attempt to reopen it for consumers: it grows while the
+    /// source keeps failing, so a source that dies at once is not reopened in a loop.
+    reopen_delay: Duration,
     pump: Option<JoinHandle<()>>,
     /// Present while the source runs: every object it reported, by id.
     table: Option<BTreeMap<String, Object>>,
@@ -260,14 +266,24 @@ struct State {
     consumers: Vec<ConsumerSlot>,
 }
 
+/// The wait before the first attempt to reopen a source that stopped under the daemon's
+/// own consumers; it doubles after each failed attempt, up to [`REOPEN_MAX_DELAY`].
+const REOPEN_FIRST_DELAY: Duration = Duration::from_secs(1);
+const REOPEN_MAX_DELAY: Duration = Duration::from_secs(60);
+
 /// What an internal consumer receives.
 #[derive(Debug)]
 pub enum Consumed {
     /// A record. `seq` is its source's sequence number (the one `Manager.Snapshot`
     /// reports), so that consumers can tell records apart and in order.
     Event { seq: u64, record: Arc<Published> },
-    /// The kernel dropped events of `source`; the source has resynchronised.
-    KernelOverflow { source: &'static str },
+    /// Events of `source` were missed, an unknown number: `reason` is `kernel-overflow`
+    /// (the kernel dropped them; the source has resynchronised) or `source-restarted`
+    /// (the source stopped unexpectedly and was opened again).
+    Missed {
+        source: &'static str,
+        reason: &'static str,
+    },
 }
 
 /// An internal consumer's end of its queue.
@@ -340,6 +356,8 @@ impl Hub {
                 availability: source.probe(),
                 watches: 0,
                 consumers: 0,
+                opened: None,
+                reopen_delay: REOPEN_FIRST_DELAY,
                 pump: None,
                 table: None,
                 generation: 0,
@@ -606,6 +624,7 @@ impl Hub {
         slot.table = Some(objects.into_iter().map(|o| (o.id.clone(), o)).collect());
         let hub = Arc::clone(self);
         slot.pump = Some(tokio::spawn(async move { hub.pump(index, stream).await }));
+        slot.opened = Some(Instant::now());
         tracing::info!(source = source_name, "source started");
         Ok(())
     }
@@ -892,12 +911,22 @@ impl Hub {
                 return;
             }
         }
+        if self.source_failed(index) > 0 {
+            self.reopen_for_consumers(index).await;
+        }
+    }
+
+    /// Ends the watches of a source whose stream ended unexpectedly, each with
+    /// `WatchRemoved`, and marks it stopped. Returns how many of the daemon's own
+    /// consumers held it open.
+    fn source_failed(&self, index: usize) -> usize {
         let name = self.registry.all()[index].name();
         let mut state = self.lock();
+        let consumers = state.sources[index].consumers;
         tracing::error!(
             source = name,
-            consumers = state.sources[index].consumers,
-            "source stopped unexpectedly; removing its watches (the next watch restarts it)"
+            consumers,
+            "source {name} stopped unexpectedly; removing its watches (the next watch restarts it)"
         );
         for sub in state.subscriptions.values_mut() {
             let (gone, kept): (Vec<_>, Vec<_>) =
@@ -915,6 +944,58 @@ impl Hub {
         slot.watches = 0;
         slot.pump = None;
         slot.table = None;
+        if slot
+            .opened
+            .take()
+            .is_some_and(|opened| opened.elapsed() >= REOPEN_MAX_DELAY)
+        {
+            slot.reopen_delay = REOPEN_FIRST_DELAY;
+        }
+        consumers
+    }
+
+    /// Reopens a source that stopped under the daemon's own consumers (unit rules,
+    /// journal records), which no subscriber would restart, retrying with a growing
+    /// delay for as long as it fails. The consumers learn that events were missed.
+    async fn reopen_for_consumers(self: Arc<Self>, index: usize) {
+        let name = self.registry.all()[index].name();
+        loop {
+            let delay = {
+                let slot = &mut self.lock().sources[index];
+                let delay = slot.reopen_delay;
+                slot.reopen_delay = (delay * 2).min(REOPEN_MAX_DELAY);
+                delay
+            };
+            tokio::time::sleep(delay).await;
+            let mut state = self.lock();
+            // A subscriber's watch may have reopened it meanwhile.
+            let reopened = state.sources[index].pump.is_some();
+            match self.ensure_running(&mut state, index) {
+                Ok(()) => {
+                    for consumer in &state.consumers {
+                        if consumer.interests.iter().any(|(s, _)| *s == index) {
+                            consumer.offer(Consumed::Missed {
+                                source: name,
+                                reason: "source-restarted",
+                            });
+                        }
+                    }
+                    if !reopened {
+                        tracing::info!(
+                            source = name,
+                            "source {name} reopened for the daemon's own consumers after {} s",
+                            delay.as_secs()
+                        );
+                    }
+                    return;
+                }
+                Err(e) => tracing::warn!(
+                    source = name,
+                    "{e}; the daemon's own consumers of {name} events retry in {} s",
+                    state.sources[index].reopen_delay.as_secs()
+                ),
+            }
+        }
     }
 
     /// Fans one source message out to every subscription that watches it and may see it.
@@ -977,7 +1058,10 @@ impl Hub {
                 let source = self.registry.all()[index].name();
                 for consumer in &state.consumers {
                     if consumer.interests.iter().any(|(s, _)| *s == index) {
-                        consumer.offer(Consumed::KernelOverflow { source });
+                        consumer.offer(Consumed::Missed {
+                            source,
+                            reason: "kernel-overflow",
+                        });
                     }
                 }
                 for sub in state.subscriptions.values_mut() {
@@ -1124,6 +1208,98 @@ mod tests {
                 Delivery::WatchRemoved { seq, .. } => (*seq, 1),
             })
             .collect()
+    }
+
+    /// A source whose first stream ends after one record, as a kernel interface that
+    /// fails; later streams stay open after their record.
+    #[derive(Default)]
+    struct DyingSource {
+        opens: AtomicU64,
+    }
+
+    impl crate::source::EventSource for DyingSource {
+        fn name(&self) -> &'static str {
+            "dying"
+        }
+
+        fn subtypes(&self) -> &'static [&'static str] {
+            &["change"]
+        }
+
+        fn system_wide(&self) -> bool {
+            true
+        }
+
+        fn probe(&self) -> Availability {
+            Availability::Available
+        }
+
+        fn parse_watch(&self, _: &WatchSpec, _: &Identity) -> Result<PlannedWatch, Error> {
+            Err(Error::NotSupported("consumers only".into()))
+        }
+
+        fn scan(&self) -> std::io::Result<Vec<Object>> {
+            Ok(Vec::new())
+        }
+
+        fn open(&self) -> std::io::Result<crate::source::SourceStream> {
+            let open = self.opens.fetch_add(1, Ordering::SeqCst) + 1;
+            let record = SourceMsg::Record(Record {
+                source: "dying",
+                subtype: 0,
+                object_id: format!("opened {open} times"),
+                change: Change::None,
+                attributes: Attrs::new(),
+                properties: Default::default(),
+                audience: Audience::Everyone,
+            });
+            let first = futures_util::stream::iter([record]);
+            Ok(if open == 1 {
+                Box::pin(first)
+            } else {
+                Box::pin(first.chain(futures_util::stream::pending()))
+            })
+        }
+    }
+
+    #[derive(Debug)]
+    struct All;
+
+    impl WatchMatcher for All {
+        fn matches(&self, _: &Record) -> bool {
+            true
+        }
+    }
+
+    #[tokio::test]
+    async fn a_source_that_dies_under_consumers_is_reopened_and_they_hear_of_the_gap() {
+        let source = Arc::new(DyingSource::default());
+        let registry = Registry::from_sources(vec![Arc::clone(&source) as _]);
+        let hub = Hub::new(registry, DeliveryConfig::default(), Limits::default());
+        let mut feed = hub.add_consumer("test", 16);
+        hub.consume(&feed, "dying", Box::new(All)).expect("consume");
+
+        let mut received = Vec::new();
+        while received.len() < 3 {
+            let entry = tokio::time::timeout(REOPEN_FIRST_DELAY * 10, feed.receiver.recv())
+                .await
+                .expect("an entry in time")
+                .expect("the feed stays open");
+            received.push(match entry {
+                Consumed::Event { record, .. } => record.object_id.clone(),
+                Consumed::Missed { source, reason } => format!("{source} missed: {reason}"),
+            });
+        }
+        assert_eq!(
+            received,
+            [
+                "opened 1 times",
+                "dying missed: source-restarted",
+                "opened 2 times"
+            ]
+        );
+        assert_eq!(source.opens.load(Ordering::SeqCst), 2);
+        assert_eq!(feed.take_dropped(), 0);
     }
 
     #[test]

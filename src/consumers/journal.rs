@@ -140,8 +140,9 @@ pub const MESSAGE_IDS: &[(&str, &str, &str)] = &[
 ];
 
 /// `MESSAGE_ID` of the record saying events of a source were lost (the kernel dropped
-/// them, or the journal writer fell behind): `WATCHQ_LOST_REASON` is `kernel-overflow`
-/// or `queue-full`, `WATCHQ_LOST_COUNT` the number dropped (0: unknown).
+/// them, the source failed and was reopened, or the journal writer fell behind):
+/// `WATCHQ_LOST_REASON` is `kernel-overflow`, `source-restarted` or `queue-full`,
+/// `WATCHQ_LOST_COUNT` the number dropped (0: unknown).
 pub const LOST_MESSAGE_ID: &str = "b13a5e4199c24bc8a53bf497d57b091b";
 
 pub fn message_id(source: &str, kind: &str) -> Option<&'static str> {
@@ -314,11 +315,11 @@ pub async fn run(mut feed: ConsumerFeed, path: PathBuf, registry: Registry) {
                     .map_or(&[][..], |s| s.subtypes());
                 payloads.push(encode(&record, kind_of(subtypes, &record), seq));
             }
-            Consumed::KernelOverflow { source } => {
+            Consumed::Missed { source, reason } => {
                 if dropped > 0 {
                     payloads.push(encode_lost(source, "queue-full", dropped));
                 }
-                payloads.push(encode_lost(source, "kernel-overflow", 0));
+                payloads.push(encode_lost(source, reason, 0));
             }
         }
         for payload in payloads {

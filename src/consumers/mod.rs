@@ -7,7 +7,10 @@
 //! daemon's life, with or without subscribers. A consumer sees every record of its
 //! sources (it acts as the system; no policy applies), through a bounded queue the hub
 //! never waits on: when the consumer falls behind, records are dropped and counted, and
-//! the consumer logs the count. Failures are logged at a bounded rate ([`LogLimit`]).
+//! the consumer logs the count. A source that stops unexpectedly under a consumer is
+//! reopened by the hub (after 1 s, then less and less often while it keeps failing), and
+//! the consumer is told that events were missed. Failures are logged at a bounded rate
+//! ([`LogLimit`]).
 
 pub mod journal;
 pub mod unit_name;

@@ -214,11 +214,11 @@ pub async fn run(
         }
         let (seq, record) = match entry {
             Consumed::Event { seq, record } => (seq, record),
-            Consumed::KernelOverflow { source } => {
+            Consumed::Missed { source, reason } => {
                 if let Some(suppressed) = losses.allow(Instant::now()) {
                     tracing::warn!(
                         source,
-                        "unit rules: the kernel dropped {source} events; units may not have been started for some{}",
+                        "unit rules: {source} events were missed ({reason}); units may not have been started for some{}",
                         LogLimit::note(suppressed)
                     );
                 }
