@@ -266,6 +266,17 @@ struct State {
     consumers: Vec<ConsumerSlot>,
 }
 
+impl State {
+    /// Tells every consumer of source `index` that some of its events were missed.
+    fn tell_consumers_missed(&self, index: usize, source: &'static str, reason: &'static str) {
+        for consumer in &self.consumers {
+            if consumer.interests.iter().any(|(s, _)| *s == index) {
+                consumer.offer(Consumed::Missed { source, reason });
+            }
+        }
+    }
+}
+
 /// The wait before the first attempt to reopen a source that stopped under the daemon's
 /// own consumers; it doubles after each failed attempt, up to [`REOPEN_MAX_DELAY`].
 const REOPEN_FIRST_DELAY: Duration = Duration::from_secs(1);
@@ -972,14 +983,7 @@ impl Hub {
             let reopened = state.sources[index].pump.is_some();
             match self.ensure_running(&mut state, index) {
                 Ok(()) => {
-                    for consumer in &state.consumers {
-                        if consumer.interests.iter().any(|(s, _)| *s == index) {
-                            consumer.offer(Consumed::Missed {
-                                source: name,
-                                reason: "source-restarted",
-                            });
-                        }
-                    }
+                    state.tell_consumers_missed(index, name, "source-restarted");
                     if !reopened {
                         tracing::info!(
                             source = name,
@@ -1056,14 +1060,7 @@ impl Hub {
                     }
                 }
                 let source = self.registry.all()[index].name();
-                for consumer in &state.consumers {
-                    if consumer.interests.iter().any(|(s, _)| *s == index) {
-                        consumer.offer(Consumed::Missed {
-                            source,
-                            reason: "kernel-overflow",
-                        });
-                    }
-                }
+                state.tell_consumers_missed(index, source, "kernel-overflow");
                 for sub in state.subscriptions.values_mut() {
                     if sub.watches.iter().any(|w| w.source == index) {
                         sub.outbox.push_meta(|seq| Delivery::Lost {

@@ -22,7 +22,7 @@ use std::path::Path;
 use nix::errno::Errno;
 use nix::fcntl::{openat, OFlag, OpenHow, ResolveFlag};
 use nix::libc;
-use nix::sys::stat::Mode;
+use nix::sys::stat::{Mode, SFlag};
 
 use super::{device_name, fanotify, wire, FsInfo};
 use crate::error::Error;
@@ -70,10 +70,7 @@ impl Place {
 
     /// Looks `path` up from the caller's root, without leaving it.
     pub fn open(&self, path: &Path) -> io::Result<OwnedFd> {
-        let how = OpenHow::new()
-            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-            .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS);
-        match nix::fcntl::openat2(self.root.as_fd(), path, how) {
+        match nix::fcntl::openat2(self.root.as_fd(), path, in_root()) {
             // Kernels before 5.6 lack openat2, and seccomp filters that cannot look into
             // its `struct open_how` refuse it with ENOSYS (systemd's `RestrictSUIDSGID=`
             // does, for the O_CREAT mode it would have to check).
@@ -98,6 +95,13 @@ impl Place {
     }
 }
 
+/// An `O_PATH` lookup that stays in the directory it starts from.
+fn in_root() -> OpenHow {
+    OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+}
+
 /// Symlinks one lookup follows before it fails with ELOOP, as the kernel's MAXSYMLINKS.
 const MAX_SYMLINKS: usize = 40;
 
@@ -118,7 +122,7 @@ fn open_in_root(root: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
     let mut links = 0;
     while let Some(name) = pending.pop() {
         let here = walked.last().map_or(root, |fd| fd.as_fd());
-        if !fstat(here)?.is_dir() {
+        if file_type(here)? != SFlag::S_IFDIR {
             return Err(io::Error::from_raw_os_error(libc::ENOTDIR));
         }
         if name == ".." {
@@ -131,7 +135,7 @@ fn open_in_root(root: BorrowedFd<'_>, path: &Path) -> io::Result<OwnedFd> {
             OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
             Mode::empty(),
         )?;
-        if !fstat(fd.as_fd())?.is_symlink() {
+        if file_type(fd.as_fd())? != SFlag::S_IFLNK {
             walked.push(fd);
             continue;
         }
@@ -162,21 +166,10 @@ fn components(path: &OsStr) -> Vec<OsString> {
         .collect()
 }
 
-/// What `fstat` says of an fd's file type.
-struct FileType(libc::mode_t);
-
-impl FileType {
-    fn is_dir(&self) -> bool {
-        self.0 & libc::S_IFMT == libc::S_IFDIR
-    }
-
-    fn is_symlink(&self) -> bool {
-        self.0 & libc::S_IFMT == libc::S_IFLNK
-    }
-}
-
-fn fstat(fd: BorrowedFd<'_>) -> io::Result<FileType> {
-    Ok(FileType(nix::sys::stat::fstat(fd)?.st_mode))
+/// The file type of what `fd` refers to (`S_IFDIR`, `S_IFLNK`, …).
+fn file_type(fd: BorrowedFd<'_>) -> io::Result<SFlag> {
+    let mode = nix::sys::stat::fstat(fd)?.st_mode;
+    Ok(SFlag::from_bits_truncate(mode & SFlag::S_IFMT.bits()))
 }
 
 /// The fsid key (as fanotify reports it) of the filesystem holding `fd`.
@@ -383,11 +376,6 @@ mod tests {
             Mode::empty(),
         )
         .expect("open the root");
-        let how = || {
-            OpenHow::new()
-                .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
-                .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
-        };
         let inside = |rel: &str| found(fs::File::open(tree.path().join(rel)).map(OwnedFd::from));
         let cases = [
             ("/", inside(".")),
@@ -406,7 +394,7 @@ mod tests {
         for (path, expected) in cases {
             let walked = found(open_in_root(root.as_fd(), Path::new(path)));
             assert_eq!(walked, expected, "walk of {path:?}");
-            match nix::fcntl::openat2(root.as_fd(), path, how()) {
+            match nix::fcntl::openat2(root.as_fd(), path, in_root()) {
                 Err(Errno::ENOSYS) => {}
                 by_kernel => assert_eq!(
                     found(by_kernel.map_err(io::Error::from)),
