@@ -48,6 +48,26 @@ fn property<'a>(show: &'a str, name: &str) -> &'a str {
 }
 
 /// Wait until the system has booted; no unit may have failed.
+/// Hot-plugs a QEMU USB keyboard on the guest's xHCI controller.
+fn plug_usb_keyboard(guest: &vm::Guest) {
+    guest
+        .qmp_execute(
+            "device_add",
+            &json!({"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}),
+        )
+        .expect("device_add usb-kbd");
+}
+
+/// The instance of `template` for `instance`, escaped by systemd itself.
+fn unit_instance(guest: &vm::Guest, template: &str, instance: &str) -> String {
+    ok(
+        guest,
+        &format!("systemd-escape --template={template} '{instance}'"),
+    )
+    .trim()
+    .to_owned()
+}
+
 fn wait_running(guest: &vm::Guest) {
     let start = Instant::now();
     let state = sh(guest, "systemctl is-system-running --wait");
@@ -112,12 +132,7 @@ fn os_guest_is_a_working_system() {
         "losetup: {loop_dev}"
     );
 
-    guest
-        .qmp_execute(
-            "device_add",
-            &json!({"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}),
-        )
-        .expect("device_add usb-kbd");
+    plug_usb_keyboard(&guest);
     let keyboard = ok(
         &guest,
         "for i in $(seq 300); do \
@@ -373,12 +388,7 @@ fn installed_package_serves_the_system_bus() {
     );
 
     // A USB keyboard plugged in: the rule starts watchq-usb@<its name>.service.
-    guest
-        .qmp_execute(
-            "device_add",
-            &json!({"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}),
-        )
-        .expect("device_add usb-kbd");
+    plug_usb_keyboard(&guest);
     let started = ok(
         &guest,
         "for i in $(seq 600); do [ -s /run/watchq-usb-started ] && break; sleep 0.1; done; \
@@ -387,11 +397,7 @@ fn installed_package_serves_the_system_bus() {
     let name = started.trim();
     let product = ok(&guest, &format!("cat /sys/bus/usb/devices/{name}/product"));
     assert_eq!(product.trim(), "QEMU USB Keyboard", "started for {name}");
-    let escaped = ok(
-        &guest,
-        &format!("systemd-escape --template=watchq-usb@.service '{name}'"),
-    );
-    let unit = escaped.trim();
+    let unit = unit_instance(&guest, "watchq-usb@.service", name);
     assert_eq!(
         ok(&guest, &format!("systemctl is-active '{unit}'")).trim(),
         "active"
@@ -402,11 +408,8 @@ fn installed_package_serves_the_system_bus() {
         "{log}"
     );
     // The rule before it failed, said why, and delayed nothing.
-    let absent = ok(
-        &guest,
-        &format!("systemd-escape --template=watchq-absent@.service '{name}'"),
-    );
-    let failure = format!("rule units[0]: cannot start unit {}", absent.trim());
+    let absent = unit_instance(&guest, "watchq-absent@.service", name);
+    let failure = format!("rule units[0]: cannot start unit {absent}");
     let failed = log
         .lines()
         .find(|line| line.contains(&failure))
