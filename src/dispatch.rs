@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::error::Error;
@@ -239,6 +239,9 @@ struct Subscription {
     watches: Vec<Watch>,
     filter: Filter,
     outbox: Outbox,
+    /// Dropped with the subscription, which wakes its deliverer through
+    /// [`Subscribed::closed`] whatever it is waiting for.
+    _alive: watch::Sender<()>,
 }
 
 struct SourceSlot {
@@ -331,7 +334,11 @@ impl ConsumerSlot {
 /// A new subscription's handle for whoever delivers its outbox.
 pub struct Subscribed {
     pub id: u64,
+    /// Woken when deliveries are queued.
     pub notify: Arc<Notify>,
+    /// `changed()` fails once the subscription is gone (closed, or its owner left), so
+    /// that its deliverer stops at once, even while it waits for a reader's credit.
+    pub closed: watch::Receiver<()>,
 }
 
 /// What the Manager reports per source.
@@ -456,6 +463,7 @@ impl Hub {
         let id = state.next_id;
         let outbox = Outbox::new(depth);
         let notify = Arc::clone(&outbox.notify);
+        let (alive, closed) = watch::channel(());
         state.subscriptions.insert(
             id,
             Subscription {
@@ -463,9 +471,10 @@ impl Hub {
                 watches: Vec::new(),
                 filter: Filter::default(),
                 outbox,
+                _alive: alive,
             },
         );
-        Ok(Subscribed { id, notify })
+        Ok(Subscribed { id, notify, closed })
     }
 
     /// The subscription, if `caller` owns it. Someone else's subscription is reported as
@@ -784,11 +793,10 @@ impl Hub {
     pub async fn close(&self, id: u64) -> bool {
         let stopped: Vec<_> = {
             let mut state = self.lock();
+            // Dropping it wakes its deliverer ([`Subscribed::closed`]).
             let Some(sub) = state.subscriptions.remove(&id) else {
                 return false;
             };
-            // Wake the deliverer so it sees the subscription is gone.
-            sub.outbox.notify.notify_one();
             sub.watches
                 .iter()
                 .filter_map(|watch| self.release_source(&mut state, watch.source))

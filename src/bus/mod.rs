@@ -1,15 +1,7 @@
 //! The D-Bus adapter: objects, identity lookup, and delivery of outboxes as unicast
-//! signals with flow control.
-//!
-//! Flow control: the bus daemon queues what a slow reader does not read until its own
-//! limit, then drops silently (dbus-daemon) or disconnects the reader (dbus-broker), and
-//! tells the sender neither. So the daemon keeps at most `in_flight` signals per
-//! subscriber on the bus. Messages between two peers are delivered in order, and every
-//! D-Bus library answers `org.freedesktop.DBus.Peer.Ping` when it reaches it, so a Ping
-//! reply proves that everything sent before the Ping was read: that is the credit. No
-//! cooperation is needed from clients, and a subscriber that stops reading costs the
-//! daemon one bounded outbox.
+//! signals with flow control ([`delivery`]).
 
+mod delivery;
 pub mod error;
 pub mod manager;
 pub mod subscription;
@@ -19,7 +11,6 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 use zbus::fdo::DBusProxy;
 use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
@@ -49,6 +40,9 @@ pub struct Service {
     dbus: DBusProxy<'static>,
     /// Every access decision goes through here (see [`crate::policy`]).
     authorizer: Authorizer,
+    /// Set once the bus refused its per-connection statistics ([`delivery`]), so that
+    /// no deliverer asks again.
+    bus_stats_refused: std::sync::atomic::AtomicBool,
 }
 
 impl Service {
@@ -64,6 +58,7 @@ impl Service {
             hub,
             dbus: DBusProxy::new(conn).await?,
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
+            bus_stats_refused: std::sync::atomic::AtomicBool::new(false),
         });
         conn.object_server()
             .at(
@@ -205,7 +200,7 @@ impl Service {
             .await?;
         let owner = sender.to_owned();
         let service = Arc::clone(self);
-        tokio::spawn(async move { service.deliver(id, owner, subscribed.notify).await });
+        tokio::spawn(async move { service.deliver(owner, subscribed).await });
         // The owner may have left before we started watching for that.
         if !self
             .dbus
@@ -252,92 +247,6 @@ impl Service {
         }
         Err(zbus::Error::Failure("NameOwnerChanged stream ended".into()))
     }
-
-    /// Sends one subscription's outbox as unicast signals, keeping at most the
-    /// configured window unacknowledged.
-    async fn deliver(self: Arc<Self>, id: u64, owner: UniqueName<'static>, notify: Arc<Notify>) {
-        let window = self.hub.delivery().in_flight;
-        let path = subscription::path(id);
-        let emitter = match SignalEmitter::new(&self.conn, path.as_str()) {
-            Ok(emitter) => emitter.set_destination(BusName::Unique(owner.clone())),
-            Err(e) => {
-                tracing::error!(subscription = id, "cannot emit signals: {e}");
-                return;
-            }
-        };
-        let object_path = emitter.path().to_owned();
-        let mut in_flight = 0usize;
-        // The outstanding Ping and how many signals its reply will acknowledge.
-        let mut ping: Option<PendingPing> = None;
-        loop {
-            let credit = window.saturating_sub(in_flight);
-            if credit > 0 {
-                let Some(batch) = self.hub.take(id, credit) else {
-                    return; // closed
-                };
-                // Event signals go out together, as few writes as the socket takes.
-                let mut messages = Vec::with_capacity(batch.len());
-                for delivery in &batch {
-                    match event_message(&self.conn, &object_path, &owner, delivery) {
-                        Some(Ok(message)) => messages.push(message),
-                        Some(Err(e)) => {
-                            tracing::warn!(subscription = id, "building a signal failed: {e}");
-                        }
-                        None => {
-                            send_all(&self.conn, id, &mut messages).await;
-                            if let Err(e) = emit(&emitter, delivery).await {
-                                tracing::warn!(subscription = id, "sending a signal failed: {e}");
-                            }
-                        }
-                    }
-                }
-                send_all(&self.conn, id, &mut messages).await;
-                in_flight += batch.len();
-                if !batch.is_empty() && in_flight < window {
-                    continue;
-                }
-            }
-            if ping.is_none() && in_flight >= window / 2 {
-                let conn = self.conn.clone();
-                let owner = owner.clone();
-                ping = Some((Box::pin(ping_peer(conn, owner)), in_flight));
-            }
-            match &mut ping {
-                Some((reply, covered)) => {
-                    tokio::select! {
-                        outcome = reply => {
-                            match outcome {
-                                PingOutcome::Read => in_flight -= *covered,
-                                PingOutcome::Retry => {}
-                                PingOutcome::Gone => {
-                                    self.close(id).await;
-                                    return;
-                                }
-                            }
-                            ping = None;
-                        }
-                        () = notify.notified(), if in_flight < window => {}
-                    }
-                }
-                None => notify.notified().await,
-            }
-        }
-    }
-}
-
-/// A Ping on its way and how many signals its reply will acknowledge.
-type PendingPing = (
-    std::pin::Pin<Box<dyn std::future::Future<Output = PingOutcome> + Send>>,
-    usize,
-);
-
-enum PingOutcome {
-    /// The peer answered: it has read everything sent before the Ping.
-    Read,
-    /// The bus gave up waiting (NoReply); the peer may still be alive but stuck.
-    Retry,
-    /// The peer is gone.
-    Gone,
 }
 
 /// Reads `Subscribe`'s options: only `queue-depth` (u) so far, whose range the hub
@@ -365,51 +274,6 @@ pub fn subscribe_options(
         }
     }
     Ok(depth)
-}
-
-/// How long a Ping may stay unanswered before another is sent. A bus configured with no
-/// reply timeout (the system bus's `reply_timeout` can be unlimited) never answers
-/// `NoReply`, so without this a lost or unanswerable Ping would stop the subscription's
-/// delivery for good; a later Ping's reply proves the same as the first's would have.
-const PING_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(25);
-
-async fn ping_peer(conn: Connection, owner: UniqueName<'static>) -> PingOutcome {
-    let call = conn.call_method(
-        Some(BusName::Unique(owner)),
-        "/",
-        Some("org.freedesktop.DBus.Peer"),
-        "Ping",
-        &(),
-    );
-    let Ok(reply) = tokio::time::timeout(PING_TIMEOUT, call).await else {
-        tracing::debug!("no Ping reply within {PING_TIMEOUT:?}; pinging again");
-        return PingOutcome::Retry;
-    };
-    match reply {
-        Ok(_) => PingOutcome::Read,
-        Err(zbus::Error::MethodError(name, _, _)) => match name.as_str() {
-            "org.freedesktop.DBus.Error.NoReply" | "org.freedesktop.DBus.Error.Timeout" => {
-                PingOutcome::Retry
-            }
-            "org.freedesktop.DBus.Error.ServiceUnknown"
-            | "org.freedesktop.DBus.Error.NameHasNoOwner"
-            | "org.freedesktop.DBus.Error.Disconnected" => PingOutcome::Gone,
-            // Any other error was sent by the peer itself (a library that does not
-            // implement Peer still answers UnknownMethod), which proves it read.
-            _ => PingOutcome::Read,
-        },
-        Err(e) => {
-            tracing::debug!("ping failed: {e}");
-            PingOutcome::Retry
-        }
-    }
-}
-
-async fn send_all(conn: &Connection, id: u64, messages: &mut Vec<Message>) {
-    if let Err(e) = conn.send_all(messages).await {
-        tracing::warn!(subscription = id, "sending signals failed: {e}");
-    }
-    messages.clear();
 }
 
 /// An event signal as every subscriber receives it, but for the sequence number and the
