@@ -920,3 +920,16 @@ pub fn netlink_socket_inodes(pid: u32, protocol: u32) -> std::collections::HashS
         })
         .collect()
 }
+
+/// utime + stime of a process, in clock ticks.
+pub fn cpu_ticks(pid: u32) -> u64 {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
+    // Fields after the command: state is index 0, utime is 11, stime 12.
+    let fields: Vec<&str> = stat
+        .rsplit_once(") ")
+        .expect("stat format")
+        .1
+        .split(' ')
+        .collect();
+    fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
