@@ -365,7 +365,7 @@ impl SubscriptionBuilder {
             retry_max: self.retry_max,
             owner_changes,
             pending: established.items.into_iter().map(Ok).collect(),
-            state: State::Live(established.live),
+            state: State::Live(Box::new(established.live)),
         })
     }
 }
@@ -394,7 +394,8 @@ pub struct Subscription {
 }
 
 enum State {
-    Live(Live),
+    // Boxed: a Live holds a whole MessageStream, many times the size of Away.
+    Live(Box<Live>),
     Away {
         previous_owner: OwnedUniqueName,
         attempts: u32,
@@ -797,7 +798,7 @@ impl Subscription {
                 }
                 self.pending.extend(established.items.into_iter().map(Ok));
                 self.watches = established.watches;
-                self.state = State::Live(established.live);
+                self.state = State::Live(Box::new(established.live));
             }
             Err(error) => {
                 let retry_in = self

@@ -329,8 +329,10 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
     match next_item(&mut rust).await {
         Item::WatchNotRestored { tag, kind, error } => {
             assert_eq!((tag, kind.as_str()), (2, "space"));
+            // The path is gone: the daemon's own typed refusal, naming it.
             assert!(
-                matches!(&error, zbus::Error::MethodError(name, _, _) if name.starts_with("org.watchq1.Error.")),
+                matches!(&error, zbus::Error::MethodError(name, Some(message), _)
+                    if name.as_str() == "org.watchq1.Error.NotFound" && message.contains("does not exist")),
                 "{error:?}"
             );
         }

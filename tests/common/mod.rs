@@ -271,7 +271,7 @@ fn start_watchqd(
         .truncate(!append_log)
         .open(log)
         .expect("daemon log");
-    let child = daemon_command(sockets)
+    let mut child = daemon_command(sockets)
         .arg("--config")
         .arg(config)
         .args(["--log-level", "debug"])
@@ -283,17 +283,23 @@ fn start_watchqd(
         .expect("start watchqd");
     let mut buf = [0u8; 4096];
     loop {
-        let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-            panic!(
-                "watchqd did not send READY=1 ({e}); log:\n{}",
-                fs::read_to_string(log).unwrap_or_default()
-            )
-        });
-        if String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .any(|l| l == "READY=1")
-        {
-            return child;
+        match notify.recv(&mut buf) {
+            Ok(n) => {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
+                    return child;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "watchqd did not send READY=1 ({e}); log:\n{}",
+                    fs::read_to_string(log).unwrap_or_default()
+                )
+            }
         }
     }
 }
