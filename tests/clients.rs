@@ -44,15 +44,20 @@ fn lines(source: impl std::io::Read + Send + 'static) -> Receiver<String> {
 
 impl Monitor {
     fn start(daemon: &Daemon, disk: &str, user: Option<&User>) -> Monitor {
+        Monitor::launch(daemon, disk, user, true)
+    }
+
+    /// The same in text mode.
+    fn text(daemon: &Daemon, disk: &str) -> Monitor {
+        Monitor::launch(daemon, disk, None, false)
+    }
+
+    fn launch(daemon: &Daemon, disk: &str, user: Option<&User>, json: bool) -> Monitor {
         let mut command = Command::new(env!("CARGO_BIN_EXE_watchqctl"));
         command
-            .args([
-                "--address",
-                daemon.address(),
-                "monitor",
-                "--json",
-                "devices",
-            ])
+            .args(["--address", daemon.address(), "monitor"])
+            .args(json.then_some("--json"))
+            .arg("devices")
             .arg(format!("--match=name={disk}"))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
@@ -78,15 +83,20 @@ impl Monitor {
         monitor
     }
 
-    /// The next JSON line on stdout, failing after [`TIMEOUT`].
-    fn next(&mut self, what: &str) -> serde_json::Value {
-        let line = self.stdout.recv_timeout(TIMEOUT).unwrap_or_else(|e| {
+    /// The next line on stdout, failing after [`TIMEOUT`].
+    fn line(&mut self, what: &str) -> String {
+        self.stdout.recv_timeout(TIMEOUT).unwrap_or_else(|e| {
             self.errors.extend(self.stderr.try_iter());
             panic!(
                 "watchqctl printed no {what} ({e}); stderr: {:?}",
                 self.errors
             )
-        });
+        })
+    }
+
+    /// The next JSON line on stdout, failing after [`TIMEOUT`].
+    fn next(&mut self, what: &str) -> serde_json::Value {
+        let line = self.line(what);
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"))
     }
 
@@ -280,6 +290,7 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
     ]);
 
     let mut monitor = Monitor::start(&daemon, &disk.name, None);
+    let mut text = Monitor::text(&daemon, &disk.name);
     let conn = daemon.connect().await;
     let mut rust = Subscription::builder(&conn)
         .retry_delays(
@@ -293,6 +304,8 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
         .expect("subscription");
     disk.synth_change();
     assert_eq!(monitor.next("the first event")["seq"], 1);
+    let line = text.line("the first event");
+    assert!(line.starts_with("#1 "), "{line}");
     assert_eq!(device_event(&next_item(&mut rust).await).0, 1);
     let first_owner = rust.owner().expect("subscribed").clone();
     let first_pid = daemon.pid();
@@ -310,6 +323,12 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
     assert_eq!(gap["reason"], DAEMON_RESTARTED, "{gap}");
     assert_eq!(gap["next_seq"], 1, "{gap}");
     assert_ne!(gap["subscription"], "", "{gap}");
+    text.stderr_until("that the daemon left", |l| l.contains("left the bus"));
+    let line = text.line("the gap");
+    assert!(
+        line.starts_with("#-") && line.contains("LOST") && line.contains(DAEMON_RESTARTED),
+        "{line}"
+    );
 
     // The Rust client: gone, perhaps some attempts, back; the refused watch by its tag.
     match next_item(&mut rust).await {
@@ -349,6 +368,11 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
     assert_eq!(event["signal"], "DeviceChanged", "{event}");
     assert_eq!(event["seq"], 1, "{event}");
     assert_eq!(event["sys_path"], disk.sys_path(), "{event}");
+    let line = text.line("an event after the restart");
+    assert!(
+        line.starts_with("#1 ") && line.contains(&disk.name),
+        "{line}"
+    );
     let (seq, action, sys_path) = device_event(&next_item(&mut rust).await);
     assert_eq!((seq, action.as_str()), (1, "change"));
     assert_eq!(sys_path, disk.sys_path());
