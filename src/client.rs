@@ -706,9 +706,11 @@ impl Subscription {
                     message = live.signals.next() => Wake::Signal(message),
                     message = self.owner_changes.next() => Wake::OwnerChange(message),
                 },
+                // The bus's news first: retry knowing the latest owner.
                 State::Away { next_try, .. } => tokio::select! {
-                    () = tokio::time::sleep_until(*next_try) => Wake::Retry,
+                    biased;
                     message = self.owner_changes.next() => Wake::OwnerChange(message),
+                    () = tokio::time::sleep_until(*next_try) => Wake::Retry,
                 },
             };
             match wake {
@@ -725,8 +727,8 @@ impl Subscription {
                     // Anything else was sent by someone other than our daemon: dropped.
                 }
                 Wake::OwnerChange(Some(Ok(message))) => {
-                    if let Some(new_owner) = owner_change(&message) {
-                        self.on_owner_change(new_owner);
+                    if let Some(change) = owner_change(&message) {
+                        self.on_owner_change(change);
                     }
                 }
                 Wake::Retry => self.try_restore().await,
@@ -734,17 +736,20 @@ impl Subscription {
         }
     }
 
-    fn on_owner_change(&mut self, new_owner: Option<OwnedUniqueName>) {
+    fn on_owner_change(&mut self, OwnerChange { old, new }: OwnerChange) {
         let now = tokio::time::Instant::now();
         match &mut self.state {
             State::Live(live) => {
-                if new_owner.as_ref() == Some(&live.owner) {
+                // Only our daemon losing the name ends the subscription. Changes queued
+                // before we subscribed again (two restarts in a row: the name went to an
+                // instance that is already gone) say nothing about the daemon we have.
+                if old != live.owner.as_str() {
                     return;
                 }
                 // What the old daemon sent before it left is real: hand it out first.
                 live.drain(&mut self.pending);
                 let previous_owner = live.owner.clone();
-                if new_owner.is_none() {
+                if new.is_none() {
                     self.pending.push_back(Ok(Item::DaemonGone {
                         previous_owner: previous_owner.clone(),
                     }));
@@ -758,7 +763,7 @@ impl Subscription {
                 };
             }
             State::Away { next_try, .. } => {
-                if new_owner.is_some() {
+                if new.is_some() {
                     *next_try = now;
                 }
             }
@@ -817,11 +822,16 @@ impl Subscription {
     }
 }
 
-/// The new owner of `org.watchq1` (`None`: no owner) when `message` is a
-/// `NameOwnerChanged` for it from the bus itself; `None` for anything else, such as the
-/// same signal forged by another connection.
-#[allow(clippy::option_option)]
-fn owner_change(message: &Message) -> Option<Option<OwnedUniqueName>> {
+/// A change of `org.watchq1`'s owner, as the bus reported it.
+struct OwnerChange {
+    old: String,
+    /// `None`: the name has no owner now.
+    new: Option<OwnedUniqueName>,
+}
+
+/// The change when `message` is a `NameOwnerChanged` for `org.watchq1` from the bus
+/// itself; `None` for anything else, such as the same signal forged by another connection.
+fn owner_change(message: &Message) -> Option<OwnerChange> {
     let header = message.header();
     if header.sender().map(|s| s.as_str()) != Some(BUS_DRIVER)
         || header.interface().map(|i| i.as_str()) != Some(BUS_DRIVER)
@@ -829,12 +839,14 @@ fn owner_change(message: &Message) -> Option<Option<OwnedUniqueName>> {
     {
         return None;
     }
-    let (name, _old, new): (String, String, String) = message.body().deserialize().ok()?;
+    let (name, old, new): (String, String, String) = message.body().deserialize().ok()?;
     if name != BUS_NAME {
         return None;
     }
-    if new.is_empty() {
-        return Some(None);
-    }
-    Some(Some(zbus::names::UniqueName::try_from(new).ok()?.into()))
+    let new = if new.is_empty() {
+        None
+    } else {
+        Some(zbus::names::UniqueName::try_from(new).ok()?.into())
+    };
+    Some(OwnerChange { old, new })
 }
