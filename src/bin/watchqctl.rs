@@ -4,15 +4,14 @@ use std::collections::{BTreeMap, HashMap};
 use std::process::ExitCode;
 
 use clap::Parser;
-use futures_util::StreamExt;
-use zbus::{MatchRule, MessageStream, OwnedVariant, Variant};
+use zbus::{OwnedVariant, Variant};
 
 use watchqd::cli::ctl::{Args, Command};
 use watchqd::client::{
     BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, KeyChangedBody, LostBody, ManagerProxy,
-    MountChangedBody, QuotaWarningBody, ReceivedObject, SpaceWarningBody, SubscriptionProxy,
-    WatchRemovedBody,
+    MountChangedBody, QuotaWarningBody, ReceivedObject, SpaceWarningBody, WatchRemovedBody,
 };
+use watchqd::client::{Item, Subscription, DAEMON_RESTARTED};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -60,9 +59,8 @@ async fn run(args: Args) -> Result<(), String> {
 fn describe(e: &zbus::Error) -> String {
     match e {
         zbus::Error::MethodError(name, Some(message), _) => format!("{message} ({name})"),
-        zbus::Error::MethodError(name, None, _)
-            if name.as_str() == "org.freedesktop.DBus.Error.ServiceUnknown" =>
-        {
+        // zbus reports the bus's own errors as FDO, never as MethodError.
+        zbus::Error::FDO(e) if matches!(**e, zbus::fdo::Error::ServiceUnknown(_)) => {
             "watchqd is not running on this bus (org.watchq1 has no owner)".to_owned()
         }
         other => other.to_string(),
@@ -166,30 +164,13 @@ async fn monitor(
         );
     }
 
-    let mut subscribe_options = HashMap::new();
+    let mut builder = Subscription::builder(conn);
     if let Some(depth) = options.queue_depth {
-        subscribe_options.insert("queue-depth", Variant::from(depth));
+        builder = builder.queue_depth(depth);
     }
-    let path = manager
-        .subscribe(subscribe_options)
-        .await
-        .map_err(|e| describe(&e))?;
-    // Listen before any watch exists so that no event can be missed.
-    let rule = MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .sender("org.watchq1")
-        .interface("org.watchq1.Subscription")
-        .path(path.clone())
-        .build()
-        .map_err(|e| e.to_string())?;
-    let mut stream = MessageStream::for_match_rule(rule, conn, None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let subscription = SubscriptionProxy::builder(conn)
-        .path(path.clone())
-        .build()
-        .await
-        .map_err(|e| e.to_string())?;
+    // The subscription object and its signal stream exist before any watch, so no event
+    // can be missed; it accepts only what the daemon holding it sends.
+    let mut subscription = builder.build().await.map_err(|e| describe(&e))?;
     // Without named sources, every available one the caller is allowed to watch.
     let implicit = options.sources.is_empty();
     let mut refused = Vec::new();
@@ -198,8 +179,9 @@ async fn monitor(
         let tag = u64::try_from(index).unwrap_or(u64::MAX) + 1;
         let spec = spec
             .iter()
-            .map(|(k, v)| (*k, v.try_clone().unwrap_or_else(|_| Variant::from(""))))
-            .collect();
+            .map(|(k, v)| Ok(((*k).to_owned(), v.try_to_owned()?)))
+            .collect::<zbus::Result<HashMap<String, OwnedVariant>>>()
+            .map_err(|e| e.to_string())?;
         match subscription.add_watch(source, tag, spec).await {
             Ok(()) => {}
             Err(zbus::Error::MethodError(name, _, _))
@@ -227,13 +209,12 @@ async fn monitor(
         ));
     }
     if !options.subtypes.is_empty() {
-        let subtypes: Vec<&str> = options.subtypes.iter().map(String::as_str).collect();
-        let filter: Vec<(&str, &[&str])> = sources
+        let filter = sources
             .iter()
-            .map(|s| (s.as_str(), subtypes.as_slice()))
+            .map(|s| (s.clone(), options.subtypes.clone()))
             .collect();
         subscription
-            .set_filter(&filter)
+            .set_filter(filter)
             .await
             .map_err(|e| format!("cannot set the filter: {}", describe(&e)))?;
     }
@@ -251,6 +232,10 @@ async fn monitor(
             needs_options.join(", ")
         )
     };
+    let path = subscription
+        .path()
+        .map(ToString::to_string)
+        .unwrap_or_default();
     eprintln!(
         "watching {}{not_allowed} (subscription {path}); Ctrl-C to stop",
         sources.join(", ")
@@ -261,16 +246,93 @@ async fn monitor(
     loop {
         tokio::select! {
             _ = &mut interrupted => break,
-            message = stream.next() => {
-                let Some(Ok(message)) = message else {
-                    return Err("the bus connection closed".into());
-                };
-                print_signal(&message, options.json);
+            item = subscription.next() => match item {
+                None => return Err("the bus connection closed".into()),
+                Some(Err(e)) => return Err(format!("receiving: {e}")),
+                Some(Ok(item)) => print_item(item, options.json),
             }
         }
     }
     let _ = subscription.close().await;
     Ok(())
+}
+
+/// Prints what the subscription hands out: events on stdout; the daemon's absence on
+/// stderr as it happens, and the gap it leaves on stdout, in the events' own format.
+fn print_item(item: Item, json: bool) {
+    match item {
+        Item::Signal(message) => print_signal(&message, json),
+        Item::DaemonGone { previous_owner } => eprintln!(
+            "watchqctl: watchqd ({previous_owner}) left the bus; events are missed until it is back; subscribing again"
+        ),
+        Item::Retrying { error, retry_in } => eprintln!(
+            "watchqctl: watchqd is not back ({}); trying again in {:.1} s",
+            describe(&error),
+            retry_in.as_secs_f64()
+        ),
+        Item::Restarted(restart) => {
+            eprintln!(
+                "watchqctl: watchqd is back ({}); watching again (subscription {}); numbering starts again at #1",
+                restart.owner, restart.path
+            );
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "signal": "Lost", "seq": 0, "count": 0, "source": "*",
+                        "reason": DAEMON_RESTARTED, "next_seq": 1,
+                        "subscription": restart.path.as_str(),
+                    })
+                );
+            } else {
+                println!(
+                    "#-      LOST an unknown number of events ({DAEMON_RESTARTED}); new subscription {}, numbering starts again at #1",
+                    restart.path
+                );
+            }
+        }
+        Item::WatchNotRestored { tag, kind, error } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "signal": "WatchNotRestored", "tag": tag, "source": kind,
+                        "error": error_name(&error), "message": describe(&error),
+                    })
+                );
+            } else {
+                println!(
+                    "#-      watch {tag} ({kind}) not restored after the restart: {}",
+                    describe(&error)
+                );
+            }
+        }
+        Item::FilterNotRestored { error } => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "signal": "FilterNotRestored",
+                        "error": error_name(&error), "message": describe(&error),
+                    })
+                );
+            } else {
+                println!(
+                    "#-      filter not restored after the restart, every subtype passes: {}",
+                    describe(&error)
+                );
+            }
+        }
+    }
+}
+
+/// The D-Bus error name of a failed call, or "" for a failure that is not a D-Bus error.
+fn error_name(e: &zbus::Error) -> String {
+    match e {
+        zbus::Error::MethodError(name, _, _) => name.to_string(),
+        zbus::Error::FDO(e) => zbus::DBusError::name(&**e).to_string(),
+        _ => String::new(),
+    }
 }
 
 fn print_signal(message: &zbus::Message, json: bool) {

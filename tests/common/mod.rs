@@ -14,12 +14,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use futures_util::StreamExt;
-use zbus::{Connection, MatchRule, MessageStream, OwnedObjectPath, OwnedVariant, Variant};
+use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
 use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, KeyChangedBody, LostBody, ManagerProxy,
-    MountChangedBody, QuotaWarningBody, SpaceWarningBody, SubscriptionProxy, WatchRemovedBody,
+    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, Item, KeyChangedBody, LostBody,
+    MountChangedBody, QuotaWarningBody, SpaceWarningBody, Subscription, SubscriptionProxy,
+    WatchRemovedBody,
 };
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
@@ -146,35 +146,8 @@ impl Daemon {
         let polkit = with_polkit.then(|| polkit::Polkitd::start(&bus.address, bus.dir.path()));
         let config = bus.dir.path().join("watchqd.toml");
         fs::write(&config, toml).expect("write config");
-        let notify_path = bus.dir.path().join("notify");
-        let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
-        notify.set_read_timeout(Some(TIMEOUT)).expect("timeout");
         let log = bus.dir.path().join("watchqd.log");
-        let child = daemon_command(sockets)
-            .arg("--config")
-            .arg(&config)
-            .args(["--log-level", "debug"])
-            .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env_remove("RUST_LOG")
-            .stderr(fs::File::create(&log).expect("daemon log"))
-            .spawn()
-            .expect("start watchqd");
-        let mut buf = [0u8; 4096];
-        loop {
-            let n = notify.recv(&mut buf).unwrap_or_else(|e| {
-                panic!(
-                    "watchqd did not send READY=1 ({e}); log:\n{}",
-                    fs::read_to_string(&log).unwrap_or_default()
-                )
-            });
-            if String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .any(|l| l == "READY=1")
-            {
-                break;
-            }
-        }
+        let child = start_watchqd(&bus, &config, &log, sockets, false);
         Daemon {
             child,
             polkit,
@@ -185,6 +158,27 @@ impl Daemon {
 
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// A crash and a restart, as systemd's `Restart=on-failure` makes one: SIGKILL (no
+    /// clean-up; the bus sees the connection drop and the name lose its owner), then the
+    /// daemon again with the same configuration on the **same** bus, returning once it
+    /// sent READY=1 (it owns the name by then). Its log is appended to the same file.
+    pub fn crash_and_restart(&mut self) {
+        self.crash();
+        self.restart();
+    }
+
+    /// SIGKILL, and waits until the process is gone (the bus then drops its name).
+    pub fn crash(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the daemon again after [`Daemon::crash`]: same configuration, same bus.
+    pub fn restart(&mut self) {
+        let config = self.bus.dir.path().join("watchqd.toml");
+        self.child = start_watchqd(&self.bus, &config, &self.log, Vec::new(), true);
     }
 
     /// Inodes of the daemon's open netlink sockets of one protocol.
@@ -253,6 +247,59 @@ impl Drop for Daemon {
                 self.log.display(),
                 self.log_text()
             );
+        }
+    }
+}
+
+/// Starts watchqd on `bus` and waits for READY=1 on `$NOTIFY_SOCKET`.
+fn start_watchqd(
+    bus: &PrivateBus,
+    config: &Path,
+    log: &Path,
+    sockets: Vec<std::os::fd::OwnedFd>,
+    append_log: bool,
+) -> Child {
+    let notify_path = bus.dir.path().join("notify");
+    // A previous instance's socket file stays behind.
+    let _ = fs::remove_file(&notify_path);
+    let notify = UnixDatagram::bind(&notify_path).expect("notify socket");
+    notify.set_read_timeout(Some(TIMEOUT)).expect("timeout");
+    let log_file = fs::File::options()
+        .create(true)
+        .write(true)
+        .append(append_log)
+        .truncate(!append_log)
+        .open(log)
+        .expect("daemon log");
+    let mut child = daemon_command(sockets)
+        .arg("--config")
+        .arg(config)
+        .args(["--log-level", "debug"])
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .env_remove("RUST_LOG")
+        .stderr(log_file)
+        .spawn()
+        .expect("start watchqd");
+    let mut buf = [0u8; 4096];
+    loop {
+        match notify.recv(&mut buf) {
+            Ok(n) => {
+                if String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .any(|l| l == "READY=1")
+                {
+                    return child;
+                }
+            }
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "watchqd did not send READY=1 ({e}); log:\n{}",
+                    fs::read_to_string(log).unwrap_or_default()
+                )
+            }
         }
     }
 }
@@ -734,12 +781,13 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
     }
 }
 
-/// A subscription with a signal stream opened before any watch exists.
+/// A subscription with a signal stream opened before any watch exists. It is a
+/// [`watchqd::client::Subscription`], so it receives only what the daemon holding it sent.
 pub struct Subscriber {
     pub conn: Connection,
     pub path: OwnedObjectPath,
     pub proxy: SubscriptionProxy<'static>,
-    stream: MessageStream,
+    subscription: Subscription,
     /// Every signal received so far, in order.
     pub received: Vec<Signal>,
 }
@@ -755,19 +803,13 @@ impl Subscriber {
     }
 
     pub async fn on(conn: Connection, options: HashMap<&str, Variant<'_>>) -> Subscriber {
-        let manager = ManagerProxy::new(&conn).await.expect("manager proxy");
-        let path = manager.subscribe(options).await.expect("Subscribe");
-        let rule = MatchRule::builder()
-            .msg_type(zbus::message::Type::Signal)
-            .sender("org.watchq1")
-            .interface("org.watchq1.Subscription")
-            .path(path.clone())
-            .build()
-            .expect("match rule");
-        let stream =
-            MessageStream::for_match_rule(rule, &conn, std::num::NonZeroUsize::new(100_000))
-                .await
-                .expect("signal stream");
+        let mut builder = Subscription::builder(&conn)
+            .max_queued(std::num::NonZeroUsize::new(100_000).expect("non-zero"));
+        for (key, value) in options {
+            builder = builder.option(key, value.try_to_owned().expect("owned option"));
+        }
+        let subscription = builder.build().await.expect("Subscribe");
+        let path = subscription.path().expect("subscribed").clone();
         let proxy = SubscriptionProxy::builder(&conn)
             .path(path.clone())
             .build()
@@ -777,7 +819,7 @@ impl Subscriber {
             conn,
             path,
             proxy,
-            stream,
+            subscription,
             received: Vec::new(),
         }
     }
@@ -796,13 +838,18 @@ impl Subscriber {
     /// The next signal, or `None` after `timeout`.
     pub async fn next(&mut self, timeout: Duration) -> Option<Signal> {
         loop {
-            let message = tokio::time::timeout(timeout, self.stream.next())
+            let item = tokio::time::timeout(timeout, self.subscription.next())
                 .await
                 .ok()??;
-            let message = message.expect("message");
-            if let Some(signal) = decode(&message) {
-                self.received.push(signal.clone());
-                return Some(signal);
+            match item.expect("subscription item") {
+                Item::Signal(message) => {
+                    if let Some(signal) = decode(&message) {
+                        self.received.push(signal.clone());
+                        return Some(signal);
+                    }
+                }
+                // Tests that restart the daemon use `Subscription` itself.
+                other => panic!("the daemon went away under a Subscriber: {other:?}"),
             }
         }
     }
