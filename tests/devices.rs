@@ -95,12 +95,19 @@ async fn loop_device_lifecycle_arrives_with_attributes_tags_and_sequence() {
         Some(format!("{}p1", disk.device).as_str())
     );
 
+    // The attach announced a media change too: wait for one that follows the detach
+    // (waiting for "any" returned at once, and the last signal could be the resize's).
+    let before_detach = sub.received.len();
+    let is_media_change = |e: &Signal| matches!(e, Signal::Device { action, sys_path, .. } if action == "media-change" && *sys_path == path);
     disk.detach();
     sub.until("the detach media change", |s| {
-        s.iter().any(|e| matches!(e, Signal::Device { action, sys_path, .. } if action == "media-change" && *sys_path == path))
+        s[before_detach..].iter().any(is_media_change)
     })
     .await;
-    let detached = sub.about(&path).last().unwrap();
+    let detached = sub.received[before_detach..]
+        .iter()
+        .find(|e| is_media_change(e))
+        .unwrap();
     assert_eq!(detached.attr_u64("size"), Some(0));
 
     assert!(
