@@ -26,3 +26,19 @@ pub enum Error {
     #[error("{0}")]
     Unavailable(String),
 }
+
+impl Error {
+    /// The same error with its message passed through `f`.
+    #[must_use]
+    pub fn map_message(self, f: impl FnOnce(String) -> String) -> Self {
+        match self {
+            Error::NotSupported(m) => Error::NotSupported(f(m)),
+            Error::AccessDenied(m) => Error::AccessDenied(f(m)),
+            Error::InvalidArgument(m) => Error::InvalidArgument(f(m)),
+            Error::LimitExceeded(m) => Error::LimitExceeded(f(m)),
+            Error::NotFound(m) => Error::NotFound(f(m)),
+            Error::Sandboxed(m) => Error::Sandboxed(f(m)),
+            Error::Unavailable(m) => Error::Unavailable(f(m)),
+        }
+    }
+}

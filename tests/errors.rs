@@ -218,3 +218,63 @@ fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("in_flight: 12"));
 }
+
+/// Someone else's subscription answers AccessDenied whatever the arguments: ownership is
+/// checked before anything is read (an unknown kind answered InvalidArgument first).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_gets_access_denied_before_any_argument_is_judged() {
+    let daemon = Daemon::start();
+    let owner = Subscriber::new(&daemon).await;
+    let stranger = daemon.connect().await;
+    let theirs = SubscriptionProxy::builder(&stranger)
+        .path(owner.path.clone())
+        .build()
+        .await
+        .unwrap();
+    let denied = "org.watchq1.Error.AccessDenied";
+    assert_eq!(
+        error_name(theirs.add_watch("toasters", 1, HashMap::new()).await),
+        denied
+    );
+    assert_eq!(error_name(theirs.remove_watch(404).await), denied);
+    assert_eq!(
+        error_name(theirs.set_filter(&[("toasters", &["burnt"])]).await),
+        denied
+    );
+    assert_eq!(error_name(theirs.snapshot("toasters").await), denied);
+    // The owner's own errors are unchanged.
+    assert_eq!(
+        error_name(owner.proxy.add_watch("toasters", 1, HashMap::new()).await),
+        "org.watchq1.Error.InvalidArgument"
+    );
+}
+
+/// An error quotes what the caller sent, but never echoes megabytes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn errors_quote_at_most_a_bounded_part_of_what_was_sent() {
+    let daemon = Daemon::start();
+    let conn = daemon.connect().await;
+    let manager = ManagerProxy::new(&conn).await.unwrap();
+    let key = "k".repeat(1 << 20);
+    let result = manager
+        .subscribe(HashMap::from([(key.as_str(), Variant::from(1u32))]))
+        .await;
+    let Err(zbus::Error::MethodError(name, Some(message), _)) = result else {
+        panic!("expected an error, got {result:?}");
+    };
+    assert_eq!(name.as_str(), "org.watchq1.Error.InvalidArgument");
+    assert!(
+        message.starts_with("unknown Subscribe option 'kkk"),
+        "{message:.80}"
+    );
+    assert!(
+        message.len() <= 600,
+        "{} bytes echoed for a 1 MiB key",
+        message.len()
+    );
+    assert!(
+        message.ends_with("bytes cut)"),
+        "{}",
+        &message[message.len() - 40..]
+    );
+}

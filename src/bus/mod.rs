@@ -259,7 +259,7 @@ pub fn subscribe_options(
         match key.as_str() {
             "queue-depth" => {
                 let requested = u32::try_from(value.clone()).map_err(|_| {
-                    BusError::InvalidArgument(format!(
+                    Error::InvalidArgument(format!(
                         "option 'queue-depth' must be a u32 (D-Bus type 'u'), got '{}'",
                         value.value_signature()
                     ))
@@ -267,9 +267,10 @@ pub fn subscribe_options(
                 depth = Some(usize::try_from(requested).unwrap_or(usize::MAX));
             }
             other => {
-                return Err(BusError::InvalidArgument(format!(
+                return Err(Error::InvalidArgument(format!(
                     "unknown Subscribe option '{other}'; known: queue-depth"
-                )))
+                ))
+                .into())
             }
         }
     }

@@ -83,6 +83,8 @@ impl SubscriptionObject {
         spec: HashMap<String, OwnedVariant>,
     ) -> Result<(), BusError> {
         let caller = Self::caller(&header)?;
+        // Whose it is comes first: a stranger learns nothing from argument errors.
+        self.check_owner(Some(&header))?;
         Ok(self
             .service
             .add_watch(self.id, caller, kind, tag, &spec)
@@ -96,6 +98,8 @@ impl SubscriptionObject {
         tag: u64,
     ) -> Result<(), BusError> {
         let caller = Self::caller(&header)?;
+        // Whose it is comes first: a stranger learns nothing from argument errors.
+        self.check_owner(Some(&header))?;
         Ok(self.service.hub.remove_watch(self.id, caller, tag).await?)
     }
 
@@ -108,6 +112,8 @@ impl SubscriptionObject {
         filter: Vec<(String, Vec<String>)>,
     ) -> Result<(), BusError> {
         let caller = Self::caller(&header)?;
+        // Whose it is comes first: a stranger learns nothing from argument errors.
+        self.check_owner(Some(&header))?;
         Ok(self.service.hub.set_filter(self.id, caller, &filter)?)
     }
 
@@ -120,6 +126,7 @@ impl SubscriptionObject {
         source: &str,
     ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
         let caller = super::sender(&header)?;
+        self.check_owner(Some(&header))?;
         let (seq, objects) = self.service.snapshot(caller, source, Some(self.id)).await?;
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }
