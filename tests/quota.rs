@@ -17,6 +17,11 @@ use watchqd::source::quota::wire::{QuotaType, Warning};
 use zbus::Variant;
 
 /// The daemon's open `NETLINK_GENERIC` sockets (protocol 16 in /proc/net/netlink).
+/// The quota multicast group is one for the whole machine: the forgeries one test sends
+/// reach every other test's daemon, and the overflow test's flood overflows theirs. The
+/// tests that listen to the group take turns.
+static GROUP: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 fn genl_sockets(daemon: &Daemon) -> usize {
     daemon.netlink_sockets(16)
 }
@@ -40,6 +45,7 @@ fn wait_for_log(daemon: &Daemon, needle: &str, count: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_quota_warnings_reach_nobody_and_the_source_runs_only_while_watched() {
+    let _group = GROUP.lock().await;
     let daemon = Daemon::with_polkit("");
     let alice = user("watchq-alice");
     let (family, group) = quota::resolve();
@@ -156,6 +162,7 @@ async fn forged_quota_warnings_reach_nobody_and_the_source_runs_only_while_watch
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watching_every_uids_quota_needs_authorization() {
+    let _group = GROUP.lock().await;
     let daemon = Daemon::with_polkit("");
     let (alice, bob) = (user("watchq-alice"), user("watchq-bob"));
     for who in [&alice, &bob] {
@@ -196,6 +203,7 @@ async fn watching_every_uids_quota_needs_authorization() {
 /// fill the buffer like real ones: the kernel queues before anyone checks origin.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kernel_overflow_becomes_lost_for_quota_watchers() {
+    let _group = GROUP.lock().await;
     use nix::sys::signal::Signal as Sig;
     let daemon = Daemon::start();
     let (family, group) = quota::resolve();
