@@ -1,6 +1,8 @@
 //! Logging through `tracing`: to the journal when stderr is connected to it (as under
 //! systemd), to stderr otherwise. `RUST_LOG` or `--log-level` choose the level.
 
+use std::time::{Duration, Instant};
+
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::EnvFilter;
@@ -37,4 +39,77 @@ pub fn init(default_level: &str) {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+}
+
+/// At most [`LogLimit::BURST`] messages per [`LogLimit::INTERVAL`]; the first message
+/// after a quiet spell says how many were suppressed. A flood of failing events costs a
+/// few log lines, never a flood of them.
+#[derive(Debug, Default)]
+pub struct LogLimit {
+    window: Option<Instant>,
+    in_window: u32,
+    suppressed: u64,
+}
+
+impl LogLimit {
+    pub const BURST: u32 = 5;
+    pub const INTERVAL: Duration = Duration::from_secs(10);
+
+    /// Whether to log now; when yes, how many messages were suppressed before this one.
+    pub fn allow(&mut self, now: Instant) -> Option<u64> {
+        let fresh = self
+            .window
+            .is_none_or(|start| now.saturating_duration_since(start) >= Self::INTERVAL);
+        if fresh {
+            self.window = Some(now);
+            self.in_window = 0;
+        }
+        if self.in_window < Self::BURST {
+            self.in_window += 1;
+            Some(std::mem::take(&mut self.suppressed))
+        } else {
+            self.suppressed += 1;
+            None
+        }
+    }
+
+    /// [`LogLimit::allow`] now, for a limit shared between threads.
+    pub fn allow_shared(limit: &std::sync::Mutex<Self>) -> Option<u64> {
+        limit
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow(Instant::now())
+    }
+
+    /// The note to append to a message allowed after `suppressed` others.
+    pub fn note(suppressed: u64) -> String {
+        if suppressed == 0 {
+            String::new()
+        } else {
+            format!(" ({suppressed} similar messages suppressed)")
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_flood_is_logged_a_few_times_then_counted() {
+        let mut limit = LogLimit::default();
+        let start = Instant::now();
+        let allowed = (0..1000)
+            .filter(|i| limit.allow(start + Duration::from_millis(*i)).is_some())
+            .count();
+        assert_eq!(allowed, LogLimit::BURST as usize);
+        assert_eq!(
+            limit.allow(start + LogLimit::INTERVAL + Duration::from_secs(1)),
+            Some(1000 - u64::from(LogLimit::BURST))
+        );
+        assert_eq!(
+            limit.allow(start + LogLimit::INTERVAL + Duration::from_secs(2)),
+            Some(0)
+        );
+    }
 }

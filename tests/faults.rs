@@ -42,13 +42,17 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
     let forged = format!(
         "add@{forged_path}\0ACTION=add\0DEVPATH={forged_path}\0SUBSYSTEM=block\0SEQNUM=1\0DEVNAME=forged0\0DEVTYPE=disk\0"
     );
-    socket::sendto(
-        forger.as_raw_fd(),
-        forged.as_bytes(),
-        &NetlinkAddr::new(0, 1),
-        MsgFlags::empty(),
-    )
-    .expect("multicast a forged uevent");
+    // A flood of them: each is dropped and counted, but only a few are logged at warn.
+    const FORGED: usize = 50;
+    for _ in 0..FORGED {
+        socket::sendto(
+            forger.as_raw_fd(),
+            forged.as_bytes(),
+            &NetlinkAddr::new(0, 1),
+            MsgFlags::empty(),
+        )
+        .expect("multicast a forged uevent");
+    }
     let mut buf = vec![0u8; 4096];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg =
@@ -72,9 +76,23 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
         !sub.about(forged_path).any(|_| true),
         "the forged uevent was delivered"
     );
+    let log = daemon.log_text();
+    let rejections: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("not sent by the kernel"))
+        .collect();
     assert!(
-        daemon.log_text().contains("not sent by the kernel"),
-        "the rejection is logged"
+        rejections
+            .last()
+            .is_some_and(|l| l.contains(&format!("rejected={FORGED}"))),
+        "every rejection is counted: {:?}",
+        rejections.last()
+    );
+    let warned = rejections.iter().filter(|l| l.contains(" WARN ")).count();
+    assert_eq!(
+        warned,
+        watchqd::logging::LogLimit::BURST as usize,
+        "{FORGED} forgeries make a few warnings, not a flood"
     );
 }
 

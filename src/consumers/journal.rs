@@ -27,9 +27,10 @@ use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::{attr_text, kind_of, LogLimit};
+use super::{attr_text, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed};
 use crate::event::Record;
+use crate::logging::LogLimit;
 use crate::source::Registry;
 
 /// Records waiting to be written.

@@ -18,7 +18,6 @@ pub mod units;
 
 use std::borrow::Cow;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use tokio::task::JoinSet;
 
@@ -139,70 +138,5 @@ pub fn attr_text(attr: &Attr) -> Cow<'_, str> {
         Attr::U64(v) => Cow::Owned(v.to_string()),
         Attr::U32(v) => Cow::Owned(v.to_string()),
         Attr::Bool(v) => Cow::Borrowed(if *v { "true" } else { "false" }),
-    }
-}
-
-/// At most [`LogLimit::BURST`] messages per [`LogLimit::INTERVAL`]; the first message
-/// after a quiet spell says how many were suppressed. A flood of failing events costs a
-/// few log lines, never a flood of them.
-#[derive(Debug, Default)]
-pub struct LogLimit {
-    window: Option<Instant>,
-    in_window: u32,
-    suppressed: u64,
-}
-
-impl LogLimit {
-    pub const BURST: u32 = 5;
-    pub const INTERVAL: Duration = Duration::from_secs(10);
-
-    /// Whether to log now; when yes, how many messages were suppressed before this one.
-    pub fn allow(&mut self, now: Instant) -> Option<u64> {
-        let fresh = self
-            .window
-            .is_none_or(|start| now.saturating_duration_since(start) >= Self::INTERVAL);
-        if fresh {
-            self.window = Some(now);
-            self.in_window = 0;
-        }
-        if self.in_window < Self::BURST {
-            self.in_window += 1;
-            Some(std::mem::take(&mut self.suppressed))
-        } else {
-            self.suppressed += 1;
-            None
-        }
-    }
-
-    /// The note to append to a message allowed after `suppressed` others.
-    pub fn note(suppressed: u64) -> String {
-        if suppressed == 0 {
-            String::new()
-        } else {
-            format!(" ({suppressed} similar messages suppressed)")
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_flood_is_logged_a_few_times_then_counted() {
-        let mut limit = LogLimit::default();
-        let start = Instant::now();
-        let allowed = (0..1000)
-            .filter(|i| limit.allow(start + Duration::from_millis(*i)).is_some())
-            .count();
-        assert_eq!(allowed, LogLimit::BURST as usize);
-        assert_eq!(
-            limit.allow(start + LogLimit::INTERVAL + Duration::from_secs(1)),
-            Some(1000 - u64::from(LogLimit::BURST))
-        );
-        assert_eq!(
-            limit.allow(start + LogLimit::INTERVAL + Duration::from_secs(2)),
-            Some(0)
-        );
     }
 }

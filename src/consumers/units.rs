@@ -14,9 +14,10 @@ use std::time::{Duration, Instant};
 use zbus::OwnedObjectPath;
 
 use super::unit_name::{UnitName, UnitNameError};
-use super::{event_value, kind_of, LogLimit};
+use super::{event_value, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed};
 use crate::event::Record;
+use crate::logging::LogLimit;
 use crate::source::{Registry, WatchMatcher};
 
 /// Events waiting for their units to be started.

@@ -39,6 +39,7 @@ use crate::activation;
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::glob::glob_match;
+use crate::logging::LogLimit;
 use crate::policy::{Identity, Scope};
 use wire::Action;
 
@@ -91,6 +92,9 @@ impl Default for DevicesConfig {
 pub struct Counters {
     pub received: AtomicU64,
     pub rejected_origin: AtomicU64,
+    /// Rejections are logged at warn a few times per interval, then counted: root can
+    /// forge messages as fast as it likes.
+    pub rejected_log: std::sync::Mutex<LogLimit>,
     pub malformed: AtomicU64,
     pub overflows: AtomicU64,
 }
@@ -361,13 +365,24 @@ fn recv_checked(fd: &OwnedFd, buf: &mut [u8], counters: &Counters) -> io::Result
     let len = msg.bytes;
     let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
     if sender_port != Some(0) || sender_uid != Some(0) {
-        counters.rejected_origin.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(
-            source = NAME,
-            ?sender_port,
-            ?sender_uid,
-            "dropped a uevent not sent by the kernel (spoofing attempt?)"
-        );
+        let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
+        match LogLimit::allow_shared(&counters.rejected_log) {
+            Some(suppressed) => tracing::warn!(
+                source = NAME,
+                ?sender_port,
+                ?sender_uid,
+                rejected = total,
+                "dropped a uevent not sent by the kernel (spoofing attempt?){}",
+                LogLimit::note(suppressed)
+            ),
+            None => tracing::debug!(
+                source = NAME,
+                ?sender_port,
+                ?sender_uid,
+                rejected = total,
+                "dropped a uevent not sent by the kernel (spoofing attempt?)"
+            ),
+        }
         return Ok(Received::Rejected);
     }
     if truncated {

@@ -54,6 +54,7 @@ use super::{
 use crate::activation;
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
+use crate::logging::LogLimit;
 use crate::policy::{Identity, Scope};
 use wire::{Family, QuotaType, Warning};
 
@@ -91,6 +92,9 @@ const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
 pub struct Counters {
     pub received: AtomicU64,
     pub rejected_origin: AtomicU64,
+    /// Rejections are logged at warn a few times per interval, then counted: root can
+    /// forge messages as fast as it likes.
+    pub rejected_log: std::sync::Mutex<LogLimit>,
     pub malformed: AtomicU64,
     pub overflows: AtomicU64,
 }
@@ -398,12 +402,21 @@ fn recv_checked(fd: &OwnedFd, buf: &mut [u8], counters: &Counters) -> io::Result
     );
     if sender_port != Some(0) {
         let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::warn!(
-            source = NAME,
-            ?sender_port,
-            rejected = total,
-            "dropped a quota message not sent by the kernel (spoofing attempt?)"
-        );
+        match LogLimit::allow_shared(&counters.rejected_log) {
+            Some(suppressed) => tracing::warn!(
+                source = NAME,
+                ?sender_port,
+                rejected = total,
+                "dropped a quota message not sent by the kernel (spoofing attempt?){}",
+                LogLimit::note(suppressed)
+            ),
+            None => tracing::debug!(
+                source = NAME,
+                ?sender_port,
+                rejected = total,
+                "dropped a quota message not sent by the kernel (spoofing attempt?)"
+            ),
+        }
         return Ok(Received::Rejected);
     }
     if msg.flags.contains(MsgFlags::MSG_TRUNC) {
