@@ -4,7 +4,6 @@
 mod common;
 
 use std::fs;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -12,24 +11,6 @@ use zbus::Variant;
 
 /// Sector of the failing read: 2 MiB into a device whose backing file is 1 MiB.
 const BAD_SECTOR: u64 = 4096;
-
-/// tracefs must be mounted for the source to find the event (systemd mounts it on every
-/// boot; a bare CI container may not have). Mounting it is the test bed's set-up.
-fn tracefs_mounted() {
-    let event = Path::new("/sys/kernel/tracing/events/block/block_rq_error");
-    if !event.exists() {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
-            .output()
-            .expect("mount(8)");
-        assert!(
-            event.exists(),
-            "block:block_rq_error is not available: tracefs is not mounted at /sys/kernel/tracing \
-             and mounting it failed ({}), or the kernel lacks CONFIG_BLK_DEV_IO_TRACE",
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-}
 
 /// The daemon's perf event fds (`anon_inode:[perf_event]`).
 fn perf_fds(daemon: &Daemon) -> usize {

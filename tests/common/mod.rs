@@ -142,6 +142,7 @@ impl Daemon {
     }
 
     fn launch_with(toml: &str, with_polkit: bool, sockets: Vec<std::os::fd::OwnedFd>) -> Daemon {
+        tracefs_mounted();
         let bus = PrivateBus::start();
         let polkit = with_polkit.then(|| polkit::Polkitd::start(&bus.address, bus.dir.path()));
         let config = bus.dir.path().join("watchqd.toml");
@@ -979,4 +980,23 @@ pub fn cpu_ticks(pid: u32) -> u64 {
         .split(' ')
         .collect();
     fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime")
+}
+
+/// tracefs must be mounted for the source to find the event (systemd mounts it on every
+/// boot; a bare CI container may not have). Mounting it is the test bed's set-up, done
+/// before every daemon starts, so that no test depends on another having run first.
+pub fn tracefs_mounted() {
+    let event = std::path::Path::new("/sys/kernel/tracing/events/block/block_rq_error");
+    if !event.exists() {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tracefs", "nodev", "/sys/kernel/tracing"])
+            .output()
+            .expect("mount(8)");
+        assert!(
+            event.exists(),
+            "block:block_rq_error is not available: tracefs is not mounted at /sys/kernel/tracing \
+             and mounting it failed ({}), or the kernel lacks CONFIG_BLK_DEV_IO_TRACE",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
 }
