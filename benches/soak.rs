@@ -1,0 +1,492 @@
+//! The soak: 1,000 subscriptions of mixed D-Bus libraries — zbus (this crate's client),
+//! GDBus (PyGObject), jeepney that never answers Ping and jeepney that answers it with
+//! UnknownMethod — joining, stalling, being killed and leaving at random while real
+//! uevents flow, on one private dbus-daemon.
+//!
+//! `cargo bench --bench soak` runs 10 minutes of events; under `cargo test` (no
+//! `--bench`) it runs 60 seconds, which `.ci/run` includes. It stops by itself, and exits
+//! non-zero when a check fails:
+//!
+//! - every surviving subscription's sequence numbers are contiguous, so the events it
+//!   received plus the `Lost` counts it was told equal exactly what the daemon queued for
+//!   it (checked by each client as it reads: `tests/foreign/soak_worker.py`, and here for
+//!   zbus), and each still receives events at the end (a marker device's change);
+//! - afterwards, with every client gone, the daemon is back to its idle figures: no
+//!   subscription left, the same fds and tasks as before the first subscriber, CPU over a
+//!   quiet spell as idle, RSS within [`RSS_SLACK_KIB`] of idle (the allocator keeps
+//!   some of what it was given; a leak of 1,000 subscriptions' state would exceed it).
+
+#[path = "../tests/common/mod.rs"]
+#[allow(dead_code, clippy::all)]
+mod common;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use common::{cpu_ticks, repo, Daemon, LoopDevice, Signal, Subscriber};
+use nix::sys::signal::{kill, Signal as Sig};
+use nix::unistd::Pid;
+use zbus::Variant;
+
+/// How far RSS may stay above idle once every client is gone.
+const RSS_SLACK_KIB: u64 = 32 * 1024;
+/// Daemon CPU ticks (1/100 s) allowed over the quiet spell after the soak.
+const QUIET_TICKS: u64 = 10;
+const QUIET: Duration = Duration::from_secs(3);
+/// Uevents per second on the watched device.
+const EVENT_RATE: u64 = 5;
+/// Subscriptions per connection, everywhere.
+const PER_CONNECTION: usize = 5;
+
+struct Worker {
+    name: String,
+    child: Child,
+    stdin: Option<ChildStdin>,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Worker {
+    fn start(
+        daemon: &Daemon,
+        library: &str,
+        ping: &str,
+        connections: usize,
+        disks: (&str, &str),
+        seed: u64,
+    ) -> Worker {
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/foreign/soak_worker.py"))
+            .args([
+                "--address",
+                daemon.address(),
+                "--library",
+                library,
+                "--ping",
+                ping,
+            ])
+            .args(["--connections", &connections.to_string()])
+            .args(["--per-connection", &PER_CONNECTION.to_string()])
+            .args([
+                "--device",
+                disks.0,
+                "--marker",
+                disks.1,
+                "--seed",
+                &seed.to_string(),
+            ])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 with jeepney and PyGObject (scripts/test installs them)");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let stdin = child.stdin.take();
+        let worker = Worker {
+            name: format!("{library}/{ping}#{seed}"),
+            child,
+            stdin,
+            lines,
+        };
+        let ready = worker.lines.recv_timeout(Duration::from_secs(120));
+        assert_eq!(
+            ready.as_deref(),
+            Ok("ready"),
+            "{} did not start",
+            worker.name
+        );
+        worker
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    /// Asks for the report and returns its `sub` lines.
+    fn report(&mut self, deadline: Instant) -> Result<Vec<String>, String> {
+        let stdin = self.stdin.as_mut().expect("stdin");
+        writeln!(stdin, "report").map_err(|e| format!("{}: {e}", self.name))?;
+        let mut subs = Vec::new();
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line == "done" => return Ok(subs),
+                Ok(line) => subs.push(line),
+                Err(_) => {
+                    return Err(format!(
+                        "{}: no report in time ({} subscriptions reported)",
+                        self.name,
+                        subs.len()
+                    ))
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = kill(self.pid(), Sig::SIGCONT);
+        drop(self.stdin.take());
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One zbus connection's subscriptions, churned like the jeepney workers churn theirs.
+async fn zbus_connection(
+    daemon_address: String,
+    device: String,
+    marker: String,
+    seed: u64,
+    stop: Arc<AtomicBool>,
+    report: Arc<AtomicBool>,
+) -> Vec<String> {
+    let mut rng = seed;
+    let mut next = move |n: u64| {
+        // xorshift: a reproducible sequence per connection, no extra dependency.
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % n
+    };
+    let open = |depth: u32| {
+        let (address, device, marker) = (daemon_address.clone(), device.clone(), marker.clone());
+        async move {
+            let conn = watchqd::client::connect(Some(&address))
+                .await
+                .expect("connect");
+            let mut subs = Vec::new();
+            for _ in 0..PER_CONNECTION {
+                let sub = Subscriber::on(
+                    conn.clone(),
+                    HashMap::from([("queue-depth", Variant::from(depth))]),
+                )
+                .await;
+                sub.watch("devices", 1, &[("name", Variant::from(device.as_str()))])
+                    .await;
+                sub.watch("devices", 2, &[("name", Variant::from(marker.as_str()))])
+                    .await;
+                subs.push(sub);
+            }
+            subs
+        }
+    };
+    let depths = [8u32, 64, 1024];
+    let mut subs = open(depths[usize::try_from(next(3)).unwrap_or(0)]).await;
+    while !stop.load(Ordering::Relaxed) {
+        match next(8) {
+            0 => {
+                // Stall: read nothing for a while.
+                tokio::time::sleep(Duration::from_millis(1000 + next(3000))).await;
+            }
+            1 => {
+                // Killed: the connection goes without a word.
+                drop(subs);
+                subs = open(depths[usize::try_from(next(3)).unwrap_or(0)]).await;
+            }
+            2 => {
+                // Leaves politely.
+                for sub in &subs {
+                    let _ = sub.proxy.close().await;
+                }
+                drop(subs);
+                subs = open(depths[usize::try_from(next(3)).unwrap_or(0)]).await;
+            }
+            _ => {
+                for sub in &mut subs {
+                    while sub.next(Duration::from_millis(10)).await.is_some() {}
+                }
+            }
+        }
+    }
+    while !report.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut lines = Vec::new();
+    for sub in &mut subs {
+        let deadline = Instant::now() + Duration::from_secs(120);
+        while !sub
+            .received
+            .iter()
+            .any(|s| matches!(s, Signal::Device { tag: 2, .. }))
+        {
+            assert!(
+                Instant::now() < deadline,
+                "a zbus subscription never saw the marker"
+            );
+            sub.next(Duration::from_millis(200)).await;
+        }
+        let mut expected = 1;
+        let (mut events, mut lost, mut gap) = (0u64, 0u64, None);
+        for signal in &sub.received {
+            if signal.seq() != expected && gap.is_none() {
+                gap = Some(signal.seq());
+            }
+            expected = signal.seq() + signal.span();
+            match signal {
+                Signal::Lost { count, .. } => lost += count,
+                _ => events += 1,
+            }
+        }
+        let verdict = gap.map_or_else(|| "ok".to_owned(), |g| format!("gap@{g}"));
+        lines.push(format!(
+            "sub {} {events} {lost} {expected} {verdict}",
+            sub.path.as_str()
+        ));
+    }
+    // Keep the connection (and so the subscriptions) until the report is read.
+    while !stop.load(Ordering::Relaxed) || report.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    lines
+}
+
+fn tasks(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/task")).map_or(0, Iterator::count)
+}
+
+struct Idle {
+    fds: usize,
+    tasks: usize,
+    rss_kib: u64,
+    quiet_ticks: u64,
+}
+
+fn idle(daemon: &Daemon) -> Idle {
+    let before = cpu_ticks(daemon.pid());
+    std::thread::sleep(QUIET);
+    Idle {
+        fds: daemon.fd_count(),
+        tasks: tasks(daemon.pid()),
+        rss_kib: daemon.rss_kib(),
+        quiet_ticks: cpu_ticks(daemon.pid()) - before,
+    }
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let quick = !std::env::args().any(|a| a == "--bench");
+    let soak = if quick {
+        Duration::from_secs(60)
+    } else {
+        Duration::from_secs(600)
+    };
+    println!(
+        "watchqd soak ({} of events; 1,000 subscriptions)",
+        if quick { "60 s" } else { "10 min" }
+    );
+    let daemon =
+        Daemon::with_config("[limits]\nsubscriptions_per_uid = 4000\nwatches_per_uid = 10000\n");
+    let before = idle(&daemon);
+    println!(
+        "idle: {} fds, {} tasks, RSS {} KiB, {} ticks in {QUIET:?}",
+        before.fds, before.tasks, before.rss_kib, before.quiet_ticks
+    );
+    let disk = LoopDevice::attach(4);
+    let marker = LoopDevice::attach(4);
+    let names = (disk.name.as_str(), marker.name.as_str());
+
+    // 1,000 subscriptions: 250 each of jeepney (no Ping), jeepney (UnknownMethod),
+    // GDBus and zbus, in connections of five.
+    let per_worker = 25; // connections
+    let mut seed = 1u64;
+    let mut spawn = |library: &str, ping: &str| {
+        seed += 1;
+        Worker::start(&daemon, library, ping, per_worker, names, seed)
+    };
+    let mut workers: Vec<Worker> = vec![
+        spawn("jeepney", "ignore"),
+        spawn("jeepney", "ignore"),
+        spawn("jeepney", "unknown-method"),
+        spawn("jeepney", "unknown-method"),
+        spawn("gdbus", "ignore"),
+        spawn("gdbus", "ignore"),
+    ];
+    let stop = Arc::new(AtomicBool::new(false));
+    let report = Arc::new(AtomicBool::new(false));
+    let mut zbus = Vec::new();
+    for i in 0..50u64 {
+        zbus.push(tokio::spawn(zbus_connection(
+            daemon.address().to_owned(),
+            disk.name.clone(),
+            marker.name.clone(),
+            0x9E37_79B9_7F4A_7C15 ^ (i + 1),
+            Arc::clone(&stop),
+            Arc::clone(&report),
+        )));
+    }
+
+    // Events, and whole processes stalled and killed, for the soak's length.
+    let start = Instant::now();
+    let mut events = 0u64;
+    let mut gdbus_killed = 0;
+    let mut next_churn = start + Duration::from_secs(3);
+    let mut round = 0u64;
+    while start.elapsed() < soak {
+        disk.synth_change();
+        events += 1;
+        if Instant::now() >= next_churn {
+            round += 1;
+            next_churn = Instant::now() + Duration::from_secs(2 + round % 5);
+            let index = usize::try_from(round).unwrap_or(0) % workers.len();
+            if round % 4 == 0 && workers[index].name.starts_with("gdbus") {
+                // A GDBus process dies with all its subscriptions; another takes its place.
+                let _ = workers[index].child.kill();
+                workers[index] = {
+                    seed += 100;
+                    Worker::start(&daemon, "gdbus", "ignore", per_worker, names, seed)
+                };
+                gdbus_killed += 1;
+            } else {
+                // A whole process stalls for a while (SIGSTOP), then goes on.
+                let pid = workers[index].pid();
+                let _ = kill(pid, Sig::SIGSTOP);
+                let resume = Duration::from_millis(1000 + (round * 700) % 3000);
+                std::thread::spawn(move || {
+                    std::thread::sleep(resume);
+                    let _ = kill(pid, Sig::SIGCONT);
+                });
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(1000 / EVENT_RATE)).await;
+    }
+    println!(
+        "{events} uevents in {:?}; {gdbus_killed} GDBus processes killed",
+        start.elapsed()
+    );
+    // Let the stalled processes go on before the report.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+
+    // The report: every survivor must account for every sequence number and still
+    // receive events (a marker device's changes, repeated until all have one).
+    stop.store(true, Ordering::Relaxed);
+    report.store(true, Ordering::Relaxed);
+    let marking = Arc::new(AtomicBool::new(true));
+    let marker_name = marker.name.clone();
+    let marker_thread = {
+        let marking = Arc::clone(&marking);
+        std::thread::spawn(move || {
+            while marking.load(Ordering::Relaxed) {
+                std::fs::write(format!("/sys/block/{marker_name}/uevent"), "change")
+                    .expect("marker uevent");
+                std::thread::sleep(Duration::from_millis(300));
+            }
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut failures = Vec::new();
+    let mut lines = Vec::new();
+    for worker in &mut workers {
+        match tokio::task::block_in_place(|| worker.report(deadline)) {
+            Ok(subs) => lines.extend(subs),
+            Err(e) => failures.push(e),
+        }
+    }
+    report.store(false, Ordering::Relaxed);
+    for task in zbus {
+        lines.extend(task.await.expect("zbus connection"));
+    }
+    marking.store(false, Ordering::Relaxed);
+    marker_thread.join().expect("marker thread");
+    let (mut received, mut lost) = (0u64, 0u64);
+    for line in &lines {
+        let words: Vec<&str> = line.split(' ').collect();
+        let ["sub", path, ev, lo, _next, verdict] = words.as_slice() else {
+            failures.push(format!("unexpected report line {line:?}"));
+            continue;
+        };
+        received += ev.parse::<u64>().unwrap_or(0);
+        lost += lo.parse::<u64>().unwrap_or(0);
+        if *verdict != "ok" {
+            failures.push(format!("{path}: sequence {verdict}"));
+        }
+    }
+    println!(
+        "{} surviving subscriptions reported: {received} events received, {lost} reported Lost, every sequence contiguous: {}",
+        lines.len(),
+        failures.is_empty()
+    );
+    if lines.len() != 1000 {
+        failures.push(format!(
+            "{} subscriptions reported, 1000 expected",
+            lines.len()
+        ));
+    }
+
+    // Everyone leaves; the daemon must be back to idle.
+    drop(workers);
+    let left = Instant::now();
+    loop {
+        let log = daemon.log_text();
+        let (opened, closed) = (
+            log.matches(" subscribed ").count(),
+            log.matches("subscription closed").count(),
+        );
+        if opened == closed {
+            println!(
+                "all {opened} subscriptions ever made are closed, {:?} after the last client left",
+                left.elapsed()
+            );
+            break;
+        }
+        if left.elapsed() > Duration::from_secs(60) {
+            failures.push(format!(
+                "{} of {opened} subscriptions still open 60 s after every client left",
+                opened - closed
+            ));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Blocking-pool threads linger 10 s after their last job.
+    let settle = Instant::now();
+    while tasks(daemon.pid()) > before.tasks && settle.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    let after = tokio::task::block_in_place(|| idle(&daemon));
+    println!(
+        "after: {} fds, {} tasks, RSS {} KiB, {} ticks in {QUIET:?}",
+        after.fds, after.tasks, after.rss_kib, after.quiet_ticks
+    );
+    if after.fds != before.fds {
+        failures.push(format!("fds {} after, {} idle", after.fds, before.fds));
+    }
+    if after.tasks > before.tasks {
+        failures.push(format!(
+            "tasks {} after, {} idle",
+            after.tasks, before.tasks
+        ));
+    }
+    if after.quiet_ticks > QUIET_TICKS.max(before.quiet_ticks * 2) {
+        failures.push(format!(
+            "CPU {} ticks in {QUIET:?} after, {} idle",
+            after.quiet_ticks, before.quiet_ticks
+        ));
+    }
+    if after.rss_kib > before.rss_kib + RSS_SLACK_KIB {
+        failures.push(format!(
+            "RSS {} KiB after, {} KiB idle (slack {RSS_SLACK_KIB} KiB)",
+            after.rss_kib, before.rss_kib
+        ));
+    }
+    if failures.is_empty() {
+        println!("soak: PASS");
+    } else {
+        for failure in &failures {
+            println!("soak: FAIL {failure}");
+        }
+        std::process::exit(1);
+    }
+}
