@@ -15,6 +15,7 @@ use crate::consumers::journal::JournalConfig;
 use crate::consumers::units::{system_wide_names, RawUnitRule, UnitRule, UnitRuleError};
 use crate::dispatch::{DeliveryConfig, Limits};
 use crate::filter::Filter;
+use crate::glob::Pattern;
 use crate::policy::{PolicyConfig, Rule, Verdict};
 use crate::source::devices::DevicesConfig;
 use crate::source::Registry;
@@ -282,8 +283,8 @@ impl Config {
                 ));
             }
             rules.push(Rule {
-                label: rule.label,
-                app_id: rule.app_id,
+                label: rule.label.as_deref().map(Pattern::new),
+                app_id: rule.app_id.as_deref().map(Pattern::new),
                 sources: rule.sources,
                 verdict,
             });
@@ -468,8 +469,8 @@ mod tests {
         assert_eq!(
             config.units[0].properties,
             [
-                ("devtype".to_owned(), "usb_device".to_owned()),
-                ("subsystem".to_owned(), "usb".to_owned())
+                ("devtype".to_owned(), Pattern::new("usb_device")),
+                ("subsystem".to_owned(), Pattern::new("usb"))
             ]
             .into()
         );
