@@ -89,6 +89,7 @@ pub struct RawLimits {
     pub subscriptions_per_connection: Option<u64>,
     pub subscriptions_per_uid: Option<u64>,
     pub watches_per_subscription: Option<u64>,
+    pub watches_per_uid: Option<u64>,
     pub filter_entries: Option<u64>,
     pub watch_spec_size: Option<u64>,
 }
@@ -248,6 +249,13 @@ impl Config {
                 defaults.limits.watches_per_subscription,
                 1,
                 65536,
+            )?,
+            watches_per_uid: ranged(
+                "limits.watches_per_uid",
+                raw.limits.watches_per_uid,
+                defaults.limits.watches_per_uid,
+                1,
+                1 << 20,
             )?,
             filter_entries: ranged(
                 "limits.filter_entries",
