@@ -38,7 +38,7 @@ use zbus::Variant;
 const ALICE_ENV: &str = "WATCHQ_BENCH_ALICE";
 const CONNECTIONS: usize = 4;
 const SUBSCRIPTIONS: usize = 16;
-const WATCHES: u64 = 4;
+const WATCHES: usize = 4;
 
 fn percentile(sorted: &[Duration], permille: usize) -> Duration {
     sorted[(sorted.len() - 1) * permille / 1000]
@@ -149,7 +149,7 @@ async fn alice_main(address: String) {
     }
     let mut taken = 0;
     for sub in &subs {
-        for tag in 0..WATCHES {
+        for tag in 0..WATCHES as u64 {
             sub.add_watch("devices", tag, hostile_spec(&set, &name, taken))
                 .await
                 .expect("alice's watch within the limits");
@@ -157,7 +157,7 @@ async fn alice_main(address: String) {
         }
     }
     let one_more = match subs[0]
-        .add_watch("devices", WATCHES, hostile_spec(&set, &name, taken))
+        .add_watch("devices", WATCHES as u64, hostile_spec(&set, &name, taken))
         .await
     {
         Ok(()) => "accepted".to_owned(),
@@ -243,7 +243,7 @@ async fn bench() -> std::process::ExitCode {
         "watchqd matching benchmark ({}; {} cores): bob's delivery with and without alice's {} watches",
         if quick { "smoke run" } else { "full run" },
         std::thread::available_parallelism().map_or(0, usize::from),
-        CONNECTIONS * SUBSCRIPTIONS * WATCHES as usize,
+        CONNECTIONS * SUBSCRIPTIONS * WATCHES,
     );
     // The default limits: the point is what they still allow.
     let daemon = Daemon::with_polkit("");
