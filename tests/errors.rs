@@ -162,6 +162,60 @@ async fn limits_give_limit_exceeded_and_leave_the_daemon_serving() {
     other.watch("devices", 1, &[]).await;
 }
 
+/// A name pattern longer than a kernel name (255 bytes) is refused with LimitExceeded
+/// naming the option and the limit, and changes nothing; runs of `*` in an allowed
+/// pattern are collapsed and it matches as before (issue 14: `"*"×4000 + "a"` patterns
+/// cost every subscriber 22 ms per event).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn name_patterns_longer_than_a_kernel_name_are_refused() {
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let mut sub = Subscriber::new(&daemon).await;
+    let hostile = format!("{}a", "*".repeat(4000));
+    // One byte over: `?`s and the device's name.
+    let too_long = format!("{}{}", "?".repeat(256 - disk.name.len()), disk.name);
+    for pattern in [&hostile, &too_long] {
+        let refused = sub
+            .proxy
+            .add_watch(
+                "devices",
+                1,
+                HashMap::from([("name", Variant::from(pattern.as_str()))]),
+            )
+            .await;
+        match refused {
+            Err(zbus::Error::MethodError(name, Some(message), _)) => {
+                assert_eq!(name.as_str(), "org.watchq1.Error.LimitExceeded");
+                assert!(
+                    message.contains("'name'") && message.contains("255"),
+                    "{message}"
+                );
+                assert!(
+                    message.len() < 200,
+                    "the message does not echo the pattern: {message}"
+                );
+            }
+            other => panic!("expected LimitExceeded, got {other:?}"),
+        }
+    }
+    assert!(sub.proxy.watches().await.unwrap().is_empty());
+
+    // 255 bytes, all stars but the device's name: allowed, collapsed to `*loopN`, and it
+    // matches.
+    let stars = format!("{}{}", "*".repeat(255 - disk.name.len()), disk.name);
+    sub.watch("devices", 2, &[("name", Variant::from(stars.as_str()))])
+        .await;
+    disk.synth_change();
+    // (`*loop3` also matches a `loop13` another test may be using.)
+    let sys_path = disk.sys_path();
+    sub.until("the starry watch's event", |signals| {
+        signals
+            .iter()
+            .any(|s| matches!(s, Signal::Device { tag: 2, sys_path: p, .. } if *p == sys_path))
+    })
+    .await;
+}
+
 #[test]
 fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
     let dir = tempfile::tempdir().unwrap();

@@ -153,6 +153,12 @@ async fn serve(
                 |()| json!(null),
             )
         }
+        "unwatch" => outcome(
+            subscriptions[sub(&request["sub"])]
+                .remove_watch(request["tag"].as_u64().unwrap())
+                .await,
+            |()| json!(null),
+        ),
         "filter" => {
             let entries: Vec<(String, Vec<String>)> =
                 serde_json::from_value(request["filter"].clone()).unwrap();
@@ -844,4 +850,45 @@ fn every_limit_gives_limit_exceeded_and_the_daemon_keeps_serving() {
         .any(|s| s["path"].as_str() == Some(b_path.as_str()) && s["tag"] == 7));
     let a_signals = a.until(&disk.sys_path());
     assert!(!a_signals.is_empty());
+}
+
+/// `limits.watches_per_uid` counts a user's watches on all her connections, refuses the
+/// one over it with LimitExceeded naming the limit, leaves other users alone, and gives
+/// room back when a watch goes (issue 14: one user's watches must not cost everyone).
+#[test]
+fn watches_per_uid_count_across_a_users_connections() {
+    let daemon = Daemon::with_polkit("[limits]\nwatches_per_uid = 3\n");
+    let (alice, bob) = (alice(), bob());
+    let mut a1 = Client::spawn(&daemon, As::User(&alice));
+    let mut a2 = Client::spawn(&daemon, As::User(&alice));
+    a1.subscribe();
+    a2.subscribe();
+    assert_eq!(a1.watch(0, "devices", 1, json!({"name": "loop*"})), "ok");
+    assert_eq!(a1.watch(0, "devices", 2, json!({"name": "sd?"})), "ok");
+    assert_eq!(a2.watch(0, "devices", 1, json!({"name": "vda"})), "ok");
+    let refused = a2.ask(json!({"op": "watch", "sub": 0, "kind": "devices", "tag": 2, "spec": {}}));
+    assert_eq!(refused["err"], LIMIT, "{refused}");
+    let message = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("limits.watches_per_uid") && message.contains('3'),
+        "{message}"
+    );
+    // A second subscription on the same connection is no way round it.
+    a2.subscribe();
+    assert_eq!(a2.watch(1, "devices", 1, json!({})), LIMIT);
+
+    // Bob has limits of his own.
+    let mut b = Client::spawn(&daemon, As::User(&bob));
+    b.subscribe();
+    for tag in 1..=3 {
+        assert_eq!(b.watch(0, "devices", tag, json!({})), "ok");
+    }
+
+    // One of alice's watches goes, on the other connection: room for one more.
+    assert_eq!(
+        a1.result(json!({"op": "unwatch", "sub": 0, "tag": 2})),
+        "ok"
+    );
+    assert_eq!(a2.watch(1, "devices", 1, json!({})), "ok");
+    assert_eq!(a2.watch(1, "devices", 2, json!({})), LIMIT);
 }

@@ -15,6 +15,7 @@ use crate::consumers::journal::JournalConfig;
 use crate::consumers::units::{system_wide_names, RawUnitRule, UnitRule, UnitRuleError};
 use crate::dispatch::{DeliveryConfig, Limits};
 use crate::filter::Filter;
+use crate::glob::Pattern;
 use crate::policy::{PolicyConfig, Rule, Verdict};
 use crate::source::devices::DevicesConfig;
 use crate::source::Registry;
@@ -88,6 +89,7 @@ pub struct RawLimits {
     pub subscriptions_per_connection: Option<u64>,
     pub subscriptions_per_uid: Option<u64>,
     pub watches_per_subscription: Option<u64>,
+    pub watches_per_uid: Option<u64>,
     pub filter_entries: Option<u64>,
     pub watch_spec_size: Option<u64>,
 }
@@ -248,6 +250,13 @@ impl Config {
                 1,
                 65536,
             )?,
+            watches_per_uid: ranged(
+                "limits.watches_per_uid",
+                raw.limits.watches_per_uid,
+                defaults.limits.watches_per_uid,
+                1,
+                1 << 20,
+            )?,
             filter_entries: ranged(
                 "limits.filter_entries",
                 raw.limits.filter_entries,
@@ -282,8 +291,8 @@ impl Config {
                 ));
             }
             rules.push(Rule {
-                label: rule.label,
-                app_id: rule.app_id,
+                label: rule.label.as_deref().map(Pattern::new),
+                app_id: rule.app_id.as_deref().map(Pattern::new),
                 sources: rule.sources,
                 verdict,
             });
@@ -468,8 +477,8 @@ mod tests {
         assert_eq!(
             config.units[0].properties,
             [
-                ("devtype".to_owned(), "usb_device".to_owned()),
-                ("subsystem".to_owned(), "usb".to_owned())
+                ("devtype".to_owned(), Pattern::new("usb_device")),
+                ("subsystem".to_owned(), Pattern::new("usb"))
             ]
             .into()
         );

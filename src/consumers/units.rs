@@ -17,6 +17,7 @@ use super::unit_name::{UnitName, UnitNameError};
 use super::{event_value, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed};
 use crate::event::Record;
+use crate::glob::Pattern;
 use crate::logging::LogLimit;
 use crate::source::{Registry, WatchMatcher};
 
@@ -31,9 +32,9 @@ pub struct UnitRule {
     pub source: &'static str,
     /// Event kinds (the source's subtype names, as `SetFilter` takes them); empty: all.
     pub kinds: Vec<&'static str>,
-    /// Attribute name → `*`/`?` pattern its value must match; a name no attribute has
-    /// is looked up among the event's raw properties (uevent `KEY=value`).
-    pub properties: BTreeMap<String, String>,
+    /// Attribute name → `*`/`?` pattern its value must match (compiled at load); a name
+    /// no attribute has is looked up among the event's raw properties (uevent `KEY=value`).
+    pub properties: BTreeMap<String, Pattern>,
     pub unit: UnitName,
     /// For a template: the attribute whose value is the instance.
     pub instance: Option<String>,
@@ -122,7 +123,14 @@ impl UnitRule {
         Ok(UnitRule {
             source: source.name(),
             kinds,
-            properties: raw.properties,
+            properties: raw
+                .properties
+                .into_iter()
+                .map(|(key, pattern)| {
+                    let pattern = Pattern::new(&pattern);
+                    (key, pattern)
+                })
+                .collect(),
             unit,
             instance: raw.instance,
         })
@@ -132,9 +140,10 @@ impl UnitRule {
     pub fn matches(&self, record: &Record, kind: &str) -> bool {
         record.source == self.source
             && (self.kinds.is_empty() || self.kinds.contains(&kind))
-            && self.properties.iter().all(|(key, pattern)| {
-                event_value(record, key).is_some_and(|v| crate::glob::glob_match(pattern, &v))
-            })
+            && self
+                .properties
+                .iter()
+                .all(|(key, pattern)| event_value(record, key).is_some_and(|v| pattern.matches(&v)))
     }
 
     /// The unit to start for `record`.

@@ -20,7 +20,7 @@ pub mod identity;
 
 use crate::error::Error;
 use crate::event::Audience;
-use crate::glob::glob_match;
+use crate::glob::Pattern;
 
 pub use authority::{Answer, Authority, Authorizer, Polkit};
 pub use identity::{Identity, Sandbox, SandboxKind};
@@ -119,12 +119,13 @@ pub enum Verdict {
 }
 
 /// A configuration rule (`[[policy.rules]]`): matches callers by security label and/or
-/// sandboxed app id (`*` and `?` wildcards), optionally only for some sources. The first
-/// rule that matches a request decides its verdict.
+/// sandboxed app id (`*` and `?` wildcards, compiled when the configuration is loaded),
+/// optionally only for some sources. The first rule that matches a request decides its
+/// verdict.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rule {
-    pub label: Option<String>,
-    pub app_id: Option<String>,
+    pub label: Option<Pattern>,
+    pub app_id: Option<Pattern>,
     /// Watch kinds the rule applies to; empty means every request, Subscribe included.
     pub sources: Vec<String>,
     pub verdict: Verdict,
@@ -134,10 +135,7 @@ impl Rule {
     fn matches(&self, caller: &Identity, source: Option<&str>) -> bool {
         let label = match &self.label {
             None => true,
-            Some(pattern) => caller
-                .label
-                .as_deref()
-                .is_some_and(|l| glob_match(pattern, l)),
+            Some(pattern) => caller.label.as_deref().is_some_and(|l| pattern.matches(l)),
         };
         let app = match &self.app_id {
             None => true,
@@ -145,7 +143,7 @@ impl Rule {
                 .sandbox
                 .as_ref()
                 .and_then(|s| s.app_id.as_deref())
-                .is_some_and(|a| glob_match(pattern, a)),
+                .is_some_and(|a| pattern.matches(a)),
         };
         let applies =
             self.sources.is_empty() || source.is_some_and(|s| self.sources.iter().any(|r| r == s));

@@ -47,6 +47,14 @@ pub enum Availability {
 pub trait WatchMatcher: Send + Sync + std::fmt::Debug {
     fn matches(&self, record: &Record) -> bool;
 
+    /// The one key a record must have ([`EventSource::index_key`]) for this watch to
+    /// match it, when there is one (a device name without wildcards): the hub then keeps
+    /// the watch in an index and visits it only for records with that key. A watch that
+    /// returns a key must never match a record whose key differs.
+    fn index_key(&self) -> Option<&str> {
+        None
+    }
+
     /// The kernel object this watch is bound to, for watches that end when it goes (a
     /// key, a mount namespace): a [`SourceMsg::WatchedObjectGone`] naming it removes the
     /// watch with `WatchRemoved`.
@@ -154,6 +162,12 @@ pub trait EventSource: Send + Sync + 'static {
 
     /// Opens the kernel interface and returns the stream of records.
     fn open(&self) -> std::io::Result<SourceStream>;
+
+    /// The key a record is looked up by among watches that give one
+    /// ([`WatchMatcher::index_key`]), for sources whose watches name objects exactly.
+    fn index_key<'r>(&self, _record: &'r Record) -> Option<&'r str> {
+        None
+    }
 
     fn subtype_index(&self, name: &str) -> Option<u8> {
         self.subtypes()

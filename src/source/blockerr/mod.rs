@@ -59,7 +59,7 @@ use super::{
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
-use crate::glob::glob_match;
+use crate::glob::Pattern;
 use crate::policy::{Identity, Scope};
 use wire::{Format, PerfRecord, RqError};
 
@@ -126,6 +126,11 @@ impl EventSource for BlockErrors {
     }
 
     /// Errors of every device, whoever caused them: system-wide, nothing to arm.
+    /// The device's kernel name, which a watch's `name` without wildcards must equal.
+    fn index_key<'r>(&self, record: &'r Record) -> Option<&'r str> {
+        record.attr_str("device")
+    }
+
     fn parse_watch(&self, spec: &WatchSpec, _requester: &Identity) -> Result<PlannedWatch, Error> {
         let watch = BlockErrorWatch::parse(spec)?;
         Ok(PlannedWatch::ready(Scope::System, Box::new(watch)))
@@ -652,7 +657,7 @@ impl Limiter {
 /// No key: every block device.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct BlockErrorWatch {
-    name: Option<String>,
+    name: Option<Pattern>,
 }
 
 impl BlockErrorWatch {
@@ -661,18 +666,26 @@ impl BlockErrorWatch {
     pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
         reject_unknown_keys(spec, NAME, Self::KEYS)?;
         Ok(BlockErrorWatch {
-            name: spec_str(spec, "name")?,
+            name: spec_str(spec, "name")?
+                .map(|name| Pattern::for_name("name", &name))
+                .transpose()?,
         })
     }
 }
 
 impl WatchMatcher for BlockErrorWatch {
+    /// A name without wildcards: looked up by the event's device name
+    /// ([`EventSource::index_key`]) instead of visited for every error.
+    fn index_key(&self) -> Option<&str> {
+        self.name.as_ref().and_then(Pattern::exact)
+    }
+
     fn matches(&self, record: &Record) -> bool {
         record.source == NAME
-            && self.name.as_deref().is_none_or(|pattern| {
+            && self.name.as_ref().is_none_or(|pattern| {
                 record
                     .attr_str("device")
-                    .is_some_and(|name| glob_match(pattern, name))
+                    .is_some_and(|name| pattern.matches(name))
             })
     }
 }
@@ -726,7 +739,7 @@ mod tests {
     #[test]
     fn watches_match_device_names() {
         let watch = BlockErrorWatch {
-            name: Some("loop*".into()),
+            name: Some(Pattern::new("loop*")),
         };
         let mut rec = record(&error(0, 1), 1, 0, None);
         rec.attributes.insert("device".into(), "loop3".into());
@@ -740,6 +753,7 @@ mod tests {
             .into_iter()
             .collect();
         assert!(BlockErrorWatch::parse(&spec).is_err());
-        assert!(glob_match("sd?", "sda") && !glob_match("sd?", "sda1"));
+        let sd = Pattern::new("sd?");
+        assert!(sd.matches("sda") && !sd.matches("sda1"));
     }
 }

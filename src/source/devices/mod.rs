@@ -38,7 +38,7 @@ use super::{
 use crate::activation;
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
-use crate::glob::glob_match;
+use crate::glob::Pattern;
 use crate::logging::LogLimit;
 use crate::policy::{Identity, Scope};
 use wire::Action;
@@ -145,6 +145,11 @@ impl EventSource for Devices {
     }
 
     /// Device events are system-wide and need nothing armed.
+    /// Its kernel name, which a device watch's `name` without wildcards must equal.
+    fn index_key<'r>(&self, record: &'r Record) -> Option<&'r str> {
+        kernel_name(record)
+    }
+
     fn parse_watch(&self, spec: &WatchSpec, _requester: &Identity) -> Result<PlannedWatch, Error> {
         let watch = DeviceWatch::parse(spec)?;
         Ok(PlannedWatch::ready(Scope::System, Box::new(watch)))
@@ -417,13 +422,13 @@ fn subtype_of(event: &wire::UEvent) -> u8 {
 /// A device watch: every given condition must hold.
 ///
 /// Keys: `subsystem` (`block` or `usb`), `devtype` (`disk`, `partition`, `usb_device`,
-/// `usb_interface`, …), `name` (the kernel name, `*` and `?` wildcards), `properties`
-/// (`a{ss}` of uevent properties that must be equal).
+/// `usb_interface`, …), `name` (the kernel name, `*` and `?` wildcards, compiled once
+/// here), `properties` (`a{ss}` of uevent properties that must be equal).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DeviceWatch {
     subsystem: Option<String>,
     devtype: Option<String>,
-    name: Option<String>,
+    name: Option<Pattern>,
     properties: HashMap<String, String>,
 }
 
@@ -452,13 +457,26 @@ impl DeviceWatch {
         Ok(DeviceWatch {
             subsystem,
             devtype: spec_str(spec, "devtype")?,
-            name: spec_str(spec, "name")?,
+            name: spec_str(spec, "name")?
+                .map(|name| Pattern::for_name("name", &name))
+                .transpose()?,
             properties,
         })
     }
 }
 
+/// A device's kernel name: the last component of its sysfs path (its object id).
+fn kernel_name(record: &Record) -> Option<&str> {
+    record.object_id.rsplit('/').next()
+}
+
 impl WatchMatcher for DeviceWatch {
+    /// A name without wildcards: the hub looks the watch up by the event's kernel name
+    /// ([`EventSource::index_key`]) instead of visiting it for every device.
+    fn index_key(&self) -> Option<&str> {
+        self.name.as_ref().and_then(Pattern::exact)
+    }
+
     fn matches(&self, record: &Record) -> bool {
         if record.source != NAME {
             return false;
@@ -471,13 +489,10 @@ impl WatchMatcher for DeviceWatch {
                 .devtype
                 .as_deref()
                 .is_none_or(|d| prop("DEVTYPE") == Some(d))
-            && self.name.as_deref().is_none_or(|pattern| {
-                record
-                    .object_id
-                    .rsplit('/')
-                    .next()
-                    .is_some_and(|name| glob_match(pattern, name))
-            })
+            && self
+                .name
+                .as_ref()
+                .is_none_or(|pattern| kernel_name(record).is_some_and(|name| pattern.matches(name)))
             && self
                 .properties
                 .iter()
