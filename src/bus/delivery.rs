@@ -24,9 +24,13 @@
 //! silently.
 //!
 //! Cost: a subscription that is gone stops its deliverer at once ([`Subscribed::closed`]);
-//! at most one Ping per subscription is outstanding; bus errors are retried after a
-//! growing pause; the bus's statistics are asked with a growing pause while it holds a
-//! backlog. Nothing here loops without progress or a timer.
+//! at most one Ping per subscription is outstanding, none once a peer failed to answer
+//! one while the statistics serve, and at most [`MAX_PINGS`] in all: the bus allows a
+//! connection a bounded number of pending replies (dbus-daemon: 128), and Pings that a
+//! crowd of silent peers never answer must not use up the ones polkit's checks need.
+//! Bus errors are retried after a growing pause; the bus's statistics are asked with a
+//! growing pause while it holds a backlog. Nothing here loops without progress or a
+//! timer.
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -41,6 +45,12 @@ use zbus::{Connection, Message};
 use super::subscription;
 use super::{emit, event_message, Service};
 use crate::dispatch::Subscribed;
+
+/// Pings outstanding at once, over all subscriptions.
+pub(super) const MAX_PINGS: usize = 32;
+
+/// How long a deliverer waits before it tries again for a Ping permit.
+const PERMIT_WAIT: Duration = Duration::from_millis(250);
 
 /// How long a Ping may go unanswered before the bus's statistics are asked instead.
 const PING_PATIENCE: Duration = Duration::from_secs(1);
@@ -131,13 +141,7 @@ impl Service {
                 return;
             }
         };
-        let stats = match StatsProxy::new(&self.conn).await {
-            Ok(stats) => Some(stats),
-            Err(e) => {
-                tracing::debug!("no bus statistics proxy: {e}");
-                None
-            }
-        };
+        let stats = self.stats.as_ref();
         let stats_known = || stats.is_some() && !self.bus_stats_refused.load(Ordering::Relaxed);
         let mut window = Window::default();
         let mut probe: Option<Probe> = None;
@@ -173,12 +177,27 @@ impl Service {
                     stats_at = now + PING_PATIENCE;
                     stats_pause = STATS_FIRST_PAUSE;
                 }
-                if probe.is_none() && retry_at.is_none_or(|at| at <= now) {
-                    retry_at = None;
-                    probe = Some(Probe {
-                        reply: Box::pin(ping_peer(self.conn.clone(), owner.clone())),
-                        covers: window.sent,
-                    });
+                // A peer that did not answer is not pinged again while the bus's
+                // statistics serve: each unanswered Ping holds one of the pending
+                // replies the bus allows our connection.
+                let ping_worth_it = !(unanswered && stats_known());
+                if probe.is_none() && retry_at.is_none() && ping_worth_it {
+                    // Without a permit the Ping waits; the statistics may acknowledge
+                    // meanwhile.
+                    match Arc::clone(&self.pings).try_acquire_owned() {
+                        Ok(permit) => {
+                            let (conn, owner) = (self.conn.clone(), owner.clone());
+                            probe = Some(Probe {
+                                reply: Box::pin(async move {
+                                    let outcome = ping_peer(conn, owner).await;
+                                    drop(permit);
+                                    outcome
+                                }),
+                                covers: window.sent,
+                            });
+                        }
+                        Err(_) => retry_at = Some(now + PERMIT_WAIT),
+                    }
                 }
             }
             let owed = owed_since.is_some();
@@ -225,7 +244,7 @@ impl Service {
                 }
                 () = tokio::time::sleep_until(stats_at), if owed && stats_known() => {
                     let asked_after = window.sent;
-                    let backlog = match &stats {
+                    let backlog = match stats {
                         Some(stats) => bus_backlog(stats, &owner).await,
                         None => Backlog::Unknown("no statistics proxy".into()),
                     };
@@ -248,7 +267,9 @@ impl Service {
                     }
                     stats_at = Instant::now() + stats_pause;
                 }
-                () = sleep_until_some(retry_at), if retry_at.is_some() && probe.is_none() => {}
+                () = sleep_until_some(retry_at), if retry_at.is_some() && probe.is_none() => {
+                    retry_at = None;
+                }
                 () = notify.notified(), if window.in_flight() < limit => {}
             }
         }

@@ -43,6 +43,10 @@ pub struct Service {
     /// Set once the bus refused its per-connection statistics ([`delivery`]), so that
     /// no deliverer asks again.
     bus_stats_refused: std::sync::atomic::AtomicBool,
+    /// The bus's per-connection statistics, for [`delivery`]; one proxy for all.
+    stats: Option<zbus::fdo::StatsProxy<'static>>,
+    /// Permits for Pings in flight ([`delivery::MAX_PINGS`]).
+    pings: Arc<tokio::sync::Semaphore>,
 }
 
 impl Service {
@@ -59,6 +63,18 @@ impl Service {
             dbus: DBusProxy::new(conn).await?,
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
             bus_stats_refused: std::sync::atomic::AtomicBool::new(false),
+            pings: Arc::new(tokio::sync::Semaphore::new(delivery::MAX_PINGS)),
+            stats: match zbus::fdo::StatsProxy::builder(conn)
+                .cache_properties(zbus::proxy::CacheProperties::No)
+                .build()
+                .await
+            {
+                Ok(stats) => Some(stats),
+                Err(e) => {
+                    tracing::debug!("no bus statistics proxy: {e}");
+                    None
+                }
+            },
         });
         conn.object_server()
             .at(
@@ -239,11 +255,21 @@ impl Service {
             if args.new_owner().is_some() || !args.name().starts_with(':') {
                 continue;
             }
-            for id in self.hub.subscriptions_of(args.name()) {
-                tracing::debug!(subscription = id, owner = %args.name(), "owner left the bus");
-                self.close(id).await;
-            }
+            let gone = self.hub.subscriptions_of(args.name());
             self.authorizer.forget(args.name());
+            if gone.is_empty() {
+                continue;
+            }
+            // Closed on a task of their own: this stream must keep being read, or zbus
+            // stops reading the connection when its queue is full, and a close waits for
+            // the object server, which may be waiting for that very connection.
+            let (service, owner) = (Arc::clone(&self), args.name().to_string());
+            tokio::spawn(async move {
+                for id in gone {
+                    tracing::debug!(subscription = id, owner, "owner left the bus");
+                    service.close(id).await;
+                }
+            });
         }
         Err(zbus::Error::Failure("NameOwnerChanged stream ended".into()))
     }
