@@ -22,18 +22,18 @@
 //! - a watch that names its object exactly (a device or block-error name without
 //!   wildcards: [`WatchMatcher::index_key`]) is looked up by the record's key, not
 //!   visited; only a subscription's watches of the record's source without a key are;
-//! - a visited watch costs a bounded number of steps: a few property lookups (a device
-//!   watch compares at most 2 + 16 properties) and one name match, whose pattern was
+//! - a visited watch costs a bounded number of steps: one walk along the event's
+//!   properties (a device watch requires at most 2 + 16) and one name match, whose pattern was
 //!   compiled at `AddWatch` and costs O(t²) for a t-character name whatever the
 //!   pattern's length ([`crate::glob`]).
 //!
 //! Measured (`cargo bench --bench matching`, 2 shared cores): 256 watches built to cost
-//! the most without matching (wildcard names, and subsystem, devtype, name and every
-//! property of the device matching but one) add about 110 µs of daemon CPU per uevent
-//! (~0.45 µs per watch; ~0.1 µs with wildcard names alone), and another subscriber's p50
-//! latency goes from ~0.2 ms to ~0.3 ms (1.6x); before these limits, 4,096 watches with
-//! `"*"×4000 + "a"` names cost 22 ms per event. Each further user with such a set adds
-//! as much again: the budget is per user.
+//! the most without matching (subsystem, devtype, a wildcard name and every property of
+//! the device but one matching) add about 50-65 µs of daemon CPU per uevent (~0.25 µs
+//! per watch; 15-30 µs with wildcard names alone), and another subscriber's p50 latency
+//! goes from ~0.17 ms to ~0.23 ms (1.4x); before these limits, 4,096 watches with
+//! `"*"×4000 + "a"` names cost 22 ms per event (issue 14). Each further user with such
+//! a set adds as much again: the budget is per user.
 //!
 //! Besides subscriptions, the daemon's own *consumers* (rules that start systemd units,
 //! the journal writer) take records from the hub: each holds the sources it names open

@@ -16,6 +16,10 @@
 //!   O(t²) character steps for a text of `t` characters, whatever the pattern's length.
 //!
 //! Names in watches are limited to [`MAX_NAME_PATTERN`] bytes ([`Pattern::for_name`]).
+//! A compiled wildcard pattern holds its characters as `char`s (4 bytes each, so at most
+//! about 1 KiB for a name pattern); an exact one its text. `globset` was the other
+//! candidate: it compiles every pattern to a regex (kilobytes each, and a user may hold
+//! hundreds) and gives `[`, `{` and `\` meanings they do not have here.
 
 use crate::error::Error;
 use wildmatch::WildMatch;

@@ -426,10 +426,11 @@ fn subtype_of(event: &wire::UEvent) -> u8 {
 /// here), `properties` (`a{ss}` of uevent properties that must be equal).
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DeviceWatch {
-    subsystem: Option<String>,
-    devtype: Option<String>,
+    /// Uevent properties that must be equal, `SUBSYSTEM` and `DEVTYPE` from their keys
+    /// included, sorted by key: one walk along the record's (sorted) properties checks
+    /// them all, whatever their number, as every watch is checked for every event.
+    required: Vec<(String, String)>,
     name: Option<Pattern>,
-    properties: HashMap<String, String>,
 }
 
 impl DeviceWatch {
@@ -454,13 +455,17 @@ impl DeviceWatch {
                 Self::MAX_PROPERTIES
             )));
         }
+        let devtype = spec_str(spec, "devtype")?;
+        let mut required: Vec<(String, String)> = properties.into_iter().collect();
+        required.extend(subsystem.map(|s| ("SUBSYSTEM".to_owned(), s)));
+        required.extend(devtype.map(|d| ("DEVTYPE".to_owned(), d)));
+        // By key, then value: equal specs compile to equal watches.
+        required.sort_unstable();
         Ok(DeviceWatch {
-            subsystem,
-            devtype: spec_str(spec, "devtype")?,
+            required,
             name: spec_str(spec, "name")?
                 .map(|name| Pattern::for_name("name", &name))
                 .transpose()?,
-            properties,
         })
     }
 }
@@ -478,26 +483,34 @@ impl WatchMatcher for DeviceWatch {
     }
 
     fn matches(&self, record: &Record) -> bool {
-        if record.source != NAME {
-            return false;
-        }
-        let prop = |key: &str| record.properties.get(key).map(String::as_str);
-        self.subsystem
-            .as_deref()
-            .is_none_or(|s| prop("SUBSYSTEM") == Some(s))
-            && self
-                .devtype
-                .as_deref()
-                .is_none_or(|d| prop("DEVTYPE") == Some(d))
+        record.source == NAME
+            && has_all(&record.properties, &self.required)
             && self
                 .name
                 .as_ref()
                 .is_none_or(|pattern| kernel_name(record).is_some_and(|name| pattern.matches(name)))
-            && self
-                .properties
-                .iter()
-                .all(|(k, v)| prop(k) == Some(v.as_str()))
     }
+}
+
+/// Whether `properties` has every (key, value) of `required` (sorted by key), in one walk
+/// along both: at most one key comparison per property and per requirement.
+fn has_all(properties: &crate::event::Properties, required: &[(String, String)]) -> bool {
+    let mut properties = properties.iter().peekable();
+    'required: for (key, value) in required {
+        while let Some((k, v)) = properties.peek() {
+            match k.as_str().cmp(key.as_str()) {
+                std::cmp::Ordering::Less => {
+                    properties.next();
+                }
+                // Not advanced: a key may be required twice (`subsystem` and
+                // `properties`), with the same value or never matching.
+                std::cmp::Ordering::Equal if *v == value => continue 'required,
+                _ => return false,
+            }
+        }
+        return false;
+    }
+    true
 }
 
 #[cfg(test)]
@@ -538,6 +551,59 @@ mod tests {
         let vda = record("/devices/pci/virtio/block/vda", &[("SUBSYSTEM", "block")]);
         assert!(watch.matches(&loop0));
         assert!(!watch.matches(&vda));
+    }
+
+    /// Subsystem, devtype and properties are one sorted list checked in one walk; it
+    /// answers as lookups one by one would.
+    #[test]
+    fn watch_requires_every_property_given_and_nothing_else() {
+        let props = [
+            ("DEVNAME", "loop0"),
+            ("DEVTYPE", "disk"),
+            ("MAJOR", "7"),
+            ("SUBSYSTEM", "block"),
+        ];
+        let loop0 = record("/devices/virtual/block/loop0", &props);
+        let watch = |pairs: &[(&str, zbus::Variant<'_>)]| DeviceWatch::parse(&spec(pairs)).unwrap();
+        let properties = |pairs: &[(&str, &str)]| {
+            let map: HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            zbus::Variant::from(map)
+        };
+        assert!(watch(&[]).matches(&loop0));
+        assert!(watch(&[("devtype", "disk".into())]).matches(&loop0));
+        assert!(watch(&[
+            ("subsystem", "block".into()),
+            ("devtype", "disk".into()),
+            (
+                "properties",
+                properties(&[("MAJOR", "7"), ("DEVNAME", "loop0")])
+            ),
+        ])
+        .matches(&loop0));
+        // The first key, the last key, a key between two, a key past the end.
+        for missing in ["A", "ZZZ", "DEVPATH", "MINOR"] {
+            assert!(
+                !watch(&[("properties", properties(&[("MAJOR", "7"), (missing, "x")]))])
+                    .matches(&loop0),
+                "{missing}"
+            );
+        }
+        assert!(!watch(&[("properties", properties(&[("MAJOR", "8")]))]).matches(&loop0));
+        assert!(!watch(&[("devtype", "partition".into())]).matches(&loop0));
+        // A key given twice: both values must be the one the event has.
+        assert!(watch(&[
+            ("subsystem", "block".into()),
+            ("properties", properties(&[("SUBSYSTEM", "block")])),
+        ])
+        .matches(&loop0));
+        assert!(!watch(&[
+            ("subsystem", "usb".into()),
+            ("properties", properties(&[("SUBSYSTEM", "block")])),
+        ])
+        .matches(&loop0));
     }
 
     #[test]
