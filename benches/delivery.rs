@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{Daemon, LoopDevice, Subscriber};
+use common::{cpu_ticks, Daemon, LoopDevice, Subscriber};
 use futures_util::StreamExt;
 use zbus::{Connection, MatchRule, MessageStream, Variant};
 
@@ -49,19 +49,6 @@ fn percentile(sorted: &[Duration], permille: usize) -> Duration {
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .expect("stat format")
-        .1
-        .split(' ')
-        .collect();
-    // Fields after the command: state is index 0, utime is 11, stime 12.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 /// Context switches of every thread of a process: each one is a wakeup.

@@ -38,7 +38,7 @@ use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, LoopDevice, Signal, Subscriber, TIMEOUT};
+use common::{cpu_ticks, Daemon, LoopDevice, Signal, Subscriber, TIMEOUT};
 use zbus::Variant;
 
 const ALICE_ENV: &str = "WATCHQ_BENCH_ALICE";
@@ -52,19 +52,6 @@ fn percentile(sorted: &[Duration], permille: usize) -> Duration {
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .expect("stat format")
-        .1
-        .split(' ')
-        .collect();
-    // Fields after the command: state is index 0, utime is 11, stime 12.
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
 }
 
 fn ticks_per_second() -> f64 {

@@ -21,20 +21,8 @@ use std::fs;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{Daemon, Signal, Subscriber};
+use common::{cpu_ticks, Daemon, Signal, Subscriber};
 use zbus::Variant;
-
-/// utime + stime of a process, in clock ticks.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).expect("stat");
-    let fields: Vec<&str> = stat
-        .rsplit_once(") ")
-        .expect("stat format")
-        .1
-        .split(' ')
-        .collect();
-    fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap()
-}
 
 fn ticks_per_second() -> f64 {
     // SAFETY: sysconf has no preconditions.
