@@ -251,7 +251,7 @@ async fn zbus_connection(
         }
         let verdict = gap.map_or_else(|| "ok".to_owned(), |g| format!("gap@{g}"));
         lines.push(format!(
-            "sub {} {events} {lost} {expected} {verdict}",
+            "sub {} {events} {lost} {expected} {verdict} zbus",
             sub.path.as_str()
         ));
     }
@@ -399,7 +399,7 @@ async fn main() {
     let mut lines = Vec::new();
     for worker in &mut workers {
         match tokio::task::block_in_place(|| worker.report(deadline)) {
-            Ok(subs) => lines.extend(subs),
+            Ok(subs) => lines.extend(subs.into_iter().map(|l| format!("{l} {}", worker.name))),
             Err(e) => failures.push(e),
         }
     }
@@ -412,14 +412,14 @@ async fn main() {
     let (mut received, mut lost) = (0u64, 0u64);
     for line in &lines {
         let words: Vec<&str> = line.split(' ').collect();
-        let ["sub", path, ev, lo, _next, verdict] = words.as_slice() else {
+        let ["sub", path, ev, lo, _next, verdict, library] = words.as_slice() else {
             failures.push(format!("unexpected report line {line:?}"));
             continue;
         };
         received += ev.parse::<u64>().unwrap_or(0);
         lost += lo.parse::<u64>().unwrap_or(0);
         if *verdict != "ok" {
-            failures.push(format!("{path}: sequence {verdict}"));
+            failures.push(format!("{path} ({library}): sequence {verdict}"));
         }
     }
     println!(
@@ -459,7 +459,9 @@ async fn main() {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    // Blocking-pool threads linger 10 s after their last job.
+    // What the departures set going (replies to Pings of the departed, dropped state)
+    // finishes; blocking-pool threads linger 10 s after their last job.
+    tokio::time::sleep(Duration::from_secs(5)).await;
     let settle = Instant::now();
     while tasks(daemon.pid()) > before.tasks && settle.elapsed() < Duration::from_secs(30) {
         tokio::time::sleep(Duration::from_millis(500)).await;

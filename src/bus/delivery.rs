@@ -177,10 +177,11 @@ impl Service {
                     stats_at = now + PING_PATIENCE;
                     stats_pause = STATS_FIRST_PAUSE;
                 }
-                // A peer that did not answer is not pinged again while the bus's
-                // statistics serve: each unanswered Ping holds one of the pending
-                // replies the bus allows our connection.
-                let ping_worth_it = !(unanswered && stats_known());
+                // A connection that left a Ping unanswered is not pinged again, by any
+                // of its subscriptions: the bus keeps that Ping pending (the system
+                // bus has no reply timeout), and each one holds one of the pending
+                // replies the bus allows our connection, which polkit's checks need.
+                let ping_worth_it = !self.is_silent(&owner);
                 if probe.is_none() && retry_at.is_none() && ping_worth_it {
                     // Without a permit the Ping waits; the statistics may acknowledge
                     // meanwhile.
@@ -188,10 +189,27 @@ impl Service {
                         Ok(permit) => {
                             let (conn, owner) = (self.conn.clone(), owner.clone());
                             probe = Some(Probe {
-                                reply: Box::pin(async move {
-                                    let outcome = ping_peer(conn, owner).await;
-                                    drop(permit);
-                                    outcome
+                                // On a task of its own: zbus's send is not cancel-safe
+                                // (a message dropped half-written corrupts the connection),
+                                // and this deliverer may stop at any await.
+                                reply: Box::pin({
+                                    let service = Arc::clone(&self);
+                                    let task = tokio::spawn(async move {
+                                        let outcome = ping_peer(conn, owner.clone()).await;
+                                        if outcome == PingOutcome::Unanswered {
+                                            // Still pending in the bus: its permit stays
+                                            // taken until the peer leaves.
+                                            service.silence(&owner, permit);
+                                        }
+                                        outcome
+                                    });
+                                    async move {
+                                        task.await.unwrap_or_else(|e| {
+                                            PingOutcome::Failed(format!(
+                                                "the Ping task failed: {e}"
+                                            ))
+                                        })
+                                    }
                                 }),
                                 covers: window.sent,
                             });
@@ -270,9 +288,42 @@ impl Service {
                 () = sleep_until_some(retry_at), if retry_at.is_some() && probe.is_none() => {
                     retry_at = None;
                 }
+                // The slow clock, where no proof can be had: a window per Ping timeout.
+                () = sleep_until_some(owed_since.map(|since| since + PING_TIMEOUT)),
+                    if owed && !stats_known() =>
+                {
+                    window.acknowledge(window.sent);
+                    owed_since = None;
+                }
                 () = notify.notified(), if window.in_flight() < limit => {}
             }
         }
+    }
+
+    /// Whether `owner` left a Ping unanswered (see [`Service::silence`]).
+    fn is_silent(&self, owner: &UniqueName<'_>) -> bool {
+        self.silent_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .contains_key(owner.as_str())
+    }
+
+    /// Records that `owner` did not answer a Ping, keeping the Ping's permit until the
+    /// peer leaves the bus ([`Service::forget_peer`]).
+    fn silence(&self, owner: &UniqueName<'_>, permit: tokio::sync::OwnedSemaphorePermit) {
+        self.silent_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(owner.to_string())
+            .or_insert(permit);
+    }
+
+    /// Forgets a peer that left the bus, giving back the permit of its unanswered Ping.
+    pub(super) fn forget_peer(&self, owner: &str) {
+        self.silent_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(owner);
     }
 
     fn log_unanswered(&self, id: u64, owner: &UniqueName<'_>, stats_known: bool) {

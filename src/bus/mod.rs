@@ -47,6 +47,8 @@ pub struct Service {
     stats: Option<zbus::fdo::StatsProxy<'static>>,
     /// Permits for Pings in flight ([`delivery::MAX_PINGS`]).
     pings: Arc<tokio::sync::Semaphore>,
+    /// Connections that left a Ping unanswered, with that Ping's permit.
+    silent_peers: std::sync::Mutex<HashMap<String, tokio::sync::OwnedSemaphorePermit>>,
 }
 
 impl Service {
@@ -64,6 +66,7 @@ impl Service {
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
             bus_stats_refused: std::sync::atomic::AtomicBool::new(false),
             pings: Arc::new(tokio::sync::Semaphore::new(delivery::MAX_PINGS)),
+            silent_peers: std::sync::Mutex::new(HashMap::new()),
             stats: match zbus::fdo::StatsProxy::builder(conn)
                 .cache_properties(zbus::proxy::CacheProperties::No)
                 .build()
@@ -257,6 +260,7 @@ impl Service {
             }
             let gone = self.hub.subscriptions_of(args.name());
             self.authorizer.forget(args.name());
+            self.forget_peer(args.name());
             if gone.is_empty() {
                 continue;
             }

@@ -66,7 +66,7 @@ def stdin_line():
 
 class JeepneyConnection:
     def __init__(self, args, rng):
-        from jeepney import DBusAddress, MessageType, new_method_call
+        from jeepney import DBusAddress, new_method_call
         from jeepney.bus_messages import message_bus
         from jeepney.io.blocking import open_dbus_connection
 
@@ -78,26 +78,38 @@ class JeepneyConnection:
         manager = DBusAddress("/org/watchq1", "org.watchq1", "org.watchq1.Manager")
         for _ in range(args.per_connection):
             options = {"queue-depth": ("u", rng.choice(DEPTHS))}
-            reply = self.conn.send_and_get_reply(
-                new_method_call(manager, "Subscribe", "a{sv}", (options,)))
-            if reply.header.message_type == MessageType.error:
-                sys.exit(f"Subscribe failed: {reply.body}")
-            path = reply.body[0]
+            path = self.call(new_method_call(manager, "Subscribe", "a{sv}", (options,)))[0]
+            self.accounts[path] = Account(path)
             sub = DBusAddress(path, "org.watchq1", "org.watchq1.Subscription")
             for tag, name in ((1, args.device), (2, args.marker)):
-                reply = self.conn.send_and_get_reply(new_method_call(
+                self.call(new_method_call(
                     sub, "AddWatch", "sta{sv}", ("devices", tag, {"name": ("s", name)})))
-                if reply.header.message_type == MessageType.error:
-                    sys.exit(f"AddWatch failed: {reply.body}")
-            self.accounts[path] = Account(path)
+
+    def call(self, message):
+        """Sends a method call and returns its reply's body. Signals of this connection's
+        earlier subscriptions arrive meanwhile; jeepney's send_and_get_reply would drop
+        them, so every other message is handled as it comes."""
+        from jeepney import HeaderFields, MessageType
+
+        serial = next(self.conn.outgoing_serial)
+        self.conn.send(message, serial=serial)
+        while True:
+            msg = self.conn.receive()
+            if msg.header.fields.get(HeaderFields.reply_serial) == serial:
+                if msg.header.message_type == MessageType.error:
+                    sys.exit(f"{message.header.fields.get(HeaderFields.member)} failed: {msg.body}")
+                return msg.body
+            self.handle(msg)
 
     def fileno(self):
         return self.conn.sock.fileno()
 
     def read_one(self, timeout=None):
+        self.handle(self.conn.receive(timeout=timeout))
+
+    def handle(self, msg):
         from jeepney import HeaderFields, MessageType, new_error
 
-        msg = self.conn.receive(timeout=timeout)
         fields = msg.header.fields
         kind = msg.header.message_type
         if kind == MessageType.method_call:
