@@ -103,7 +103,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     notify(&[NotifyState::Stopping]);
     reaper.abort();
     watchdog.abort();
-    let _ = conn.release_name(BUS_NAME).await;
+    // Bounded: a wedged connection must not keep the daemon from stopping.
+    if tokio::time::timeout(Duration::from_secs(2), conn.release_name(BUS_NAME))
+        .await
+        .is_err()
+    {
+        tracing::warn!("the bus did not answer ReleaseName within 2 s; stopping all the same");
+    }
     result
 }
 
