@@ -499,6 +499,9 @@ async fn main() {
         for failure in &failures {
             println!("soak: FAIL {failure}");
         }
+        // exit() runs no destructors: stop the daemon and its bus and detach the loop
+        // devices first.
+        drop((disk, marker, daemon));
         std::process::exit(1);
     }
 }
