@@ -32,6 +32,7 @@
 //! growing pause while it holds a backlog. Nothing here loops without progress or a
 //! timer.
 
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -300,30 +301,30 @@ impl Service {
         }
     }
 
-    /// Whether `owner` left a Ping unanswered (see [`Service::silence`]).
-    fn is_silent(&self, owner: &UniqueName<'_>) -> bool {
+    fn silent_peers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, tokio::sync::OwnedSemaphorePermit>> {
         self.silent_peers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .contains_key(owner.as_str())
+    }
+
+    /// Whether `owner` left a Ping unanswered (see [`Service::silence`]).
+    fn is_silent(&self, owner: &UniqueName<'_>) -> bool {
+        self.silent_peers().contains_key(owner.as_str())
     }
 
     /// Records that `owner` did not answer a Ping, keeping the Ping's permit until the
     /// peer leaves the bus ([`Service::forget_peer`]).
     fn silence(&self, owner: &UniqueName<'_>, permit: tokio::sync::OwnedSemaphorePermit) {
-        self.silent_peers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.silent_peers()
             .entry(owner.to_string())
             .or_insert(permit);
     }
 
     /// Forgets a peer that left the bus, giving back the permit of its unanswered Ping.
     pub(super) fn forget_peer(&self, owner: &str) {
-        self.silent_peers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .remove(owner);
+        self.silent_peers().remove(owner);
     }
 
     fn log_unanswered(&self, id: u64, owner: &UniqueName<'_>, stats_known: bool) {
