@@ -20,9 +20,9 @@
 //! two real faults, both fixed (`src/bus/delivery.rs`): a Ping dropped half-written by a
 //! deliverer that stopped stalled the daemon's whole connection for ~25 s, and Pings to
 //! silent peers used up the pending calls dbus-daemon allows the daemon. Since then it
-//! passes (60 s, 2026-12-07, on a loaded 2-core machine: 1,000 survivors, 269,546 events
-//! and 42,666 Lost, every sequence contiguous; fds, tasks and CPU back to idle), but RSS
-//! ends 29 MiB above idle against a 32 MiB slack: allocator retention and a leak are not
+//! passes (60 s, 2026-12-07, twice: 1,000 survivors, every sequence contiguous; fds,
+//! tasks and CPU back to idle), but RSS ends 17 MiB (idle machine) to 29 MiB (loaded)
+//! above idle against a 32 MiB slack: allocator retention and a leak are not
 //! yet told apart (a second churn round that must not grow would), and a CI run that
 //! fails on that margin would land nothing.
 
