@@ -241,12 +241,9 @@ impl Service {
                             return;
                         }
                         PingOutcome::Unanswered => {
+                            // Without statistics the slow clock below opens the window.
                             if !std::mem::replace(&mut unanswered, true) {
                                 self.log_unanswered(id, &owner, stats_known());
-                            }
-                            if !stats_known() {
-                                // No proof can be had: the slow clock.
-                                window.acknowledge(covers);
                             }
                         }
                         PingOutcome::Failed(e) => {
@@ -255,9 +252,6 @@ impl Service {
                                 retry_pause.as_secs());
                             retry_at = Some(Instant::now() + retry_pause);
                             retry_pause = (retry_pause * 2).min(RETRY_MAX_PAUSE);
-                            if !stats_known() {
-                                window.acknowledge(covers);
-                            }
                         }
                     }
                 }
