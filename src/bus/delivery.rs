@@ -33,10 +33,11 @@
 //! timer.
 
 use std::collections::HashMap;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 use zbus::fdo::StatsProxy;
 use zbus::names::{BusName, UniqueName};
@@ -48,7 +49,7 @@ use super::{emit, event_message, Service};
 use crate::dispatch::Subscribed;
 
 /// Pings outstanding at once, over all subscriptions.
-pub(super) const MAX_PINGS: usize = 32;
+const MAX_PINGS: usize = 32;
 
 /// How long a deliverer waits before it tries again for a Ping permit.
 const PERMIT_WAIT: Duration = Duration::from_millis(250);
@@ -59,7 +60,7 @@ const PING_PATIENCE: Duration = Duration::from_secs(1);
 /// How long a Ping may stay unanswered before it is given up. A bus configured with no
 /// reply timeout (the system bus's `reply_timeout` can be unlimited) never answers
 /// `NoReply`; without this a lost or unanswerable Ping would hold the window shut.
-pub(super) const PING_TIMEOUT: Duration = Duration::from_secs(25);
+const PING_TIMEOUT: Duration = Duration::from_secs(25);
 
 /// The pause before the bus's statistics are asked again while it holds a backlog for
 /// the peer: it starts short and doubles, so that a stalled reader costs one question
@@ -70,6 +71,64 @@ const STATS_MAX_PAUSE: Duration = Duration::from_secs(4);
 /// The pause before a Ping is sent again after the bus refused one.
 const RETRY_FIRST_PAUSE: Duration = Duration::from_secs(1);
 const RETRY_MAX_PAUSE: Duration = Duration::from_secs(30);
+
+/// What the deliverers of all subscriptions share.
+pub(super) struct Shared {
+    /// The bus's per-connection statistics; one proxy for all.
+    stats: Option<StatsProxy<'static>>,
+    /// Set once the bus refused its statistics, so that no deliverer asks again.
+    stats_refused: AtomicBool,
+    /// Permits for Pings in flight ([`MAX_PINGS`]).
+    pings: Arc<Semaphore>,
+    /// Connections that left a Ping unanswered, with that Ping's permit.
+    silent_peers: Mutex<HashMap<String, OwnedSemaphorePermit>>,
+}
+
+impl Shared {
+    pub(super) async fn new(conn: &Connection) -> Shared {
+        let stats = match StatsProxy::builder(conn)
+            .cache_properties(zbus::proxy::CacheProperties::No)
+            .build()
+            .await
+        {
+            Ok(stats) => Some(stats),
+            Err(e) => {
+                tracing::debug!("no bus statistics proxy: {e}");
+                None
+            }
+        };
+        Shared {
+            stats,
+            stats_refused: AtomicBool::new(false),
+            pings: Arc::new(Semaphore::new(MAX_PINGS)),
+            silent_peers: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn silent_peers(&self) -> MutexGuard<'_, HashMap<String, OwnedSemaphorePermit>> {
+        self.silent_peers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Whether `owner` left a Ping unanswered (see [`Shared::silence`]).
+    fn is_silent(&self, owner: &UniqueName<'_>) -> bool {
+        self.silent_peers().contains_key(owner.as_str())
+    }
+
+    /// Records that `owner` did not answer a Ping, keeping the Ping's permit until the
+    /// peer leaves the bus ([`Shared::forget_peer`]).
+    fn silence(&self, owner: &UniqueName<'_>, permit: OwnedSemaphorePermit) {
+        self.silent_peers()
+            .entry(owner.to_string())
+            .or_insert(permit);
+    }
+
+    /// Forgets a peer that left the bus, giving back the permit of its unanswered Ping.
+    pub(super) fn forget_peer(&self, owner: &str) {
+        self.silent_peers().remove(owner);
+    }
+}
 
 /// What became of a Ping.
 #[derive(Debug, PartialEq, Eq)]
@@ -142,8 +201,9 @@ impl Service {
                 return;
             }
         };
-        let stats = self.stats.as_ref();
-        let stats_known = || stats.is_some() && !self.bus_stats_refused.load(Ordering::Relaxed);
+        let shared = &self.delivery;
+        let stats = shared.stats.as_ref();
+        let stats_known = || stats.is_some() && !shared.stats_refused.load(Ordering::Relaxed);
         let mut window = Window::default();
         let mut probe: Option<Probe> = None;
         // Since when an acknowledgement is owed, and when the statistics are next asked.
@@ -182,11 +242,11 @@ impl Service {
                 // of its subscriptions: the bus keeps that Ping pending (the system
                 // bus has no reply timeout), and each one holds one of the pending
                 // replies the bus allows our connection, which polkit's checks need.
-                let ping_worth_it = !self.is_silent(&owner);
+                let ping_worth_it = !shared.is_silent(&owner);
                 if probe.is_none() && retry_at.is_none() && ping_worth_it {
                     // Without a permit the Ping waits; the statistics may acknowledge
                     // meanwhile.
-                    match Arc::clone(&self.pings).try_acquire_owned() {
+                    match Arc::clone(&shared.pings).try_acquire_owned() {
                         Ok(permit) => {
                             let (conn, owner) = (self.conn.clone(), owner.clone());
                             probe = Some(Probe {
@@ -200,7 +260,7 @@ impl Service {
                                         if outcome == PingOutcome::Unanswered {
                                             // Still pending in the bus: its permit stays
                                             // taken until the peer leaves.
-                                            service.silence(&owner, permit);
+                                            service.delivery.silence(&owner, permit);
                                         }
                                         outcome
                                     });
@@ -273,7 +333,7 @@ impl Service {
                             return;
                         }
                         Backlog::Unknown(why) => {
-                            if !self.bus_stats_refused.swap(true, Ordering::Relaxed) {
+                            if !shared.stats_refused.swap(true, Ordering::Relaxed) {
                                 tracing::warn!("the bus offers no per-connection statistics ({why}); only Peer.Ping replies acknowledge signals");
                             }
                         }
@@ -293,32 +353,6 @@ impl Service {
                 () = notify.notified(), if window.in_flight() < limit => {}
             }
         }
-    }
-
-    fn silent_peers(
-        &self,
-    ) -> std::sync::MutexGuard<'_, HashMap<String, tokio::sync::OwnedSemaphorePermit>> {
-        self.silent_peers
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Whether `owner` left a Ping unanswered (see [`Service::silence`]).
-    fn is_silent(&self, owner: &UniqueName<'_>) -> bool {
-        self.silent_peers().contains_key(owner.as_str())
-    }
-
-    /// Records that `owner` did not answer a Ping, keeping the Ping's permit until the
-    /// peer leaves the bus ([`Service::forget_peer`]).
-    fn silence(&self, owner: &UniqueName<'_>, permit: tokio::sync::OwnedSemaphorePermit) {
-        self.silent_peers()
-            .entry(owner.to_string())
-            .or_insert(permit);
-    }
-
-    /// Forgets a peer that left the bus, giving back the permit of its unanswered Ping.
-    pub(super) fn forget_peer(&self, owner: &str) {
-        self.silent_peers().remove(owner);
     }
 
     fn log_unanswered(&self, id: u64, owner: &UniqueName<'_>, stats_known: bool) {

@@ -1,5 +1,5 @@
 //! The D-Bus adapter: objects, identity lookup, and delivery of outboxes as unicast
-//! signals with flow control ([`delivery`]).
+//! signals with flow control (`delivery.rs`).
 
 mod delivery;
 pub mod error;
@@ -40,15 +40,8 @@ pub struct Service {
     dbus: DBusProxy<'static>,
     /// Every access decision goes through here (see [`crate::policy`]).
     authorizer: Authorizer,
-    /// Set once the bus refused its per-connection statistics ([`delivery`]), so that
-    /// no deliverer asks again.
-    bus_stats_refused: std::sync::atomic::AtomicBool,
-    /// The bus's per-connection statistics, for [`delivery`]; one proxy for all.
-    stats: Option<zbus::fdo::StatsProxy<'static>>,
-    /// Permits for Pings in flight ([`delivery::MAX_PINGS`]).
-    pings: Arc<tokio::sync::Semaphore>,
-    /// Connections that left a Ping unanswered, with that Ping's permit.
-    silent_peers: std::sync::Mutex<HashMap<String, tokio::sync::OwnedSemaphorePermit>>,
+    /// What every subscription's deliverer shares ([`delivery`]).
+    delivery: delivery::Shared,
 }
 
 impl Service {
@@ -64,20 +57,7 @@ impl Service {
             hub,
             dbus: DBusProxy::new(conn).await?,
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
-            bus_stats_refused: std::sync::atomic::AtomicBool::new(false),
-            pings: Arc::new(tokio::sync::Semaphore::new(delivery::MAX_PINGS)),
-            silent_peers: std::sync::Mutex::new(HashMap::new()),
-            stats: match zbus::fdo::StatsProxy::builder(conn)
-                .cache_properties(zbus::proxy::CacheProperties::No)
-                .build()
-                .await
-            {
-                Ok(stats) => Some(stats),
-                Err(e) => {
-                    tracing::debug!("no bus statistics proxy: {e}");
-                    None
-                }
-            },
+            delivery: delivery::Shared::new(conn).await,
         });
         conn.object_server()
             .at(
@@ -260,7 +240,7 @@ impl Service {
             }
             let gone = self.hub.subscriptions_of(args.name());
             self.authorizer.forget(args.name());
-            self.forget_peer(args.name());
+            self.delivery.forget_peer(args.name());
             if gone.is_empty() {
                 continue;
             }

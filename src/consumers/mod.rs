@@ -10,7 +10,7 @@
 //! the consumer logs the count. A source that stops unexpectedly under a consumer is
 //! reopened by the hub (after 1 s, then less and less often while it keeps failing), and
 //! the consumer is told that events were missed. Failures are logged at a bounded rate
-//! ([`LogLimit`]).
+//! ([`crate::logging::LogLimit`]).
 
 pub mod journal;
 pub mod unit_name;
