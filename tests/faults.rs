@@ -101,6 +101,8 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
     // A tiny socket buffer so that the kernel drops uevents while the daemon is stopped.
     let daemon = Daemon::with_config("[sources.devices]\nreceive_buffer = 4096\n");
     let disk = LoopDevice::attach(4);
+    // Detached while events are lost: only a rescan can know it lost its backing file.
+    let detached = LoopDevice::attach(4);
     let mut sub = Subscriber::with_options(
         &daemon,
         HashMap::from([("queue-depth", Variant::from(4096u32))]),
@@ -108,11 +110,21 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
     .await;
     sub.watch("devices", 3, &[("subsystem", Variant::from("block"))])
         .await;
+    let (_, objects) = sub.proxy.snapshot("devices").await.unwrap();
+    assert_eq!(
+        backing_files(&objects).get(detached.backing.to_str().unwrap()),
+        Some(&detached.sys_path()),
+        "before the overflow the table knows the device that will be detached"
+    );
 
     daemon.signal(Sig::SIGSTOP);
     for _ in 0..300 {
         disk.synth_change();
     }
+    // Attached while events are lost, and never mentioned again: only a rescan can know
+    // it. Attached before the detach, so that it cannot take the detached one's number.
+    let attached = LoopDevice::attach(6);
+    detached.detach();
     // The device changes while events are being lost: the rescan must catch it.
     let grown = 12u64 << 20;
     std::fs::OpenOptions::new()
@@ -152,6 +164,24 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
         .find(|o| o.0 == disk.sys_path())
         .expect("the disk");
     assert_eq!(&*object.2["size"], &Variant::from(grown));
+    // What no event after the loss told: the device attached meanwhile is there with its
+    // backing file and size, and the detached one's backing file is nowhere.
+    let backing = backing_files(&objects);
+    assert_eq!(
+        backing.get(attached.backing.to_str().unwrap()),
+        Some(&attached.sys_path()),
+        "the device attached during the overflow is in the snapshot"
+    );
+    let object = objects
+        .iter()
+        .find(|o| o.0 == attached.sys_path())
+        .expect("the attached device");
+    assert_eq!(&*object.2["size"], &Variant::from(6u64 << 20));
+    assert_eq!(
+        backing.get(detached.backing.to_str().unwrap()),
+        None,
+        "the device detached during the overflow still has its backing file in the snapshot"
+    );
 
     // And events flow again afterwards.
     let before = sub.received.len();
@@ -166,4 +196,15 @@ async fn kernel_overflow_becomes_lost_and_a_rescan() {
     .await;
     assert_contiguous(&sub.received);
     assert!(daemon.log_text().contains("ENOBUFS"));
+}
+
+/// Loop devices' backing files in a devices snapshot, and the device each backs.
+fn backing_files(objects: &[watchqd::client::ReceivedObject]) -> HashMap<String, String> {
+    objects
+        .iter()
+        .filter_map(|o| {
+            let file = <&str>::try_from(&**o.2.get("loop-backing-file")?).ok()?;
+            Some((file.to_owned(), o.0.clone()))
+        })
+        .collect()
 }
