@@ -227,11 +227,59 @@ fn kernel_seqnum(attributes: &HashMap<String, zbus::OwnedVariant>) -> Option<u64
     }
 }
 
+const PARTITIONS: u32 = 16;
+
+/// Partitions added by hand outlive the loop device's detach: removed whatever happens,
+/// or the next user of this loop device inherits them.
+struct Partitions(String);
+
+impl Partitions {
+    fn remove_all(&self) {
+        for n in 1..=PARTITIONS {
+            let _ = std::process::Command::new("delpart")
+                .args([&self.0, &n.to_string()])
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
+    }
+}
+
+impl Drop for Partitions {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn snapshot_taken_under_load_agrees_with_the_events_around_it() {
+    // The check means something only when the snapshot lands inside the event stream,
+    // with events on both sides of it; if the load finished first, "snapshot + later
+    // events = now" would compare the snapshot with itself. On a loaded machine the
+    // load can outrun delivery, so an attempt where it did is made again, a few times.
+    const ATTEMPTS: u32 = 5;
+    for attempt in 1..=ATTEMPTS {
+        match snapshot_under_load().await {
+            Landed::Inside => return,
+            Landed::After { seq } => println!(
+                "attempt {attempt}: the snapshot at seq {seq} came after the last event; again"
+            ),
+        }
+    }
+    panic!("in {ATTEMPTS} attempts the snapshot never landed inside the event stream");
+}
+
+/// Where a snapshot taken under load fell in the subscription's event stream.
+enum Landed {
+    /// Events before and after it, and everything around it checked.
+    Inside,
+    /// At or after the last event: nothing checked.
+    After { seq: u64 },
+}
+
+async fn snapshot_under_load() -> Landed {
     const CHANGES: usize = 300;
-    const PARTITIONS: u32 = 16;
     const REMOVED: u32 = 8;
+    const BEFORE: usize = 100;
     let daemon = Daemon::start();
     // Deep enough that this test is about snapshots, not about loss.
     let mut sub = Subscriber::with_options(
@@ -240,25 +288,7 @@ async fn snapshot_taken_under_load_agrees_with_the_events_around_it() {
     )
     .await;
     let disk = LoopDevice::attach(8);
-    // Partitions added by hand outlive the loop device's detach: remove them whatever
-    // happens, or the next user of this loop device inherits them.
-    // (A loop device can also arrive with partitions an earlier user left on it.)
-    struct Partitions(String);
-    impl Partitions {
-        fn remove_all(&self) {
-            for n in 1..=PARTITIONS {
-                let _ = std::process::Command::new("delpart")
-                    .args([&self.0, &n.to_string()])
-                    .stderr(std::process::Stdio::null())
-                    .status();
-            }
-        }
-    }
-    impl Drop for Partitions {
-        fn drop(&mut self) {
-            self.remove_all();
-        }
-    }
+    // A loop device can arrive with partitions an earlier user left on it.
     let partitions_guard = Partitions(disk.device.clone());
     partitions_guard.remove_all();
     sub.watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
@@ -294,9 +324,13 @@ async fn snapshot_taken_under_load_agrees_with_the_events_around_it() {
         }
     });
     // Some partitions exist by now, more are coming.
-    sub.until("the first hundred events", |s| s.len() >= 100)
+    sub.until("the first hundred events", |s| s.len() >= BEFORE)
         .await;
     let (seq, objects) = sub.proxy.snapshot("devices").await.expect("Snapshot");
+    assert!(
+        seq >= BEFORE as u64,
+        "the snapshot's seq {seq} is below the {BEFORE} events already received"
+    );
     load.await.unwrap();
     let part_path = |n: u32| format!("{path}/{}p{n}", disk.name);
     sub.until("every change, add and remove", |s| {
@@ -314,10 +348,15 @@ async fn snapshot_taken_under_load_agrees_with_the_events_around_it() {
     })
     .await;
     assert!(sub.next(Duration::from_millis(300)).await.is_none());
-    println!(
-        "snapshot at seq {seq} of {} events",
-        sub.received.last().map_or(0, Signal::seq)
+    let last = sub.received.last().map_or(0, Signal::seq);
+    println!("snapshot at seq {seq} of {last} events");
+    assert!(
+        seq <= last,
+        "the snapshot's seq {seq} is beyond the last event {last}"
     );
+    if seq == last {
+        return Landed::After { seq };
+    }
     // No loss: every number from 1 on, none skipped, none repeated.
     assert_contiguous(&sub.received);
     // No duplicate: each kernel uevent reached the subscriber once.
@@ -412,6 +451,7 @@ async fn snapshot_taken_under_load_agrees_with_the_events_around_it() {
     let manager = watchqd::client::ManagerProxy::new(&sub.conn).await.unwrap();
     let (_, objects) = manager.snapshot("devices").await.unwrap();
     assert!(objects.iter().any(|o| o.0 == path));
+    Landed::Inside
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
