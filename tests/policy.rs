@@ -19,6 +19,7 @@ use futures_util::StreamExt;
 use serde_json::{json, Value};
 use zbus::{MatchRule, MessageStream, Variant};
 
+use common::ext4::Ext4;
 use common::polkit::{pkaction, user, User};
 use common::*;
 use watchqd::client::{ManagerProxy, SubscriptionProxy};
@@ -72,10 +73,39 @@ async fn client_main(address: String) {
             let mut entry = json!({ "path": path, "member": member });
             if let Some(signal) = decode(&message) {
                 entry["seq"] = json!(signal.seq());
-                if let Signal::Device { tag, sys_path, .. } = &signal {
-                    entry["tag"] = json!(tag);
-                    entry["sys_path"] = json!(sys_path);
-                }
+                // What the event is about and what happened to it, for every source the
+                // leak test causes events of.
+                let (action, object) = match &signal {
+                    Signal::Device {
+                        tag,
+                        sys_path,
+                        action,
+                        properties,
+                        ..
+                    } => {
+                        entry["tag"] = json!(tag);
+                        entry["sys_path"] = json!(sys_path);
+                        entry["synth"] = json!(properties.get("SYNTH_UUID"));
+                        (action.clone(), sys_path.clone())
+                    }
+                    Signal::Mount {
+                        change,
+                        mount_point,
+                        ..
+                    } => (change.clone(), mount_point.clone()),
+                    Signal::SpaceWarning {
+                        level, state, path, ..
+                    } => (format!("{level} {state}"), path.clone()),
+                    Signal::FilesystemError {
+                        kind, mount_point, ..
+                    } => (kind.clone(), mount_point.clone()),
+                    Signal::BlockError {
+                        operation, device, ..
+                    } => (operation.clone(), device.clone()),
+                    _ => (String::new(), String::new()),
+                };
+                entry["action"] = json!(action);
+                entry["object"] = json!(object);
             }
             sink.lock().unwrap().push(entry);
         }
@@ -136,11 +166,18 @@ async fn serve(
             outcome(result, |p| json!(p.to_string()))
         }
         "watch" => {
+            // Strings as `s`, numbers as `u` (`low-percent`, `pid`).
             let spec: HashMap<&str, Variant<'_>> = request["spec"]
                 .as_object()
                 .map(|o| {
                     o.iter()
-                        .map(|(k, v)| (k.as_str(), Variant::from(v.as_str().unwrap_or_default())))
+                        .map(|(k, v)| {
+                            let value = match v.as_u64() {
+                                Some(n) => Variant::from(u32::try_from(n).unwrap()),
+                                None => Variant::from(v.as_str().unwrap_or_default()),
+                            };
+                            (k.as_str(), value)
+                        })
                         .collect()
                 })
                 .unwrap_or_default();
@@ -224,6 +261,20 @@ async fn serve(
                 }
                 if start.elapsed() > TIMEOUT {
                     return json!({ "err": format!("no signal with {field} = {wanted}") });
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+            }
+            json!({ "ok": seen.lock().unwrap().clone() })
+        }
+        // Waits until a signal has every field of "match" (its "path" names one
+        // subscription), then returns every signal.
+        "until-all" => {
+            let wanted = request["match"].as_object().cloned().unwrap_or_default();
+            let matches = |s: &Value| wanted.iter().all(|(k, v)| &s[k] == v);
+            let start = std::time::Instant::now();
+            while !seen.lock().unwrap().iter().any(matches) {
+                if start.elapsed() > TIMEOUT {
+                    return json!({ "err": format!("no signal with {wanted:?}") });
                 }
                 tokio::time::sleep(std::time::Duration::from_millis(5)).await;
             }
@@ -333,9 +384,10 @@ impl Client {
 
     fn ask(&mut self, request: Value) -> Value {
         writeln!(self.stdin, "{request}").expect("write to client");
+        // Longer than the client's own waits, so that their errors are what is seen.
         let line = self
             .answers
-            .recv_timeout(TIMEOUT)
+            .recv_timeout(TIMEOUT + std::time::Duration::from_secs(10))
             .unwrap_or_else(|_| panic!("client gave no answer to {request}"));
         serde_json::from_str(&line).expect("answer")
     }
@@ -359,6 +411,15 @@ impl Client {
 
     fn watch(&mut self, sub: usize, kind: &str, tag: u64, spec: Value) -> String {
         self.result(json!({"op": "watch", "sub": sub, "kind": kind, "tag": tag, "spec": spec}))
+    }
+
+    /// Every signal received, once one with every field of `wanted` has arrived.
+    fn until_all(&mut self, wanted: Value) -> Vec<Value> {
+        let answer = self.ask(json!({"op": "until-all", "match": wanted}));
+        answer["ok"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{answer}"))
+            .clone()
     }
 
     /// Every signal received, once one about `sys_path` has arrived.
@@ -487,34 +548,62 @@ fn users_and_root_get_what_policy_says_and_never_each_others_subscriptions() {
     }
 }
 
-/// Every combination of the watch kinds and filters that exist today, for two users and
-/// root, with real device and block I/O error events: a user receives no signal of
-/// another's subscription and no administrator-only event; root receives what it asks.
+/// Every combination of the watch kinds that run on this kernel (devices, block-errors,
+/// quota, filesystems, space, mounts; keys need the guest) and of filters over them, for
+/// two users and root, with real events of every source that can make one here (quota
+/// warnings cannot: no quota format in this kernel): a user is refused exactly the
+/// administrator watches, receives no signal of another's subscription and no
+/// administrator-only event, and each subscription receives exactly what its filter
+/// passes; root receives what it asks.
 #[test]
 fn no_event_leaks_across_users_under_any_watch_and_filter_combination() {
     let daemon = Daemon::with_polkit("");
     let (alice, bob) = (alice(), bob());
     let disk = LoopDevice::attach(1);
+    // Half full, so that a space watch at 90% is crossed as soon as it is set.
+    let fs = Ext4::new(16, &["-m", "0"], "errors=continue");
+    let fs_path = fs.path_str();
+    std::fs::write(fs.path().join("half"), vec![1u8; 8 << 20]).expect("fill half");
+    run("sync", &[]);
     let filters = [
         json!([]),
         json!([["devices", ["change"]]]),
         json!([["devices", ["add", "remove"]]]),
         json!([["devices", ["change"]], ["block-errors", ["read"]]]),
+        json!([
+            ["devices", ["change"]],
+            ["filesystems", ["error"]],
+            ["quota", ["block-hard", "block-soft"]]
+        ]),
+        json!([
+            ["devices", ["add"]],
+            ["space", ["low"]],
+            ["mounts", ["attach", "detach"]]
+        ]),
     ];
-    let specs = [
+    let device_specs = [
         json!({}),
         json!({"subsystem": "block"}),
         json!({"name": disk.name}),
         json!({"name": "nothing-matches-this"}),
     ];
-    let mut clients = vec![
+    // Every other kind, with whether a user may set it.
+    let watches = [
+        ("block-errors", json!({}), false),
+        ("quota", json!({}), true),
+        ("quota", json!({"scope": "system"}), false),
+        ("filesystems", json!({"path": fs_path}), false),
+        ("space", json!({"path": fs_path, "low-percent": 90}), true),
+        ("mounts", json!({}), true),
+    ];
+    let mut clients = [
         (Client::spawn(&daemon, As::User(&alice)), Vec::new()),
         (Client::spawn(&daemon, As::User(&bob)), Vec::new()),
         (Client::spawn(&daemon, As::Root), Vec::new()),
     ];
-    for (client, paths) in &mut clients {
-        // One subscription per filter, each with every spec, and an attempt at the
-        // administrator-only source.
+    const ROOT: usize = 2;
+    for (c, (client, paths)) in clients.iter_mut().enumerate() {
+        // One subscription per filter, each with every watch.
         for (i, filter) in filters.iter().enumerate() {
             paths.push(client.subscribe());
             if filter.as_array().is_some_and(|f| !f.is_empty()) {
@@ -523,33 +612,155 @@ fn no_event_leaks_across_users_under_any_watch_and_filter_combination() {
                     "ok"
                 );
             }
-            for (tag, spec) in specs.iter().enumerate() {
-                assert_eq!(client.watch(i, "devices", tag as u64, spec.clone()), "ok");
+            let mut tag = 0;
+            for spec in &device_specs {
+                tag += 1;
+                assert_eq!(client.watch(i, "devices", tag, spec.clone()), "ok");
             }
-            let _ = client.watch(i, "block-errors", 100, json!({}));
+            for (kind, spec, users_may) in &watches {
+                tag += 1;
+                let expected = if c == ROOT || *users_may {
+                    "ok"
+                } else {
+                    DENIED
+                };
+                assert_eq!(
+                    client.watch(i, kind, tag, spec.clone()),
+                    expected,
+                    "client {c}: {kind} {spec}"
+                );
+            }
         }
     }
-    // A real block I/O error: root receives it; the users, who were refused the watch,
-    // must not (checked below, after a later event proves everything before it was
-    // delivered).
+
+    // Real events of every source, each seen by root before the next: a block I/O error
+    // and a filesystem error (administrators only), a mount and unmount (everyone's own
+    // namespace), and the space warning each watch got when it was set.
     let _failing = block_error();
-    let root = &mut clients[2].0;
-    let signals = root.ask(json!({"op": "until", "member": "BlockError"}));
-    assert!(
-        signals.get("ok").is_some(),
-        "root got no BlockError: {signals}"
-    );
-    disk.synth_change();
-    let marker = disk.sys_path();
-    for (i, (client, paths)) in clients.iter_mut().enumerate() {
-        let is_root = i == 2;
-        let signals = client.until(&marker);
+    let root_all = clients[ROOT].1[0].clone();
+    clients[ROOT]
+        .0
+        .until_all(json!({"path": root_all, "member": "BlockError"}));
+    fs.trigger_error("watchq policy test");
+    clients[ROOT]
+        .0
+        .until_all(json!({"path": root_all, "member": "FilesystemError"}));
+    let mount_point = tempfile::Builder::new()
+        .prefix("watchq-policy-")
+        .tempdir()
+        .expect("mount point");
+    let mount_path = mount_point.path().display().to_string();
+    Tmpfs::mount(&mount_path).unmount();
+    // Everything above has reached every subscription it was pushed to by the time a
+    // later device event reaches it: a marker per subscription, on that subscription's
+    // own path (a change and an add, so that every filter passes one of them).
+    let marker = format!("{:08x}-0000-4000-8000-{:012x}", std::process::id(), 15u64);
+    for action in ["change", "add"] {
+        std::fs::write(
+            format!("/sys/block/{}/uevent", disk.name),
+            format!("{action} {marker}"),
+        )
+        .expect("synthesize the marker");
+    }
+
+    for (c, (client, paths)) in clients.iter_mut().enumerate() {
+        let is_root = c == ROOT;
+        let mut signals = Vec::new();
+        for (i, path) in paths.iter().enumerate() {
+            let filter = &filters[i];
+            // What this subscription must receive: its marker, and every event of a
+            // source it may watch that its filter passes.
+            let mut required = vec![json!({"path": path, "synth": marker})];
+            if passes(filter, "space", "low") {
+                required.push(json!({"path": path, "member": "SpaceWarning",
+                    "object": fs_path, "action": "low crossed"}));
+            }
+            for change in ["attach", "detach"] {
+                if passes(filter, "mounts", change) {
+                    required.push(json!({"path": path, "member": "MountChanged",
+                        "object": mount_path, "action": change}));
+                }
+            }
+            if is_root && passes(filter, "block-errors", "read") {
+                required.push(json!({"path": path, "member": "BlockError"}));
+            }
+            if is_root && passes(filter, "filesystems", "error") {
+                required.push(json!({"path": path, "member": "FilesystemError",
+                    "object": fs_path, "action": "error"}));
+            }
+            for wanted in required {
+                signals = client.until_all(wanted);
+            }
+        }
         for s in &signals {
             let path = s["path"].as_str().unwrap_or_default();
-            assert!(paths.iter().any(|p| p == path), "foreign signal {s}");
-            if !is_root {
-                assert_ne!(s["member"].as_str(), Some("BlockError"), "{s}");
-            }
+            let Some(i) = paths.iter().position(|p| p == path) else {
+                panic!("client {c}: foreign signal {s}");
+            };
+            let filter = &filters[i];
+            let member = s["member"].as_str().unwrap_or_default();
+            let action = s["action"].as_str().unwrap_or_default();
+            let allowed = match member {
+                "DeviceChanged" => passes(filter, "devices", action),
+                "SpaceWarning" => passes(filter, "space", "low"),
+                "MountChanged" => passes(filter, "mounts", action),
+                "BlockError" => is_root && passes(filter, "block-errors", "read"),
+                "FilesystemError" => is_root && passes(filter, "filesystems", action),
+                // What a subscription may get whatever it watches.
+                "Lost" | "WatchRemoved" => true,
+                _ => false,
+            };
+            assert!(allowed, "client {c}, filter {filter}: {s}");
+        }
+        // The warning each space watch got when it was set, once.
+        for (i, path) in paths.iter().enumerate() {
+            let warnings = signals
+                .iter()
+                .filter(|s| s["path"] == path.as_str() && s["member"] == "SpaceWarning")
+                .count();
+            let expected = usize::from(passes(&filters[i], "space", "low"));
+            assert_eq!(warnings, expected, "client {c}, filter {}", filters[i]);
+        }
+    }
+}
+
+/// Whether a `SetFilter` list (as JSON) passes a source's subtype: an empty list passes
+/// everything.
+fn passes(filter: &Value, source: &str, subtype: &str) -> bool {
+    let entries = filter.as_array().expect("a filter list");
+    entries.is_empty()
+        || entries.iter().any(|entry| {
+            entry[0] == source
+                && entry[1]
+                    .as_array()
+                    .is_some_and(|names| names.iter().any(|n| n == subtype))
+        })
+}
+
+/// A tmpfs mounted in the host's mount namespace, unmounted at the latest on drop.
+struct Tmpfs(String, std::cell::Cell<bool>);
+
+impl Tmpfs {
+    fn mount(path: &str) -> Tmpfs {
+        run(
+            "mount",
+            &["-t", "tmpfs", "-o", "size=1m", "watchq-policy", path],
+        );
+        Tmpfs(path.to_owned(), std::cell::Cell::new(true))
+    }
+
+    fn unmount(&self) {
+        if self.1.replace(false) {
+            run("umount", &[&self.0]);
+        }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        // Never panic here: a test may already be failing.
+        if self.1.get() {
+            let _ = Command::new("umount").arg(&self.0).status();
         }
     }
 }
@@ -804,19 +1015,24 @@ fn every_limit_gives_limit_exceeded_and_the_daemon_keeps_serving() {
     let (alice, bob) = (alice(), bob());
     let mut a = Client::spawn(&daemon, As::User(&alice));
     let mut a2 = Client::spawn(&daemon, As::User(&alice));
+    // Attached before any device watch opens the uevent socket: its attach events are
+    // never received, and the watches below name it alone (queues are 8 deep, and other
+    // devices' events would overflow them).
+    let disk = LoopDevice::attach(1);
+    let only_disk = json!({"name": disk.name});
 
     // Queue depth.
     assert_eq!(a.result(json!({"op": "subscribe", "depth": 9})), LIMIT);
     // Subscriptions per connection, then per uid across connections.
-    a.subscribe();
+    let a_path = a.subscribe();
     a.subscribe();
     assert_eq!(a.result(json!({"op": "subscribe"})), LIMIT);
     a2.subscribe();
     assert_eq!(a2.result(json!({"op": "subscribe"})), LIMIT);
     // Watches per subscription.
-    assert_eq!(a.watch(0, "devices", 1, json!({})), "ok");
-    assert_eq!(a.watch(0, "devices", 2, json!({})), "ok");
-    assert_eq!(a.watch(0, "devices", 3, json!({})), LIMIT);
+    assert_eq!(a.watch(0, "devices", 1, only_disk.clone()), "ok");
+    assert_eq!(a.watch(0, "devices", 2, only_disk.clone()), "ok");
+    assert_eq!(a.watch(0, "devices", 3, only_disk.clone()), LIMIT);
     // Watch spec size.
     assert_eq!(
         a.watch(1, "devices", 1, json!({"name": "x".repeat(100)})),
@@ -841,15 +1057,46 @@ fn every_limit_gives_limit_exceeded_and_the_daemon_keeps_serving() {
     // Bob is served as before, and so is alice within her limits.
     let mut b = Client::spawn(&daemon, As::User(&bob));
     let b_path = b.subscribe();
-    let disk = LoopDevice::attach(1);
-    assert_eq!(b.watch(0, "devices", 7, json!({"name": disk.name})), "ok");
+    assert_eq!(b.watch(0, "devices", 7, only_disk), "ok");
+    // One change: one signal per watch that names the disk, numbered from 1, and nothing
+    // else (what has arrived 300 ms after the last one expected).
     disk.synth_change();
-    let signals = b.until(&disk.sys_path());
-    assert!(signals
-        .iter()
-        .any(|s| s["path"].as_str() == Some(b_path.as_str()) && s["tag"] == 7));
-    let a_signals = a.until(&disk.sys_path());
-    assert!(!a_signals.is_empty());
+    b.until_all(json!({"path": b_path, "tag": 7}));
+    a.until_all(json!({"path": a_path, "tag": 1}));
+    a.until_all(json!({"path": a_path, "tag": 2}));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sys_path = disk.sys_path();
+    let received = |client: &mut Client, path: &str| -> Vec<(u64, u64)> {
+        let signals = client.until_all(json!({"path": path}));
+        let mut got: Vec<(u64, u64)> = signals
+            .iter()
+            .map(|s| {
+                assert_eq!(
+                    (&s["path"], &s["member"], &s["sys_path"], &s["action"]),
+                    (
+                        &json!(path),
+                        &json!("DeviceChanged"),
+                        &json!(sys_path),
+                        &json!("change")
+                    ),
+                    "{s}"
+                );
+                (s["tag"].as_u64().unwrap(), s["seq"].as_u64().unwrap())
+            })
+            .collect();
+        got.sort_unstable();
+        got
+    };
+    assert_eq!(received(&mut b, &b_path), [(7, 1)]);
+    let a_signals = received(&mut a, &a_path);
+    assert_eq!(
+        a_signals.iter().map(|(tag, _)| *tag).collect::<Vec<_>>(),
+        [1, 2],
+        "{a_signals:?}"
+    );
+    let mut seqs: Vec<u64> = a_signals.iter().map(|(_, seq)| *seq).collect();
+    seqs.sort_unstable();
+    assert_eq!(seqs, [1, 2], "{a_signals:?}");
 }
 
 /// `limits.watches_per_uid` counts a user's watches on all her connections, refuses the
