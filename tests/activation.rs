@@ -100,10 +100,30 @@ async fn passed_netlink_sockets_are_the_only_ones_used_and_survive_the_source_cl
         assert_contiguous(&sub.received);
         // The last watch goes: the sources close, the passed sockets stay for next time.
         drop(sub);
+        // Each round stops both sources once: the wait fails if they do not.
         let start = std::time::Instant::now();
-        while daemon.log_text().matches("source stopped").count() < 2 * (round + 1)
-            && start.elapsed() < TIMEOUT
-        {
+        loop {
+            let log = daemon.log_text();
+            let stopped = |source: &str| {
+                log.lines()
+                    .filter(|l| {
+                        l.contains("source stopped") && l.contains(&format!("source=\"{source}\""))
+                    })
+                    .count()
+            };
+            let counts = (stopped("devices"), stopped("quota"));
+            if counts == (round + 1, round + 1) {
+                break;
+            }
+            assert!(
+                counts.0 <= round + 1 && counts.1 <= round + 1 && start.elapsed() < TIMEOUT,
+                "round {round}: after {:?}, 'source stopped' for devices {} and quota {} \
+                 times, expected {} each:\n{log}",
+                start.elapsed(),
+                counts.0,
+                counts.1,
+                round + 1
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
         assert_eq!(
