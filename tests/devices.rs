@@ -124,12 +124,14 @@ async fn loop_device_lifecycle_arrives_with_attributes_tags_and_sequence() {
 async fn filter_excludes_the_subtypes_it_does_not_list() {
     let daemon = Daemon::start();
     let mut sub = Subscriber::new(&daemon).await;
-    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
-        .await;
+    // The filter first: set after the watch, a change of any other block device (a
+    // parallel test's) could arrive unfiltered in between.
     sub.proxy
         .set_filter(&[("devices", &["add", "remove"][..])])
         .await
         .expect("SetFilter");
+    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
+        .await;
     assert_eq!(
         sub.proxy.watches().await.unwrap(),
         vec![(1, "devices".to_owned())]
