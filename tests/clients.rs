@@ -380,3 +380,62 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
     assert_eq!(monitor.next("the second event after the restart")["seq"], 2);
     assert_eq!(device_event(&next_item(&mut rust).await).0, 2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarts_in_a_row_are_one_gap() {
+    let mut daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let conn = daemon.connect().await;
+    let mut rust = Subscription::builder(&conn)
+        .retry_delays(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_secs(1),
+        )
+        .watch("devices", 1, name_spec(&disk))
+        .build()
+        .await
+        .expect("subscription");
+    disk.synth_change();
+    assert_eq!(device_event(&next_item(&mut rust).await).0, 1);
+    let first_owner = rust.owner().expect("subscribed").clone();
+
+    // Five restarts while the client reads nothing: the bus's news of four instances
+    // that came and went is queued behind the first departure and read after it. A
+    // client that retries before it has read all the news subscribes to the last
+    // instance and then takes an older instance's departure for its own (the code
+    // before 0017f4e did, in 2 of 4 runs: whether it retries first is tokio's choice).
+    for _ in 0..5 {
+        let pid = daemon.pid();
+        daemon.crash();
+        daemon.restart();
+        assert_ne!(daemon.pid(), pid);
+    }
+    let dbus = zbus::fdo::DBusProxy::new(&conn).await.expect("bus proxy");
+    let last_owner = dbus
+        .get_name_owner(watchqd::client::BUS_NAME.try_into().expect("bus name"))
+        .await
+        .expect("the last instance owns the name");
+
+    match next_item(&mut rust).await {
+        Item::DaemonGone { previous_owner } => assert_eq!(previous_owner, first_owner),
+        other => panic!("expected DaemonGone, got {other:?}"),
+    }
+    let restart = loop {
+        match next_item(&mut rust).await {
+            Item::Retrying { .. } => {}
+            Item::Restarted(restart) => break restart,
+            other => panic!("expected Restarted, got {other:?}"),
+        }
+    };
+    assert_eq!(restart.previous_owner, first_owner);
+    assert_eq!(restart.owner.as_str(), last_owner.as_str());
+
+    // One gap, not two: the next items are the new subscription's events, from 1.
+    disk.synth_change();
+    let (seq, action, sys_path) = device_event(&next_item(&mut rust).await);
+    assert_eq!((seq, action.as_str()), (1, "change"));
+    assert_eq!(sys_path, disk.sys_path());
+    disk.synth_change();
+    assert_eq!(device_event(&next_item(&mut rust).await).0, 2);
+    assert_eq!(rust.owner().map(|o| o.as_str()), Some(last_owner.as_str()));
+}
