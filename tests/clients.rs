@@ -439,3 +439,79 @@ async fn restarts_in_a_row_are_one_gap() {
     assert_eq!(device_event(&next_item(&mut rust).await).0, 2);
     assert_eq!(rust.owner().map(|o| o.as_str()), Some(last_owner.as_str()));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_filter_the_restarted_daemon_refuses_is_reported_and_dropped() {
+    let mut daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let conn = daemon.connect().await;
+    // Two entries; only `add` of devices passes.
+    let filter = vec![
+        ("devices".to_owned(), vec!["add".to_owned()]),
+        ("mounts".to_owned(), vec!["attach".to_owned()]),
+    ];
+    let mut rust = Subscription::builder(&conn)
+        .retry_delays(
+            std::time::Duration::from_millis(50),
+            std::time::Duration::from_secs(1),
+        )
+        .watch("devices", 1, name_spec(&disk))
+        .filter(filter)
+        .build()
+        .await
+        .expect("subscription");
+
+    // The administrator lowers the limit the filter is within, and restarts.
+    daemon.crash();
+    std::fs::write(daemon.config_path(), "[limits]\nfilter_entries = 1\n").expect("config");
+    daemon.restart();
+
+    match next_item(&mut rust).await {
+        Item::DaemonGone { .. } => {}
+        other => panic!("expected DaemonGone, got {other:?}"),
+    }
+    loop {
+        match next_item(&mut rust).await {
+            Item::Retrying { .. } => {}
+            Item::Restarted(_) => break,
+            other => panic!("expected Restarted, got {other:?}"),
+        }
+    }
+    match next_item(&mut rust).await {
+        Item::FilterNotRestored { error } => assert!(
+            matches!(&error, zbus::Error::MethodError(name, Some(message), _)
+                if name.as_str() == "org.watchq1.Error.LimitExceeded" && message.contains("at most 1")),
+            "{error:?}"
+        ),
+        other => panic!("expected FilterNotRestored, got {other:?}"),
+    }
+    // The watch was restored, and without the filter a `change` now passes.
+    assert_eq!(
+        rust.watches().iter().map(|w| w.tag).collect::<Vec<_>>(),
+        [1]
+    );
+    disk.synth_change();
+    let (seq, action, sys_path) = device_event(&next_item(&mut rust).await);
+    assert_eq!((seq, action.as_str()), (1, "change"));
+    assert_eq!(sys_path, disk.sys_path());
+
+    // The dropped filter stays dropped: a later restart, with the limit back, does not
+    // bring it back behind the application's back.
+    daemon.crash();
+    std::fs::write(daemon.config_path(), "").expect("config");
+    daemon.restart();
+    match next_item(&mut rust).await {
+        Item::DaemonGone { .. } => {}
+        other => panic!("expected DaemonGone, got {other:?}"),
+    }
+    loop {
+        match next_item(&mut rust).await {
+            Item::Retrying { .. } => {}
+            Item::Restarted(_) => break,
+            other => panic!("expected Restarted, got {other:?}"),
+        }
+    }
+    disk.synth_change();
+    let (seq, action, _) = device_event(&next_item(&mut rust).await);
+    assert_eq!((seq, action.as_str()), (1, "change"));
+}

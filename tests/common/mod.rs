@@ -176,6 +176,12 @@ impl Daemon {
         let _ = self.child.wait();
     }
 
+    /// The configuration file the daemon reads; rewrite it before [`Daemon::restart`] to
+    /// restart with another configuration.
+    pub fn config_path(&self) -> std::path::PathBuf {
+        self.bus.dir.path().join("watchqd.toml")
+    }
+
     /// Starts the daemon again after [`Daemon::crash`]: same configuration, same bus.
     pub fn restart(&mut self) {
         let config = self.bus.dir.path().join("watchqd.toml");
