@@ -236,7 +236,7 @@ async fn ext4_errors_arrive_typed_with_errno_count_and_inode_only_where_watched(
     assert_contiguous(&watcher.received);
 
     // The bystander watches devices only: no filesystem error reached it.
-    bystander.next(Duration::from_millis(300)).await;
+    bystander.receive_for(Duration::from_millis(300)).await;
     assert!(fs_errors(&bystander.received).is_empty());
 
     // 3. Unwatched: the group is closed, and errors go nowhere.
@@ -272,7 +272,7 @@ async fn ext4_going_read_only_after_an_error_is_reported_once() {
     let err = fs::write(fs.path().join("x"), b"x").expect_err("read-only");
     assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
     // Nothing more arrives: one error, one switch.
-    watcher.next(Duration::from_millis(800)).await;
+    watcher.receive_for(Duration::from_millis(800)).await;
     let errors = errors_of_kind(&watcher.received, "error");
     let switches = errors_of_kind(&watcher.received, "read-only");
     assert_eq!(errors.len(), 1, "{:?}", watcher.received);

@@ -112,10 +112,70 @@ async fn a_thousand_subscribe_disconnect_cycles_leak_nothing() {
     );
 }
 
+/// Receives notifications from `socket` until `done` holds for one of their lines,
+/// failing at `deadline`: a daemon that keeps sending something else cannot hang the
+/// test. Returns every line received.
+fn receive_until(
+    socket: &std::os::unix::net::UnixDatagram,
+    what: &str,
+    deadline: Instant,
+    mut done: impl FnMut(&str) -> bool,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        assert!(
+            !left.is_zero(),
+            "no {what} before the deadline; got {lines:?}"
+        );
+        socket.set_read_timeout(Some(left)).expect("read timeout");
+        let n = socket
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {what} before the deadline ({e}); got {lines:?}"));
+        let mut finished = false;
+        for line in String::from_utf8_lossy(&buf[..n]).lines() {
+            finished |= done(line);
+            lines.push(line.to_owned());
+        }
+        if finished {
+            return lines;
+        }
+    }
+}
+
+/// Every notification line that arrives within `window`, which ends at the deadline
+/// whatever the sender does.
+fn receive_for(socket: &std::os::unix::net::UnixDatagram, window: Duration) -> Vec<String> {
+    let end = Instant::now() + window;
+    let mut lines = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let left = end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return lines;
+        }
+        socket.set_read_timeout(Some(left)).expect("read timeout");
+        match socket.recv(&mut buf) {
+            Ok(n) => lines.extend(
+                String::from_utf8_lossy(&buf[..n])
+                    .lines()
+                    .map(str::to_owned),
+            ),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("receiving notifications: {e}"),
+        }
+    }
+}
+
 /// The daemon as systemd runs it: READY=1 with a STATUS once the name is owned, watchdog
 /// pings at half of `WATCHDOG_USEC` while the bus answers and none while it does not, and
 /// on SIGTERM STOPPING=1, the name released and a
-/// clean exit.
+/// clean exit. Every wait has a deadline that fails the test.
 #[test]
 fn systemd_notifications_watchdog_and_clean_stop() {
     use std::os::unix::net::UnixDatagram;
@@ -124,7 +184,6 @@ fn systemd_notifications_watchdog_and_clean_stop() {
     let bus = PrivateBus::start();
     let notify_path = bus.dir.path().join("notify-systemd");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
-    notify.set_read_timeout(Some(TIMEOUT)).unwrap();
     let config = bus.dir.path().join("empty.toml");
     std::fs::write(&config, "").unwrap();
     // systemd sets WATCHDOG_PID to the main process; `exec` keeps the shell's pid.
@@ -139,22 +198,17 @@ fn systemd_notifications_watchdog_and_clean_stop() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    let mut messages = Vec::new();
-    let mut buf = [0u8; 4096];
     // READY first, then at least three watchdog pings (every 100 ms).
-    while messages
-        .iter()
-        .filter(|m: &&String| m.as_str() == "WATCHDOG=1")
-        .count()
-        < 3
-    {
-        let n = notify.recv(&mut buf).expect("a notification from watchqd");
-        messages.extend(
-            String::from_utf8_lossy(&buf[..n])
-                .lines()
-                .map(str::to_owned),
-        );
-    }
+    let mut pings = 0;
+    let messages = receive_until(
+        &notify,
+        "READY=1 and three watchdog pings",
+        Instant::now() + TIMEOUT,
+        |line| {
+            pings += usize::from(line == "WATCHDOG=1");
+            pings == 3
+        },
+    );
     let ready = messages
         .iter()
         .position(|m| m == "READY=1")
@@ -176,50 +230,45 @@ fn systemd_notifications_watchdog_and_clean_stop() {
     // let systemd restart it; when the bus answers again, the pings come back.
     let bus_pid = nix::unistd::Pid::from_raw(i32::try_from(bus.pid()).unwrap());
     nix::sys::signal::kill(bus_pid, nix::sys::signal::Signal::SIGSTOP).unwrap();
-    // A ping already decided may still arrive.
-    notify
-        .set_read_timeout(Some(std::time::Duration::from_millis(300)))
-        .unwrap();
-    while notify.recv(&mut buf).is_ok() {}
-    let hung = std::time::Instant::now();
-    while let Ok(n) = notify.recv(&mut buf) {
-        let text = String::from_utf8_lossy(&buf[..n]).into_owned();
-        assert!(
-            !text.lines().any(|l| l == "WATCHDOG=1"),
-            "pinged the watchdog {:?} after the bus stopped answering",
-            hung.elapsed()
-        );
-        assert!(hung.elapsed() < TIMEOUT);
-    }
+    // A ping already decided may arrive in the first interval (100 ms; its health check
+    // gives the bus 50 ms); none in the ten intervals after it.
+    let settle = receive_for(&notify, Duration::from_millis(300));
+    let hung = receive_for(&notify, Duration::from_secs(1));
+    assert!(
+        !hung.iter().any(|l| l == "WATCHDOG=1"),
+        "pinged the watchdog while the bus did not answer: {hung:?} (before: {settle:?})"
+    );
     nix::sys::signal::kill(bus_pid, nix::sys::signal::Signal::SIGCONT).unwrap();
-    notify.set_read_timeout(Some(TIMEOUT)).unwrap();
-    loop {
-        let n = notify
-            .recv(&mut buf)
-            .expect("watchdog pings again once the bus answers");
-        if String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .any(|l| l == "WATCHDOG=1")
-        {
-            break;
-        }
-    }
+    receive_until(
+        &notify,
+        "a watchdog ping once the bus answers again",
+        Instant::now() + TIMEOUT,
+        |line| line == "WATCHDOG=1",
+    );
 
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap()),
         nix::sys::signal::Signal::SIGTERM,
     )
     .unwrap();
-    loop {
-        let n = notify.recv(&mut buf).expect("STOPPING=1 from watchqd");
-        if String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .any(|l| l == "STOPPING=1")
-        {
-            break;
+    receive_until(
+        &notify,
+        "STOPPING=1 after SIGTERM",
+        Instant::now() + TIMEOUT,
+        |line| line == "STOPPING=1",
+    );
+    let deadline = Instant::now() + TIMEOUT;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for watchqd") {
+            break status;
         }
-    }
-    let status = child.wait().unwrap();
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("watchqd did not exit within {TIMEOUT:?} of SIGTERM");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     assert!(status.success(), "watchqd exited with {status} on SIGTERM");
     assert!(!watchqd_owns_the_name(&bus.address));
 }

@@ -341,19 +341,50 @@ mod tests {
         }
     }
 
-    const SOURCES: [&str; 8] = [
-        "devices",
-        "block-errors",
-        "keys",
-        "mounts",
-        "filesystems",
-        "quota",
-        "space",
-        "unknown-future-source",
+    /// What a local user (uid 1000, not sandboxed) gets for each source at the scopes
+    /// own, others and system: the polkit action asked, or `None` where only root may
+    /// watch. Written out by hand, not derived from [`WATCH_RULES`] or [`watch_rule`],
+    /// so that a change to either shows here.
+    const USER_GRID: [(&str, [Option<&str>; 3]); 8] = [
+        ("devices", [None, None, Some("org.watchq1.watch-devices")]),
+        (
+            "block-errors",
+            [None, None, Some("org.watchq1.watch-block-errors")],
+        ),
+        (
+            "keys",
+            [
+                Some("org.watchq1.watch-own-keys"),
+                Some("org.watchq1.watch-other-keys"),
+                None,
+            ],
+        ),
+        (
+            "mounts",
+            [
+                Some("org.watchq1.watch-own-mounts"),
+                Some("org.watchq1.watch-other-mounts"),
+                None,
+            ],
+        ),
+        (
+            "filesystems",
+            [None, None, Some("org.watchq1.watch-filesystems")],
+        ),
+        (
+            "quota",
+            [
+                Some("org.watchq1.watch-own-quota"),
+                None,
+                Some("org.watchq1.watch-all-quota"),
+            ],
+        ),
+        ("space", [Some("org.watchq1.watch-space"), None, None]),
+        ("unknown-future-source", [None, None, None]),
     ];
 
     /// The whole request grid with the default configuration: every source × scope ×
-    /// caller kind.
+    /// caller kind, against the table above.
     #[test]
     fn request_grid() {
         let config = PolicyConfig::default();
@@ -375,8 +406,8 @@ mod tests {
                 Err(Denial::Sandboxed(_))
             ));
         }
-        for source in SOURCES {
-            for scope in Scope::ALL {
+        for (source, actions) in USER_GRID {
+            for (scope, action) in Scope::ALL.into_iter().zip(actions) {
                 let request = Request::Watch { source, scope };
                 assert_eq!(decide(&config, &root, request), Ok(Decision::Allow));
                 for who in [&app, &root_app] {
@@ -385,11 +416,15 @@ mod tests {
                         Err(Denial::Sandboxed(_))
                     ));
                 }
-                let expected = match watch_rule(source, scope) {
-                    Some(rule) => Ok(Decision::Ask(rule)),
-                    None => Err(Denial::RootOnly),
+                let asked = match decide(&config, &user, request) {
+                    Ok(Decision::Ask(rule)) => {
+                        assert_eq!((rule.source, rule.scope), (source, scope), "{rule:?}");
+                        Some(rule.action)
+                    }
+                    Err(Denial::RootOnly) => None,
+                    other => panic!("{request:?}: {other:?}"),
                 };
-                assert_eq!(decide(&config, &user, request), expected, "{request:?}");
+                assert_eq!(asked, action, "{request:?}");
             }
         }
         // What a local user is asked for, and which actions are for administrators.

@@ -877,6 +877,21 @@ impl Subscriber {
         }
     }
 
+    /// Receives every signal that arrives within `window`, however many: for checks that
+    /// nothing unwanted came, where taking one signal could stop before the unwanted one.
+    /// Ends at the deadline whatever the daemon sends. Returns how many arrived.
+    pub async fn receive_for(&mut self, window: Duration) -> usize {
+        let end = Instant::now() + window;
+        let mut count = 0;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() || self.next(left).await.is_none() {
+                return count;
+            }
+            count += 1;
+        }
+    }
+
     /// Signals about one device.
     pub fn about<'a>(&'a self, sys_path: &'a str) -> impl Iterator<Item = &'a Signal> + 'a {
         self.received
