@@ -91,9 +91,42 @@ impl LogLimit {
     }
 }
 
+/// A [`LogLimit`] for messages that report a count (events dropped): what suppressed
+/// messages would have reported is carried into the next allowed one, so the figures in
+/// the log add up to every event counted.
+#[derive(Debug, Default)]
+pub struct CountLimit {
+    limit: LogLimit,
+    unlogged: u64,
+}
+
+impl CountLimit {
+    /// Counts `count` more; when a message may be logged now, the count since the last
+    /// logged one and how many messages were suppressed in between.
+    pub fn add(&mut self, count: u64, now: Instant) -> Option<(u64, u64)> {
+        self.unlogged += count;
+        let suppressed = self.limit.allow(now)?;
+        Some((std::mem::take(&mut self.unlogged), suppressed))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counts_of_suppressed_messages_reach_the_next_allowed_one() {
+        let mut drops = CountLimit::default();
+        let start = Instant::now();
+        let logged: Vec<_> = (0..8)
+            .filter_map(|i| drops.add(10, start + Duration::from_millis(i)))
+            .collect();
+        assert_eq!(logged, vec![(10, 0); LogLimit::BURST as usize]);
+        assert_eq!(
+            drops.add(1, start + LogLimit::INTERVAL + Duration::from_secs(1)),
+            Some((31, 3))
+        );
+    }
 
     #[test]
     fn a_flood_is_logged_a_few_times_then_counted() {

@@ -18,7 +18,7 @@ use super::{event_value, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed};
 use crate::event::Record;
 use crate::glob::Pattern;
-use crate::logging::LogLimit;
+use crate::logging::{CountLimit, LogLimit};
 use crate::source::{Registry, WatchMatcher};
 
 /// Events waiting for their units to be started.
@@ -212,10 +212,11 @@ pub async fn run(
     };
     let mut failures: Vec<LogLimit> = rules.iter().map(|_| LogLimit::default()).collect();
     let mut losses = LogLimit::default();
+    let mut drops = CountLimit::default();
     while let Some(entry) = feed.receiver.recv().await {
         let dropped = feed.take_dropped();
         if dropped > 0 {
-            if let Some(suppressed) = losses.allow(Instant::now()) {
+            if let Some((dropped, suppressed)) = drops.add(dropped, Instant::now()) {
                 tracing::warn!(
                     "unit rules: {dropped} event(s) dropped, the queue of units to start is full (systemd is slow or absent){}",
                     LogLimit::note(suppressed)
