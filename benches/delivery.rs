@@ -2,8 +2,11 @@
 //!
 //! `cargo bench --bench delivery` prints every figure and its ratio to the ceiling
 //! measured in the same run (these machines are shared and noisy: only ratios mean
-//! anything). Under `cargo test` (no `--bench` argument) it runs a small smoke version so
-//! that the benchmark itself cannot rot.
+//! anything), and each target of [`TARGETS`] as MET, MISSED or KNOWN-MISS.
+//! `cargo bench --bench delivery -- --check` runs a shorter size (about two minutes on a
+//! quiet 2-core machine; CI runs it) and exits non-zero when a target is MISSED, or was
+//! not measured at all. Under `cargo test` (no `--bench` argument) it runs a small smoke
+//! version so that the benchmark itself cannot rot; the smoke run fails on nothing.
 //!
 //! - ceiling: a plain zbus emitter sends equally sized unicast signals (the body of a
 //!   real DeviceChanged) to one subscriber;
@@ -16,6 +19,7 @@
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code, clippy::all)]
 mod common;
+mod targets;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -24,11 +28,103 @@ use std::time::{Duration, Instant};
 
 use common::{cpu_ticks, Daemon, LoopDevice, Subscriber};
 use futures_util::StreamExt;
+use targets::{Bound, Target, Verdicts};
 use zbus::{Connection, MatchRule, MessageStream, Variant};
+
+/// Every target of this benchmark. Latencies are what watchqd adds to the raw emitter's
+/// (kernel uevent to subscriber, against send to receipt); throughputs are ratios to the
+/// raw emitter's rate in the same run; CPU per signal is the daemon's user+system time
+/// per delivered signal against the bus daemon's for the same signals (the one process
+/// every signal crosses either way), at one subscriber and at 1,000 (where one uevent
+/// serves many signals: 0.07x measured, 0.23x with a credit window of 2, which the
+/// throughput ratios did not notice).
+const TARGETS: &[Target] = &[
+    Target {
+        id: "idle-wakeups",
+        what: "wakeups/s while idle, no watches",
+        bound: Bound::AtMost(0.0),
+        known_miss: None,
+    },
+    Target {
+        id: "idle-rss",
+        what: "RSS idle, KiB",
+        bound: Bound::AtMost(10.0 * 1024.0),
+        known_miss: None,
+    },
+    Target {
+        id: "added-p50",
+        what: "added latency p50, us",
+        bound: Bound::AtMost(50.0),
+        known_miss: Some(
+            "the daemon alone spends about 50 us of CPU on one signal to one subscriber \
+             (reading the uevent and the device's attributes, encoding; see cpu-per-signal), \
+             and its tasks' wakeups come on top: ~100 us measured on a loaded 2-core machine",
+        ),
+    },
+    Target {
+        id: "added-p99",
+        what: "added latency p99, us",
+        bound: Bound::AtMost(500.0),
+        known_miss: Some(
+            "on 2 cores shared by the writer, the daemon, the bus and the receiver the tail \
+             is scheduling: ~1.5 ms added measured on a loaded machine (the raw p99 itself \
+             was 2.6 ms)",
+        ),
+    },
+    Target {
+        id: "rate-1",
+        what: "1 subscriber, signals/s as a share of the ceiling",
+        bound: Bound::AtLeast(0.9),
+        known_miss: Some(
+            "with both cores saturated the rate is bound by the CPU all processes spend per \
+             signal: ~60 us on the raw path (bus, emitter, receiver), ~110 us through \
+             watchqd (the writer's uevent, the daemon, the bus, the receiver), so ~0.55x is \
+             what 2 cores allow at one subscriber (0.56x measured); with more subscriptions \
+             one uevent serves many signals (rate-1000 holds)",
+        ),
+    },
+    Target {
+        id: "rate-1000",
+        what: "1,000 subscriptions, signals/s as a share of the ceiling",
+        bound: Bound::AtLeast(0.5),
+        known_miss: Some(
+            "at 1,000 subscriptions dbus-daemon spends about three times as much CPU per \
+             signal (~100 us against ~30 us: every subscription's match rule), which the \
+             one-subscriber ceiling does not pay; 0.48x and 0.58x measured on a loaded \
+             machine. (A raw emitter to the same receivers on the same bus is printed too, \
+             not a target: 0.64x to 1.32x of it across runs on a loaded machine, as noisy \
+             as wall-clock rates are there; cpu-per-signal-1000 is what catches a slower \
+             daemon at scale)",
+        ),
+    },
+    Target {
+        id: "cpu-per-signal",
+        what: "daemon CPU per delivered signal, 1 subscriber, as a multiple of dbus-daemon's",
+        // 1.2x-1.8x in four runs on a loaded machine (clock ticks: +-8% on dbus-daemon's).
+        bound: Bound::AtMost(2.5),
+        known_miss: None,
+    },
+    Target {
+        id: "cpu-per-signal-1000",
+        what:
+            "daemon CPU per delivered signal, 1,000 subscriptions, as a multiple of dbus-daemon's",
+        bound: Bound::AtMost(0.15),
+        known_miss: None,
+    },
+    Target {
+        id: "rss-growth",
+        what: "RSS growth when the last run is repeated, KiB",
+        // 0 KiB in three runs on a loaded machine, 1,240 KiB in a fourth; a credit window
+        // of 2 (a backlog in the daemon) grew it by 10,640 KiB.
+        bound: Bound::AtMost(4096.0),
+        known_miss: None,
+    },
+];
 
 struct Figures {
     quick: bool,
     lines: Vec<String>,
+    verdicts: Verdicts,
 }
 
 impl Figures {
@@ -37,9 +133,10 @@ impl Figures {
         self.lines.push(line);
     }
 
-    fn target(&mut self, what: &str, met: bool, detail: String) {
-        let verdict = if met { "MET" } else { "MISSED" };
-        self.say(format!("  target {what}: {verdict} ({detail})"));
+    /// Holds `value` to the target `id` of [`TARGETS`]; `detail` says what it is made of.
+    fn target(&mut self, id: &'static str, value: f64, detail: String) {
+        let line = self.verdicts.target(id, value, &detail);
+        self.say(line);
     }
 }
 
@@ -156,28 +253,42 @@ fn write_changes(name: &str, n: u64) {
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let quick = !std::env::args().any(|a| a == "--bench");
+async fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().collect();
+    let quick = !args.iter().any(|a| a == "--bench");
+    let check = args.iter().any(|a| a == "--check");
     let mut out = Figures {
         quick,
         lines: Vec::new(),
+        verdicts: Verdicts::new(TARGETS),
     };
-    let (flood, reps) = if quick {
-        (300u64, 50usize)
+    // (signals per flood, latency samples, seconds of idle watched)
+    let (flood, reps, idle_secs) = if quick {
+        (300u64, 50usize, 1u64)
+    } else if check {
+        (5_000, 500, 3)
     } else {
-        (20_000, 1000)
+        (20_000, 1000, 5)
     };
     // The last run repeats the one before: memory must not grow across runs (the first
     // runs raise the allocator's high-water mark; a leak would raise it again).
     // (subscriptions, percent of them whose filter lets the events through)
     let scales: &[(usize, usize)] = if quick {
         &[(1, 100), (10, 100), (10, 100)]
+    } else if check {
+        &[(1, 100), (100, 50), (1000, 10), (1000, 10)]
     } else {
         &[(1, 100), (10, 100), (100, 50), (1000, 10), (1000, 10)]
     };
     out.say(format!(
         "watchqd delivery benchmark ({}; {} cores; kernel {})",
-        if quick { "smoke run" } else { "full run" },
+        if quick {
+            "smoke run"
+        } else if check {
+            "check run"
+        } else {
+            "full run"
+        },
         std::thread::available_parallelism().map_or(0, usize::from),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
@@ -185,7 +296,7 @@ async fn main() {
     ));
 
     let daemon = Daemon::with_config(
-        "[limits]\nsubscriptions_per_connection = 100\nsubscriptions_per_uid = 2000\n\n[delivery]\nmax_queue_depth = 65536\n",
+        "[limits]\nsubscriptions_per_connection = 100\nsubscriptions_per_uid = 2000\nwatches_per_uid = 2000\n\n[delivery]\nmax_queue_depth = 65536\n",
     );
     let pid = daemon.pid();
     let bus_pid = bus_daemon_pid();
@@ -193,21 +304,13 @@ async fn main() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_idle = daemon.rss_kib();
     let switches = context_switches(pid);
-    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 5 })).await;
-    let idle_wakeups = (context_switches(pid) - switches) as f64 / if quick { 1.0 } else { 5.0 };
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let idle_wakeups = (context_switches(pid) - switches) as f64 / idle_secs as f64;
     out.say(format!(
         "daemon idle: RSS {rss_idle} KiB, {idle_wakeups:.1} wakeups/s (no watches)"
     ));
-    out.target(
-        "no wakeups while idle",
-        idle_wakeups == 0.0,
-        format!("{idle_wakeups:.1}/s"),
-    );
-    out.target(
-        "RSS idle <= 10 MiB",
-        rss_idle <= 10 * 1024,
-        format!("{rss_idle} KiB"),
-    );
+    out.target("idle-wakeups", idle_wakeups, format!("over {idle_secs} s"));
+    out.target("idle-rss", rss_idle as f64, "VmRSS".into());
 
     let disk = LoopDevice::attach(4);
     let deep = || HashMap::from([("queue-depth", Variant::from(65536u32))]);
@@ -338,14 +441,14 @@ async fn main() {
     let added50 = micros(d50) - micros(r50);
     let added99 = micros(d99) - micros(r99);
     out.target(
-        "added latency p50 <= 50 us",
-        added50 <= 50.0,
-        format!("{added50:.0} us"),
+        "added-p50",
+        added50,
+        format!("{:.0} us - {:.0} us", micros(d50), micros(r50)),
     );
     out.target(
-        "added latency p99 <= 500 us",
-        added99 <= 500.0,
-        format!("{added99:.0} us"),
+        "added-p99",
+        added99,
+        format!("{:.0} us - {:.0} us", micros(d99), micros(r99)),
     );
 
     // Throughput through watchqd at several scales.
@@ -505,16 +608,30 @@ async fn main() {
             bus_cpu[2]
         ));
         match subscriptions {
-            1 if rss_after_runs.len() == 1 => out.target(
-                "1 subscriber >= 0.9x ceiling",
-                rate / raw_rate >= 0.9,
-                format!("{:.2}x", rate / raw_rate),
-            ),
-            1000 if rss_after_runs.len() == scales.len() - 1 => out.target(
-                "1,000 subscriptions >= 0.5x ceiling",
-                rate / raw_rate >= 0.5,
-                format!("{:.2}x", rate / raw_rate),
-            ),
+            1 if rss_after_runs.len() == 1 => {
+                out.target(
+                    "rate-1",
+                    rate / raw_rate,
+                    format!("{rate:.0}/s against {raw_rate:.0}/s"),
+                );
+                out.target(
+                    "cpu-per-signal",
+                    cpu[0] / cpu[1],
+                    format!("watchqd {:.1} us, dbus-daemon {:.1} us", cpu[0], cpu[1]),
+                );
+            }
+            1000 if rss_after_runs.len() == scales.len() - 1 => {
+                out.target(
+                    "rate-1000",
+                    rate / raw_rate,
+                    format!("{rate:.0}/s against {raw_rate:.0}/s"),
+                );
+                out.target(
+                    "cpu-per-signal-1000",
+                    cpu[0] / cpu[1],
+                    format!("watchqd {:.1} us, dbus-daemon {:.1} us", cpu[0], cpu[1]),
+                );
+            }
             _ => {}
         }
         for sub in &subs {
@@ -526,8 +643,8 @@ async fn main() {
     let first = rss_after_runs[rss_after_runs.len() - 2];
     let last = *rss_after_runs.last().unwrap();
     out.target(
-        "no RSS growth across runs",
-        last <= first + 1024,
+        "rss-growth",
+        last as f64 - first as f64,
         format!("{first} KiB after the last run but one, {last} KiB after the same run again"),
     );
     // Idle again, now with the device source running for a watch that sees no events:
@@ -540,15 +657,22 @@ async fn main() {
         .await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let switches = context_switches(pid);
-    tokio::time::sleep(Duration::from_secs(if quick { 1 } else { 5 })).await;
-    let watching_wakeups =
-        (context_switches(pid) - switches) as f64 / if quick { 1.0 } else { 5.0 };
+    tokio::time::sleep(Duration::from_secs(idle_secs)).await;
+    let watching_wakeups = (context_switches(pid) - switches) as f64 / idle_secs as f64;
     out.say(format!(
         "daemon idle after the runs, one devices watch open: RSS {} KiB, {watching_wakeups:.1} wakeups/s (each uevent of the machine is one)",
         daemon.rss_kib()
     ));
     watcher.proxy.close().await.unwrap();
     if !out.quick {
-        println!("\n(reproduce: cargo bench --bench delivery)");
+        println!("\n(reproduce: cargo bench --bench delivery [-- --check])");
+    }
+    // Everything (daemon, bus, loop device) is dropped before the exit status is known.
+    let ok = !check || out.verdicts.passed();
+    drop((watcher, disk, daemon));
+    if ok {
+        std::process::ExitCode::SUCCESS
+    } else {
+        std::process::ExitCode::FAILURE
     }
 }

@@ -10,7 +10,9 @@ use watchqd::source::blockerr::wire;
 const FORMAT: &str = include_str!("../data/block_rq_error.format");
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, rest)) = data.split_first() else { return };
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
     match selector % 4 {
         0 => {
             if let Ok(text) = std::str::from_utf8(rest) {

@@ -31,8 +31,12 @@ fn reference(pattern: &str, text: &str) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(input) = std::str::from_utf8(data) else { return };
-    let Some((pattern, text)) = input.split_once('\0') else { return };
+    let Ok(input) = std::str::from_utf8(data) else {
+        return;
+    };
+    let Some((pattern, text)) = input.split_once('\0') else {
+        return;
+    };
     if pattern.len() > 512 || text.len() > 512 {
         return;
     }

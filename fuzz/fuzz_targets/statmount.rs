@@ -7,10 +7,17 @@ use libfuzzer_sys::fuzz_target;
 use watchqd::source::mounts::wire;
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, rest)) = data.split_first() else { return };
+    let Some((&selector, rest)) = data.split_first() else {
+        return;
+    };
     if selector % 2 == 0 {
         if let Ok(mount) = wire::parse_statmount(rest) {
-            for text in [&mount.fs_type, &mount.mount_point, &mount.source, &mount.fs_options] {
+            for text in [
+                &mount.fs_type,
+                &mount.mount_point,
+                &mount.source,
+                &mount.fs_options,
+            ] {
                 assert!(text.len() <= rest.len() * 3, "lossy UTF-8 at most triples");
             }
             let _ = mount.mount_options();

@@ -7,7 +7,10 @@ use watchqd::source::devices::wire;
 
 fuzz_target!(|data: &[u8]| {
     if let Ok(event) = wire::parse(data) {
-        assert_eq!(event.properties.get("ACTION").map(String::as_str), Some(event.action.as_str()));
+        assert_eq!(
+            event.properties.get("ACTION").map(String::as_str),
+            Some(event.action.as_str())
+        );
         assert_eq!(event.properties.get("DEVPATH"), Some(&event.devpath));
         assert!(event.devpath.starts_with('/'));
         assert!(!event.devpath.split('/').any(|c| c == ".."));

@@ -13,7 +13,15 @@ fuzz_target!(|data: &[u8]| {
     } else if !data.is_empty() {
         assert!(!notes.is_empty(), "bytes consumed without a record");
     }
-    if let Some(note @ Note::Key { change, watch_id, key, aux }) = notes.first() {
+    if let Some(
+        note @ Note::Key {
+            change,
+            watch_id,
+            key,
+            aux,
+        },
+    ) = notes.first()
+    {
         // The serial and aux are the record's bytes 8..16, and re-encoding decodes the same.
         let encoded = wire::encode_key(*change, *watch_id, *key, *aux);
         assert_eq!(&encoded[8..16], &data[8..16]);

@@ -22,7 +22,9 @@ fn registry() -> &'static Registry {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let Some((&selector, body)) = data.split_first() else { return };
+    let Some((&selector, body)) = data.split_first() else {
+        return;
+    };
     let ctxt = Context::new(LE, 0);
     let bytes = Data::new(body, ctxt);
     let registry = registry();
@@ -31,7 +33,8 @@ fuzz_target!(|data: &[u8]| {
             let sources = registry.all();
             let source = &sources[usize::from(selector >> 1) % sources.len()];
             // Root and an ordinary user, with and without a pid from the bus.
-            let mut requester = Identity::new(":1.7".into(), if selector & 0x40 != 0 { 0 } else { 1000 });
+            let mut requester =
+                Identity::new(":1.7".into(), if selector & 0x40 != 0 { 0 } else { 1000 });
             if selector & 0x80 != 0 {
                 requester.pid = Some(std::process::id());
             }

@@ -26,15 +26,31 @@ pub const ENV_PREFIX: &str = "WATCHQD";
 /// The `WATCHQD_<SECTION>__<KEY>` variables of the environment. A configuration key
 /// always has a section, so a variable without `__` (`WATCHQD_VM_GUEST`, set by
 /// tools around the daemon) is not configuration and is left alone; one with `__` that
-/// names no key is an error like an unknown key in the file.
-fn config_environment() -> config::Map<String, String> {
-    std::env::vars()
-        .filter(|(name, _)| {
-            name.strip_prefix(ENV_PREFIX)
-                .and_then(|rest| rest.strip_prefix('_'))
-                .is_some_and(|key| key.contains("__"))
-        })
-        .collect()
+/// names no key is an error like an unknown key in the file. Read as bytes: other
+/// programs' variables may hold anything (`std::env::vars` panics on one that is not
+/// UTF-8); one of ours that is not UTF-8 is an error naming it.
+fn config_environment() -> Result<config::Map<String, String>, String> {
+    let mut ours = config::Map::new();
+    for (name, value) in std::env::vars_os() {
+        let is_ours = name
+            .as_encoded_bytes()
+            .strip_prefix(ENV_PREFIX.as_bytes())
+            .and_then(|rest| rest.strip_prefix(b"_"))
+            .is_some_and(|key| key.windows(2).any(|pair| pair == b"__"));
+        if !is_ours {
+            continue;
+        }
+        match (name.into_string(), value.into_string()) {
+            (Ok(name), Ok(value)) => {
+                ours.insert(name, value);
+            }
+            (Ok(name), Err(_)) => return Err(format!("{name}: the value is not UTF-8")),
+            (Err(name), _) => {
+                return Err(format!("{}: the name is not UTF-8", name.to_string_lossy()))
+            }
+        }
+    }
+    Ok(ours)
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -149,6 +165,10 @@ impl Config {
         } else {
             format!("built-in defaults (and {ENV_PREFIX}_* environment)")
         };
+        let environment = config_environment().map_err(|message| ConfigError::Read {
+            origin: origin.clone(),
+            message,
+        })?;
         let raw: RawConfig = config::Config::builder()
             .add_source(
                 config::File::from(file.as_path())
@@ -160,7 +180,7 @@ impl Config {
                     .prefix_separator("_")
                     .separator("__")
                     .try_parsing(true)
-                    .source(Some(config_environment())),
+                    .source(Some(environment)),
             )
             .build()
             .and_then(config::Config::try_deserialize)
