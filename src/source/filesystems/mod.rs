@@ -664,10 +664,11 @@ fn base_attributes(fs: &FsInfo, error: i32) -> Attrs {
     let errno_name = if error == 0 {
         String::new()
     } else {
-        crate::source::blockerr::wire::errno_name(error.abs())
+        // The kernel's value, taken as sent: i32::MIN has no absolute value.
+        crate::source::blockerr::wire::errno_name(error.saturating_abs())
     };
     attributes.insert("errno-name".into(), errno_name.into());
-    if let Some(name) = wire::filesystem_errno_name(error.abs()) {
+    if let Some(name) = wire::filesystem_errno_name(error.saturating_abs()) {
         attributes.insert("kernel-errno-name".into(), name.into());
     }
     attributes
@@ -739,5 +740,9 @@ mod tests {
         };
         assert!(watch.matches(&rec));
         assert_eq!(watch.watched_object(), Some("7:3"));
+        // Any i32 the kernel sends is described, i32::MIN included (no panic).
+        let rec = record(SUBTYPE_ERROR, &fs, base_attributes(&fs, i32::MIN));
+        assert_eq!(rec.attr_u64("errno"), Some(1 << 31));
+        assert_eq!(rec.attr_str("kernel-errno-name"), None);
     }
 }
