@@ -213,6 +213,10 @@ ExecStart=/bin/sh -c 'echo \"%I\" >>/run/watchq-usb-started'
 const DEVICE_CHANGE_ID: &str = "9dac70fd54f04de293ff2890bf916cae";
 /// MESSAGE_ID of a device `add` record.
 const DEVICE_ADD_ID: &str = "384f719155194359bb7ed41ca9f34bb1";
+/// What dbus-daemon logs when a call to org.watchq1 starts watchqd through systemd
+/// (followed by `requested by ':1.N' (uid=U pid=P comm="…")`).
+const BUS_ACTIVATION: &str =
+    "Activating via systemd: service name='org.watchq1' unit='watchqd.service' requested by";
 
 /// `systemctl show` of the unit's state and restart count.
 fn unit_state(guest: &vm::Guest) -> String {
@@ -234,6 +238,20 @@ fn assert_running(guest: &vm::Guest, show: &str, context: &str) {
             journal.stdout
         );
     }
+}
+
+/// The signals `watchqctl monitor --json` printed, one JSON object a line, of one kind.
+fn json_signals(stdout: &str, signal: &str) -> Vec<serde_json::Value> {
+    stdout
+        .lines()
+        .filter(|line| line.starts_with('{'))
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap_or_else(|e| {
+                panic!("watchqctl printed a line that is not JSON ({e}): {line}")
+            })
+        })
+        .filter(|value| value["signal"] == signal)
+        .collect()
 }
 
 /// Start `sh -c SCRIPT` in the background, its pid in `PIDFILE`, so that it can be stopped.
@@ -436,14 +454,28 @@ fn installed_package_serves_the_system_bus() {
     );
     keys.wait_for_stdout("watching keys", STEP)
         .expect("alice watches her keys");
+    let user_keyring = ok(&guest, "su -l alice -c 'keyctl id @u'");
+    let user_keyring: i64 = user_keyring
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("keyctl id @u as alice printed {user_keyring:?}: {e}"));
     let key = ok(&guest, "su -l alice -c 'keyctl add user watched v1 @u'");
-    keys.wait_for_stdout("\"signal\":\"KeyChanged\"", STEP)
-        .expect("KeyChanged for alice's new key");
+    let key: i64 = key
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("keyctl add printed {key:?}: {e}"));
+    // Her user keyring's record of the link names the new key.
+    keys.wait_for_stdout(&format!("\"aux\":{key}"), STEP)
+        .expect("KeyChanged naming alice's new key");
     ok(&guest, "kill $(cat /run/keys.pid)");
     let keys = keys.wait(STEP).expect("watchqctl monitor keys ends");
-    println!(
-        "alice's keys, after adding {}:\n{}",
-        key.trim(),
+    println!("alice's keys, after adding {key}:\n{}", keys.stdout);
+    let key_changes = json_signals(&keys.stdout, "KeyChanged");
+    assert!(
+        key_changes
+            .iter()
+            .any(|k| k["change"] == "linked" && k["key"] == user_keyring && k["aux"] == key),
+        "no KeyChanged: linked {key} into alice's user keyring {user_keyring}:\n{}",
         keys.stdout
     );
 
@@ -474,6 +506,24 @@ fn installed_package_serves_the_system_bus() {
     ok(&guest, "kill $(cat /run/space.pid)");
     let space = space.wait(STEP).expect("watchqctl monitor space ends");
     println!("alice's space warnings:\n{}", space.stdout);
+    // Every warning is about her path, on its own mount; the first, that it went low.
+    let warnings = json_signals(&space.stdout, "SpaceWarning");
+    assert!(
+        !warnings.is_empty(),
+        "no SpaceWarning line:\n{}",
+        space.stdout
+    );
+    for warning in &warnings {
+        assert_eq!(warning["path"], "/home/alice/small", "{warning}");
+        assert_eq!(warning["mount_point"], "/home/alice/small", "{warning}");
+        assert_eq!(warning["attributes"]["fs-type"], "ext4", "{warning}");
+    }
+    assert_eq!(
+        (&warnings[0]["level"], &warnings[0]["state"]),
+        (&json!("low"), &json!("crossed")),
+        "{}",
+        warnings[0]
+    );
 
     // Killed: systemd restarts it (Restart=on-failure).
     ok(&guest, "systemctl kill -s KILL watchqd");
@@ -491,14 +541,47 @@ fn installed_package_serves_the_system_bus() {
     assert_ne!(property(&show, "MainPID"), first_pid, "{show}");
     ok(&guest, "su -l alice -c 'watchqctl status'");
 
-    // Stopped: a client's call starts it again through D-Bus activation.
-    ok(&guest, "systemctl stop watchqd");
-    let stopped = unit_state(&guest);
-    assert_eq!(property(&stopped, "ActiveState"), "inactive", "{stopped}");
+    // Stopped, with its socket (a uevent on a listening socket would start it too): a
+    // client's call starts it again through D-Bus activation, which dbus-daemon logs
+    // naming the caller.
+    ok(&guest, "systemctl stop watchqd.socket watchqd.service");
+    assert_eq!(
+        sh(&guest, "systemctl is-active watchqd.socket watchqd.service")
+            .stdout
+            .lines()
+            .collect::<Vec<_>>(),
+        ["inactive", "inactive"]
+    );
+    let activations = || -> usize {
+        ok(
+            &guest,
+            &format!("journalctl -b -o cat --no-pager | grep -cF \"{BUS_ACTIVATION}\" || true"),
+        )
+        .trim()
+        .parse()
+        .expect("a count from grep -c")
+    };
+    let activations_before = activations();
+    let alice_uid = ok(&guest, "id -u alice");
     ok(&guest, "su -l alice -c 'watchqctl status'");
     let show = unit_state(&guest);
     println!("after D-Bus activation:\n{show}");
     assert_running(&guest, &show, "after D-Bus activation");
+    // journald may take a moment to store dbus-daemon's line.
+    let activation = ok(
+        &guest,
+        &format!(
+            "for i in $(seq 100); do \
+               n=$(journalctl -b -o cat --no-pager | grep -cF \"{BUS_ACTIVATION}\"); \
+               [ \"$n\" -gt {activations_before} ] && break; sleep 0.1; \
+             done; journalctl -b -o cat --no-pager | grep -F \"{BUS_ACTIVATION}\" | tail -n 1"
+        ),
+    );
+    assert_eq!(activations(), activations_before + 1, "{activation}");
+    assert!(
+        activation.contains(&format!("(uid={} ", alice_uid.trim())),
+        "the activation was not requested by alice's call: {activation}"
+    );
     let log = ok(&guest, "journalctl -u watchqd -b --no-pager");
     println!("journalctl -u watchqd -b:\n{log}");
     let errors = ok(

@@ -8,22 +8,10 @@ use std::process::Command;
 use common::*;
 use zbus::fdo::IntrospectableProxy;
 
-/// The `<interface name="NAME">…</interface>` element of an introspection document.
-fn interface_element(xml: &str, name: &str) -> Option<String> {
-    let start = xml.find(&format!("<interface name=\"{name}\">"))?;
-    let end = start + xml[start..].find("</interface>")? + "</interface>".len();
-    let line_start = xml[..start].rfind('\n').map_or(0, |i| i + 1);
-    Some(xml[line_start..end].to_owned())
-}
+#[path = "common/interface_xml.rs"]
+mod interface_xml;
 
-/// Indentation depends on the node's depth; compare without it.
-fn normalized(element: &str) -> String {
-    element
-        .lines()
-        .map(str::trim)
-        .collect::<Vec<_>>()
-        .join("\n")
-}
+use interface_xml::{interface_element, normalized};
 
 async fn served(daemon: &Daemon, path: &str, name: &str) -> String {
     let conn = daemon.connect().await;
@@ -47,21 +35,14 @@ async fn dbus_xml_files_equal_what_the_daemon_serves() {
     ] {
         let live = served(&daemon, path, name).await;
         let file = repo().join(format!("dbus/{name}.xml"));
-        // To change the interface on purpose: WATCHQ_BLESS_XML=1 cargo test --test interface
-        if std::env::var_os("WATCHQ_BLESS_XML").is_some() {
-            let doc = format!(
-                "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n<!-- Generated from the daemon; a test keeps it equal to what the daemon serves.\n     Add members, never change one: clients depend on every signature here. -->\n<node>\n{}\n</node>\n",
-                live
-            );
-            std::fs::write(&file, doc).unwrap();
-        }
         let text =
             std::fs::read_to_string(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
         let checked_in = interface_element(&text, name).expect("interface element in the file");
         assert_eq!(
             normalized(&checked_in),
             normalized(&live),
-            "{} differs from what the daemon serves",
+            "{} differs from what the daemon serves; if the change is on purpose, \
+             write it with `cargo run --example bless-interface` and commit the diff",
             file.display()
         );
     }

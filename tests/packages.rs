@@ -1,6 +1,7 @@
 //! The packages a user installs: `packaging/build` run once, as the README says, and what
 //! its .deb and .rpm contain, where, with which modes, dependencies and scripts; the man
-//! pages render and document the real options; the completions load.
+//! pages render and document the real options; the completions, loaded in bash, zsh and
+//! fish, offer the real subcommands and options.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -414,38 +415,152 @@ fn walk(table: &toml::Table, path: &str, array: bool, out: &mut Vec<(String, Str
     }
 }
 
-#[test]
-fn the_completions_load_in_their_shells() {
-    let bash = built()
+/// What the completions must offer, from the clap definition `watchqctl` parses: its
+/// subcommands (after `watchqctl `) and `monitor`'s long options (after
+/// `watchqctl monitor --`).
+fn what_watchqctl_parses() -> (BTreeSet<String>, BTreeSet<String>) {
+    use clap::CommandFactory;
+    let mut cli = watchqd::cli::ctl::Args::command();
+    // Adds what clap generates (`help`, `--help`) and the global `--address` to each
+    // subcommand, as the completion generators see them.
+    cli.build();
+    let subcommands: BTreeSet<String> = cli
+        .get_subcommands()
+        .map(|c| c.get_name().to_owned())
+        .collect();
+    let monitor = cli
+        .find_subcommand("monitor")
+        .expect("a monitor subcommand");
+    let options: BTreeSet<String> = monitor
+        .get_arguments()
+        .filter_map(clap::Arg::get_long)
+        .map(|long| format!("--{long}"))
+        .collect();
+    for wanted in ["monitor", "status", "devices", "help"] {
+        assert!(subcommands.contains(wanted), "{wanted}: {subcommands:?}");
+    }
+    for wanted in ["--json", "--match", "--queue-depth", "--address", "--help"] {
+        assert!(options.contains(wanted), "{wanted}: {options:?}");
+    }
+    (subcommands, options)
+}
+
+/// How long one shell may take to load a completion and complete one line.
+const SHELL_TIMEOUT: &str = "60";
+
+/// `SHELL OPTIONS -c SCRIPT SHELL ARGS…` (ARGS are the script's positional parameters),
+/// killed after [`SHELL_TIMEOUT`] seconds, a failure; its stdout.
+fn in_shell(shell: &str, options: &[&str], script: &str, args: &[&std::ffi::OsStr]) -> String {
+    let mut argv: Vec<&std::ffi::OsStr> = vec![SHELL_TIMEOUT.as_ref(), shell.as_ref()];
+    argv.extend(options.iter().map(std::ffi::OsStr::new));
+    argv.extend([std::ffi::OsStr::new("-c"), script.as_ref(), shell.as_ref()]);
+    argv.extend(args);
+    run("timeout", &argv)
+}
+
+/// bash: the file sourced (as bash-completion loads it), then the function that
+/// `complete -p watchqctl` names called as readline would call it for `words`, the last
+/// one being completed.
+fn bash_offers(words: &[&str]) -> BTreeSet<String> {
+    const SCRIPT: &str = r#"
+        source "$1" || exit 1
+        spec=$(complete -p watchqctl) || exit 1
+        [[ $spec == *" -F "* ]] || { echo "no completion function: $spec" >&2; exit 1; }
+        func=${spec##* -F }
+        func=${func%% *}
+        COMP_WORDS=("${@:2}")
+        COMP_CWORD=$((${#COMP_WORDS[@]} - 1))
+        COMP_LINE="${COMP_WORDS[*]}"
+        COMP_POINT=${#COMP_LINE}
+        "$func" watchqctl "${COMP_WORDS[COMP_CWORD]}" "${COMP_WORDS[COMP_CWORD - 1]}"
+        printf '%s\n' "${COMPREPLY[@]}"
+    "#;
+    let file = built()
         .root
         .join("usr/share/bash-completion/completions/watchqctl");
-    let out = run(
-        "bash",
-        &[
-            "-c".as_ref(),
-            "source \"$1\" && complete -p watchqctl".as_ref(),
-            "bash".as_ref(),
-            bash.as_os_str(),
-        ],
+    let mut args = vec![file.as_os_str()];
+    args.extend(words.iter().map(std::ffi::OsStr::new));
+    in_shell("bash", &["--norc"], SCRIPT, &args)
+        .lines()
+        .map(|l| l.trim().to_owned())
+        .filter(|l| !l.is_empty())
+        .collect()
+}
+
+/// fish: the packaged directory first in `fish_complete_path`, so that fish autoloads
+/// `watchqctl.fish` by name as it does from vendor_completions.d (only for a command on
+/// `PATH`: the packaged `usr/bin` goes first there), then `complete -C LINE`, which prints
+/// what pressing Tab after LINE offers, one `candidate<TAB>description` a line.
+fn fish_offers(line: &str) -> BTreeSet<String> {
+    let bin = built().root.join("usr/bin");
+    let dir = built().root.join("usr/share/fish/vendor_completions.d");
+    let out = in_shell(
+        "fish",
+        &["--no-config"],
+        // $argv[1] is the name in_shell passes as bash and zsh take $0.
+        "set -p PATH $argv[2]; set -p fish_complete_path $argv[3]; complete -C $argv[4]",
+        &[bin.as_os_str(), dir.as_os_str(), line.as_ref()],
     );
-    assert!(out.contains("watchqctl"), "{out}");
-    let zsh = std::fs::read_to_string(
-        built()
-            .root
-            .join("usr/share/zsh/vendor-completions/_watchqctl"),
-    )
-    .unwrap();
-    assert!(zsh.starts_with("#compdef watchqctl"), "{zsh}");
-    let fish = std::fs::read_to_string(
-        built()
-            .root
-            .join("usr/share/fish/vendor_completions.d/watchqctl.fish"),
-    )
-    .unwrap();
-    assert!(
-        fish.contains("complete -c watchqctl") && fish.contains("monitor"),
-        "{fish}"
-    );
+    out.lines()
+        .map(|l| l.split('\t').next().unwrap_or_default().to_owned())
+        .collect()
+}
+
+/// zsh: an interactive zsh on a pseudo-terminal (zsh/zpty) with the packaged directory in
+/// `fpath` and `compinit`, which registers `_watchqctl` from its `#compdef` line; LINE is
+/// typed and Tab pressed. A `compadd` wrapper prints each match the completion adds (the
+/// calls that only compute, with -O/-A/-D, pass through) and the shell exits after
+/// completing, so a completion that never runs ends in the timeout, a failure.
+fn zsh_offers(line: &str) -> BTreeSet<String> {
+    const SCRIPT: &str = r#"
+        zmodload zsh/zpty || exit 1
+        export TERM=xterm
+        zpty z zsh -f -i
+        zpty -w z "PROMPT= RPROMPT= PS2=; fpath=(${(q)1} \$fpath); autoload -Uz compinit; compinit -u -D"
+        # The marker is split so that the shell's echo of this line never contains it.
+        zpty -w z 'compadd() { if [[ ${@[1,(i)(-|--)]} == *-(O|A|D)\ * ]]; then builtin compadd "$@"; return; fi; local -a hits; builtin compadd -A hits "$@"; print -rl -- "<ma""tch>"${^hits}; }'
+        zpty -w z 'comppostfuncs=(exit); bindkey "^I" complete-word'
+        zpty -w -n z "$2"$'\t'
+        while zpty -r z out; do print -r -- "$out"; done
+    "#;
+    let dir = built().root.join("usr/share/zsh/vendor-completions");
+    let out = in_shell("zsh", &["-f"], SCRIPT, &[dir.as_os_str(), line.as_ref()]);
+    out.split(['\r', '\n'])
+        .filter_map(|l| l.split_once("<match>"))
+        // A match ends where the terminal's control sequences start.
+        .map(|(_, m)| {
+            m.split(|c: char| c.is_control())
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        })
+        .collect()
+}
+
+#[test]
+fn the_bash_completion_offers_the_real_subcommands_and_options() {
+    let (subcommands, options) = what_watchqctl_parses();
+    // At the first word bash offers the top-level options too.
+    let first: BTreeSet<String> = bash_offers(&["watchqctl", ""])
+        .into_iter()
+        .filter(|w| !w.starts_with('-'))
+        .collect();
+    assert_eq!(first, subcommands);
+    assert_eq!(bash_offers(&["watchqctl", "monitor", "--"]), options);
+}
+
+#[test]
+fn the_zsh_completion_offers_the_real_subcommands_and_options() {
+    let (subcommands, options) = what_watchqctl_parses();
+    assert_eq!(zsh_offers("watchqctl "), subcommands);
+    assert_eq!(zsh_offers("watchqctl monitor --"), options);
+}
+
+#[test]
+fn the_fish_completion_offers_the_real_subcommands_and_options() {
+    let (subcommands, options) = what_watchqctl_parses();
+    assert_eq!(fish_offers("watchqctl "), subcommands);
+    assert_eq!(fish_offers("watchqctl monitor --"), options);
 }
 
 #[test]

@@ -5,13 +5,13 @@
 
 pub mod ext4;
 pub mod polkit;
+pub mod private_bus;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
@@ -51,47 +51,8 @@ impl PrivateBus {
             std::os::unix::fs::PermissionsExt::from_mode(0o755),
         )
         .expect("chmod bus dir");
-        let socket = dir.path().join("system_bus_socket");
-        let template = fs::read_to_string(repo().join("packaging/dev/system-bus.conf.in"))
-            .expect("packaging/dev/system-bus.conf.in");
-        let config = template
-            .replace("@LISTEN@", &format!("unix:path={}", socket.display()))
-            .replace(
-                "@POLICY@",
-                &repo().join("dbus/org.watchq1.conf").display().to_string(),
-            );
-        let config_path = dir.path().join("system-bus.conf");
-        fs::write(&config_path, config).expect("write bus config");
-        let log = fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log");
-        let mut child = Command::new("dbus-daemon")
-            .arg(format!("--config-file={}", config_path.display()))
-            .args(["--nofork", "--nopidfile", "--print-address=1"])
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .expect("dbus-daemon must be installed (apt-get install dbus-daemon)");
-        let stdout = child.stdout.take().expect("bus stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let address = rx
-            .recv_timeout(TIMEOUT)
-            .unwrap_or_else(|_| {
-                panic!(
-                    "dbus-daemon did not print its address; see {}/dbus-daemon.log",
-                    dir.path().display()
-                )
-            })
-            .trim()
-            .to_owned();
-        assert!(
-            !address.is_empty(),
-            "dbus-daemon exited; see {}/dbus-daemon.log",
-            dir.path().display()
-        );
+        let (child, address) =
+            private_bus::spawn(&repo(), dir.path(), TIMEOUT).unwrap_or_else(|e| panic!("{e}"));
         PrivateBus {
             child,
             address,
