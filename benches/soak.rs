@@ -3,10 +3,10 @@
 //! UnknownMethod — joining, stalling, being killed and leaving at random while real
 //! uevents flow, on one private dbus-daemon.
 //!
-//! Two rounds, one after the other on the same daemon: `cargo bench --bench soak` runs
-//! each for 5 minutes of events; `cargo test --bench soak` (and so `.ci/run`, through
-//! `cargo test --all-targets`) for 60 seconds each, about 4 minutes in all. It stops by
-//! itself, and exits non-zero when a check fails:
+//! Two rounds, one after the other on the same daemon: `cargo bench --bench soak
+//! --features soak` runs each for 5 minutes of events; `cargo test --bench soak
+//! --features soak` for 60 seconds each, about 4 minutes in all. It stops by itself, and
+//! exits non-zero when a check fails:
 //!
 //! - every surviving subscription's sequence numbers are contiguous, so the events it
 //!   received plus the `Lost` counts it was told equal exactly what the daemon queued for
@@ -26,6 +26,14 @@
 //! daemon. Measured 2026-12-07 on a 2-core machine loaded by other builds: 1,000
 //! survivors per round, every sequence contiguous; heap +24,160 KiB after round 1 and
 //! +8 KiB more after round 2.
+//!
+//! Status: behind the `soak` feature, outside `.ci/run`, for one reason. In a fresh-clone
+//! `.ci/run` on a quiet machine it hung in round 1's report: the workers had reported,
+//! the daemon was idle and answered `Subscribe` at once, the marker thread was writing,
+//! and the bench's main task waited forever on a zbus connection task (the churn loop of
+//! `zbus_connection`, or its wait for the marker). Which await never returns is not yet
+//! known; a run that hangs would hold CI until its time limit, so it stays out until it
+//! is found. Next: a deadline on every await in `zbus_connection`, naming the step.
 
 #[path = "../tests/common/mod.rs"]
 #[allow(dead_code, clippy::all)]
