@@ -115,9 +115,17 @@ const TARGETS: &[Target] = &[
         id: "rss-growth",
         what: "RSS growth when the last run is repeated, KiB",
         // 0 KiB in three runs on a loaded machine, 1,240 KiB in a fourth; a credit window
-        // of 2 (a backlog in the daemon) grew it by 10,640 KiB.
+        // of 2 (a backlog in the daemon) grew it by 10,640 KiB, but so did a fresh-clone
+        // .ci/run of correct code on a quiet machine (10,848 KiB): VmRSS after one repeat
+        // cannot tell a leak from where the allocator's arenas landed.
         bound: Bound::AtMost(4096.0),
-        known_miss: None,
+        known_miss: Some(
+            "RSS after one repeat of a run varies with the allocator's arenas: 0 to 1.2 MiB \
+             in four runs on a loaded machine, 10.8 MiB in a quiet fresh-clone CI run of \
+             correct code, as much as a sabotaged credit window gave; cpu-per-signal-1000 \
+             catches that sabotage, and the soak's two-round heap check (benches/soak.rs, \
+             +8 KiB on the second round) is the leak check",
+        ),
     },
 ];
 
