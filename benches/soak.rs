@@ -168,6 +168,19 @@ impl Drop for Worker {
     }
 }
 
+/// How long one step of a zbus connection's churn (connect, a method call) may take.
+const STEP_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Awaits one step of a zbus connection's churn, failing with its name instead of
+/// hanging: zbus puts no deadline on a method call.
+async fn step<T>(seed: u64, what: &str, future: impl std::future::Future<Output = T>) -> T {
+    tokio::time::timeout(STEP_DEADLINE, future)
+        .await
+        .unwrap_or_else(|_| {
+            panic!("zbus connection {seed:#x}: {what} did not return in {STEP_DEADLINE:?}")
+        })
+}
+
 /// One zbus connection's subscriptions, churned like the jeepney workers churn theirs.
 async fn zbus_connection(
     daemon_address: String,
@@ -188,20 +201,32 @@ async fn zbus_connection(
     let open = |depth: u32| {
         let (address, device, marker) = (daemon_address.clone(), device.clone(), marker.clone());
         async move {
-            let conn = watchqd::client::connect(Some(&address))
+            let conn = step(seed, "connect", watchqd::client::connect(Some(&address)))
                 .await
                 .expect("connect");
             let mut subs = Vec::new();
             for _ in 0..PER_CONNECTION {
-                let sub = Subscriber::on(
-                    conn.clone(),
-                    HashMap::from([("queue-depth", Variant::from(depth))]),
+                let sub = step(
+                    seed,
+                    "Subscribe",
+                    Subscriber::on(
+                        conn.clone(),
+                        HashMap::from([("queue-depth", Variant::from(depth))]),
+                    ),
                 )
                 .await;
-                sub.watch("devices", 1, &[("name", Variant::from(device.as_str()))])
-                    .await;
-                sub.watch("devices", 2, &[("name", Variant::from(marker.as_str()))])
-                    .await;
+                step(
+                    seed,
+                    "AddWatch",
+                    sub.watch("devices", 1, &[("name", Variant::from(device.as_str()))]),
+                )
+                .await;
+                step(
+                    seed,
+                    "AddWatch",
+                    sub.watch("devices", 2, &[("name", Variant::from(marker.as_str()))]),
+                )
+                .await;
                 subs.push(sub);
             }
             subs
@@ -223,7 +248,7 @@ async fn zbus_connection(
             2 => {
                 // Leaves politely.
                 for sub in &subs {
-                    let _ = sub.proxy.close().await;
+                    let _ = step(seed, "Close", sub.proxy.close()).await;
                 }
                 drop(subs);
                 subs = open(depths[usize::try_from(next(3)).unwrap_or(0)]).await;
@@ -433,8 +458,25 @@ async fn round(
         }
     }
     report.store(false, Ordering::Relaxed);
-    for task in zbus {
-        lines.extend(task.await.expect("zbus connection"));
+    // Every task's end, panics included, and within a deadline: a task that never ends
+    // is a failure that names itself, not a hang.
+    match tokio::time::timeout(
+        Duration::from_secs(300),
+        futures_util::future::join_all(zbus),
+    )
+    .await
+    {
+        Ok(ends) => {
+            for (index, end) in ends.into_iter().enumerate() {
+                match end {
+                    Ok(task_lines) => lines.extend(task_lines),
+                    Err(e) => failures_here.push(format!("zbus connection task {index}: {e}")),
+                }
+            }
+        }
+        Err(_) => failures_here.push(
+            "zbus connection tasks still running 300 s after the report was asked for".into(),
+        ),
     }
     marking.store(false, Ordering::Relaxed);
     marker_thread.join().expect("marker thread");
