@@ -15,7 +15,8 @@ use zbus::{Connection, OwnedVariant};
 
 use common::polkit::{self, User};
 use common::{Daemon, LoopDevice, TIMEOUT};
-use watchqd::client::{DeviceChangedBody, Item, Subscription, DAEMON_RESTARTED};
+use watchqd::client::{DeviceChangedBody, Item, Restart, Subscription, DAEMON_RESTARTED};
+use zbus::names::OwnedUniqueName;
 
 /// `watchqctl monitor --json devices --match=name=DISK`, its output read by threads so
 /// that every read has a deadline.
@@ -201,6 +202,22 @@ async fn next_item(sub: &mut Subscription) -> Item {
         .expect("no error")
 }
 
+/// One daemon restart under `sub`, as its items say it: `DaemonGone`, any `Retrying`,
+/// then `Restarted`. Returns the owner `DaemonGone` named, and the restart.
+async fn next_restart(sub: &mut Subscription) -> (OwnedUniqueName, Restart) {
+    let gone = match next_item(sub).await {
+        Item::DaemonGone { previous_owner } => previous_owner,
+        other => panic!("expected DaemonGone, got {other:?}"),
+    };
+    loop {
+        match next_item(sub).await {
+            Item::Retrying { .. } => {}
+            Item::Restarted(restart) => return (gone, restart),
+            other => panic!("expected Restarted, got {other:?}"),
+        }
+    }
+}
+
 /// The (seq, action, sys_path) of a `DeviceChanged` item; fails on anything else.
 fn device_event(item: &Item) -> (u64, String, String) {
     let Item::Signal(message) = item else {
@@ -331,17 +348,8 @@ async fn a_daemon_restart_is_reported_in_band_and_events_flow_again() {
     );
 
     // The Rust client: gone, perhaps some attempts, back; the refused watch by its tag.
-    match next_item(&mut rust).await {
-        Item::DaemonGone { previous_owner } => assert_eq!(previous_owner, first_owner),
-        other => panic!("expected DaemonGone, got {other:?}"),
-    }
-    let restart = loop {
-        match next_item(&mut rust).await {
-            Item::Retrying { .. } => {}
-            Item::Restarted(restart) => break restart,
-            other => panic!("expected Restarted, got {other:?}"),
-        }
-    };
+    let (gone, restart) = next_restart(&mut rust).await;
+    assert_eq!(gone, first_owner);
     assert_eq!(restart.previous_owner, first_owner);
     assert_ne!(restart.owner, first_owner);
     assert_eq!(Some(&restart.owner), rust.owner());
@@ -416,17 +424,8 @@ async fn restarts_in_a_row_are_one_gap() {
         .await
         .expect("the last instance owns the name");
 
-    match next_item(&mut rust).await {
-        Item::DaemonGone { previous_owner } => assert_eq!(previous_owner, first_owner),
-        other => panic!("expected DaemonGone, got {other:?}"),
-    }
-    let restart = loop {
-        match next_item(&mut rust).await {
-            Item::Retrying { .. } => {}
-            Item::Restarted(restart) => break restart,
-            other => panic!("expected Restarted, got {other:?}"),
-        }
-    };
+    let (gone, restart) = next_restart(&mut rust).await;
+    assert_eq!(gone, first_owner);
     assert_eq!(restart.previous_owner, first_owner);
     assert_eq!(restart.owner.as_str(), last_owner.as_str());
 
@@ -466,17 +465,7 @@ async fn a_filter_the_restarted_daemon_refuses_is_reported_and_dropped() {
     std::fs::write(daemon.config_path(), "[limits]\nfilter_entries = 1\n").expect("config");
     daemon.restart();
 
-    match next_item(&mut rust).await {
-        Item::DaemonGone { .. } => {}
-        other => panic!("expected DaemonGone, got {other:?}"),
-    }
-    loop {
-        match next_item(&mut rust).await {
-            Item::Retrying { .. } => {}
-            Item::Restarted(_) => break,
-            other => panic!("expected Restarted, got {other:?}"),
-        }
-    }
+    next_restart(&mut rust).await;
     match next_item(&mut rust).await {
         Item::FilterNotRestored { error } => assert!(
             matches!(&error, zbus::Error::MethodError(name, Some(message), _)
@@ -500,17 +489,7 @@ async fn a_filter_the_restarted_daemon_refuses_is_reported_and_dropped() {
     daemon.crash();
     std::fs::write(daemon.config_path(), "").expect("config");
     daemon.restart();
-    match next_item(&mut rust).await {
-        Item::DaemonGone { .. } => {}
-        other => panic!("expected DaemonGone, got {other:?}"),
-    }
-    loop {
-        match next_item(&mut rust).await {
-            Item::Retrying { .. } => {}
-            Item::Restarted(_) => break,
-            other => panic!("expected Restarted, got {other:?}"),
-        }
-    }
+    next_restart(&mut rust).await;
     disk.synth_change();
     let (seq, action, _) = device_event(&next_item(&mut rust).await);
     assert_eq!((seq, action.as_str()), (1, "change"));
