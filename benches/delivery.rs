@@ -290,13 +290,7 @@ async fn main() -> std::process::ExitCode {
     };
     out.say(format!(
         "watchqd delivery benchmark ({}; {} cores; kernel {})",
-        if quick {
-            "smoke run"
-        } else if check {
-            "check run"
-        } else {
-            "full run"
-        },
+        targets::run_kind(quick, check),
         std::thread::available_parallelism().map_or(0, usize::from),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
@@ -615,32 +609,25 @@ async fn main() -> std::process::ExitCode {
             bus_cpu[1],
             bus_cpu[2]
         ));
-        match subscriptions {
-            1 if rss_after_runs.len() == 1 => {
-                out.target(
-                    "rate-1",
-                    rate / raw_rate,
-                    format!("{rate:.0}/s against {raw_rate:.0}/s"),
-                );
-                out.target(
-                    "cpu-per-signal",
-                    cpu[0] / cpu[1],
-                    format!("watchqd {:.1} us, dbus-daemon {:.1} us", cpu[0], cpu[1]),
-                );
-            }
+        // The scales with targets: one subscriber, and the first run at 1,000.
+        let ids = match subscriptions {
+            1 if rss_after_runs.len() == 1 => Some(("rate-1", "cpu-per-signal")),
             1000 if rss_after_runs.len() == scales.len() - 1 => {
-                out.target(
-                    "rate-1000",
-                    rate / raw_rate,
-                    format!("{rate:.0}/s against {raw_rate:.0}/s"),
-                );
-                out.target(
-                    "cpu-per-signal-1000",
-                    cpu[0] / cpu[1],
-                    format!("watchqd {:.1} us, dbus-daemon {:.1} us", cpu[0], cpu[1]),
-                );
+                Some(("rate-1000", "cpu-per-signal-1000"))
             }
-            _ => {}
+            _ => None,
+        };
+        if let Some((rate_id, cpu_id)) = ids {
+            out.target(
+                rate_id,
+                rate / raw_rate,
+                format!("{rate:.0}/s against {raw_rate:.0}/s"),
+            );
+            out.target(
+                cpu_id,
+                cpu[0] / cpu[1],
+                format!("watchqd {:.1} us, dbus-daemon {:.1} us", cpu[0], cpu[1]),
+            );
         }
         for sub in &subs {
             sub.proxy.close().await.unwrap();

@@ -459,13 +459,7 @@ async fn main() -> std::process::ExitCode {
     };
     println!(
         "mounts bench ({}): {rounds} mount+umount pairs per run",
-        if quick {
-            "smoke run"
-        } else if check {
-            "check run"
-        } else {
-            "full run"
-        }
+        targets::run_kind(quick, check)
     );
     let daemon = Daemon::start();
     let small = run(&daemon, 0, rounds).await;

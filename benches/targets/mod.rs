@@ -1,6 +1,18 @@
 //! Targets of the benchmarks that can enforce them (`-- --check`): each bench states
 //! its own in one table, this holds them to their figures and gives the verdict.
 
+/// What a run of a bench is, for its first line: the smoke run under `cargo test`, the
+/// `--check` run, or the full one.
+pub fn run_kind(quick: bool, check: bool) -> &'static str {
+    if quick {
+        "smoke run"
+    } else if check {
+        "check run"
+    } else {
+        "full run"
+    }
+}
+
 /// Which side of its limit a figure must stay on.
 #[derive(Clone, Copy)]
 pub enum Bound {
