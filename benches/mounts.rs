@@ -30,7 +30,7 @@ mod targets;
 use std::collections::HashMap;
 use std::fs;
 use std::io::{BufRead, BufReader, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -40,6 +40,7 @@ use common::{cpu_ticks, Daemon, Signal, Subscriber};
 use nix::libc;
 use targets::{Bound, Target, Verdicts};
 use watchqd::source::mounts::wire;
+use watchqd::sys::{fanotify, mount_api};
 use zbus::Variant;
 
 /// Every target of this benchmark; "the ceiling" is the raw fanotify reader, "the
@@ -100,25 +101,6 @@ fn thread_cpu() -> Duration {
     )
 }
 
-fn cvt(ret: libc::c_long, what: &str) -> libc::c_long {
-    assert!(ret >= 0, "{what}: {}", std::io::Error::last_os_error());
-    ret
-}
-
-const FAN_UNLIMITED_QUEUE: u32 = 0x0000_0010;
-const SYS_STATMOUNT: libc::c_long = 457;
-/// `_IOR(NSIO, 0x5, __u64)`.
-const NS_GET_MNTNS_ID: libc::c_ulong = 0x8008_b705;
-
-#[repr(C)]
-struct MntIdReq {
-    size: u32,
-    spare: u32,
-    mnt_id: u64,
-    param: u64,
-    mnt_ns_id: u64,
-}
-
 /// What the ceiling reader saw: events, overflows, and its thread's CPU from the go to
 /// its last event.
 struct Ceiling {
@@ -136,38 +118,23 @@ fn ceiling_reader(
     ready: mpsc::Sender<()>,
     stop: Arc<AtomicBool>,
 ) -> Ceiling {
-    // SAFETY: plain flags, no pointers.
-    let fd = unsafe {
-        libc::fanotify_init(
-            libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC | wire::FAN_REPORT_MNT | FAN_UNLIMITED_QUEUE,
-            libc::O_RDONLY as libc::c_uint,
-        )
-    };
-    let fd = cvt(libc::c_long::from(fd), "fanotify_init(FAN_REPORT_MNT)");
-    // SAFETY: the kernel just returned this fd and nothing else owns it.
-    let group = unsafe { OwnedFd::from_raw_fd(i32::try_from(fd).expect("fd")) };
-    let ns = fs::File::open(format!("/proc/{pid}/ns/mnt")).expect("the namespace");
-    // SAFETY: both fds are open; a NULL path means the object the dirfd refers to.
-    let ret = unsafe {
-        libc::fanotify_mark(
-            group.as_raw_fd(),
-            wire::FAN_MARK_ADD | wire::FAN_MARK_MNTNS,
-            wire::FAN_MNT_ATTACH | wire::FAN_MNT_DETACH,
-            ns.as_raw_fd(),
-            std::ptr::null(),
-        )
-    };
-    cvt(libc::c_long::from(ret), "fanotify_mark(FAN_MARK_MNTNS)");
-    let mut ns_id = 0u64;
-    // SAFETY: NS_GET_MNTNS_ID writes one u64 to the pointer, which outlives the call.
-    let ret = unsafe {
-        libc::ioctl(
-            ns.as_raw_fd(),
-            NS_GET_MNTNS_ID,
-            std::ptr::from_mut(&mut ns_id),
-        )
-    };
-    cvt(libc::c_long::from(ret), "ioctl(NS_GET_MNTNS_ID)");
+    let group = fanotify::init(
+        fanotify::FAN_CLASS_NOTIF
+            | fanotify::FAN_CLOEXEC
+            | fanotify::FAN_REPORT_MNT
+            | fanotify::FAN_UNLIMITED_QUEUE,
+    )
+    .expect("fanotify_init(FAN_REPORT_MNT)");
+    let ns = mount_api::open_namespace(&format!("/proc/{pid}/ns/mnt")).expect("the namespace");
+    fanotify::mark(
+        group.as_fd(),
+        fanotify::FAN_MARK_ADD | fanotify::FAN_MARK_MNTNS,
+        wire::FAN_MNT_ATTACH | wire::FAN_MNT_DETACH,
+        ns.as_raw_fd(),
+        None,
+    )
+    .expect("fanotify_mark(FAN_MARK_MNTNS)");
+    let ns_id = mount_api::namespace_id(ns.as_fd()).expect("ioctl(NS_GET_MNTNS_ID)");
     ready.send(()).expect("the bench waits");
     let start = thread_cpu();
     let mut end = start;
@@ -189,28 +156,10 @@ fn ceiling_reader(
             events += 1;
             match event.notice {
                 wire::MountNotice::Attach(id) | wire::MountNotice::Move(id) => {
-                    let req = MntIdReq {
-                        size: 32,
-                        spare: 0,
-                        mnt_id: id,
-                        param: wire::STATMOUNT_WANTED,
-                        mnt_ns_id: ns_id,
-                    };
-                    // SAFETY: `req` is a valid mnt_id_req of the size it declares;
-                    // `described` is writable for its length in bytes, 8-byte aligned.
-                    let ret = unsafe {
-                        libc::syscall(
-                            SYS_STATMOUNT,
-                            std::ptr::from_ref(&req),
-                            described.as_mut_ptr(),
-                            described.len() * 8,
-                            0,
-                        )
-                    };
                     // Gone already (its detach is queued): what a monitor would meet too.
-                    if ret == 0 {
-                        let bytes: Vec<u8> =
-                            described.iter().flat_map(|w| w.to_ne_bytes()).collect();
+                    if let Ok(bytes) =
+                        mount_api::statmount(id, ns_id, wire::STATMOUNT_WANTED, &mut described)
+                    {
                         let _ = wire::parse_statmount(&bytes);
                     }
                 }

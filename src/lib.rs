@@ -22,3 +22,4 @@ pub mod glob;
 pub mod logging;
 pub mod policy;
 pub mod source;
+pub mod sys;

@@ -25,7 +25,7 @@ fuzz_target!(|data: &[u8]| {
             if let Ok(format) = wire::Format::parse(FORMAT) {
                 if let Ok(error) = format.decode(rest) {
                     let _ = error.operation_class();
-                    let _ = wire::errno_name(error.errno());
+                    let _ = watchqd::sys::errno::errno_name(error.errno());
                 }
             }
         }

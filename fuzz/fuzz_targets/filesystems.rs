@@ -1,4 +1,5 @@
-//! What the filesystem-error and space sources do with kernel bytes: fanotify reads
+//! What the filesystem-error and space sources do with kernel bytes (through the shared
+//! `watchqd::sys::fanotify::wire` and `watchqd::sys::mountinfo`): fanotify reads
 //! (metadata, FID and error info records, file handles), taken apart as their read loops
 //! do (events until the first malformed one; overflow, the error record, the fid's
 //! filesystem key and inode, the errno's kernel name), and mountinfo text, searched as
@@ -8,7 +9,8 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use watchqd::source::filesystems::wire;
+use watchqd::sys::fanotify::wire;
+use watchqd::sys::{errno, mountinfo};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&selector, rest)) = data.split_first() else {
@@ -34,20 +36,20 @@ fuzz_target!(|data: &[u8]| {
             if let Some((error, _count)) = event.error() {
                 // (i32::MIN has no absolute value.)
                 let error = error.saturating_abs();
-                let _ = watchqd::source::blockerr::wire::errno_name(error);
-                let _ = wire::filesystem_errno_name(error);
+                let _ = errno::errno_name(error);
+                let _ = errno::filesystem_errno_name(error);
             }
         }
     } else if let Ok(text) = std::str::from_utf8(rest) {
-        let mounts = wire::mountinfo(text);
+        let mounts = mountinfo::parse_lenient(text);
         assert!(mounts.len() <= text.lines().count());
         let Some(first) = mounts.first() else { return };
-        let by_id = mounts.iter().find(|m| m.mount_id == first.mount_id);
+        let by_id = mounts.iter().find(|m| m.id == first.id);
         assert_eq!(by_id, Some(first));
         let by_device = mounts
             .iter()
             .find(|m| m.major == first.major && m.minor == first.minor)
-            .map(wire::MountInfo::filesystem_read_only);
+            .map(mountinfo::MountinfoLine::filesystem_read_only);
         assert_eq!(by_device, Some(first.filesystem_read_only()));
         assert!(first.mount_point.len() <= text.len());
     }

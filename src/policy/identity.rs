@@ -10,7 +10,7 @@
 //!
 //! The parsers are pure functions over the files' text.
 
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
 /// A caller as the bus and the kernel describe it.
@@ -32,6 +32,16 @@ pub struct Identity {
 }
 
 impl Identity {
+    /// This caller as the kernel plumbing that resolves its paths needs it.
+    pub fn caller(&self) -> crate::sys::resolve::Caller<'_> {
+        crate::sys::resolve::Caller {
+            unique_name: &self.unique_name,
+            uid: self.uid,
+            gids: &self.gids,
+            pid: self.pid,
+        }
+    }
+
     /// A caller the bus knows only by name and uid.
     pub fn new(unique_name: String, uid: u32) -> Identity {
         Identity {
@@ -199,12 +209,12 @@ pub fn resolve(credentials: BusCredentials) -> Identity {
         return identity;
     };
     // Pin the process so that everything below is about it, not a recycled pid.
-    let pidfd = pidfd.or_else(|| pidfd_open(pid).ok());
+    let pidfd = pidfd.or_else(|| crate::sys::pidfd::open(pid).ok());
     match inspect(pid, &mut identity) {
         Ok(()) => {}
         Err(why) => identity.sandbox = Some(unknown(&why)),
     }
-    if !pidfd.as_ref().is_some_and(alive) {
+    if pidfd.as_ref().is_none_or(crate::sys::pidfd::exited) {
         identity.sandbox = Some(unknown("the process exited while it was being inspected"));
     }
     identity
@@ -251,32 +261,6 @@ fn inspect(pid: u32, identity: &mut Identity) -> Result<(), String> {
         });
     }
     Ok(())
-}
-
-fn pidfd_open(pid: u32) -> std::io::Result<OwnedFd> {
-    let pid = nix::libc::pid_t::try_from(pid)
-        .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
-    // SAFETY: pidfd_open takes a pid and flags and returns a new fd or -1; no memory is
-    // shared with the kernel.
-    let fd = unsafe { nix::libc::syscall(nix::libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let fd = i32::try_from(fd).map_err(|_| std::io::Error::other("fd out of range"))?;
-    // SAFETY: the kernel just returned this fd to us; nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-/// A pidfd polls readable once its process has exited.
-fn alive(pidfd: &OwnedFd) -> bool {
-    let mut poll = nix::libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: nix::libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, a zero timeout; the fd stays open for the call.
-    let ready = unsafe { nix::libc::poll(&mut poll, 1, 0) };
-    ready == 0
 }
 
 #[cfg(test)]

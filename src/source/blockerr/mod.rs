@@ -505,14 +505,6 @@ impl Reader {
     }
 }
 
-/// The kernel name of a block device (`loop0`, `sda1`), or `MAJ:MIN` when it is gone.
-fn device_name(major: u32, minor: u32) -> String {
-    fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
-        .ok()
-        .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| format!("{major}:{minor}"))
-}
-
 /// The record for one error, or for a summary of `count` errors of one device starting
 /// with `error` (then `last` is the sector and time of the last one).
 fn record(error: &RqError, count: u64, time: u64, last: Option<(u64, u64)>) -> Record {
@@ -520,7 +512,7 @@ fn record(error: &RqError, count: u64, time: u64, last: Option<(u64, u64)>) -> R
     let mut attributes = Attrs::new();
     attributes.insert(
         "device".into(),
-        device_name(error.major, error.minor).into(),
+        crate::sys::blockdev::device_name_or_number(error.major, error.minor).into(),
     );
     attributes.insert("major".into(), error.major.into());
     attributes.insert("minor".into(), error.minor.into());
@@ -528,7 +520,10 @@ fn record(error: &RqError, count: u64, time: u64, last: Option<(u64, u64)>) -> R
     attributes.insert("sectors".into(), error.sectors.into());
     attributes.insert("operation".into(), error.rwbs.clone().into());
     attributes.insert("errno".into(), Attr::U32(errno.unsigned_abs()));
-    attributes.insert("errno-name".into(), wire::errno_name(errno).into());
+    attributes.insert(
+        "errno-name".into(),
+        crate::sys::errno::errno_name(errno).into(),
+    );
     attributes.insert("count".into(), count.into());
     attributes.insert("monotonic-ns".into(), time.into());
     if let Some((last_sector, last_time)) = last {

@@ -222,14 +222,6 @@ impl RqError {
     }
 }
 
-/// `EIO`, `ENOSPC`, … for a positive errno; `E<number>` when the number has no name.
-pub fn errno_name(errno: i32) -> String {
-    match nix::errno::Errno::from_raw(errno) {
-        nix::errno::Errno::UnknownErrno => format!("E{errno}"),
-        known => format!("{known:?}"),
-    }
-}
-
 /// The class of an `rwbs` string (`blk_fill_rwbs`): its first letter is the operation —
 /// `F` (a flush with no data, `FN`/`FF`), `W`, `R`, `D` (discard), `E` (secure erase),
 /// `Z` (zone operations), `N` (none).
@@ -448,7 +440,7 @@ format:
             }
         );
         assert_eq!(e.errno(), 5);
-        assert_eq!(errno_name(e.errno()), "EIO");
+        assert_eq!(crate::sys::errno::errno_name(e.errno()), "EIO");
         assert_eq!(e.operation_class(), "read");
     }
 
@@ -551,7 +543,5 @@ format:
         assert_eq!(operation_class("FF"), "flush");
         assert_eq!(operation_class("DS"), "discard");
         assert_eq!(operation_class("N"), "other");
-        assert_eq!(errno_name(61), "ENODATA");
-        assert_eq!(errno_name(9999), "E9999");
     }
 }

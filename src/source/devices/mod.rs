@@ -17,17 +17,15 @@ mod sysfs;
 pub mod wire;
 
 use std::collections::HashMap;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use futures_util::stream;
 use nix::sys::socket::{
-    self, sockopt, AddressFamily, ControlMessageOwned, MsgFlags, NetlinkAddr, SockFlag,
-    SockProtocol, SockType,
+    self, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
-use tokio::io::unix::AsyncFd;
 
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
 
@@ -39,8 +37,9 @@ use crate::activation;
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::glob::Pattern;
-use crate::logging::LogLimit;
 use crate::policy::{Identity, Scope};
+pub use crate::sys::netlink::Counters;
+use crate::sys::netlink::{Datagram, KernelSocket, Labels};
 use wire::Action;
 
 pub const NAME: &str = "devices";
@@ -85,18 +84,6 @@ impl Default for DevicesConfig {
             receive_buffer: 16 * 1024 * 1024,
         }
     }
-}
-
-/// Counters a person can read in the logs and tests can observe through the journal.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub received: AtomicU64,
-    pub rejected_origin: AtomicU64,
-    /// Rejections are logged at warn a few times per interval, then counted: root can
-    /// forge messages as fast as it likes.
-    pub rejected_log: std::sync::Mutex<LogLimit>,
-    pub malformed: AtomicU64,
-    pub overflows: AtomicU64,
 }
 
 pub struct Devices {
@@ -161,12 +148,8 @@ impl EventSource for Devices {
 
     fn open(&self) -> io::Result<SourceStream> {
         let fd = open_socket(self.config.receive_buffer)?;
-        // SAFETY: `register` needs the fd to stay open while registered; the AsyncFd
-        // owns the OwnedFd, so it closes only when the AsyncFd is dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
         let reader = Reader {
-            fd,
-            buf: vec![0; UEVENT_BUFFER],
+            socket: KernelSocket::new(fd, UEVENT_BUFFER, Arc::clone(&self.counters), LABELS)?,
             known: HashMap::new(),
             sysfs: self.sysfs.clone(),
             counters: Arc::clone(&self.counters),
@@ -213,15 +196,18 @@ fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
     Ok(fd)
 }
 
-enum Received {
-    Message(usize),
-    /// Dropped at the edge; already counted.
-    Rejected,
-}
+/// How the uevent socket is read ([`crate::sys::netlink`]): credentials must say uid 0.
+const LABELS: Labels = Labels {
+    source: NAME,
+    socket: "uevent socket",
+    message: "uevent",
+    datagram: None,
+    warn_truncated: false,
+    check_credentials: true,
+};
 
 struct Reader {
-    fd: AsyncFd<OwnedFd>,
-    buf: Vec<u8>,
+    socket: KernelSocket,
     /// Devices seen since the source started, by devpath: their static attributes and
     /// their open sysfs directory. Bounded by the devices present: removals drop them,
     /// and an overflow (when removals may have been missed) clears them all.
@@ -234,21 +220,11 @@ impl Reader {
     /// The next record, or `None` when the socket failed for good.
     async fn next(&mut self) -> Option<SourceMsg> {
         loop {
-            let mut guard = match self.fd.readable().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::error!(source = NAME, "uevent socket failed: {e}");
-                    return None;
-                }
-            };
-            let received =
-                guard.try_io(|fd| recv_checked(fd.get_ref(), &mut self.buf, &self.counters));
-            match received {
-                Err(_would_block) => continue,
-                Ok(Ok(Received::Rejected)) => continue,
-                Ok(Ok(Received::Message(len))) => {
+            match self.socket.next().await? {
+                Datagram::Message(len) => {
                     self.counters.received.fetch_add(1, Ordering::Relaxed);
-                    match wire::parse(&self.buf[..len]) {
+                    let bytes = self.socket.bytes(len);
+                    match wire::parse(bytes) {
                         Ok(event) => {
                             if let Some(record) = self.record(event) {
                                 return Some(SourceMsg::Record(record));
@@ -256,12 +232,11 @@ impl Reader {
                         }
                         Err(e) => {
                             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
-                            tracing::debug!(source = NAME, raw = ?String::from_utf8_lossy(&self.buf[..len]), "dropped malformed uevent: {e}");
+                            tracing::debug!(source = NAME, raw = ?String::from_utf8_lossy(bytes), "dropped malformed uevent: {e}");
                         }
                     }
                 }
-                Ok(Err(e)) if e.raw_os_error() == Some(libc_enobufs()) => {
-                    self.counters.overflows.fetch_add(1, Ordering::Relaxed);
+                Datagram::Overflow { .. } => {
                     tracing::warn!(
                         source = NAME,
                         "kernel dropped uevents (ENOBUFS); rescanning sysfs"
@@ -273,10 +248,6 @@ impl Reader {
                         Vec::new()
                     });
                     return Some(SourceMsg::Overflow { objects });
-                }
-                Ok(Err(e)) => {
-                    tracing::error!(source = NAME, "reading the uevent socket failed: {e}");
-                    return None;
                 }
             }
         }
@@ -343,59 +314,6 @@ impl Reader {
             audience: Audience::Everyone,
         })
     }
-}
-
-fn libc_enobufs() -> i32 {
-    nix::errno::Errno::ENOBUFS as i32
-}
-
-/// Receives one datagram and checks that the kernel sent it.
-fn recv_checked(fd: &OwnedFd, buf: &mut [u8], counters: &Counters) -> io::Result<Received> {
-    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg = socket::recvmsg::<NetlinkAddr>(
-        fd.as_raw_fd(),
-        &mut iov,
-        Some(&mut cmsg),
-        MsgFlags::MSG_DONTWAIT,
-    )
-    .map_err(io::Error::from)?;
-    let sender_port = msg.address.map(|a| a.pid());
-    let sender_uid = msg.cmsgs().ok().and_then(|mut cmsgs| {
-        cmsgs.find_map(|c| match c {
-            ControlMessageOwned::ScmCredentials(creds) => Some(creds.uid()),
-            _ => None,
-        })
-    });
-    let len = msg.bytes;
-    let truncated = msg.flags.contains(MsgFlags::MSG_TRUNC);
-    if sender_port != Some(0) || sender_uid != Some(0) {
-        let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
-        match LogLimit::allow_shared(&counters.rejected_log) {
-            Some(suppressed) => tracing::warn!(
-                source = NAME,
-                ?sender_port,
-                ?sender_uid,
-                rejected = total,
-                "dropped a uevent not sent by the kernel (spoofing attempt?){}",
-                LogLimit::note(suppressed)
-            ),
-            None => tracing::debug!(
-                source = NAME,
-                ?sender_port,
-                ?sender_uid,
-                rejected = total,
-                "dropped a uevent not sent by the kernel (spoofing attempt?)"
-            ),
-        }
-        return Ok(Received::Rejected);
-    }
-    if truncated {
-        counters.malformed.fetch_add(1, Ordering::Relaxed);
-        tracing::debug!(source = NAME, "dropped a truncated uevent");
-        return Ok(Received::Rejected);
-    }
-    Ok(Received::Message(len))
 }
 
 fn subtype_of(event: &wire::UEvent) -> u8 {

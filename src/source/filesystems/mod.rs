@@ -8,7 +8,7 @@
 //! while it runs; the caller's `/proc/PID/root` and `/proc/PID/mountinfo`, kept open
 //! while its filesystem is watched; `statfs(2)` and `stat(2)` of the watched paths;
 //! `readlink /sys/dev/block/MAJ:MIN` to name the device. Paths are resolved as the
-//! caller sees them, in its root and mount namespace (see [`resolve`]); the mount point
+//! caller sees them, in its root and mount namespace (see [`crate::sys::resolve`]); the mount point
 //! in events is the caller's.
 //!
 //! A watch names a path (`{"path": "/mnt/x"}`); it covers the whole filesystem that holds
@@ -37,16 +37,12 @@
 //!
 //! The source is idle when nobody watches: no fd, no timer.
 
-pub mod fanotify;
-pub mod resolve;
-pub mod wire;
-
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream;
@@ -60,9 +56,11 @@ use super::{
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
-use fanotify::Fanotify;
-use resolve::Place;
-use wire::MountInfo;
+use crate::sys::errno::{errno_name, filesystem_errno_name};
+use crate::sys::fanotify::{self, wire, Fanotify};
+use crate::sys::lock;
+use crate::sys::mountinfo::MountinfoLine;
+use crate::sys::resolve::{self, FsInfo, Place};
 
 pub const NAME: &str = "filesystems";
 
@@ -76,26 +74,6 @@ const SUBTYPE_READ_ONLY: u8 = 1;
 pub const RECHECK: Duration = Duration::from_millis(200);
 
 const MOUNTINFO: &str = "/proc/self/mountinfo";
-
-/// A watched filesystem as the source describes it in events.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct FsInfo {
-    pub fsid: u64,
-    pub major: u32,
-    pub minor: u32,
-    /// The kernel name of the block device (`loop3`), else the mount source.
-    pub device: String,
-    pub fs_type: String,
-    pub mount_point: String,
-    pub source: String,
-}
-
-impl FsInfo {
-    /// The watch's object: the filesystem's device number.
-    pub fn object(&self) -> String {
-        format!("{}:{}", self.major, self.minor)
-    }
-}
 
 struct Marked {
     refs: usize,
@@ -126,12 +104,6 @@ struct State {
 }
 
 type SharedState = Arc<Mutex<State>>;
-
-fn lock(state: &SharedState) -> MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 pub struct Filesystems {
     state: SharedState,
@@ -246,15 +218,6 @@ fn parse_path(spec: &WatchSpec) -> Result<PathBuf, Error> {
     Ok(PathBuf::from(path))
 }
 
-/// The kernel name of a block device (`loop0`), or `fallback` (the mount source) for
-/// filesystems without one.
-pub fn device_name(major: u32, minor: u32, fallback: &str) -> String {
-    fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
-        .ok()
-        .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| fallback.to_owned())
-}
-
 /// Whether the filesystem is read-only now, from its superblock options in mountinfo
 /// (see the module documentation for why not `statvfs`).
 fn read_only_now(fs: &FsInfo, place: &Place) -> Option<bool> {
@@ -263,12 +226,12 @@ fn read_only_now(fs: &FsInfo, place: &Place) -> Option<bool> {
         .ok()?
         .iter()
         .find(|m| m.major == fs.major && m.minor == fs.minor)
-        .map(MountInfo::filesystem_read_only)
+        .map(MountinfoLine::filesystem_read_only)
 }
 
 fn arm(state: &SharedState, path: &Path, requester: &Identity) -> Result<ArmedWatch, Error> {
     // Administrators only (system scope): looked up with the daemon's credentials.
-    let (fs, place) = resolve::resolve(path, requester, false)?;
+    let (fs, place) = resolve::resolve(path, &requester.caller(), false)?;
     let read_only = read_only_now(&fs, &place).unwrap_or(false);
     let mut guard = lock(state);
     let running = guard
@@ -665,10 +628,10 @@ fn base_attributes(fs: &FsInfo, error: i32) -> Attrs {
         String::new()
     } else {
         // The kernel's value, taken as sent: i32::MIN has no absolute value.
-        crate::source::blockerr::wire::errno_name(error.saturating_abs())
+        errno_name(error.saturating_abs())
     };
     attributes.insert("errno-name".into(), errno_name.into());
-    if let Some(name) = wire::filesystem_errno_name(error.saturating_abs()) {
+    if let Some(name) = filesystem_errno_name(error.saturating_abs()) {
         attributes.insert("kernel-errno-name".into(), name.into());
     }
     attributes

@@ -55,7 +55,7 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 
 use futures_util::stream;
 use nix::libc;
@@ -69,6 +69,7 @@ use super::{
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
+use crate::sys::lock;
 use helper::{Creds, KeyInfo, Outcome, Target};
 use wire::{KeyChange, Note};
 
@@ -135,12 +136,6 @@ struct Shared {
     running: Mutex<Option<Running>>,
     table: Mutex<Table>,
     next_instance: AtomicU64,
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 pub struct Keys {

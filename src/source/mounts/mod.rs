@@ -46,7 +46,7 @@ pub mod wire;
 use std::collections::{HashMap, VecDeque};
 use std::fs::File;
 use std::io::{self, Read, Seek};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -66,6 +66,7 @@ use super::{
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
+use crate::sys::{fanotify, lock};
 use wire::{MountNotice, StatMount};
 
 pub const NAME: &str = "mounts";
@@ -77,12 +78,6 @@ const DETACH: u8 = 1;
 const MOVE: u8 = 2;
 const REMOUNT: u8 = 3;
 
-const SYS_STATMOUNT: libc::c_long = 457;
-const SYS_LISTMOUNT: libc::c_long = 458;
-const LSMT_ROOT: u64 = u64::MAX;
-const MNT_ID_REQ_SIZE_VER1: u32 = 32;
-/// `_IOR(NSIO, 0x5, __u64)`: the 64-bit id of the mount namespace behind an nsfs fd.
-const NS_GET_MNTNS_ID: libc::c_ulong = 0x8008_b705;
 /// How long arming a namespace may take before the watch request fails.
 const ARM_TIMEOUT: Duration = Duration::from_secs(10);
 /// Bytes read from a fanotify group at once (an event with its mount record is 40).
@@ -104,11 +99,7 @@ struct Shared {
 
 impl Shared {
     fn send(&self, control: Control) -> Result<(), Error> {
-        let sender = self
-            .control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let sender = lock(&self.control).clone();
         sender
             .and_then(|s| s.send(control).ok())
             .ok_or_else(|| Error::Unavailable("the mounts source is not running".into()))
@@ -218,11 +209,7 @@ impl EventSource for Mounts {
         let ns = open_namespace("/proc/self/ns/mnt")?;
         let (_, seed) = reader.add_namespace(&ns, None, "/proc/self/mountinfo")?;
         reader.pending.push_back((seed, None));
-        *self
-            .shared
-            .control
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(sender);
+        *lock(&self.shared.control) = Some(sender);
         Ok(Box::pin(stream::unfold(reader, |mut reader| async move {
             let msg = reader.next().await?;
             Some((msg, reader))
@@ -259,9 +246,9 @@ fn arm(shared: &Arc<Shared>, pid: u32) -> Result<ArmedWatch, Error> {
     let gone = |e: io::Error| {
         Error::NotFound(format!("cannot name the mount namespace of pid {pid}: {e}"))
     };
-    let anchor = pidfd_open(pid).map_err(gone)?;
+    let anchor = pidfd::open(pid).map_err(gone)?;
     let ns = open_namespace(&format!("/proc/{pid}/ns/mnt")).map_err(gone)?;
-    if pidfd_exited(&anchor) {
+    if pidfd::exited(&anchor) {
         return Err(gone(io::Error::from_raw_os_error(libc::ESRCH)));
     }
     let (reply, answer) = std::sync::mpsc::sync_channel(1);
@@ -330,29 +317,21 @@ impl WatchMatcher for MountWatch {
     }
 }
 
-fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
-    }
+use crate::sys::mount_api::{list_mounts, open_namespace};
+use crate::sys::pidfd;
+
+fn namespace_id(ns: &OwnedFd) -> io::Result<u64> {
+    crate::sys::mount_api::namespace_id(ns.as_fd())
 }
 
-fn owned_fd(ret: libc::c_long) -> io::Result<OwnedFd> {
-    let fd = libc::c_int::try_from(cvt(ret)?).map_err(|_| io::Error::other("fd out of range"))?;
-    // SAFETY: the kernel just returned this fd and nothing else owns it.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
+/// A non-blocking fanotify group reporting mount events.
 fn fanotify_group() -> io::Result<OwnedFd> {
-    // SAFETY: plain flags, no pointers.
-    let fd = unsafe {
-        libc::fanotify_init(
-            libc::FAN_CLASS_NOTIF | libc::FAN_CLOEXEC | libc::FAN_NONBLOCK | wire::FAN_REPORT_MNT,
-            libc::O_RDONLY as libc::c_uint,
-        )
-    };
-    owned_fd(libc::c_long::from(fd))
+    fanotify::init(
+        fanotify::FAN_CLASS_NOTIF
+            | fanotify::FAN_CLOEXEC
+            | fanotify::FAN_NONBLOCK
+            | fanotify::FAN_REPORT_MNT,
+    )
 }
 
 /// Whether this kernel reports mount events through fanotify: `false` when it rejects
@@ -381,52 +360,17 @@ fn fanotify_mount_events() -> io::Result<bool> {
 
 fn mark(group: &OwnedFd, ns: &OwnedFd, add: bool) -> io::Result<()> {
     let action = if add {
-        wire::FAN_MARK_ADD
+        fanotify::FAN_MARK_ADD
     } else {
-        wire::FAN_MARK_REMOVE
+        fanotify::FAN_MARK_REMOVE
     };
-    // SAFETY: both fds are open; a NULL path means "the object dirfd refers to".
-    let ret = unsafe {
-        libc::fanotify_mark(
-            group.as_raw_fd(),
-            action | wire::FAN_MARK_MNTNS,
-            wire::FAN_MNT_ATTACH | wire::FAN_MNT_DETACH,
-            ns.as_raw_fd(),
-            std::ptr::null(),
-        )
-    };
-    cvt(libc::c_long::from(ret)).map(drop)
-}
-
-fn open_namespace(path: &str) -> io::Result<OwnedFd> {
-    let file = File::open(path).map_err(|e| io::Error::new(e.kind(), format!("{path}: {e}")))?;
-    Ok(OwnedFd::from(file))
-}
-
-fn namespace_id(ns: &OwnedFd) -> io::Result<u64> {
-    let mut id = 0u64;
-    // SAFETY: NS_GET_MNTNS_ID writes one u64 to the pointer, which outlives the call.
-    let ret = unsafe { libc::ioctl(ns.as_raw_fd(), NS_GET_MNTNS_ID, std::ptr::from_mut(&mut id)) };
-    cvt(libc::c_long::from(ret))
-        .map_err(|e| io::Error::new(e.kind(), format!("ioctl(NS_GET_MNTNS_ID): {e}")))?;
-    Ok(id)
-}
-
-fn pidfd_open(pid: u32) -> io::Result<OwnedFd> {
-    let pid = libc::pid_t::try_from(pid).map_err(|_| io::Error::from_raw_os_error(libc::ESRCH))?;
-    // SAFETY: plain integers.
-    owned_fd(unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) })
-}
-
-fn pidfd_exited(pidfd: &OwnedFd) -> bool {
-    let mut fds = [libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    }];
-    // SAFETY: one valid pollfd, no wait.
-    let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-    ready > 0
+    fanotify::mark(
+        group.as_fd(),
+        action | fanotify::FAN_MARK_MNTNS,
+        wire::FAN_MNT_ATTACH | wire::FAN_MNT_DETACH,
+        ns.as_raw_fd(),
+        None,
+    )
 }
 
 /// Registers an fd this code owns with the runtime.
@@ -436,80 +380,10 @@ fn register<T: AsRawFd>(fd: T, interest: Interest) -> io::Result<AsyncFd<T>> {
     unsafe { AsyncFd::register_with_interest(fd, interest) }.map_err(|e| e.into_parts().1)
 }
 
-/// `struct mnt_id_req`, version 1 (with the namespace id).
-#[repr(C)]
-struct MntIdReq {
-    size: u32,
-    spare: u32,
-    mnt_id: u64,
-    param: u64,
-    mnt_ns_id: u64,
-}
-
 /// Describes one mount of namespace `namespace`.
 fn statmount(id: u64, namespace: u64, buf: &mut Vec<u64>) -> io::Result<StatMount> {
-    let req = MntIdReq {
-        size: MNT_ID_REQ_SIZE_VER1,
-        spare: 0,
-        mnt_id: id,
-        param: wire::STATMOUNT_WANTED,
-        mnt_ns_id: namespace,
-    };
-    loop {
-        let bytes = buf.len() * 8;
-        // SAFETY: `req` is a valid mnt_id_req of the size it declares; `buf` is writable
-        // for `bytes` bytes and 8-byte aligned as struct statmount needs.
-        let ret = unsafe {
-            libc::syscall(
-                SYS_STATMOUNT,
-                std::ptr::from_ref(&req),
-                buf.as_mut_ptr(),
-                bytes,
-                0,
-            )
-        };
-        match cvt(ret) {
-            Ok(_) => break,
-            Err(e) if e.raw_os_error() == Some(libc::EOVERFLOW) && bytes < 1 << 20 => {
-                buf.resize(buf.len() * 2, 0);
-            }
-            Err(e) => return Err(e),
-        }
-    }
-    let bytes: Vec<u8> = buf.iter().flat_map(|w| w.to_ne_bytes()).collect();
+    let bytes = crate::sys::mount_api::statmount(id, namespace, wire::STATMOUNT_WANTED, buf)?;
     wire::parse_statmount(&bytes).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))
-}
-
-/// Every mount id of a namespace.
-fn list_mounts(namespace: u64) -> io::Result<Vec<u64>> {
-    let mut ids = Vec::new();
-    let mut chunk = vec![0u64; 512];
-    let mut last = 0;
-    loop {
-        let req = MntIdReq {
-            size: MNT_ID_REQ_SIZE_VER1,
-            spare: 0,
-            mnt_id: LSMT_ROOT,
-            param: last,
-            mnt_ns_id: namespace,
-        };
-        // SAFETY: `req` is valid for its declared size; `chunk` holds `len` u64s.
-        let ret = unsafe {
-            libc::syscall(
-                SYS_LISTMOUNT,
-                std::ptr::from_ref(&req),
-                chunk.as_mut_ptr(),
-                chunk.len(),
-                0,
-            )
-        };
-        let got = usize::try_from(cvt(ret)?).unwrap_or(0);
-        ids.extend_from_slice(&chunk[..got.min(chunk.len())]);
-        match chunk[..got.min(chunk.len())].last() {
-            Some(id) if got == chunk.len() => last = *id,
-            _ => return Ok(ids),
-        }
-    }
 }
 
 /// Every mount of a namespace, described; mounts that vanish while listing are skipped.
@@ -953,7 +827,7 @@ impl Reader {
             return;
         };
         if let Some(pid) = process_in_namespace(ns.inode) {
-            if let Ok(anchor) = pidfd_open(pid).and_then(|fd| register(fd, Interest::READABLE)) {
+            if let Ok(anchor) = pidfd::open(pid).and_then(|fd| register(fd, Interest::READABLE)) {
                 ns.anchor = Some(anchor);
                 return;
             }

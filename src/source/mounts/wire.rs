@@ -1,6 +1,6 @@
-//! Pure parsers for what the kernel hands the mount source: fanotify mount records,
-//! `struct statmount` buffers and `/proc/PID/mountinfo` text. No I/O here, so each can be
-//! fuzzed on its own.
+//! Pure parsers for what the kernel hands the mount source: fanotify mount records and
+//! `struct statmount` buffers (`/proc/PID/mountinfo` text goes through the shared
+//! [`crate::sys::mountinfo`]). No I/O here, so each can be fuzzed on its own.
 //!
 //! The constants are defined here rather than taken from libc because Debian 12's headers
 //! (Linux 6.1) predate them: fanotify mount events are 6.15, `statmount()` 6.8, its string
@@ -9,12 +9,10 @@
 
 use thiserror::Error;
 
-/// `fanotify_init` flag: report mount events with a mount-id info record.
-pub const FAN_REPORT_MNT: u32 = 0x0000_4000;
-/// `fanotify_mark` flag: the object is a mount namespace (given by an nsfs fd).
-pub const FAN_MARK_MNTNS: u32 = 0x0000_0110;
-pub const FAN_MARK_ADD: u32 = 0x0000_0001;
-pub const FAN_MARK_REMOVE: u32 = 0x0000_0002;
+/// The mountinfo parser is shared ([`crate::sys::mountinfo`]); the mounts source diffs
+/// its lines.
+pub use crate::sys::mountinfo::{parse as parse_mountinfo, MountinfoLine};
+
 pub const FAN_MNT_ATTACH: u64 = 0x0100_0000;
 pub const FAN_MNT_DETACH: u64 = 0x0200_0000;
 pub const FAN_Q_OVERFLOW: u64 = 0x0000_4000;
@@ -85,8 +83,6 @@ pub enum WireError {
     BadSize { size: usize, buffer: usize },
     #[error("statmount string field {field} at offset {offset} is not a NUL-terminated string inside the buffer")]
     BadString { field: &'static str, offset: usize },
-    #[error("mountinfo line {line}: {why}")]
-    Mountinfo { line: usize, why: &'static str },
 }
 
 fn take<const N: usize>(buf: &[u8], offset: usize) -> Result<[u8; N], WireError> {
@@ -349,101 +345,6 @@ pub fn parse_statmount(buf: &[u8]) -> Result<StatMount, WireError> {
     Ok(mount)
 }
 
-/// One line of `/proc/PID/mountinfo` (proc(5)), with octal escapes decoded.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountinfoLine {
-    pub id: u32,
-    pub parent_id: u32,
-    pub major: u32,
-    pub minor: u32,
-    pub root: String,
-    pub mount_point: String,
-    pub mount_options: String,
-    /// Optional fields (`shared:N`, `master:N`, ...).
-    pub optional: Vec<String>,
-    pub fs_type: String,
-    pub source: String,
-    pub super_options: String,
-}
-
-/// Parses a whole mountinfo file.
-pub fn parse_mountinfo(text: &str) -> Result<Vec<MountinfoLine>, WireError> {
-    text.lines()
-        .enumerate()
-        .filter(|(_, line)| !line.is_empty())
-        .map(|(index, line)| parse_mountinfo_line(line, index + 1))
-        .collect()
-}
-
-fn parse_mountinfo_line(line: &str, number: usize) -> Result<MountinfoLine, WireError> {
-    let bad = |why| WireError::Mountinfo { line: number, why };
-    let mut fields = line.split(' ');
-    let mut next = |why| fields.next().ok_or(bad(why));
-    let id = next("no mount id")?
-        .parse()
-        .map_err(|_| bad("bad mount id"))?;
-    let parent_id = next("no parent id")?
-        .parse()
-        .map_err(|_| bad("bad parent id"))?;
-    let (major, minor) = next("no device")?
-        .split_once(':')
-        .ok_or(bad("device is not MAJ:MIN"))?;
-    let major = major.parse().map_err(|_| bad("bad major"))?;
-    let minor = minor.parse().map_err(|_| bad("bad minor"))?;
-    let root = unescape(next("no root")?);
-    let mount_point = unescape(next("no mount point")?);
-    let mount_options = next("no mount options")?.to_owned();
-    let mut optional = Vec::new();
-    loop {
-        let field = next("no separator before the filesystem type")?;
-        if field == "-" {
-            break;
-        }
-        optional.push(field.to_owned());
-    }
-    let fs_type = unescape(next("no filesystem type")?);
-    let source = unescape(next("no source")?);
-    let super_options = unescape(next("no super options")?);
-    Ok(MountinfoLine {
-        id,
-        parent_id,
-        major,
-        minor,
-        root,
-        mount_point,
-        mount_options,
-        optional,
-        fs_type,
-        source,
-        super_options,
-    })
-}
-
-/// Decodes the kernel's `\ooo` escapes (space, tab, newline, backslash) in mountinfo.
-pub fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() {
-            let digits = &bytes[i + 1..i + 4];
-            if digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(byte) = u8::try_from(value) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,25 +473,5 @@ mod tests {
             parse_statmount(&big),
             Err(WireError::BadSize { .. })
         ));
-    }
-
-    #[test]
-    fn mountinfo_lines() {
-        let text = "36 35 98:0 /mnt1 /mnt/parent\\040dir rw,noatime master:1 shared:2 - ext3 /dev/root rw,errors=continue\n\
-                    37 36 0:5 / /x ro - tmpfs none ro,size=4k\n";
-        let lines = parse_mountinfo(text).unwrap();
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[0].mount_point, "/mnt/parent dir");
-        assert_eq!(lines[0].optional, ["master:1", "shared:2"]);
-        assert_eq!(lines[0].super_options, "rw,errors=continue");
-        assert_eq!(lines[1].fs_type, "tmpfs");
-        assert!(parse_mountinfo("1 2 3:4 / /\n").is_err());
-    }
-
-    #[test]
-    fn unescape_leaves_incomplete_escapes() {
-        assert_eq!(unescape("a\\134b"), "a\\b");
-        assert_eq!(unescape("a\\04"), "a\\04");
-        assert_eq!(unescape("\\777"), "\\777");
     }
 }

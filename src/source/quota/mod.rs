@@ -33,9 +33,9 @@
 pub mod wire;
 
 use std::fs;
-use std::io::{self, IoSliceMut};
+use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,7 +45,6 @@ use nix::sys::socket::{
     self, sockopt, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
 use nix::sys::time::TimeVal;
-use tokio::io::unix::AsyncFd;
 
 use super::{
     reject_unknown_keys, spec_str, Availability, EventSource, PlannedWatch, SourceStream,
@@ -54,8 +53,9 @@ use super::{
 use crate::activation;
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
-use crate::logging::LogLimit;
 use crate::policy::{Identity, Scope};
+pub use crate::sys::netlink::Counters;
+use crate::sys::netlink::{Datagram, KernelSocket, Labels};
 use wire::{Family, QuotaType, Warning};
 
 pub const NAME: &str = "quota";
@@ -86,18 +86,6 @@ const SOCKET_BUFFER: usize = 256 * 1024;
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(2);
 const SOL_NETLINK: libc::c_int = 270;
 const NETLINK_ADD_MEMBERSHIP: libc::c_int = 1;
-
-/// Counters a person can read in the logs.
-#[derive(Debug, Default)]
-pub struct Counters {
-    pub received: AtomicU64,
-    pub rejected_origin: AtomicU64,
-    /// Rejections are logged at warn a few times per interval, then counted: root can
-    /// forge messages as fast as it likes.
-    pub rejected_log: std::sync::Mutex<LogLimit>,
-    pub malformed: AtomicU64,
-    pub overflows: AtomicU64,
-}
 
 #[derive(Default)]
 pub struct Quota {
@@ -173,13 +161,9 @@ impl EventSource for Quota {
             group,
             "joined the VFS_DQUOT events group"
         );
-        // SAFETY: `register` needs the fd to stay open while registered; the AsyncFd
-        // owns the OwnedFd, so it closes only when the AsyncFd is dropped.
-        let fd = unsafe { AsyncFd::register(fd) }?;
         let reader = Reader {
-            fd,
+            socket: KernelSocket::new(fd, RECEIVE_BUFFER, Arc::clone(&self.counters), LABELS)?,
             family: family.id,
-            buf: vec![0; RECEIVE_BUFFER],
             counters: Arc::clone(&self.counters),
         };
         Ok(Box::pin(stream::unfold(reader, |mut reader| async move {
@@ -301,16 +285,20 @@ fn resolve(fd: &OwnedFd) -> io::Result<Family> {
     }
 }
 
-enum Received {
-    Message(usize),
-    /// Dropped at the edge; already counted.
-    Rejected,
-}
+/// How the quota socket is read ([`crate::sys::netlink`]): the generic netlink socket
+/// passes no credentials; the port id alone tells the kernel.
+const LABELS: Labels = Labels {
+    source: NAME,
+    socket: "quota netlink socket",
+    message: "quota message",
+    datagram: Some("quota netlink datagram"),
+    warn_truncated: true,
+    check_credentials: false,
+};
 
 struct Reader {
-    fd: AsyncFd<OwnedFd>,
+    socket: KernelSocket,
     family: u16,
-    buf: Vec<u8>,
     counters: Arc<Counters>,
 }
 
@@ -318,25 +306,13 @@ impl Reader {
     /// The next record, or `None` when the socket failed for good.
     async fn next(&mut self) -> Option<SourceMsg> {
         loop {
-            let mut guard = match self.fd.readable().await {
-                Ok(guard) => guard,
-                Err(e) => {
-                    tracing::error!(source = NAME, "quota netlink socket failed: {e}");
-                    return None;
-                }
-            };
-            let received =
-                guard.try_io(|fd| recv_checked(fd.get_ref(), &mut self.buf, &self.counters));
-            match received {
-                Err(_would_block) => continue,
-                Ok(Ok(Received::Rejected)) => continue,
-                Ok(Ok(Received::Message(len))) => {
+            match self.socket.next().await? {
+                Datagram::Message(len) => {
                     if let Some(record) = self.decode(len) {
                         return Some(SourceMsg::Record(record));
                     }
                 }
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
-                    let total = self.counters.overflows.fetch_add(1, Ordering::Relaxed) + 1;
+                Datagram::Overflow { total } => {
                     tracing::warn!(
                         source = NAME,
                         overflows = total,
@@ -346,20 +322,13 @@ impl Reader {
                         objects: Vec::new(),
                     });
                 }
-                Ok(Err(e)) => {
-                    tracing::error!(
-                        source = NAME,
-                        "reading the quota netlink socket failed: {e}"
-                    );
-                    return None;
-                }
             }
         }
     }
 
     /// The record of the first quota warning in a kernel datagram.
     fn decode(&self, len: usize) -> Option<Record> {
-        let buf = &self.buf[..len];
+        let buf = self.socket.bytes(len);
         for message in wire::messages(buf) {
             let parsed = message.and_then(|m| {
                 if m.kind == self.family {
@@ -386,47 +355,6 @@ impl Reader {
     }
 }
 
-/// Receives one datagram and checks that the kernel sent it.
-fn recv_checked(fd: &OwnedFd, buf: &mut [u8], counters: &Counters) -> io::Result<Received> {
-    let mut iov = [IoSliceMut::new(buf)];
-    let msg =
-        socket::recvmsg::<NetlinkAddr>(fd.as_raw_fd(), &mut iov, None, MsgFlags::MSG_DONTWAIT)
-            .map_err(io::Error::from)?;
-    let sender_port = msg.address.map(|a| a.pid());
-    // Before any check, so that a count that differs from what was sent can be traced.
-    tracing::debug!(
-        source = NAME,
-        ?sender_port,
-        len = msg.bytes,
-        "quota netlink datagram"
-    );
-    if sender_port != Some(0) {
-        let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
-        match LogLimit::allow_shared(&counters.rejected_log) {
-            Some(suppressed) => tracing::warn!(
-                source = NAME,
-                ?sender_port,
-                rejected = total,
-                "dropped a quota message not sent by the kernel (spoofing attempt?){}",
-                LogLimit::note(suppressed)
-            ),
-            None => tracing::debug!(
-                source = NAME,
-                ?sender_port,
-                rejected = total,
-                "dropped a quota message not sent by the kernel (spoofing attempt?)"
-            ),
-        }
-        return Ok(Received::Rejected);
-    }
-    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
-        counters.malformed.fetch_add(1, Ordering::Relaxed);
-        tracing::warn!(source = NAME, "dropped a truncated quota message");
-        return Ok(Received::Rejected);
-    }
-    Ok(Received::Message(msg.bytes))
-}
-
 /// Who a warning concerns, as an audience: see the module documentation.
 pub fn audience_of(warning: &Warning) -> Audience {
     let subject = match warning.quota_type {
@@ -446,7 +374,7 @@ fn record(warning: &Warning) -> Record {
     let (resource, kind) = wire::warning_code(warning.code)
         .map_or(("unknown", "unknown"), |(r, k)| (r.as_str(), k.as_str()));
     let (major, minor) = (warning.major, warning.minor);
-    let device = device_name(major, minor);
+    let device = crate::sys::blockdev::device_name_or_number(major, minor);
     let mut attributes = Attrs::new();
     attributes.insert("warning".into(), SUBTYPES[usize::from(subtype)].into());
     attributes.insert("kind".into(), kind.into());
@@ -481,14 +409,6 @@ fn record(warning: &Warning) -> Record {
         properties: Default::default(),
         audience: audience_of(warning),
     }
-}
-
-/// The kernel's name of a block device, or "MAJ:MIN" for filesystems without one.
-fn device_name(major: u32, minor: u32) -> String {
-    fs::read_link(format!("/sys/dev/block/{major}:{minor}"))
-        .ok()
-        .and_then(|target| target.file_name().map(|n| n.to_string_lossy().into_owned()))
-        .unwrap_or_else(|| format!("{major}:{minor}"))
 }
 
 /// Which filesystem a device is, as a watch names it: "MAJ:MIN" or the kernel name.

@@ -488,57 +488,9 @@ pub fn encode_warning(family: u16, seq: u32, warning: &Warning) -> Vec<u8> {
 /// `/proc/PID/mountinfo` text: the first mount of the filesystem's root, else the first
 /// mount of any of its directories.
 pub fn mount_of(mountinfo: &str, major: u32, minor: u32) -> Option<(String, String)> {
-    let device = format!("{major}:{minor}");
-    let mut fallback = None;
-    for line in mountinfo.lines() {
-        let mut fields = line.split(' ');
-        let (Some(_), Some(_), Some(dev), Some(root), Some(mount_point)) = (
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-            fields.next(),
-        ) else {
-            continue;
-        };
-        if dev != device {
-            continue;
-        }
-        let Some(fs_type) = fields.skip_while(|f| *f != "-").nth(1) else {
-            continue;
-        };
-        let found = (unescape(mount_point), unescape(fs_type));
-        if root == "/" {
-            return Some(found);
-        }
-        fallback.get_or_insert(found);
-    }
-    fallback
-}
-
-/// Undoes the kernel's octal escapes of space, tab, newline and backslash in mountinfo.
-fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            d.iter()
-                .all(|c| (b'0'..=b'7').contains(c))
-                .then(|| d.iter().fold(0u32, |n, c| n * 8 + u32::from(c - b'0')))
-        });
-        match (bytes[i], octal.and_then(|n| u8::try_from(n).ok())) {
-            (b'\\', Some(byte)) => {
-                out.push(byte);
-                i += 4;
-            }
-            (byte, _) => {
-                out.push(byte);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    let mounts = crate::sys::mountinfo::parse_lenient(mountinfo);
+    crate::sys::mountinfo::mount_of_device(&mounts, major, minor)
+        .map(|m| (m.mount_point.clone(), m.fs_type.clone()))
 }
 
 #[cfg(test)]

@@ -37,7 +37,7 @@
 //! `CAP_DAC_OVERRIDE`/`CAP_DAC_READ_SEARCH`), and the fd it got is the filesystem the
 //! daemon then watches. A user thus learns nothing about a filesystem it could not
 //! `statfs` itself. Paths are resolved as the caller sees them, from its root and in
-//! its mount namespace ([`super::filesystems::resolve`]): `/tmp/x` is the caller's `/tmp`, not
+//! its mount namespace ([`crate::sys::resolve`]): `/tmp/x` is the caller's `/tmp`, not
 //! the daemon's private one; the mount point in warnings is the caller's.
 //!
 //! Unmounting a watched filesystem ends its watches with `WatchRemoved`: on each
@@ -51,7 +51,7 @@ use std::fs;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::stream;
@@ -59,8 +59,6 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
-use super::filesystems::resolve::{self, Place};
-use super::filesystems::{fanotify, fanotify::Fanotify, wire, FsInfo};
 use super::{
     reject_unknown_keys, spec_str, ArmedWatch, Availability, EventSource, PlannedWatch,
     SourceStream, WatchMatcher, WatchSpec,
@@ -68,6 +66,9 @@ use super::{
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
+use crate::sys::fanotify::{self, wire, Fanotify};
+use crate::sys::lock;
+use crate::sys::resolve::{self, FsInfo, Place};
 
 pub const NAME: &str = "space";
 
@@ -207,12 +208,6 @@ struct State {
 }
 
 type SharedState = Arc<Mutex<State>>;
-
-fn lock(state: &SharedState) -> MutexGuard<'_, State> {
-    state
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 pub struct Space {
     state: SharedState,
@@ -372,7 +367,7 @@ impl EventSource for Space {
 }
 
 fn arm(state: &SharedState, spec: &SpaceSpec, requester: &Identity) -> Result<ArmedWatch, Error> {
-    let (fs, place) = resolve::resolve(&spec.path, requester, requester.uid != 0)?;
+    let (fs, place) = resolve::resolve(&spec.path, &requester.caller(), requester.uid != 0)?;
     let now = Instant::now();
     let mut guard = lock(state);
     let running = guard

@@ -24,9 +24,48 @@ use nix::fcntl::{openat, OFlag, OpenHow, ResolveFlag};
 use nix::libc;
 use nix::sys::stat::{Mode, SFlag};
 
-use super::{device_name, fanotify, wire, FsInfo};
+use super::fanotify::{self, wire};
+use super::mountinfo::{self, MountinfoLine};
 use crate::error::Error;
-use crate::policy::Identity;
+
+/// Who asks for a path, as the bus identified them (never from a message body).
+#[derive(Clone, Copy, Debug)]
+pub struct Caller<'a> {
+    pub unique_name: &'a str,
+    pub uid: u32,
+    /// Supplementary groups, as the bus reported them.
+    pub gids: &'a [u32],
+    pub pid: Option<u32>,
+}
+
+/// A filesystem found through a caller's path, as the sources describe it in events.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FsInfo {
+    /// The fsid key fanotify puts in events ([`wire::fsid_key`]).
+    pub fsid: u64,
+    pub major: u32,
+    pub minor: u32,
+    /// The kernel name of the block device (`loop3`), else the mount source.
+    pub device: String,
+    pub fs_type: String,
+    /// Where the caller sees it mounted.
+    pub mount_point: String,
+    pub source: String,
+}
+
+impl FsInfo {
+    /// A watch's object: the filesystem's device number.
+    pub fn object(&self) -> String {
+        format!("{}:{}", self.major, self.minor)
+    }
+
+    /// Its mount in `mounts` (any of them), if it still has one.
+    pub fn mount_in<'m>(&self, mounts: &'m [MountinfoLine]) -> Option<&'m MountinfoLine> {
+        mounts
+            .iter()
+            .find(|m| m.major == self.major && m.minor == self.minor)
+    }
+}
 
 /// The caller's root directory and mount table, kept while its filesystem is watched.
 #[derive(Debug)]
@@ -40,7 +79,7 @@ pub struct Place {
 impl Place {
     /// The caller's root and mount table, opened by the daemon (reading another user's
     /// `/proc/PID/root` needs ptrace access, which the daemon has).
-    pub fn of(requester: &Identity) -> Result<Place, Error> {
+    pub fn of(requester: &Caller<'_>) -> Result<Place, Error> {
         let pid = requester.pid.ok_or_else(|| {
             Error::NotSupported(format!(
                 "the bus did not report the process of {} (uid {}): a watched path is \
@@ -80,12 +119,12 @@ impl Place {
     }
 
     /// The caller's mount table now (the file is re-read from its start).
-    pub fn mounts(&self) -> io::Result<Vec<wire::MountInfo>> {
+    pub fn mounts(&self) -> io::Result<Vec<MountinfoLine>> {
         let mut file = &self.mountinfo;
         file.rewind()?;
         let mut text = String::new();
         file.read_to_string(&mut text)?;
-        Ok(wire::mountinfo(&text))
+        Ok(mountinfo::parse_lenient(&text))
     }
 
     /// An fd of `mount_point` if it still leads to the filesystem `fsid`.
@@ -197,11 +236,11 @@ fn mount_id_in_fdinfo(text: &str) -> Option<u64> {
 /// drops the thread's `CAP_DAC_OVERRIDE`/`CAP_DAC_READ_SEARCH`): the kernel checks the
 /// caller's access, not the daemon's.
 fn as_caller<T: Send + 'static>(
-    requester: &Identity,
+    requester: &Caller<'_>,
     f: impl FnOnce() -> io::Result<T> + Send + 'static,
 ) -> Result<io::Result<T>, Error> {
     let uid = requester.uid;
-    let gids = requester.gids.clone();
+    let gids = requester.gids.to_vec();
     let primary = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
         .ok()
         .flatten()
@@ -248,7 +287,7 @@ fn as_caller<T: Send + 'static>(
 /// about a filesystem it could not reach itself.
 pub fn resolve(
     path: &Path,
-    requester: &Identity,
+    requester: &Caller<'_>,
     check_access: bool,
 ) -> Result<(FsInfo, Place), Error> {
     let place = Place::of(requester)?;
@@ -305,7 +344,7 @@ pub fn resolve(
     })?;
     let mount = mounts
         .iter()
-        .find(|m| m.mount_id == mount_id)
+        .find(|m| u64::from(m.id) == mount_id)
         .ok_or_else(|| {
             Error::NotFound(format!(
                 "mount {mount_id} holding {} is not in the mount table of pid {}",
@@ -318,7 +357,8 @@ pub fn resolve(
             fsid,
             major,
             minor,
-            device: device_name(major, minor, &mount.source),
+            device: super::blockdev::device_name(major, minor)
+                .unwrap_or_else(|| mount.source.clone()),
             fs_type: mount.fs_type.clone(),
             mount_point: mount.mount_point.clone(),
             source: mount.source.clone(),
@@ -407,7 +447,12 @@ mod tests {
 
     #[test]
     fn a_caller_without_pid_is_refused_with_a_reason() {
-        let who = Identity::new(":1.7".into(), 1000);
+        let who = Caller {
+            unique_name: ":1.7",
+            uid: 1000,
+            gids: &[],
+            pid: None,
+        };
         match Place::of(&who) {
             Err(Error::NotSupported(m)) => assert!(m.contains("pid"), "{m}"),
             other => panic!("expected NotSupported, got {other:?}"),

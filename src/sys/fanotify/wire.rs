@@ -1,5 +1,6 @@
-//! Decoders for what the filesystem sources read: fanotify event buffers (metadata and
-//! the info records that follow it) and `/proc/self/mountinfo`.
+//! The decoder of what a fanotify group reporting file identifiers returns: event
+//! buffers (metadata and the info records that follow it). Fuzzed by
+//! `fuzz/fuzz_targets/filesystems.rs`.
 //!
 //! Pure functions over bytes and text; no input panics.
 //!
@@ -54,8 +55,6 @@ pub enum DecodeError {
     BadLength { event_len: u32, metadata_len: u16 },
     /// An info record whose length is too small for its type or runs past the event.
     BadInfo { info_type: u8, len: u16 },
-    /// A mountinfo line without the fields every line has.
-    BadMountinfo(String),
 }
 
 impl fmt::Display for DecodeError {
@@ -86,7 +85,6 @@ impl fmt::Display for DecodeError {
                     "fanotify info record type {info_type} with bad length {len}"
                 )
             }
-            DecodeError::BadMountinfo(line) => write!(f, "malformed mountinfo line '{line}'"),
         }
     }
 }
@@ -304,138 +302,10 @@ pub fn events(buf: &[u8]) -> impl Iterator<Item = Result<Event, DecodeError>> + 
     })
 }
 
-/// The kernel's own name for an errno a filesystem reports, where it differs from the
-/// userspace name: ext4 and xfs call 117 `EFSCORRUPTED` and 74 `EFSBADCRC`.
-pub fn filesystem_errno_name(errno: i32) -> Option<&'static str> {
-    match errno {
-        117 => Some("EFSCORRUPTED"),
-        74 => Some("EFSBADCRC"),
-        _ => None,
-    }
-}
-
-/// One line of `/proc/PID/mountinfo`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct MountInfo {
-    pub mount_id: u64,
-    pub major: u32,
-    pub minor: u32,
-    pub root: String,
-    pub mount_point: String,
-    pub mount_options: String,
-    pub fs_type: String,
-    pub source: String,
-    pub super_options: String,
-}
-
-impl MountInfo {
-    /// Whether the filesystem itself (not just this mount) is read-only: `ro` in the
-    /// superblock options, or ext4's `emergency_ro` (6.15+: after an error with
-    /// `errors=remount-ro`, ext4 refuses writes without setting `SB_RDONLY`).
-    pub fn filesystem_read_only(&self) -> bool {
-        self.super_options
-            .split(',')
-            .any(|o| o == "ro" || o == "emergency_ro")
-    }
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-pub fn unescape(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' {
-            let digits = &bytes[i + 1..(i + 4).min(bytes.len())];
-            if digits.len() == 3 && digits.iter().all(|d| (b'0'..=b'7').contains(d)) {
-                let value = digits
-                    .iter()
-                    .fold(0u32, |acc, d| acc * 8 + u32::from(d - b'0'));
-                if let Ok(byte) = u8::try_from(value) {
-                    out.push(byte);
-                    i += 4;
-                    continue;
-                }
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Parses one mountinfo line:
-/// `ID PARENT MAJ:MIN ROOT MOUNT_POINT OPTIONS [OPTIONAL...] - FSTYPE SOURCE SUPER_OPTIONS`.
-pub fn mountinfo_line(line: &str) -> Result<MountInfo, DecodeError> {
-    let bad = || DecodeError::BadMountinfo(line.chars().take(200).collect());
-    let mut fields = line.split(' ');
-    let mount_id = fields.next().and_then(|f| f.parse().ok()).ok_or_else(bad)?;
-    let _parent = fields.next().ok_or_else(bad)?;
-    let (major, minor) = fields
-        .next()
-        .and_then(|f| f.split_once(':'))
-        .and_then(|(a, b)| Some((a.parse().ok()?, b.parse().ok()?)))
-        .ok_or_else(bad)?;
-    let root = unescape(fields.next().ok_or_else(bad)?);
-    let mount_point = unescape(fields.next().ok_or_else(bad)?);
-    let mount_options = fields.next().ok_or_else(bad)?.to_owned();
-    // Optional fields end with a lone "-".
-    if !fields.any(|f| f == "-") {
-        return Err(bad());
-    }
-    let fs_type = unescape(fields.next().ok_or_else(bad)?);
-    let source = unescape(fields.next().ok_or_else(bad)?);
-    let super_options = fields.next().ok_or_else(bad)?.to_owned();
-    Ok(MountInfo {
-        mount_id,
-        major,
-        minor,
-        root,
-        mount_point,
-        mount_options,
-        fs_type,
-        source,
-        super_options,
-    })
-}
-
-/// Every well-formed line of a mountinfo file (a malformed line is skipped: the kernel
-/// writes them, so one would be a decoder bug, not a reason to lose the others).
-pub fn mountinfo(text: &str) -> Vec<MountInfo> {
-    text.lines()
-        .filter(|l| !l.is_empty())
-        .filter_map(|l| mountinfo_line(l).ok())
-        .collect()
-}
-
-/// The mount that holds `path` (absolute, canonical) on device `major:minor`: the one
-/// whose mount point is the longest prefix of `path`; the last such line wins (a mount
-/// stacked on top hides the ones below).
-pub fn mount_of<'a>(
-    mounts: &'a [MountInfo],
-    path: &str,
-    major: u32,
-    minor: u32,
-) -> Option<&'a MountInfo> {
-    let contains = |mount_point: &str| {
-        mount_point == "/"
-            || path == mount_point
-            || path
-                .strip_prefix(mount_point)
-                .is_some_and(|rest| rest.starts_with('/'))
-    };
-    mounts
-        .iter()
-        .filter(|m| m.major == major && m.minor == minor && contains(&m.mount_point))
-        .fold(None, |best: Option<&MountInfo>, m| match best {
-            Some(b) if b.mount_point.len() > m.mount_point.len() => Some(b),
-            _ => Some(m),
-        })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::sys::errno::filesystem_errno_name;
 
     fn hex(s: &str) -> Vec<u8> {
         (0..s.len())
@@ -494,28 +364,5 @@ mod tests {
         let mut bad = buf;
         bad[0] = 8; // event_len below metadata_len
         assert!(matches!(event(&bad), Err(DecodeError::BadLength { .. })));
-    }
-
-    #[test]
-    fn mountinfo_lines_and_the_mount_of_a_path() {
-        let text = "\
-22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw,errors=remount-ro
-43 22 7:3 / /tmp/a\\040b rw,relatime - ext4 /dev/loop3 rw,errors=remount-ro,emergency_ro
-44 43 7:3 /sub /tmp/a\\040b/c rw master:2 - ext4 /dev/loop3 rw
-bad line
-";
-        let mounts = mountinfo(text);
-        assert_eq!(mounts.len(), 3);
-        assert_eq!(mounts[1].mount_point, "/tmp/a b");
-        assert!(mounts[1].filesystem_read_only());
-        assert!(!mounts[0].filesystem_read_only());
-        assert_eq!(mount_of(&mounts, "/tmp/a b/x", 7, 3).unwrap().mount_id, 43);
-        assert_eq!(
-            mount_of(&mounts, "/tmp/a b/c/d", 7, 3).unwrap().mount_id,
-            44
-        );
-        assert!(mount_of(&mounts, "/tmp/a bc", 7, 3).is_none());
-        assert_eq!(mount_of(&mounts, "/etc", 254, 1).unwrap().mount_id, 22);
-        assert_eq!(unescape("a\\134b\\0"), "a\\b\\0");
     }
 }

@@ -1,0 +1,214 @@
+//! Receiving from the kernel on a netlink socket: one datagram at a time, each checked
+//! for its origin at the edge (STYLE 4).
+//!
+//! A datagram counts as the kernel's only when the sender's netlink port id is 0 and,
+//! where the socket passes credentials (`SO_PASSCRED`), they say uid 0. Root in the
+//! initial network namespace can multicast forged messages from userspace; those carry
+//! its own port id, and are counted, logged (at warn a few times per interval, then
+//! counted: root can forge as fast as it likes) and dropped. A truncated datagram is
+//! dropped too. `ENOBUFS` means the kernel dropped messages for us: it is counted and
+//! handed to the source as [`Datagram::Overflow`], for it to tell its subscribers.
+
+use std::io::{self, IoSliceMut};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, NetlinkAddr};
+use tokio::io::unix::AsyncFd;
+
+use crate::logging::LogLimit;
+
+/// Counters a person can read in the logs and tests can observe through the journal.
+#[derive(Debug, Default)]
+pub struct Counters {
+    pub received: AtomicU64,
+    pub rejected_origin: AtomicU64,
+    /// Rejections are logged at warn a few times per interval, then counted: root can
+    /// forge messages as fast as it likes.
+    pub rejected_log: Mutex<LogLimit>,
+    pub malformed: AtomicU64,
+    pub overflows: AtomicU64,
+}
+
+/// How a source names what it receives, in the log lines written here.
+#[derive(Clone, Copy, Debug)]
+pub struct Labels {
+    /// The source's name, the `source` field of every line.
+    pub source: &'static str,
+    /// The socket, as in "reading the {socket} failed" (`uevent socket`).
+    pub socket: &'static str,
+    /// One message, as in "dropped a {message} not sent by the kernel" (`uevent`).
+    pub message: &'static str,
+    /// Logged at debug for every datagram before any check, when given, so that a count
+    /// that differs from what was sent can be traced.
+    pub datagram: Option<&'static str>,
+    /// Whether a truncated kernel message is logged at warn (else debug).
+    pub warn_truncated: bool,
+    /// Whether the socket passes credentials (`SO_PASSCRED`) that must say uid 0.
+    pub check_credentials: bool,
+}
+
+/// What [`KernelSocket::next`] received.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Datagram {
+    /// A datagram from the kernel: [`KernelSocket::bytes`] of this length.
+    Message(usize),
+    /// The kernel dropped messages (`ENOBUFS`); the count so far.
+    Overflow { total: u64 },
+}
+
+/// A non-blocking netlink socket the kernel multicasts to, read with the origin checks.
+pub struct KernelSocket {
+    fd: AsyncFd<OwnedFd>,
+    buf: Vec<u8>,
+    counters: Arc<Counters>,
+    labels: Labels,
+}
+
+enum Received {
+    Message(usize),
+    /// Dropped at the edge; already counted.
+    Rejected,
+}
+
+impl KernelSocket {
+    /// Takes a bound, non-blocking socket; datagrams up to `buffer` bytes are whole.
+    pub fn new(
+        fd: OwnedFd,
+        buffer: usize,
+        counters: Arc<Counters>,
+        labels: Labels,
+    ) -> io::Result<Self> {
+        // SAFETY: `register` needs the fd to stay open while registered; the AsyncFd
+        // owns the OwnedFd, so it closes only when the AsyncFd is dropped.
+        let fd = unsafe { AsyncFd::register(fd) }?;
+        Ok(KernelSocket {
+            fd,
+            buf: vec![0; buffer],
+            counters,
+            labels,
+        })
+    }
+
+    /// The bytes of the last [`Datagram::Message`] of length `len`.
+    pub fn bytes(&self, len: usize) -> &[u8] {
+        &self.buf[..len.min(self.buf.len())]
+    }
+
+    /// The next datagram the kernel sent, or `None` when the socket failed for good
+    /// (logged here).
+    pub async fn next(&mut self) -> Option<Datagram> {
+        let labels = self.labels;
+        loop {
+            let mut guard = match self.fd.readable().await {
+                Ok(guard) => guard,
+                Err(e) => {
+                    tracing::error!(source = labels.source, "{} failed: {e}", labels.socket);
+                    return None;
+                }
+            };
+            let received = guard
+                .try_io(|fd| recv_checked(fd.get_ref(), &mut self.buf, &self.counters, &labels));
+            match received {
+                Err(_would_block) => continue,
+                Ok(Ok(Received::Rejected)) => continue,
+                Ok(Ok(Received::Message(len))) => return Some(Datagram::Message(len)),
+                Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
+                    let total = self.counters.overflows.fetch_add(1, Ordering::Relaxed) + 1;
+                    return Some(Datagram::Overflow { total });
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(
+                        source = labels.source,
+                        "reading the {} failed: {e}",
+                        labels.socket
+                    );
+                    return None;
+                }
+            }
+        }
+    }
+}
+
+/// Receives one datagram and checks that the kernel sent it.
+fn recv_checked(
+    fd: &OwnedFd,
+    buf: &mut [u8],
+    counters: &Counters,
+    labels: &Labels,
+) -> io::Result<Received> {
+    let mut cmsg = nix::cmsg_space!(nix::sys::socket::UnixCredentials);
+    let mut iov = [IoSliceMut::new(buf)];
+    let msg = socket::recvmsg::<NetlinkAddr>(
+        fd.as_raw_fd(),
+        &mut iov,
+        labels.check_credentials.then_some(&mut cmsg),
+        MsgFlags::MSG_DONTWAIT,
+    )
+    .map_err(io::Error::from)?;
+    let sender_port = msg.address.map(|a| a.pid());
+    if let Some(datagram) = labels.datagram {
+        tracing::debug!(
+            source = labels.source,
+            ?sender_port,
+            len = msg.bytes,
+            "{datagram}"
+        );
+    }
+    let sender_uid = if labels.check_credentials {
+        msg.cmsgs().ok().and_then(|mut cmsgs| {
+            cmsgs.find_map(|c| match c {
+                ControlMessageOwned::ScmCredentials(creds) => Some(creds.uid()),
+                _ => None,
+            })
+        })
+    } else {
+        None
+    };
+    if sender_port != Some(0) || (labels.check_credentials && sender_uid != Some(0)) {
+        reject(counters, labels, sender_port, sender_uid);
+        return Ok(Received::Rejected);
+    }
+    if msg.flags.contains(MsgFlags::MSG_TRUNC) {
+        counters.malformed.fetch_add(1, Ordering::Relaxed);
+        if labels.warn_truncated {
+            tracing::warn!(
+                source = labels.source,
+                "dropped a truncated {}",
+                labels.message
+            );
+        } else {
+            tracing::debug!(
+                source = labels.source,
+                "dropped a truncated {}",
+                labels.message
+            );
+        }
+        return Ok(Received::Rejected);
+    }
+    Ok(Received::Message(msg.bytes))
+}
+
+/// Counts and logs a datagram not sent by the kernel.
+fn reject(counters: &Counters, labels: &Labels, sender_port: Option<u32>, sender_uid: Option<u32>) {
+    let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
+    let (source, message) = (labels.source, labels.message);
+    match LogLimit::allow_shared(&counters.rejected_log) {
+        Some(suppressed) => tracing::warn!(
+            source,
+            ?sender_port,
+            ?sender_uid,
+            rejected = total,
+            "dropped a {message} not sent by the kernel (spoofing attempt?){}",
+            LogLimit::note(suppressed)
+        ),
+        None => tracing::debug!(
+            source,
+            ?sender_port,
+            ?sender_uid,
+            rejected = total,
+            "dropped a {message} not sent by the kernel (spoofing attempt?)"
+        ),
+    }
+}
