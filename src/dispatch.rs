@@ -1479,7 +1479,7 @@ mod tests {
         }
 
         fn parse_watch(&self, spec: &WatchSpec, _: &Identity) -> Result<PlannedWatch, Error> {
-            let key = crate::source::spec_str(spec, "key")?;
+            let key = crate::source::spec::spec_str(spec.get("key"), "key")?;
             Ok(PlannedWatch::ready(
                 policy::Scope::System,
                 Box::new(KeyWatch(key)),

@@ -14,6 +14,7 @@ pub mod keys;
 pub mod mounts;
 pub mod quota;
 pub mod space;
+pub mod spec;
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -25,6 +26,7 @@ use zbus::OwnedVariant;
 use crate::error::Error;
 use crate::event::{Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
+pub use spec::SpecReader;
 
 /// A watch specification as a caller sent it: `a{sv}`.
 pub type WatchSpec = HashMap<String, OwnedVariant>;
@@ -218,51 +220,4 @@ impl Registry {
     pub fn names(&self) -> Vec<&'static str> {
         self.sources.iter().map(|s| s.name()).collect()
     }
-}
-
-/// Reads a string value from a watch spec, naming the key and expected type on error.
-pub fn spec_str(spec: &WatchSpec, key: &str) -> Result<Option<String>, Error> {
-    spec.get(key)
-        .map(|value| {
-            String::try_from(value.clone()).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "watch option '{key}' must be a string (D-Bus type 's'), got '{}'",
-                    value.value_signature()
-                ))
-            })
-        })
-        .transpose()
-}
-
-/// Reads a string→string dictionary from a watch spec.
-pub fn spec_str_map(spec: &WatchSpec, key: &str) -> Result<Option<HashMap<String, String>>, Error> {
-    spec.get(key)
-        .map(|value| {
-            HashMap::<String, String>::try_from(value.clone()).map_err(|_| {
-                Error::InvalidArgument(format!(
-                    "watch option '{key}' must be a string dictionary (D-Bus type 'a{{ss}}'), got '{}'",
-                    value.value_signature()
-                ))
-            })
-        })
-        .transpose()
-}
-
-/// Rejects keys a source does not understand, so a typo is an error rather than a watch
-/// that silently matches more than the caller meant.
-pub fn reject_unknown_keys(spec: &WatchSpec, source: &str, known: &[&str]) -> Result<(), Error> {
-    let mut unknown: Vec<&str> = spec
-        .keys()
-        .map(String::as_str)
-        .filter(|k| !known.contains(k))
-        .collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    unknown.sort_unstable();
-    Err(Error::InvalidArgument(format!(
-        "unknown {source} watch option(s) {}; known: {}",
-        unknown.join(", "),
-        known.join(", ")
-    )))
 }

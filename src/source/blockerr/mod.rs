@@ -54,8 +54,7 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::{
-    reject_unknown_keys, spec_str, Availability, EventSource, PlannedWatch, SourceStream,
-    WatchMatcher, WatchSpec,
+    Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -659,9 +658,10 @@ impl BlockErrorWatch {
     const KEYS: &'static [&'static str] = &["name"];
 
     pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
-        reject_unknown_keys(spec, NAME, Self::KEYS)?;
+        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
         Ok(BlockErrorWatch {
-            name: spec_str(spec, "name")?
+            name: spec
+                .str("name")?
                 .map(|name| Pattern::for_name("name", &name))
                 .transpose()?,
         })

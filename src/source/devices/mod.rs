@@ -30,8 +30,7 @@ use nix::sys::socket::{
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
 
 use super::{
-    reject_unknown_keys, spec_str, spec_str_map, Availability, EventSource, PlannedWatch,
-    SourceStream, WatchMatcher, WatchSpec,
+    Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher, WatchSpec,
 };
 use crate::activation;
 use crate::error::Error;
@@ -356,8 +355,8 @@ impl DeviceWatch {
     const MAX_PROPERTIES: usize = 16;
 
     pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
-        reject_unknown_keys(spec, NAME, Self::KEYS)?;
-        let subsystem = spec_str(spec, "subsystem")?;
+        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
+        let subsystem = spec.str("subsystem")?;
         if let Some(subsystem) = &subsystem {
             if !SUBSYSTEMS.contains(&subsystem.as_str()) {
                 return Err(Error::InvalidArgument(format!(
@@ -366,14 +365,14 @@ impl DeviceWatch {
                 )));
             }
         }
-        let properties = spec_str_map(spec, "properties")?.unwrap_or_default();
+        let properties = spec.str_map("properties")?.unwrap_or_default();
         if properties.len() > Self::MAX_PROPERTIES {
             return Err(Error::LimitExceeded(format!(
                 "a device watch may match at most {} properties",
                 Self::MAX_PROPERTIES
             )));
         }
-        let devtype = spec_str(spec, "devtype")?;
+        let devtype = spec.str("devtype")?;
         let mut required: Vec<(String, String)> = properties.into_iter().collect();
         required.extend(subsystem.map(|s| ("SUBSYSTEM".to_owned(), s)));
         required.extend(devtype.map(|d| ("DEVTYPE".to_owned(), d)));
@@ -381,7 +380,8 @@ impl DeviceWatch {
         required.sort_unstable();
         Ok(DeviceWatch {
             required,
-            name: spec_str(spec, "name")?
+            name: spec
+                .str("name")?
                 .map(|name| Pattern::for_name("name", &name))
                 .transpose()?,
         })

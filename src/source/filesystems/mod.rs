@@ -50,8 +50,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::{
-    reject_unknown_keys, spec_str, ArmedWatch, Availability, EventSource, PlannedWatch,
-    SourceStream, WatchMatcher, WatchSpec,
+    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -204,8 +204,8 @@ impl EventSource for Filesystems {
 }
 
 fn parse_path(spec: &WatchSpec) -> Result<PathBuf, Error> {
-    reject_unknown_keys(spec, NAME, &["path"])?;
-    let path = spec_str(spec, "path")?.ok_or_else(|| {
+    let spec = SpecReader::new(spec, NAME, &["path"])?;
+    let path = spec.str("path")?.ok_or_else(|| {
         Error::InvalidArgument(format!(
             "a {NAME} watch needs 'path' (s): a path on the filesystem to watch"
         ))

@@ -63,8 +63,8 @@ use tokio::io::unix::AsyncFd;
 use zbus::OwnedVariant;
 
 use super::{
-    reject_unknown_keys, spec_str, ArmedWatch, Availability, EventSource, PlannedWatch,
-    SourceStream, WatchMatcher, WatchSpec,
+    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -317,10 +317,10 @@ impl KeyWatchRequest {
     const KEYS: &'static [&'static str] = &["keyring", "serial", "uid", "changes"];
 
     pub fn parse(spec: &WatchSpec, requester: &Identity) -> Result<Self, Error> {
-        reject_unknown_keys(spec, NAME, Self::KEYS)?;
-        let keyring = spec_str(spec, "keyring")?;
-        let serial = spec_i32(spec, "serial")?;
-        let uid = spec_u32(spec, "uid")?;
+        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
+        let keyring = spec.str("keyring")?;
+        let serial = spec_i32(&spec, "serial")?;
+        let uid = spec_u32(&spec, "uid")?;
         let target = match (keyring.as_deref(), serial) {
             (Some("user"), None) => Target::User,
             (Some("persistent"), None) => Target::Persistent,
@@ -396,7 +396,7 @@ impl KeyWatchRequest {
     }
 }
 
-fn spec_i32(spec: &WatchSpec, key: &str) -> Result<Option<i32>, Error> {
+fn spec_i32(spec: &SpecReader<'_>, key: &str) -> Result<Option<i32>, Error> {
     spec.get(key)
         .map(|value| match &**value {
             zbus::Variant::I32(v) => Ok(*v),
@@ -409,7 +409,7 @@ fn spec_i32(spec: &WatchSpec, key: &str) -> Result<Option<i32>, Error> {
         .transpose()
 }
 
-fn spec_u32(spec: &WatchSpec, key: &str) -> Result<Option<u32>, Error> {
+fn spec_u32(spec: &SpecReader<'_>, key: &str) -> Result<Option<u32>, Error> {
     spec.get(key)
         .map(|value| match &**value {
             zbus::Variant::U32(v) => Ok(*v),

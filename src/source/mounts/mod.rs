@@ -60,8 +60,8 @@ use tokio::sync::mpsc;
 use zbus::OwnedVariant;
 
 use super::{
-    reject_unknown_keys, ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream,
-    WatchMatcher, WatchSpec,
+    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -167,9 +167,9 @@ impl EventSource for Mounts {
     /// it); with `pid`, that process's namespace, which is someone else's unless it is
     /// the requester's own.
     fn parse_watch(&self, spec: &WatchSpec, requester: &Identity) -> Result<PlannedWatch, Error> {
-        reject_unknown_keys(spec, NAME, &["pid"])?;
+        let spec = SpecReader::new(spec, NAME, &["pid"])?;
         let own_pid = requester.pid;
-        let (pid, scope) = match spec_u32(spec, "pid")? {
+        let (pid, scope) = match spec_u32(&spec, "pid")? {
             Some(pid) => {
                 let own = own_pid.is_some_and(|own| same_namespace(own, pid).unwrap_or(false));
                 (pid, if own { Scope::Own } else { Scope::Others })
@@ -217,7 +217,7 @@ impl EventSource for Mounts {
     }
 }
 
-fn spec_u32(spec: &WatchSpec, key: &str) -> Result<Option<u32>, Error> {
+fn spec_u32(spec: &SpecReader<'_>, key: &str) -> Result<Option<u32>, Error> {
     spec.get(key)
         .map(|value: &OwnedVariant| {
             u32::try_from(value.clone()).map_err(|_| {

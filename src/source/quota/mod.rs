@@ -47,8 +47,7 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 
 use super::{
-    reject_unknown_keys, spec_str, Availability, EventSource, PlannedWatch, SourceStream,
-    WatchMatcher, WatchSpec,
+    Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher, WatchSpec,
 };
 use crate::activation;
 use crate::error::Error;
@@ -435,8 +434,8 @@ impl QuotaWatch {
     const KEYS: &'static [&'static str] = &["scope", "type", "device"];
 
     pub fn parse(spec: &WatchSpec, requester: &Identity) -> Result<Self, Error> {
-        reject_unknown_keys(spec, NAME, Self::KEYS)?;
-        let uid = match spec_str(spec, "scope")?.as_deref() {
+        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
+        let uid = match spec.str("scope")?.as_deref() {
             None | Some("own") => Some(requester.uid),
             Some("system") => None,
             Some(other) => {
@@ -446,7 +445,7 @@ impl QuotaWatch {
                 )))
             }
         };
-        let quota_type = match spec_str(spec, "type")?.as_deref() {
+        let quota_type = match spec.str("type")?.as_deref() {
             None => None,
             Some("user") => Some(QuotaType::User),
             Some("group") => Some(QuotaType::Group),
@@ -457,7 +456,8 @@ impl QuotaWatch {
                 )))
             }
         };
-        let device = spec_str(spec, "device")?
+        let device = spec
+            .str("device")?
             .map(|device| parse_device(&device))
             .transpose()?;
         Ok(QuotaWatch {

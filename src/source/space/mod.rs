@@ -60,8 +60,8 @@ use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use super::{
-    reject_unknown_keys, spec_str, ArmedWatch, Availability, EventSource, PlannedWatch,
-    SourceStream, WatchMatcher, WatchSpec,
+    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -238,8 +238,8 @@ impl SpaceSpec {
     const KEYS: &'static [&'static str] = &["path", "low-percent", "low-bytes"];
 
     pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
-        reject_unknown_keys(spec, NAME, Self::KEYS)?;
-        let path = spec_str(spec, "path")?.ok_or_else(|| {
+        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
+        let path = spec.str("path")?.ok_or_else(|| {
             Error::InvalidArgument(format!(
                 "a {NAME} watch needs 'path' (s): a path on the filesystem to watch"
             ))
