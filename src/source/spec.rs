@@ -90,16 +90,18 @@ pub fn spec_str(value: Option<&OwnedVariant>, key: &str) -> Result<Option<String
         .transpose()
 }
 
+/// A watch spec from literal pairs, for the sources' unit tests.
+#[cfg(test)]
+pub(crate) fn spec(pairs: &[(&str, zbus::Variant<'_>)]) -> WatchSpec {
+    pairs
+        .iter()
+        .map(|(k, v)| ((*k).to_owned(), OwnedVariant::try_from(v.clone()).unwrap()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(pairs: &[(&str, zbus::Variant<'_>)]) -> WatchSpec {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), OwnedVariant::try_from(v.clone()).unwrap()))
-            .collect()
-    }
 
     #[test]
     fn unknown_keys_are_refused_before_anything_is_read() {

@@ -434,14 +434,7 @@ fn has_all(properties: &crate::event::Properties, required: &[(String, String)])
 #[cfg(test)]
 mod tests {
     use super::*;
-    use zbus::OwnedVariant;
-
-    fn spec(pairs: &[(&str, zbus::Variant<'_>)]) -> WatchSpec {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), OwnedVariant::try_from(v.clone()).unwrap()))
-            .collect()
-    }
+    use crate::source::spec::spec;
 
     fn record(devpath: &str, props: &[(&str, &str)]) -> Record {
         Record {

@@ -790,13 +790,7 @@ fn key_record(change: KeyChange, key: i32, aux: u32, watched: &Watched) -> Recor
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn spec(pairs: &[(&str, zbus::Variant<'_>)]) -> WatchSpec {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), OwnedVariant::try_from(v.clone()).unwrap()))
-            .collect()
-    }
+    use crate::source::spec::spec;
 
     fn alice() -> Identity {
         Identity::new(":1.5".into(), 1000)
