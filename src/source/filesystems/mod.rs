@@ -38,16 +38,10 @@
 //! The source is idle when nobody watches: no fd, no timer.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs;
 use std::io;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use futures_util::stream;
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 
 use super::{
     ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
@@ -57,8 +51,8 @@ use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
 use crate::sys::errno::{errno_name, filesystem_errno_name};
-use crate::sys::fanotify::{self, wire, Fanotify};
-use crate::sys::lock;
+use crate::sys::fanotify::engine::{Engine, Handler};
+use crate::sys::fanotify::{wire, Fanotify};
 use crate::sys::mountinfo::MountinfoLine;
 use crate::sys::resolve::{self, FsInfo, Place};
 
@@ -73,8 +67,6 @@ const SUBTYPE_READ_ONLY: u8 = 1;
 /// read-only (see the module documentation).
 pub const RECHECK: Duration = Duration::from_millis(200);
 
-const MOUNTINFO: &str = "/proc/self/mountinfo";
-
 struct Marked {
     refs: usize,
     fs: FsInfo,
@@ -88,31 +80,21 @@ struct Marked {
     recheck: Option<(Instant, bool)>,
 }
 
-/// What runs while someone watches; shared with the arm closures and watch holds.
-struct Running {
-    fan: Arc<Fanotify>,
-    /// By fsid.
-    marks: HashMap<u64, Marked>,
-    /// Tells holds of an earlier run from this one's.
-    generation: u64,
-}
-
+/// What runs while someone watches: the marked filesystems, by fsid. The engine
+/// ([`crate::sys::fanotify::engine`]) runs the group and calls this.
 #[derive(Default)]
-struct State {
-    running: Option<Running>,
-    generation: u64,
+struct Errors {
+    marks: HashMap<u64, Marked>,
 }
-
-type SharedState = Arc<Mutex<State>>;
 
 pub struct Filesystems {
-    state: SharedState,
+    engine: Engine<Errors>,
 }
 
 impl Filesystems {
     pub fn new() -> Self {
         Filesystems {
-            state: Arc::default(),
+            engine: Engine::new(),
         }
     }
 }
@@ -154,10 +136,10 @@ impl EventSource for Filesystems {
     /// Errors of a whole filesystem, whoever caused them: system scope (administrators).
     fn parse_watch(&self, spec: &WatchSpec, requester: &Identity) -> Result<PlannedWatch, Error> {
         let path = parse_path(spec)?;
-        let state = Arc::clone(&self.state);
+        let engine = self.engine.clone();
         let requester = requester.clone();
         Ok(PlannedWatch::armed_by(Scope::System, move || {
-            arm(&state, &path, &requester)
+            arm(&engine, &path, &requester)
         }))
     }
 
@@ -167,39 +149,7 @@ impl EventSource for Filesystems {
     }
 
     fn open(&self) -> io::Result<SourceStream> {
-        let fan = Arc::new(Fanotify::new()?);
-        let mountinfo = fs::File::open(MOUNTINFO)
-            .map_err(|e| io::Error::new(e.kind(), format!("{MOUNTINFO}: {e}")))?;
-        let reader = Reader {
-            // SAFETY: the AsyncFd owns a reference to the group, so its fd stays open
-            // and the same while registered.
-            fan: unsafe {
-                AsyncFd::register_with_interest(
-                    fanotify::Shared(Arc::clone(&fan)),
-                    Interest::READABLE,
-                )
-            }?,
-            // SAFETY: the AsyncFd owns the File, so the fd stays open while registered.
-            mountinfo: unsafe { AsyncFd::register_with_interest(mountinfo, Interest::PRIORITY) }?,
-            state: Arc::clone(&self.state),
-            pending: VecDeque::new(),
-            buf: Vec::with_capacity(fanotify::READ_SIZE),
-            generation: 0,
-        };
-        let mut state = lock(&self.state);
-        state.generation += 1;
-        let mut reader = reader;
-        reader.generation = state.generation;
-        state.running = Some(Running {
-            fan,
-            marks: HashMap::new(),
-            generation: state.generation,
-        });
-        drop(state);
-        Ok(Box::pin(stream::unfold(reader, |mut reader| async move {
-            let msg = reader.next().await?;
-            Some((msg, reader))
-        })))
+        Ok(Box::pin(self.engine.open(Errors::default())?))
     }
 }
 
@@ -221,109 +171,76 @@ fn parse_path(spec: &WatchSpec) -> Result<PathBuf, Error> {
 /// Whether the filesystem is read-only now, from its superblock options in mountinfo
 /// (see the module documentation for why not `statvfs`).
 fn read_only_now(fs: &FsInfo, place: &Place) -> Option<bool> {
-    place
-        .mounts()
-        .ok()?
-        .iter()
-        .find(|m| m.major == fs.major && m.minor == fs.minor)
+    fs.mount_in(&place.mounts().ok()?)
         .map(MountinfoLine::filesystem_read_only)
 }
 
-fn arm(state: &SharedState, path: &Path, requester: &Identity) -> Result<ArmedWatch, Error> {
+fn arm(engine: &Engine<Errors>, path: &Path, requester: &Identity) -> Result<ArmedWatch, Error> {
     // Administrators only (system scope): looked up with the daemon's credentials.
     let (fs, place) = resolve::resolve(path, &requester.caller(), false)?;
     let read_only = read_only_now(&fs, &place).unwrap_or(false);
-    let mut guard = lock(state);
-    let running = guard
-        .running
-        .as_mut()
-        .ok_or_else(|| Error::Unavailable(format!("the {NAME} source is not running")))?;
-    match running.marks.get_mut(&fs.fsid) {
-        Some(marked) => marked.refs += 1,
-        None => {
-            let at = place.open_fs(&fs.mount_point, fs.fsid).ok_or_else(|| {
-                Error::NotFound(format!(
-                    "{} no longer leads to {} ({}) for pid {}",
-                    fs.mount_point, fs.device, fs.fs_type, place.pid
-                ))
-            })?;
-            running
-                .fan
-                .mark_filesystem_of(wire::FAN_FS_ERROR, at.as_fd())
-                .map_err(|e| {
-                    let message = format!(
-                        "cannot watch errors of {} ({} on {}): fanotify_mark: {e}",
-                        fs.mount_point, fs.fs_type, fs.device
-                    );
-                    match e.raw_os_error() {
-                        Some(nix::libc::EOPNOTSUPP | nix::libc::EXDEV | nix::libc::ENODEV) => {
-                            Error::NotSupported(message)
-                        }
-                        _ => Error::Unavailable(message),
+    let generation = engine.with_running(|running, generation| {
+        if let Some(marked) = running.handler.marks.get_mut(&fs.fsid) {
+            marked.refs += 1;
+            return Ok(generation);
+        }
+        let at = place.open_fs(&fs.mount_point, fs.fsid).ok_or_else(|| {
+            Error::NotFound(format!(
+                "{} no longer leads to {} ({}) for pid {}",
+                fs.mount_point, fs.device, fs.fs_type, place.pid
+            ))
+        })?;
+        running
+            .group()
+            .mark_filesystem_of(wire::FAN_FS_ERROR, at.as_fd())
+            .map_err(|e| {
+                let message = format!(
+                    "cannot watch errors of {} ({} on {}): fanotify_mark: {e}",
+                    fs.mount_point, fs.fs_type, fs.device
+                );
+                match e.raw_os_error() {
+                    Some(nix::libc::EOPNOTSUPP | nix::libc::EXDEV | nix::libc::ENODEV) => {
+                        Error::NotSupported(message)
                     }
-                })?;
-            tracing::info!(
-                source = NAME,
-                device = fs.device,
-                mount_point = fs.mount_point,
-                "marked filesystem for errors"
-            );
-            running.marks.insert(
-                fs.fsid,
-                Marked {
-                    refs: 1,
-                    fs: fs.clone(),
-                    place,
-                    read_only,
-                    last_error: None,
-                    recheck: None,
-                },
-            );
-        }
-    }
-    let hold = MarkHold {
-        state: Arc::clone(state),
-        generation: running.generation,
-        fsid: fs.fsid,
-    };
-    Ok(ArmedWatch {
-        matcher: Box::new(FilesystemWatch {
-            object: fs.object(),
-        }),
-        hold: Some(Box::new(hold)),
-    })
-}
-
-/// One watch's share of a filesystem's mark.
-struct MarkHold {
-    state: SharedState,
-    generation: u64,
-    fsid: u64,
-}
-
-impl Drop for MarkHold {
-    fn drop(&mut self) {
-        let mut guard = lock(&self.state);
-        let Some(running) = guard.running.as_mut() else {
-            return; // the group is closed: every mark went with it
-        };
-        if running.generation != self.generation {
-            return;
-        }
-        let Some(marked) = running.marks.get_mut(&self.fsid) else {
+                    _ => Error::Unavailable(message),
+                }
+            })?;
+        tracing::info!(
+            source = NAME,
+            device = fs.device,
+            mount_point = fs.mount_point,
+            "marked filesystem for errors"
+        );
+        running.handler.marks.insert(
+            fs.fsid,
+            Marked {
+                refs: 1,
+                fs: fs.clone(),
+                place,
+                read_only,
+                last_error: None,
+                recheck: None,
+            },
+        );
+        Ok(generation)
+    })?;
+    let fsid = fs.fsid;
+    // One watch's share of the filesystem's mark.
+    let hold = engine.hold(generation, move |running| {
+        let Some(marked) = running.handler.marks.get_mut(&fsid) else {
             return; // unmounted: the mark went with the superblock
         };
         marked.refs -= 1;
         if marked.refs > 0 {
             return;
         }
-        let Some(marked) = running.marks.remove(&self.fsid) else {
+        let Some(marked) = running.handler.marks.remove(&fsid) else {
             return;
         };
         // Only through a path that still leads to the same filesystem.
-        if let Some(at) = marked.place.open_fs(&marked.fs.mount_point, self.fsid) {
+        if let Some(at) = marked.place.open_fs(&marked.fs.mount_point, fsid) {
             if let Err(e) = running
-                .fan
+                .group()
                 .unmark_filesystem_of(wire::FAN_FS_ERROR, at.as_fd())
             {
                 tracing::debug!(
@@ -333,7 +250,13 @@ impl Drop for MarkHold {
                 );
             }
         }
-    }
+    });
+    Ok(ArmedWatch {
+        matcher: Box::new(FilesystemWatch {
+            object: fs.object(),
+        }),
+        hold: Some(Box::new(hold)),
+    })
 }
 
 /// A watch of one filesystem's errors.
@@ -352,117 +275,40 @@ impl WatchMatcher for FilesystemWatch {
     }
 }
 
-struct Reader {
-    fan: AsyncFd<fanotify::Shared>,
-    mountinfo: AsyncFd<fs::File>,
-    state: SharedState,
-    pending: VecDeque<SourceMsg>,
-    buf: Vec<u8>,
-    /// The run this reader belongs to.
-    generation: u64,
-}
+impl Handler for Errors {
+    type Msg = SourceMsg;
+    const SOURCE: &'static str = NAME;
 
-impl Drop for Reader {
-    fn drop(&mut self) {
-        // The group closes with the last Arc: make sure the state does not keep it. A
-        // stream being dropped late must not end a newer run's state.
-        let mut state = lock(&self.state);
-        if state
-            .running
-            .as_ref()
-            .is_some_and(|r| r.generation == self.generation)
-        {
-            state.running = None;
+    fn read(&mut self, _group: &Fanotify, events: Vec<wire::Event>, out: &mut VecDeque<SourceMsg>) {
+        for event in &events {
+            self.event(event, out);
         }
+        // Look at once, once per read however many errors it held; a filesystem
+        // still writable is looked at again RECHECK later.
+        self.recheck(Instant::now(), out);
+    }
+
+    fn mount_table_changed(&mut self, _group: &Fanotify, out: &mut VecDeque<SourceMsg>) {
+        self.unmounted_or_remounted(out);
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.marks
+            .values()
+            .filter_map(|m| m.recheck.map(|(at, _)| at))
+            .min()
+    }
+
+    fn due(&mut self, _group: &Fanotify, now: Instant, out: &mut VecDeque<SourceMsg>) {
+        self.recheck(now, out);
     }
 }
 
-impl Reader {
-    async fn next(&mut self) -> Option<SourceMsg> {
-        loop {
-            if let Some(msg) = self.pending.pop_front() {
-                return Some(msg);
-            }
-            let deadline = {
-                let guard = lock(&self.state);
-                guard.running.as_ref().and_then(|r| {
-                    r.marks
-                        .values()
-                        .filter_map(|m| m.recheck.map(|(at, _)| at))
-                        .min()
-                })
-            };
-            let recheck = async {
-                match deadline {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
-            };
-            tokio::select! {
-                ready = self.fan.readable() => {
-                    match ready {
-                        Ok(mut guard) => {
-                            guard.clear_ready();
-                        }
-                        Err(e) => {
-                            tracing::error!(source = NAME, "fanotify fd failed: {e}");
-                            return None;
-                        }
-                    }
-                    if !self.drain() {
-                        return None;
-                    }
-                }
-                ready = self.mountinfo.ready(Interest::PRIORITY) => {
-                    match ready {
-                        Ok(mut guard) => guard.clear_ready(),
-                        Err(e) => {
-                            tracing::error!(source = NAME, "polling {MOUNTINFO} failed: {e}");
-                            return None;
-                        }
-                    }
-                    self.mount_table_changed();
-                }
-                () = recheck => self.recheck(Instant::now()),
-            }
-        }
-    }
-
-    /// Reads every queued event. False when the fd failed for good.
-    fn drain(&mut self) -> bool {
-        loop {
-            let fan = Arc::clone(&self.fan.get_ref().0);
-            match fan.read(&mut self.buf) {
-                Ok(0) => return true,
-                Ok(_) => {}
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    tracing::error!(source = NAME, "reading fanotify events: {e}");
-                    return false;
-                }
-            }
-            let buf = std::mem::take(&mut self.buf);
-            for item in wire::events(&buf) {
-                match item {
-                    Ok(event) => self.event(&event),
-                    Err(e) => {
-                        tracing::warn!(source = NAME, "dropped the rest of a fanotify read: {e}");
-                        break;
-                    }
-                }
-            }
-            self.buf = buf;
-            // Look at once, once per read however many errors it held; a filesystem
-            // still writable is looked at again RECHECK later.
-            self.recheck(Instant::now());
-        }
-    }
-
-    fn event(&mut self, event: &wire::Event) {
+impl Errors {
+    fn event(&mut self, event: &wire::Event, out: &mut VecDeque<SourceMsg>) {
         if event.mask & wire::FAN_Q_OVERFLOW != 0 {
             tracing::warn!(source = NAME, "the kernel dropped filesystem error events");
-            self.pending.push_back(SourceMsg::Overflow {
+            out.push_back(SourceMsg::Overflow {
                 objects: Vec::new(),
             });
             return;
@@ -479,12 +325,7 @@ impl Reader {
             return;
         };
         let now = Instant::now();
-        let mut guard = lock(&self.state);
-        let Some(marked) = guard
-            .running
-            .as_mut()
-            .and_then(|r| r.marks.get_mut(&fid.fsid_key()))
-        else {
+        let Some(marked) = self.marks.get_mut(&fid.fsid_key()) else {
             tracing::debug!(
                 source = NAME,
                 fsid = fid.fsid_key(),
@@ -507,7 +348,7 @@ impl Reader {
                 attributes.insert("pid".into(), pid.into());
             }
         }
-        self.pending.push_back(SourceMsg::Record(record(
+        out.push_back(SourceMsg::Record(record(
             SUBTYPE_ERROR,
             &marked.fs,
             attributes,
@@ -518,39 +359,17 @@ impl Reader {
     }
 
     /// Checks the filesystems whose read-only state is due to be looked at.
-    fn recheck(&mut self, now: Instant) {
-        let due: Vec<FsInfo> = {
-            let guard = lock(&self.state);
-            let Some(running) = guard.running.as_ref() else {
-                return;
-            };
-            running
-                .marks
-                .values()
-                .filter(|m| m.recheck.is_some_and(|(at, _)| at <= now))
-                .map(|m| m.fs.clone())
-                .collect()
-        };
-        for fs in due {
-            let mut guard = lock(&self.state);
-            let read_only = guard
-                .running
-                .as_ref()
-                .and_then(|r| r.marks.get(&fs.fsid))
-                .and_then(|m| read_only_now(&fs, &m.place));
-            let Some(marked) = guard
-                .running
-                .as_mut()
-                .and_then(|r| r.marks.get_mut(&fs.fsid))
-            else {
+    fn recheck(&mut self, now: Instant, out: &mut VecDeque<SourceMsg>) {
+        for marked in self.marks.values_mut() {
+            if marked.recheck.is_none_or(|(at, _)| at > now) {
                 continue;
-            };
+            }
+            let read_only = read_only_now(&marked.fs, &marked.place);
             let again = marked.recheck.take().is_some_and(|(_, again)| again);
             match read_only {
                 Some(true) if !marked.read_only => {
                     marked.read_only = true;
-                    let msg = read_only_record(marked, true);
-                    self.pending.push_back(msg);
+                    out.push_back(read_only_record(marked, true));
                 }
                 Some(false) if again => marked.recheck = Some((now + RECHECK, false)),
                 _ => {}
@@ -561,13 +380,9 @@ impl Reader {
     /// After `POLLPRI` on mountinfo: ends the watches of filesystems that have no mount
     /// left in the namespace they were found in, and reports remounts between
     /// read-write and read-only.
-    fn mount_table_changed(&mut self) {
-        let mut guard = lock(&self.state);
-        let Some(running) = guard.running.as_mut() else {
-            return;
-        };
+    fn unmounted_or_remounted(&mut self, out: &mut VecDeque<SourceMsg>) {
         let mut gone = Vec::new();
-        for (fsid, marked) in &mut running.marks {
+        for (fsid, marked) in &mut self.marks {
             let mounts = match marked.place.mounts() {
                 Ok(mounts) => mounts,
                 Err(e) => {
@@ -579,29 +394,25 @@ impl Reader {
                     continue;
                 }
             };
-            let fs = &marked.fs;
-            match mounts
-                .iter()
-                .find(|m| m.major == fs.major && m.minor == fs.minor)
-            {
+            match marked.fs.mount_in(&mounts) {
                 None => gone.push(*fsid),
                 Some(mount) => {
                     let read_only = mount.filesystem_read_only();
                     if read_only != marked.read_only {
                         marked.read_only = read_only;
-                        self.pending.push_back(read_only_record(marked, read_only));
+                        out.push_back(read_only_record(marked, read_only));
                     }
                 }
             }
         }
         for fsid in gone {
-            if let Some(marked) = running.marks.remove(&fsid) {
+            if let Some(marked) = self.marks.remove(&fsid) {
                 tracing::info!(
                     source = NAME,
                     device = marked.fs.device,
                     "watched filesystem unmounted"
                 );
-                self.pending.push_back(SourceMsg::WatchedObjectGone {
+                out.push_back(SourceMsg::WatchedObjectGone {
                     object: marked.fs.object(),
                     reason: format!(
                         "unmounted: {} ({}) has no mount left",

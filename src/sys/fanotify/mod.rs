@@ -4,6 +4,7 @@
 //! source ([`engine`]). The mounts source and the mounts bench use [`init`] and [`mark`]
 //! for their `FAN_REPORT_MNT` groups.
 
+pub mod engine;
 pub mod wire;
 
 use std::ffi::CString;
@@ -151,12 +152,6 @@ impl AsRawFd for Shared {
     fn as_raw_fd(&self) -> RawFd {
         self.0.fd.as_raw_fd()
     }
-}
-
-/// `f_fsid` of the filesystem holding `path`, the identifier fanotify puts in events.
-pub fn fsid_of(path: &Path) -> io::Result<[i32; 2]> {
-    let stat = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
-    Ok(fsid_words(stat.filesystem_id()))
 }
 
 /// The two words of an `f_fsid`.
