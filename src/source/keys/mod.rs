@@ -48,6 +48,8 @@
 //! and description are included when known from a subscriber's own `KEYCTL_DESCRIBE`.
 
 pub mod helper;
+mod reader;
+mod request;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -71,6 +73,8 @@ use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
 use crate::sys::lock;
 use helper::{Creds, KeyInfo, Outcome, Target};
+use reader::Reader;
+pub use request::KeyWatchRequest;
 use wire::{KeyChange, Note};
 
 pub const NAME: &str = "keys";
@@ -304,137 +308,6 @@ impl EventSource for Keys {
     }
 }
 
-/// A parsed watch request, before anything touched the kernel.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct KeyWatchRequest {
-    pub target: Target,
-    /// Whose keyring (for `keyring`): the helper runs as this uid.
-    pub uid: Option<u32>,
-    pub changes: u8,
-}
-
-impl KeyWatchRequest {
-    const KEYS: &'static [&'static str] = &["keyring", "serial", "uid", "changes"];
-
-    pub fn parse(spec: &WatchSpec, requester: &Identity) -> Result<Self, Error> {
-        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
-        let keyring = spec.str("keyring")?;
-        let serial = spec_i32(&spec, "serial")?;
-        let uid = spec_u32(&spec, "uid")?;
-        let target = match (keyring.as_deref(), serial) {
-            (Some("user"), None) => Target::User,
-            (Some("persistent"), None) => Target::Persistent,
-            (Some(other), None) => {
-                return Err(Error::InvalidArgument(format!(
-                    "keys watch option 'keyring' is 'user' or 'persistent', got '{other}' \
-                     (a session keyring is watched by its serial)"
-                )))
-            }
-            (None, Some(serial)) if serial > 0 => Target::Serial(serial),
-            (None, Some(serial)) => {
-                return Err(Error::InvalidArgument(format!(
-                    "keys watch option 'serial' must be a key serial (> 0), got {serial}; \
-                     special ids like @s mean the daemon's keyrings, not yours"
-                )))
-            }
-            // Nothing named: the caller's user keyring, what `watchqctl monitor keys` means.
-            (None, None) => Target::User,
-            (Some(_), Some(_)) => {
-                return Err(Error::InvalidArgument(
-                    "a keys watch names exactly one of 'keyring' (s) or 'serial' (i)".into(),
-                ))
-            }
-        };
-        if uid.is_some() && serial.is_some() {
-            return Err(Error::InvalidArgument(
-                "keys watch option 'uid' goes with 'keyring'; a serial is checked with your \
-                 own credentials"
-                    .into(),
-            ));
-        }
-        let changes = match spec.get("changes") {
-            None => ALL_CHANGES,
-            Some(value) => {
-                let names = Vec::<String>::try_from(value.clone()).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "keys watch option 'changes' must be a string array (D-Bus type 'as'), got '{}'",
-                        value.value_signature()
-                    ))
-                })?;
-                let mut mask = 0u8;
-                for name in &names {
-                    let change = KeyChange::parse(name).ok_or_else(|| {
-                        Error::InvalidArgument(format!(
-                            "unknown key change '{name}' in 'changes'; known: {}",
-                            SUBTYPES.join(", ")
-                        ))
-                    })?;
-                    mask |= 1 << change.subtype();
-                }
-                if mask == 0 {
-                    return Err(Error::InvalidArgument(
-                        "keys watch option 'changes' is empty: the watch would see nothing".into(),
-                    ));
-                }
-                mask
-            }
-        };
-        let uid = uid.filter(|uid| *uid != requester.uid);
-        Ok(KeyWatchRequest {
-            target,
-            uid,
-            changes,
-        })
-    }
-
-    pub fn scope(&self, _requester: &Identity) -> Scope {
-        if self.uid.is_some() {
-            Scope::Others
-        } else {
-            Scope::Own
-        }
-    }
-}
-
-fn spec_i32(spec: &SpecReader<'_>, key: &str) -> Result<Option<i32>, Error> {
-    spec.get(key)
-        .map(|value| match &**value {
-            zbus::Variant::I32(v) => Ok(*v),
-            // A serial is positive: accept the unsigned and 64-bit spellings too.
-            zbus::Variant::U32(v) => i32::try_from(*v).map_err(|_| out_of_range(key, value)),
-            zbus::Variant::I64(v) => i32::try_from(*v).map_err(|_| out_of_range(key, value)),
-            zbus::Variant::U64(v) => i32::try_from(*v).map_err(|_| out_of_range(key, value)),
-            _ => Err(wrong_type(key, "i", value)),
-        })
-        .transpose()
-}
-
-fn spec_u32(spec: &SpecReader<'_>, key: &str) -> Result<Option<u32>, Error> {
-    spec.get(key)
-        .map(|value| match &**value {
-            zbus::Variant::U32(v) => Ok(*v),
-            zbus::Variant::I32(v) => u32::try_from(*v).map_err(|_| out_of_range(key, value)),
-            zbus::Variant::U64(v) => u32::try_from(*v).map_err(|_| out_of_range(key, value)),
-            zbus::Variant::I64(v) => u32::try_from(*v).map_err(|_| out_of_range(key, value)),
-            _ => Err(wrong_type(key, "u", value)),
-        })
-        .transpose()
-}
-
-fn out_of_range(key: &str, value: &OwnedVariant) -> Error {
-    Error::InvalidArgument(format!(
-        "keys watch option '{key}' is out of range: {}",
-        **value
-    ))
-}
-
-fn wrong_type(key: &str, want: &str, value: &OwnedVariant) -> Error {
-    Error::InvalidArgument(format!(
-        "keys watch option '{key}' must be a number (D-Bus type '{want}'), got '{}'",
-        value.value_signature()
-    ))
-}
-
 /// The credentials the helper runs with for `uid`: the requester's own groups from the
 /// bus when it is the requester, else the user's from the user database.
 fn creds_for(uid: u32, requester: Option<&Identity>) -> Creds {
@@ -650,145 +523,9 @@ impl KeyWatch {
     }
 }
 
-struct Reader {
-    fd: AsyncFd<OwnedFd>,
-    /// Kept open: once the write end closes, poll() reports POLLHUP for ever.
-    _write: OwnedFd,
-    shared: Arc<Shared>,
-    run: u64,
-    pending: std::collections::VecDeque<SourceMsg>,
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        let mut running = lock(&self.shared.running);
-        if running.as_ref().is_some_and(|r| r.run == self.run) {
-            // Closing the last fd of the pipe removes every kernel watch on it.
-            *running = None;
-        }
-    }
-}
-
-impl Reader {
-    async fn next(&mut self) -> Option<SourceMsg> {
-        loop {
-            if let Some(msg) = self.pending.pop_front() {
-                return Some(msg);
-            }
-            let mut ready = match self.fd.readable().await {
-                Ok(ready) => ready,
-                Err(e) => {
-                    tracing::error!(source = NAME, "polling the notification pipe: {e}");
-                    return None;
-                }
-            };
-            // Read until EAGAIN: the last read also collects a pending loss record,
-            // which poll() does not announce.
-            let mut buf = [0u8; 4096];
-            loop {
-                match nix::unistd::read(self.fd.get_ref().as_fd(), &mut buf) {
-                    Ok(0) => return None,
-                    Ok(n) => decode(&self.shared, &buf[..n], &mut self.pending),
-                    Err(nix::errno::Errno::EAGAIN) => {
-                        ready.clear_ready();
-                        break;
-                    }
-                    Err(nix::errno::Errno::EINTR) => {}
-                    Err(e) => {
-                        tracing::error!(source = NAME, "reading the notification pipe: {e}");
-                        return None;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// Turns the records of one read into source messages.
-fn decode(shared: &Shared, bytes: &[u8], pending: &mut std::collections::VecDeque<SourceMsg>) {
-    {
-        let (notes, error) = wire::parse(bytes);
-        if let Some(e) = error {
-            tracing::warn!(source = NAME, "malformed notification: {e}");
-        }
-        let mut table = lock(&shared.table);
-        for note in notes {
-            tracing::debug!(source = NAME, ?note, "notification");
-            match note {
-                Note::Key {
-                    change, key, aux, ..
-                } => {
-                    let Some(watched) = table.info.get(&key) else {
-                        // A watch released a moment ago.
-                        continue;
-                    };
-                    pending.push_back(SourceMsg::Record(key_record(change, key, aux, watched)));
-                }
-                Note::Removal { object, .. } => {
-                    let Some(serial) = object.and_then(|o| i32::try_from(o).ok()) else {
-                        continue;
-                    };
-                    if let Some(count) = table.expected_removals.get_mut(&serial) {
-                        if *count > 0 {
-                            *count -= 1;
-                            continue;
-                        }
-                    }
-                    // The release of its holds (the hub ends their watches) tries an
-                    // unwatch that fails harmlessly: the key is gone.
-                    if table.info.remove(&serial).is_none() {
-                        continue;
-                    }
-                    pending.push_back(SourceMsg::WatchedObjectGone {
-                        object: serial.to_string(),
-                        reason: format!(
-                            "key-destroyed: key {serial} was destroyed (the kernel garbage \
-                             collector removed it after its last link went, or it was \
-                             invalidated or expired)"
-                        ),
-                    });
-                }
-                Note::Loss => {
-                    tracing::warn!(source = NAME, "the kernel's notification queue overflowed");
-                    pending.push_back(SourceMsg::Overflow {
-                        objects: Vec::new(),
-                    });
-                }
-                Note::Unknown { kind, subtype } => {
-                    tracing::debug!(source = NAME, kind, subtype, "unknown notification skipped");
-                }
-            }
-        }
-    }
-}
-
-fn key_record(change: KeyChange, key: i32, aux: u32, watched: &Watched) -> Record {
-    let mut attributes = Attrs::new();
-    // Serials are positive i32; aux is a serial or, for a negative instantiation, an
-    // error number, so both keep the kernel's bits.
-    attributes.insert(
-        "key".into(),
-        Attr::U32(u32::from_ne_bytes(key.to_ne_bytes())),
-    );
-    attributes.insert("aux".into(), Attr::U32(aux));
-    attributes.insert("owner".into(), Attr::U32(watched.owner));
-    if let Some(info) = &watched.info {
-        attributes.insert("type".into(), Attr::Str(info.kind.clone()));
-        attributes.insert("description".into(), Attr::Str(info.description.clone()));
-    }
-    Record {
-        source: NAME,
-        subtype: change.subtype(),
-        object_id: key.to_string(),
-        change: Change::None,
-        attributes,
-        properties: Default::default(),
-        audience: Audience::Owner(watched.owner),
-    }
-}
-
 #[cfg(test)]
 mod tests {
+    use super::reader::key_record;
     use super::*;
     use crate::source::spec::spec;
 

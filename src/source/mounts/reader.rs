@@ -1,0 +1,514 @@
+//! The running mounts source: one fanotify group (or, before 6.15, one mountinfo fd)
+//! per watched namespace, read together with the control requests of arming watches,
+//! and each namespace's mount table diffed against what was last seen.
+
+use super::describe::*;
+use super::*;
+
+/// A mountinfo line as two reads compare it (by its old id).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(super) struct Line {
+    parent: u32,
+    mount_point: String,
+    fs_type: String,
+    source: String,
+    options: (String, String),
+}
+
+pub(super) struct Namespace {
+    id: u64,
+    inode: (u64, u64),
+    /// `None` without fanotify mount events: mountinfo alone follows the namespace.
+    group: Option<AsyncFd<OwnedFd>>,
+    mountinfo: AsyncFd<File>,
+    /// The process this namespace was named by; `None` for the daemon's own.
+    anchor: Option<AsyncFd<OwnedFd>>,
+    mounts: HashMap<u64, StatMount>,
+    lines: HashMap<u32, Line>,
+    watches: usize,
+}
+
+pub(super) enum Wake {
+    Control(Option<Control>),
+    Group(u64),
+    Mountinfo(u64),
+    Anchor(u64),
+}
+
+pub(super) type Acknowledge = std::sync::mpsc::SyncSender<Result<u64, String>>;
+
+pub(super) struct Reader {
+    /// Whether fanotify reports attaches, detaches and moves (else the mountinfo diff).
+    pub(super) fanotify: bool,
+    pub(super) namespaces: HashMap<u64, Namespace>,
+    pub(super) control: mpsc::UnboundedReceiver<Control>,
+    /// Messages to yield, each with the arm request to answer once the hub applied it.
+    pub(super) pending: VecDeque<(SourceMsg, Option<(Acknowledge, u64)>)>,
+    pub(super) to_acknowledge: Option<(Acknowledge, u64)>,
+    pub(super) buf: Vec<u8>,
+}
+
+impl Reader {
+    /// The next message, or `None` when the source failed for good.
+    pub(super) async fn next(&mut self) -> Option<SourceMsg> {
+        // The hub polls again only after publishing what it got: the namespace's mounts
+        // are in its table now, so the watch can be taken and snapshots include them.
+        if let Some((reply, namespace)) = self.to_acknowledge.take() {
+            let _ = reply.send(Ok(namespace));
+        }
+        loop {
+            if let Some((msg, ack)) = self.pending.pop_front() {
+                self.to_acknowledge = ack;
+                return Some(msg);
+            }
+            let wake = self.wait().await;
+            if let Err(e) = self.handle(wake).await {
+                tracing::error!(source = NAME, "{e}");
+                return None;
+            }
+        }
+    }
+
+    async fn wait(&mut self) -> Wake {
+        let mut waits: Vec<BoxFuture<'_, Wake>> = Vec::new();
+        let control = &mut self.control;
+        waits.push(async move { Wake::Control(control.recv().await) }.boxed());
+        for ns in self.namespaces.values() {
+            let id = ns.id;
+            if let Some(group) = &ns.group {
+                waits.push(
+                    async move {
+                        let _ = group.readable().await;
+                        Wake::Group(id)
+                    }
+                    .boxed(),
+                );
+            }
+            waits.push(
+                async move {
+                    let _ = ns.mountinfo.ready(Interest::PRIORITY).await;
+                    Wake::Mountinfo(id)
+                }
+                .boxed(),
+            );
+            if let Some(anchor) = &ns.anchor {
+                waits.push(
+                    async move {
+                        let _ = anchor.readable().await;
+                        Wake::Anchor(id)
+                    }
+                    .boxed(),
+                );
+            }
+        }
+        select_all(waits).await.0
+    }
+
+    async fn handle(&mut self, wake: Wake) -> Result<(), String> {
+        match wake {
+            Wake::Control(None) => Err("the control channel closed".into()),
+            Wake::Control(Some(control)) => {
+                self.control(control);
+                Ok(())
+            }
+            Wake::Group(id) => self.read_group(id).await,
+            Wake::Mountinfo(id) => {
+                self.reread_mountinfo(id).await;
+                Ok(())
+            }
+            Wake::Anchor(id) => {
+                self.anchor_exited(id);
+                Ok(())
+            }
+        }
+    }
+
+    fn control(&mut self, control: Control) {
+        match control {
+            Control::Arm {
+                ns,
+                pid,
+                anchor,
+                reply,
+            } => {
+                let known = namespace_id(&ns)
+                    .ok()
+                    .filter(|id| self.namespaces.contains_key(id));
+                if let Some(id) = known {
+                    if let Some(entry) = self.namespaces.get_mut(&id) {
+                        entry.watches += 1;
+                    }
+                    let _ = reply.send(Ok(id));
+                    return;
+                }
+                let anchor = match register(anchor, Interest::READABLE) {
+                    Ok(anchor) => anchor,
+                    Err(e) => {
+                        let _ = reply.send(Err(format!("watching pid {pid}: {e}")));
+                        return;
+                    }
+                };
+                match self.add_namespace(&ns, Some(anchor), &format!("/proc/{pid}/mountinfo")) {
+                    Ok((id, seed)) => self.pending.push_back((seed, Some((reply, id)))),
+                    Err(e) => {
+                        let _ = reply.send(Err(format!(
+                            "watching the mount namespace of pid {pid}: {e}"
+                        )));
+                    }
+                }
+            }
+            Control::Release { namespace } => {
+                let Some(entry) = self.namespaces.get_mut(&namespace) else {
+                    return;
+                };
+                entry.watches = entry.watches.saturating_sub(1);
+                if entry.watches == 0 && entry.anchor.is_some() {
+                    self.namespaces.remove(&namespace);
+                    self.pending.push_back((
+                        SourceMsg::Replace {
+                            prefix: object_prefix(namespace),
+                            objects: Vec::new(),
+                        },
+                        None,
+                    ));
+                }
+            }
+        }
+    }
+
+    /// Marks a namespace, lists its mounts and reads its mountinfo; returns the message
+    /// that puts its mounts in the hub's table. Marked first so nothing falls between
+    /// the listing and the first event.
+    pub(super) fn add_namespace(
+        &mut self,
+        ns: &OwnedFd,
+        anchor: Option<AsyncFd<OwnedFd>>,
+        mountinfo_path: &str,
+    ) -> io::Result<(u64, SourceMsg)> {
+        let id = namespace_id(ns)?;
+        let meta = File::from(ns.try_clone()?).metadata()?;
+        let group = if self.fanotify {
+            let group = fanotify_group()?;
+            mark(&group, ns, true).map_err(|e| {
+                io::Error::new(e.kind(), format!("fanotify_mark(FAN_MARK_MNTNS): {e}"))
+            })?;
+            Some(register(group, Interest::READABLE)?)
+        } else {
+            None
+        };
+        let mut mountinfo = File::open(mountinfo_path)
+            .map_err(|e| io::Error::new(e.kind(), format!("{mountinfo_path}: {e}")))?;
+        let lines = read_lines(&mut mountinfo)?;
+        let mounts: HashMap<u64, StatMount> =
+            describe_all(id)?.into_iter().map(|m| (m.id, m)).collect();
+        let objects = mounts.values().map(object_of).collect();
+        self.namespaces.insert(
+            id,
+            Namespace {
+                id,
+                inode: (meta.dev(), meta.ino()),
+                group,
+                mountinfo: register(mountinfo, Interest::PRIORITY)?,
+                anchor,
+                mounts,
+                lines,
+                watches: 1,
+            },
+        );
+        let seed = SourceMsg::Replace {
+            prefix: object_prefix(id),
+            objects,
+        };
+        Ok((id, seed))
+    }
+
+    async fn read_group(&mut self, id: u64) -> Result<(), String> {
+        let Some(group) = self.namespaces.get(&id).and_then(|ns| ns.group.as_ref()) else {
+            return Ok(());
+        };
+        let mut events = Vec::new();
+        loop {
+            let mut guard = group
+                .readable()
+                .await
+                .map_err(|e| format!("fanotify group of namespace {id}: {e}"))?;
+            let buf = &mut self.buf;
+            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => match wire::fanotify_events(&buf[..n]) {
+                    Ok(parsed) => events.extend(parsed),
+                    Err(e) => tracing::warn!(source = NAME, "malformed fanotify record: {e}"),
+                },
+                Ok(Err(e)) => return Err(format!("reading the fanotify group of {id}: {e}")),
+                Err(_would_block) => break,
+            }
+        }
+        for event in events {
+            if event.fd >= 0 {
+                // SAFETY: the kernel installed this fd for us; closing it is ours to do.
+                drop(unsafe { OwnedFd::from_raw_fd(event.fd) });
+            }
+            self.apply(id, event.notice);
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, id: u64, notice: MountNotice) {
+        if notice == MountNotice::Overflow {
+            self.overflowed(id);
+            return;
+        }
+        let Some(ns) = self.namespaces.get_mut(&id) else {
+            return;
+        };
+        let mut buf = vec![0u64; 512];
+        let mut describe = |mount: u64, subtype: u8| -> Record {
+            match statmount(mount, id, &mut buf) {
+                Ok(described) => {
+                    let attrs = attributes(&described);
+                    ns.mounts.insert(mount, described);
+                    record(subtype, Change::Upsert, id, mount, attrs)
+                }
+                Err(e) => {
+                    // Already gone again: its detach follows. Say what is known.
+                    tracing::debug!(source = NAME, mount, "statmount: {e}");
+                    let mut attrs = Attrs::new();
+                    attrs.insert("namespace".into(), id.into());
+                    attrs.insert("mount-id".into(), mount.into());
+                    record(subtype, Change::Upsert, id, mount, attrs)
+                }
+            }
+        };
+        let msg = match notice {
+            MountNotice::Attach(mount) => SourceMsg::Record(describe(mount, ATTACH)),
+            MountNotice::Move(mount) => SourceMsg::Record(describe(mount, MOVE)),
+            MountNotice::Detach(mount) => {
+                let attrs = match ns.mounts.remove(&mount) {
+                    Some(known) => attributes(&known),
+                    None => {
+                        let mut attrs = Attrs::new();
+                        attrs.insert("namespace".into(), id.into());
+                        attrs.insert("mount-id".into(), mount.into());
+                        attrs
+                    }
+                };
+                SourceMsg::Record(record(DETACH, Change::Remove, id, mount, attrs))
+            }
+            // Handled above.
+            MountNotice::Overflow => return,
+            MountNotice::Ignored { mask } => {
+                tracing::debug!(source = NAME, mask, "ignored fanotify event");
+                return;
+            }
+        };
+        self.pending.push_back((msg, None));
+    }
+
+    /// The kernel dropped events of this namespace: list it again and hand the hub the
+    /// whole table (every namespace's mounts), which it diffs and answers with `Lost`.
+    fn overflowed(&mut self, id: u64) {
+        tracing::warn!(
+            source = NAME,
+            namespace = id,
+            "fanotify queue overflowed; rescanning"
+        );
+        if let Some(ns) = self.namespaces.get_mut(&id) {
+            match describe_all(id) {
+                Ok(mounts) => ns.mounts = mounts.into_iter().map(|m| (m.id, m)).collect(),
+                Err(e) => tracing::error!(source = NAME, "rescanning namespace {id}: {e}"),
+            }
+        }
+        let objects = self
+            .namespaces
+            .values()
+            .flat_map(|ns| ns.mounts.values().map(object_of))
+            .collect();
+        self.pending
+            .push_back((SourceMsg::Overflow { objects }, None));
+    }
+
+    /// Rereads a namespace's mountinfo after `POLLPRI` and diffs it with the cache.
+    async fn reread_mountinfo(&mut self, id: u64) {
+        let follow_topology = !self.fanotify;
+        let Some(ns) = self.namespaces.get_mut(&id) else {
+            return;
+        };
+        let lines = match ns.mountinfo.ready(Interest::PRIORITY).await {
+            Ok(mut guard) => {
+                guard.clear_ready_matching(Ready::PRIORITY);
+                read_lines(ns.mountinfo.get_mut())
+            }
+            Err(e) => Err(e),
+        };
+        match lines {
+            Ok(lines) => {
+                for record in diff(ns, lines, follow_topology) {
+                    self.pending.push_back((SourceMsg::Record(record), None));
+                }
+            }
+            Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
+        }
+    }
+
+    /// The process a namespace was named by exited: another process in it takes over, or
+    /// the namespace is gone for us.
+    fn anchor_exited(&mut self, id: u64) {
+        let Some(ns) = self.namespaces.get_mut(&id) else {
+            return;
+        };
+        if let Some(pid) = process_in_namespace(ns.inode) {
+            if let Ok(anchor) = pidfd::open(pid).and_then(|fd| register(fd, Interest::READABLE)) {
+                ns.anchor = Some(anchor);
+                return;
+            }
+        }
+        self.namespaces.remove(&id);
+        self.pending.push_back((
+            SourceMsg::Replace {
+                prefix: object_prefix(id),
+                objects: Vec::new(),
+            },
+            None,
+        ));
+        self.pending.push_back((
+            SourceMsg::WatchedObjectGone {
+                object: namespace_object(id),
+                reason: format!("namespace-gone: no process is left in mount namespace {id}"),
+            },
+            None,
+        ));
+    }
+}
+
+/// The one diff of a namespace's mounts: the lines of a new mountinfo read that differ
+/// from the previous read name the mounts to look at; `statmount` says what each is now,
+/// and comparing that with the cached description says what happened to it (the cache
+/// is updated). With `follow_topology` false, fanotify reports attaches, detaches and
+/// moves, so only remounts are taken from here.
+pub(super) fn diff(
+    ns: &mut Namespace,
+    lines: HashMap<u32, Line>,
+    follow_topology: bool,
+) -> Vec<Record> {
+    let id = ns.id;
+    let by_old_id: HashMap<u32, u64> = ns.mounts.values().map(|m| (m.old_id, m.id)).collect();
+    let mut look_at = Vec::new();
+    let mut appeared = false;
+    for (old_id, line) in &lines {
+        if ns.lines.get(old_id) == Some(line) {
+            continue;
+        }
+        match by_old_id.get(old_id) {
+            Some(&mount) => look_at.push(mount),
+            None => appeared = true,
+        }
+    }
+    if follow_topology {
+        look_at.extend(
+            ns.lines
+                .keys()
+                .filter(|old_id| !lines.contains_key(old_id))
+                .filter_map(|old_id| by_old_id.get(old_id)),
+        );
+    }
+    ns.lines = lines;
+    // Newest first, so that of a tree detached at once, children go before parents.
+    look_at.sort_unstable_by(|a, b| b.cmp(a));
+    look_at.dedup();
+
+    let mut buf = vec![0u64; 512];
+    let mut records = Vec::new();
+    for mount in look_at {
+        let Some(before) = ns.mounts.get(&mount) else {
+            continue;
+        };
+        match statmount(mount, id, &mut buf) {
+            Ok(now) => {
+                let moved =
+                    now.mount_point != before.mount_point || now.parent_id != before.parent_id;
+                let remounted = now.attr != before.attr
+                    || now.sb_flags != before.sb_flags
+                    || now.fs_options != before.fs_options;
+                let attrs = attributes(&now);
+                ns.mounts.insert(mount, now);
+                if moved && follow_topology {
+                    records.push(record(MOVE, Change::Upsert, id, mount, attrs.clone()));
+                }
+                if remounted {
+                    records.push(record(REMOUNT, Change::Upsert, id, mount, attrs));
+                }
+            }
+            // Gone (its old id may be another mount's now): fanotify's detach follows.
+            Err(e) if !follow_topology => {
+                tracing::debug!(
+                    source = NAME,
+                    mount,
+                    "statmount after a mountinfo change: {e}"
+                );
+            }
+            Err(e) => {
+                if e.raw_os_error() != Some(libc::ENOENT) {
+                    tracing::warn!(source = NAME, mount, "statmount: {e}; taken as detached");
+                }
+                appeared = true;
+                if let Some(known) = ns.mounts.remove(&mount) {
+                    let attrs = attributes(&known);
+                    records.push(record(DETACH, Change::Remove, id, mount, attrs));
+                }
+            }
+        }
+    }
+    if follow_topology && appeared {
+        match list_mounts(id) {
+            Ok(mut listed) => {
+                listed.retain(|mount| !ns.mounts.contains_key(mount));
+                listed.sort_unstable();
+                for mount in listed {
+                    match statmount(mount, id, &mut buf) {
+                        Ok(now) => {
+                            let attrs = attributes(&now);
+                            ns.mounts.insert(mount, now);
+                            records.push(record(ATTACH, Change::Upsert, id, mount, attrs));
+                        }
+                        // Gone again before it could be described: nothing to report.
+                        Err(e) => tracing::debug!(source = NAME, mount, "statmount: {e}"),
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(source = NAME, namespace = id, "listmount: {e}"),
+        }
+    }
+    records
+}
+
+pub(super) fn read_lines(file: &mut File) -> io::Result<HashMap<u32, Line>> {
+    file.rewind()?;
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    let lines =
+        wire::parse_mountinfo(&text).map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+    Ok(lines
+        .into_iter()
+        .map(|l| {
+            (
+                l.id,
+                Line {
+                    parent: l.parent_id,
+                    mount_point: l.mount_point,
+                    fs_type: l.fs_type,
+                    source: l.source,
+                    options: (l.mount_options, l.super_options),
+                },
+            )
+        })
+        .collect())
+}
+
+/// Some live process whose mount namespace is `inode`, by walking /proc.
+pub(super) fn process_in_namespace(inode: (u64, u64)) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .filter_map(Result::ok)
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<u32>().ok())
+        .find(|pid| namespace_inode(*pid).is_ok_and(|found| found == inode))
+}
