@@ -424,7 +424,7 @@ fn a_path_is_watched_as_the_caller_sees_it_in_its_mount_namespace() {
 
 /// A caller whose path does not exist in its own namespace is told so, even when the
 /// path exists in the daemon's. (A caller the bus names no process of is refused by
-/// type: see the unit tests of `filesystems::resolve`.)
+/// type: see the unit tests of `sys::resolve`.)
 #[test]
 fn a_path_missing_in_the_callers_namespace_is_not_found_there() {
     use common::ext4::NamespacedMonitor;

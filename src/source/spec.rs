@@ -8,6 +8,7 @@
 //! that sets it): debug builds, and so the tests, panic on it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use zbus::OwnedVariant;
 
@@ -18,6 +19,7 @@ use crate::error::Error;
 #[derive(Debug)]
 pub struct SpecReader<'a> {
     spec: &'a WatchSpec,
+    source: &'static str,
     known: &'static [&'static str],
 }
 
@@ -26,7 +28,7 @@ impl<'a> SpecReader<'a> {
     /// an `InvalidArgument` naming it and the known ones.
     pub fn new(
         spec: &'a WatchSpec,
-        source: &str,
+        source: &'static str,
         known: &'static [&'static str],
     ) -> Result<Self, Error> {
         let mut unknown: Vec<&str> = spec
@@ -42,7 +44,11 @@ impl<'a> SpecReader<'a> {
                 known.join(", ")
             )));
         }
-        Ok(SpecReader { spec, known })
+        Ok(SpecReader {
+            spec,
+            source,
+            known,
+        })
     }
 
     /// The raw value of a declared key, for sources with their own types and messages.
@@ -58,6 +64,22 @@ impl<'a> SpecReader<'a> {
     /// A string value, naming the key and expected type on error.
     pub fn str(&self, key: &str) -> Result<Option<String>, Error> {
         spec_str(self.get(key), key)
+    }
+
+    /// The `path` (s) a watch of a filesystem needs: absolute, as the caller sees it.
+    pub fn filesystem_path(&self) -> Result<PathBuf, Error> {
+        let path = self.str("path")?.ok_or_else(|| {
+            Error::InvalidArgument(format!(
+                "a {} watch needs 'path' (s): a path on the filesystem to watch",
+                self.source
+            ))
+        })?;
+        if !path.starts_with('/') {
+            return Err(Error::InvalidArgument(format!(
+                "watch option 'path' must be absolute, got '{path}'"
+            )));
+        }
+        Ok(PathBuf::from(path))
     }
 
     /// A string→string dictionary.

@@ -154,18 +154,7 @@ impl EventSource for Filesystems {
 }
 
 fn parse_path(spec: &WatchSpec) -> Result<PathBuf, Error> {
-    let spec = SpecReader::new(spec, NAME, &["path"])?;
-    let path = spec.str("path")?.ok_or_else(|| {
-        Error::InvalidArgument(format!(
-            "a {NAME} watch needs 'path' (s): a path on the filesystem to watch"
-        ))
-    })?;
-    if !path.starts_with('/') {
-        return Err(Error::InvalidArgument(format!(
-            "watch option 'path' must be absolute, got '{path}'"
-        )));
-    }
-    Ok(PathBuf::from(path))
+    SpecReader::new(spec, NAME, &["path"])?.filesystem_path()
 }
 
 /// Whether the filesystem is read-only now, from its superblock options in mountinfo

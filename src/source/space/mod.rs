@@ -116,16 +116,7 @@ impl SpaceSpec {
 
     pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
         let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
-        let path = spec.str("path")?.ok_or_else(|| {
-            Error::InvalidArgument(format!(
-                "a {NAME} watch needs 'path' (s): a path on the filesystem to watch"
-            ))
-        })?;
-        if !path.starts_with('/') {
-            return Err(Error::InvalidArgument(format!(
-                "watch option 'path' must be absolute, got '{path}'"
-            )));
-        }
+        let path = spec.filesystem_path()?;
         let typed = |key: &str, sig: &str| {
             Error::InvalidArgument(format!(
                 "watch option '{key}' must be D-Bus type '{sig}', got '{}'",
@@ -162,10 +153,7 @@ impl SpaceSpec {
                 ))
             }
         };
-        Ok(SpaceSpec {
-            path: PathBuf::from(path),
-            threshold,
-        })
+        Ok(SpaceSpec { path, threshold })
     }
 }
 
