@@ -134,31 +134,6 @@ pub fn unescape(field: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-/// The mount that holds `path` (absolute, canonical) on device `major:minor`: the one
-/// whose mount point is the longest prefix of `path`; the last such line wins (a mount
-/// stacked on top hides the ones below).
-pub fn mount_of_path<'a>(
-    mounts: &'a [MountinfoLine],
-    path: &str,
-    major: u32,
-    minor: u32,
-) -> Option<&'a MountinfoLine> {
-    let contains = |mount_point: &str| {
-        mount_point == "/"
-            || path == mount_point
-            || path
-                .strip_prefix(mount_point)
-                .is_some_and(|rest| rest.starts_with('/'))
-    };
-    mounts
-        .iter()
-        .filter(|m| m.major == major && m.minor == minor && contains(&m.mount_point))
-        .fold(None, |best: Option<&MountinfoLine>, m| match best {
-            Some(b) if b.mount_point.len() > m.mount_point.len() => Some(b),
-            _ => Some(m),
-        })
-}
-
 /// Where the filesystem on device `major:minor` is mounted: the first mount of the
 /// filesystem's root, else the first mount of any of its directories.
 pub fn mount_of_device(mounts: &[MountinfoLine], major: u32, minor: u32) -> Option<&MountinfoLine> {
@@ -195,7 +170,7 @@ mod tests {
     }
 
     #[test]
-    fn the_mount_of_a_path_and_read_only_superblocks() {
+    fn malformed_lines_are_skipped_and_read_only_superblocks_found() {
         let text = "\
 22 1 254:1 / / rw,relatime shared:1 - ext4 /dev/vda1 rw,errors=remount-ro
 43 22 7:3 / /tmp/a\\040b rw,relatime - ext4 /dev/loop3 rw,errors=remount-ro,emergency_ro
@@ -207,10 +182,7 @@ bad line
         assert_eq!(mounts[1].mount_point, "/tmp/a b");
         assert!(mounts[1].filesystem_read_only());
         assert!(!mounts[0].filesystem_read_only());
-        assert_eq!(mount_of_path(&mounts, "/tmp/a b/x", 7, 3).unwrap().id, 43);
-        assert_eq!(mount_of_path(&mounts, "/tmp/a b/c/d", 7, 3).unwrap().id, 44);
-        assert!(mount_of_path(&mounts, "/tmp/a bc", 7, 3).is_none());
-        assert_eq!(mount_of_path(&mounts, "/etc", 254, 1).unwrap().id, 22);
+        assert_eq!(mounts[2].id, 44);
     }
 
     #[test]
