@@ -214,7 +214,10 @@ pub fn resolve(credentials: BusCredentials) -> Identity {
         Ok(()) => {}
         Err(why) => identity.sandbox = Some(unknown(&why)),
     }
-    if pidfd.as_ref().is_none_or(crate::sys::pidfd::exited) {
+    if pidfd
+        .as_ref()
+        .is_none_or(|fd| crate::sys::pidfd::exited(fd).unwrap_or(true))
+    {
         identity.sandbox = Some(unknown("the process exited while it was being inspected"));
     }
     identity

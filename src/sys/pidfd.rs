@@ -20,8 +20,9 @@ pub fn open(pid: u32) -> io::Result<OwnedFd> {
 }
 
 /// Whether the process a pidfd refers to has exited (its fd polls readable), without
-/// waiting.
-pub fn exited(pidfd: &OwnedFd) -> bool {
+/// waiting. An error of `poll` is the caller's to judge: a watch keeps its namespace,
+/// while an identity check fails closed.
+pub fn exited(pidfd: &OwnedFd) -> io::Result<bool> {
     let mut fds = [libc::pollfd {
         fd: pidfd.as_raw_fd(),
         events: libc::POLLIN,
@@ -29,7 +30,10 @@ pub fn exited(pidfd: &OwnedFd) -> bool {
     }];
     // SAFETY: one valid pollfd, no wait.
     let ready = unsafe { libc::poll(fds.as_mut_ptr(), 1, 0) };
-    ready > 0
+    if ready < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ready > 0)
 }
 
 #[cfg(test)]
@@ -39,6 +43,6 @@ mod tests {
     #[test]
     fn this_process_is_alive() {
         let fd = open(std::process::id()).unwrap();
-        assert!(!exited(&fd));
+        assert!(!exited(&fd).unwrap());
     }
 }

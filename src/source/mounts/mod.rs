@@ -252,7 +252,7 @@ fn arm(shared: &Arc<Shared>, pid: u32) -> Result<ArmedWatch, Error> {
     };
     let anchor = pidfd::open(pid).map_err(gone)?;
     let ns = open_namespace(&format!("/proc/{pid}/ns/mnt")).map_err(gone)?;
-    if pidfd::exited(&anchor) {
+    if pidfd::exited(&anchor).unwrap_or(false) {
         return Err(gone(io::Error::from_raw_os_error(libc::ESRCH)));
     }
     let (reply, answer) = std::sync::mpsc::sync_channel(1);
