@@ -289,12 +289,13 @@ async fn main() -> std::process::ExitCode {
         &[(1, 100), (10, 100), (100, 50), (1000, 10), (1000, 10)]
     };
     out.say(format!(
-        "watchqd delivery benchmark ({}; {} cores; kernel {})",
+        "watchqd delivery benchmark ({}; {} cores; kernel {}; daemon {})",
         targets::run_kind(quick, check),
         std::thread::available_parallelism().map_or(0, usize::from),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
-            .trim()
+            .trim(),
+        common::daemon_binary().display()
     ));
 
     let daemon = Daemon::with_config(

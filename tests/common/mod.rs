@@ -888,18 +888,28 @@ pub fn path_exists(path: &Path) -> bool {
     path.exists()
 }
 
+/// The daemon binary the harness runs: this build's, or `$WATCHQD_DAEMON` when set — a
+/// benchmark measures an earlier build against this one that way, e.g.
+/// `WATCHQD_DAEMON=/tmp/watchqd-before cargo bench --bench delivery`.
+pub fn daemon_binary() -> PathBuf {
+    std::env::var_os("WATCHQD_DAEMON").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_watchqd")),
+        PathBuf::from,
+    )
+}
+
 /// The watchqd binary; with `sockets`, as socket activation runs it (descriptors from 3,
 /// `LISTEN_FDS`, and `LISTEN_PID` naming the daemon itself, set by a shell that execs it).
 pub fn daemon_command(sockets: Vec<std::os::fd::OwnedFd>) -> Command {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     if sockets.is_empty() {
-        return Command::new(env!("CARGO_BIN_EXE_watchqd"));
+        return Command::new(daemon_binary());
     }
     let mut command = Command::new("/bin/sh");
     command
         .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_watchqd"))
+        .arg(daemon_binary())
         .env("LISTEN_FDS", sockets.len().to_string());
     // SAFETY: only fcntl and dup2, which are async-signal-safe, run between fork and exec.
     // The closure owns the sockets, so the parent's copies close when the Command goes.
