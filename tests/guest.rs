@@ -14,39 +14,6 @@ use serde_json::json;
 
 const STEP: Duration = Duration::from_secs(120);
 
-/// Run `inside::NAME` of this test binary in `guest` and wait for it.
-fn spawn_inside<'g>(guest: &'g vm::Guest, name: &str) -> vm::GuestProcess<'g> {
-    let exe = std::env::current_exe().expect("current_exe");
-    let exe = exe.to_str().expect("test binary path is UTF-8");
-    let filter = format!("inside::{name}");
-    guest
-        .spawn(
-            &[
-                exe,
-                "--ignored",
-                "--exact",
-                &filter,
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .unwrap_or_else(|e| panic!("starting {filter} in the guest: {e}"))
-}
-
-/// The guest run must have run exactly that one test, and it must have passed.
-fn assert_inside_passed(out: &vm::Output) {
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
-    );
-}
-
-fn boot(options: &vm::BootOptions) -> vm::Guest {
-    vm::Guest::boot(options).unwrap_or_else(|e| panic!("booting the test guest: {e}"))
-}
-
 #[test]
 fn key_watch_enopkg_on_host_and_records_in_guest() {
     // The host kernel has no watch_queue: the probe must say so cleanly.
@@ -61,18 +28,25 @@ fn key_watch_enopkg_on_host_and_records_in_guest() {
              without CONFIG_WATCH_QUEUE (BRIEF section 2)"
         ),
     }
-    let guest = boot(&vm::BootOptions::new());
-    let out = spawn_inside(&guest, "key_watch_delivers_records")
-        .wait(STEP)
-        .expect("in-guest key watch");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "key_watch_delivers_records",
+        STEP,
+        |_, _| {},
+    );
 }
 
 #[test]
 fn usb_hotplug_uevents() {
-    let guest = boot(&vm::BootOptions::new().hotplug());
-    let listener = spawn_inside(&guest, "usb_uevents");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new().hotplug(),
+        "usb_uevents",
+        STEP,
+        plug_and_unplug_usb,
+    );
+}
+
+fn plug_and_unplug_usb(guest: &vm::Guest, listener: &vm::GuestProcess<'_>) {
     listener
         .wait_for_stdout("READY", STEP)
         .expect("uevent listener ready");
@@ -113,16 +87,19 @@ fn usb_hotplug_uevents() {
     listener
         .wait_for_stdout("SEEN remove usb-storage", STEP)
         .expect("usb-storage remove uevent");
-
-    let out = listener.wait(STEP).expect("uevent listener");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
 }
 
 #[test]
 fn blkdebug_eio_fires_block_rq_error() {
-    let guest = boot(&vm::BootOptions::new().hotplug());
-    let listener = spawn_inside(&guest, "virtio_disk_eio");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new().hotplug(),
+        "virtio_disk_eio",
+        STEP,
+        plug_a_failing_disk,
+    );
+}
+
+fn plug_a_failing_disk(guest: &vm::Guest, listener: &vm::GuestProcess<'_>) {
     listener
         .wait_for_stdout("READY", STEP)
         .expect("in-guest listener ready");
@@ -152,26 +129,24 @@ fn blkdebug_eio_fires_block_rq_error() {
     guest
         .qmp_wait_event("DEVICE_DELETED", &json!({"device": "vblk0"}), STEP)
         .expect("DEVICE_DELETED vblk0");
-    let out = listener.wait(STEP).expect("in-guest disk test");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
 }
 
 #[test]
 fn quota_warning_over_generic_netlink() {
-    let guest = boot(&vm::BootOptions::new());
-    let out = spawn_inside(&guest, "quota_netlink_warning")
-        .wait(STEP)
-        .expect("in-guest quota test");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "quota_netlink_warning",
+        STEP,
+        |_, _| {},
+    );
 }
 
 #[test]
 fn boot_run_poweroff_cycle() {
     // Figures only (printed with --nocapture); nothing here asserts on time.
     let start = std::time::Instant::now();
-    let guest = boot(&vm::BootOptions::new());
+    let guest = vm::Guest::boot(&vm::BootOptions::new())
+        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
     let booted = start.elapsed();
     let out = guest
         .run(&[
@@ -285,13 +260,6 @@ mod inside {
     /// The 512-byte sector at which blkdebug injects EIO.
     pub const BAD_SECTOR: u64 = 2048;
     const WAIT: Duration = Duration::from_secs(60);
-
-    fn require_guest() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test runs inside the watchqd test guest; the host test that boots it starts it"
-        );
-    }
 
     fn last_os_error(what: &str) -> io::Error {
         let e = io::Error::last_os_error();
@@ -439,7 +407,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     fn key_watch_delivers_records() {
-        require_guest();
+        super::vm::require_guest();
         let (rd, _wr) = notification_pipe().expect("pipe2(O_NOTIFICATION_PIPE) in the guest");
         // SAFETY: ioctl on our pipe fd with an integer argument (number of notes).
         let r = unsafe { libc::ioctl(rd.as_raw_fd(), IOC_WATCH_QUEUE_SET_SIZE, 256) };
@@ -580,7 +548,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     fn usb_uevents() {
-        require_guest();
+        super::vm::require_guest();
         let sock = UeventSocket::open();
         println!("READY");
         let want = [
@@ -628,7 +596,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     fn virtio_disk_eio() {
-        require_guest();
+        super::vm::require_guest();
         let instance = "/sys/kernel/tracing/instances/watchqd-vm-test";
         let _ = fs::remove_dir(instance);
         fs::create_dir(instance).expect("create a tracefs instance");
@@ -858,7 +826,7 @@ mod inside {
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     #[allow(clippy::too_many_lines)]
     fn quota_netlink_warning() {
-        require_guest();
+        super::vm::require_guest();
         let img = "/tmp/watchqd-quota.img";
         let mnt = "/tmp/watchqd-quota";
         fs::write(img, []).expect("create image");

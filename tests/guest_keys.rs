@@ -12,42 +12,21 @@ mod common;
 #[path = "common/vm.rs"]
 mod vm;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEP: Duration = Duration::from_secs(600);
 
 #[test]
 fn key_changes_reach_subscribers_with_the_kernels_serials_and_policy() {
-    let started = Instant::now();
     common::polkit::install_policy();
     let _ = common::polkit::user("watchq-alice");
     let _ = common::polkit::user("watchq-bob");
-    let guest = vm::Guest::boot(&vm::BootOptions::new())
-        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
-    let exe = std::env::current_exe().expect("current_exe");
-    let inside = guest
-        .spawn(
-            &[
-                exe.to_str().expect("test binary path is UTF-8"),
-                "--ignored",
-                "--exact",
-                "inside::keys_through_the_daemon",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .unwrap_or_else(|e| panic!("starting the in-guest test: {e}"));
-    let out = inside
-        .wait(STEP)
-        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "keys_through_the_daemon",
+        STEP,
+        |_, _| {},
     );
-    guest.shutdown().expect("guest shutdown");
-    println!("guest test wall time: {:?}", started.elapsed());
 }
 
 mod inside {
@@ -208,13 +187,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest; started by the host test"]
     fn keys_through_the_daemon() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test only runs inside the test guest (see tests/vm)"
-        );
-        // The daemon reads WATCHQD_* variables as configuration; drop the marker while
-        // this is the only thread.
-        std::env::remove_var("WATCHQD_VM_GUEST");
+        super::vm::enter_guest();
         // Our own session keyring, owned by root, for the keys this test makes.
         keyctl(
             "join a session keyring",
@@ -223,12 +196,7 @@ mod inside {
             0,
             0,
         );
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(keys_async());
+        super::vm::block_on(keys_async());
     }
 
     async fn keys_async() {

@@ -12,39 +12,18 @@ mod common;
 #[path = "common/vm.rs"]
 mod vm;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEP: Duration = Duration::from_secs(600);
 
 #[test]
 fn mount_changes_are_diffed_from_mountinfo_on_a_kernel_without_fanotify_mount_events() {
-    let started = Instant::now();
-    let guest = vm::Guest::boot(&vm::BootOptions::new())
-        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
-    let exe = std::env::current_exe().expect("current_exe");
-    let inside = guest
-        .spawn(
-            &[
-                exe.to_str().expect("test binary path is UTF-8"),
-                "--ignored",
-                "--exact",
-                "inside::mountinfo_fallback_through_the_daemon",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .unwrap_or_else(|e| panic!("starting the in-guest test: {e}"));
-    let out = inside
-        .wait(STEP)
-        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "mountinfo_fallback_through_the_daemon",
+        STEP,
+        |_, _| {},
     );
-    guest.shutdown().expect("guest shutdown");
-    println!("guest test wall time: {:?}", started.elapsed());
 }
 
 mod inside {
@@ -215,19 +194,8 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest; started by the host test"]
     fn mountinfo_fallback_through_the_daemon() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test only runs inside the test guest (see tests/vm)"
-        );
-        // The daemon reads WATCHQD_* variables as configuration; drop the marker while
-        // this is the only thread.
-        std::env::remove_var("WATCHQD_VM_GUEST");
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(fallback_async());
+        super::vm::enter_guest();
+        super::vm::block_on(fallback_async());
     }
 
     async fn fallback_async() {
