@@ -6,8 +6,8 @@ mod common;
 
 use std::collections::HashMap;
 
+use common::sources::source_info;
 use common::*;
-use watchqd::client::ManagerProxy;
 use zbus::Variant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -26,12 +26,7 @@ async fn host_without_watch_queue_reports_keys_unavailable_and_refuses_watches()
 
     let daemon = Daemon::start();
     let sub = Subscriber::new(&daemon).await;
-    let manager = ManagerProxy::new(&sub.conn).await.expect("manager proxy");
-    let sources = manager.sources().await.expect("Sources");
-    let keys = sources
-        .iter()
-        .find(|s| s.name == "keys")
-        .unwrap_or_else(|| panic!("no keys source in {sources:?}"));
+    let keys = source_info(&sub.conn, "keys").await;
     assert!(!keys.available, "{keys:?}");
     assert!(
         keys.reason
