@@ -5,6 +5,8 @@
 //! make sense in the guest (they refuse to run elsewhere). The host side drives QMP.
 //! Run with: `cargo test --test guest` (as root, after `tests/vm/setup-host`).
 
+#[path = "common/keyctl.rs"]
+mod keyctl;
 #[path = "common/vm.rs"]
 mod vm;
 
@@ -17,7 +19,7 @@ const STEP: Duration = Duration::from_secs(120);
 #[test]
 fn key_watch_enopkg_on_host_and_records_in_guest() {
     // The host kernel has no watch_queue: the probe must say so cleanly.
-    match inside::notification_pipe() {
+    match keyctl::notification_pipe() {
         Err(e) => assert_eq!(
             e.raw_os_error(),
             Some(nix::libc::ENOPKG),
@@ -245,7 +247,7 @@ fn run_in_guest_script_passes_output_and_status() {
 mod inside {
     use std::fs;
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
     use std::os::unix::fs::OpenOptionsExt;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -257,71 +259,20 @@ mod inside {
     };
     use nix::sys::time::TimeVal;
 
+    use super::keyctl::{
+        add_key, keyctl, notification_pipe, update, IOC_WATCH_QUEUE_SET_SIZE, KEYCTL_WATCH_KEY,
+        KEY_SPEC_PROCESS_KEYRING,
+    };
+
     /// The 512-byte sector at which blkdebug injects EIO.
     pub const BAD_SECTOR: u64 = 2048;
     const WAIT: Duration = Duration::from_secs(60);
 
-    fn last_os_error(what: &str) -> io::Error {
-        let e = io::Error::last_os_error();
-        io::Error::new(e.kind(), format!("{what}: {e}"))
-    }
-
     // ---- keys and watch_queue ----
 
-    const O_NOTIFICATION_PIPE: i32 = libc::O_EXCL;
-    /// `_IO('W', 0x60)`
-    const IOC_WATCH_QUEUE_SET_SIZE: libc::c_ulong = 0x5760;
-    const KEYCTL_UPDATE: libc::c_long = 2;
-    const KEYCTL_WATCH_KEY: libc::c_long = 32;
-    const KEY_SPEC_PROCESS_KEYRING: i32 = -2;
     const WATCH_TYPE_KEY_NOTIFY: u32 = 1;
     const NOTIFY_KEY_UPDATED: u8 = 1;
     const NOTIFY_KEY_LINKED: u8 = 2;
-
-    /// `pipe2(O_NOTIFICATION_PIPE)`: (read end, write end). The error keeps its errno.
-    pub fn notification_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-        let mut fds: [RawFd; 2] = [-1; 2];
-        // SAFETY: fds points to two writable ints, as pipe2 requires.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), O_NOTIFICATION_PIPE | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded: both fds are fresh and owned by nobody else.
-        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-    }
-
-    fn add_key(kind: &str, description: &str, payload: &[u8], keyring: i32) -> io::Result<i32> {
-        let kind = std::ffi::CString::new(kind).expect("no NUL");
-        let description = std::ffi::CString::new(description).expect("no NUL");
-        // SAFETY: valid NUL-terminated strings and a payload pointer/length pair.
-        let serial = unsafe {
-            libc::syscall(
-                libc::SYS_add_key,
-                kind.as_ptr(),
-                description.as_ptr(),
-                payload.as_ptr(),
-                payload.len(),
-                keyring,
-            )
-        };
-        if serial < 0 {
-            return Err(last_os_error("add_key"));
-        }
-        i32::try_from(serial).map_err(|_| io::Error::other("key serial out of range"))
-    }
-
-    fn keyctl(
-        what: &str,
-        op: libc::c_long,
-        a: libc::c_long,
-        b: libc::c_long,
-        c: libc::c_long,
-    ) -> io::Result<()> {
-        // SAFETY: keyctl with integer arguments, or a pointer/length pair the caller keeps alive.
-        if unsafe { libc::syscall(libc::SYS_keyctl, op, a, b, c) } < 0 {
-            return Err(last_os_error(what));
-        }
-        Ok(())
-    }
 
     /// A key record: (type, subtype, watch tag, key id, aux).
     #[derive(Debug, PartialEq)]
@@ -418,35 +369,23 @@ mod inside {
             io::Error::last_os_error()
         );
 
-        let ring = add_key("keyring", "watchqd-vm-test", &[], KEY_SPEC_PROCESS_KEYRING)
-            .expect("create keyring");
+        let ring = add_key("keyring", "watchqd-vm-test", &[], KEY_SPEC_PROCESS_KEYRING);
         keyctl(
             "KEYCTL_WATCH_KEY keyring",
             KEYCTL_WATCH_KEY,
             ring.into(),
             rd.as_raw_fd().into(),
             0x11,
-        )
-        .expect("watch the keyring");
-        let key = add_key("user", "probe", b"one", ring).expect("add a user key to the keyring");
+        );
+        let key = add_key("user", "probe", b"one", ring);
         keyctl(
             "KEYCTL_WATCH_KEY key",
             KEYCTL_WATCH_KEY,
             key.into(),
             rd.as_raw_fd().into(),
             0x22,
-        )
-        .expect("watch the key");
-        let payload = b"two";
-        #[allow(clippy::cast_possible_wrap)]
-        keyctl(
-            "KEYCTL_UPDATE",
-            KEYCTL_UPDATE,
-            key.into(),
-            payload.as_ptr() as libc::c_long,
-            payload.len() as libc::c_long,
-        )
-        .expect("update the key");
+        );
+        update(key, b"two");
 
         let records = read_records(&rd, 2);
         println!("keyring {ring}, key {key}, records {records:?}");

@@ -9,6 +9,8 @@
 //! Run with: `cargo test --test guest_keys` (as root, after `tests/vm/setup-host`).
 
 mod common;
+#[path = "common/keyctl.rs"]
+mod keyctl;
 #[path = "common/vm.rs"]
 mod vm;
 
@@ -31,76 +33,18 @@ fn key_changes_reach_subscribers_with_the_kernels_serials_and_policy() {
 
 mod inside {
     use std::collections::HashMap;
-    use std::ffi::CString;
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
-    use nix::libc;
     use zbus::Variant;
 
     use super::common::*;
+    use super::keyctl::*;
 
-    const KEYCTL_GET_KEYRING_ID: libc::c_long = 0;
-    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
-    const KEYCTL_UPDATE: libc::c_long = 2;
-    const KEYCTL_REVOKE: libc::c_long = 3;
-    const KEYCTL_SETPERM: libc::c_long = 5;
-    const KEYCTL_CLEAR: libc::c_long = 7;
-    const KEYCTL_UNLINK: libc::c_long = 9;
-    const KEYCTL_INVALIDATE: libc::c_long = 21;
-    const KEYCTL_GET_PERSISTENT: libc::c_long = 22;
-    const KEY_SPEC_SESSION_KEYRING: i32 = -3;
     /// The burst: more updates than the kernel queue holds (256 notes).
     const BURST: usize = 5000;
-
-    fn keyctl(
-        what: &str,
-        op: libc::c_long,
-        a: libc::c_long,
-        b: libc::c_long,
-        c: libc::c_long,
-    ) -> i64 {
-        // SAFETY: keyctl with integer arguments, or a pointer/length pair kept alive by
-        // the caller for the call.
-        let r = unsafe { libc::syscall(libc::SYS_keyctl, op, a, b, c) };
-        assert!(r >= 0, "{what}: {}", std::io::Error::last_os_error());
-        r
-    }
-
-    fn add_key(kind: &str, description: &str, payload: &[u8], keyring: i32) -> i32 {
-        let kind = CString::new(kind).unwrap();
-        let description_c = CString::new(description).unwrap();
-        // SAFETY: NUL-terminated strings and a payload pointer/length pair.
-        let serial = unsafe {
-            libc::syscall(
-                libc::SYS_add_key,
-                kind.as_ptr(),
-                description_c.as_ptr(),
-                payload.as_ptr(),
-                payload.len(),
-                keyring,
-            )
-        };
-        assert!(
-            serial > 0,
-            "add_key {description}: {}",
-            std::io::Error::last_os_error()
-        );
-        i32::try_from(serial).unwrap()
-    }
-
-    fn update(key: i32, payload: &[u8]) {
-        #[allow(clippy::cast_possible_wrap)]
-        keyctl(
-            "KEYCTL_UPDATE",
-            KEYCTL_UPDATE,
-            key.into(),
-            payload.as_ptr() as libc::c_long,
-            payload.len() as libc::c_long,
-        );
-    }
 
     fn key_spec(
         pairs: &[(&'static str, Variant<'static>)],
