@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod ext4;
+pub mod lines;
 pub mod mounts;
 pub mod polkit;
 pub mod private_bus;
