@@ -7,6 +7,8 @@
 
 #[path = "common/keyctl.rs"]
 mod keyctl;
+#[path = "common/loop_ext4.rs"]
+mod loop_ext4;
 #[path = "common/vm.rs"]
 mod vm;
 
@@ -263,6 +265,7 @@ mod inside {
         add_key, keyctl, notification_pipe, update, IOC_WATCH_QUEUE_SET_SIZE, KEYCTL_WATCH_KEY,
         KEY_SPEC_PROCESS_KEYRING,
     };
+    use super::loop_ext4::{mount_with_quota, run};
 
     /// The 512-byte sector at which blkdebug injects EIO.
     pub const BAD_SECTOR: u64 = 2048;
@@ -750,17 +753,6 @@ mod inside {
         )
     }
 
-    fn run(cmd: &mut Command) {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     #[allow(clippy::too_many_lines)]
@@ -768,23 +760,7 @@ mod inside {
         super::vm::require_guest();
         let img = "/tmp/watchqd-quota.img";
         let mnt = "/tmp/watchqd-quota";
-        fs::write(img, []).expect("create image");
-        fs::File::options()
-            .write(true)
-            .open(img)
-            .and_then(|f| f.set_len(32 << 20))
-            .expect("size image");
-        run(Command::new("mkfs.ext4").args([
-            "-q",
-            "-F",
-            "-O",
-            "quota",
-            "-E",
-            "quotatype=usrquota",
-            img,
-        ]));
-        fs::create_dir_all(mnt).expect("mkdir mountpoint");
-        run(Command::new("mount").args(["-o", "loop,usrquota", img, mnt]));
+        mount_with_quota(img, mnt, 32, "usrquota");
         std::os::unix::fs::chown(mnt, Some(NOBODY), Some(NOBODY)).expect("chown mountpoint");
         // block soft limit 64 KiB, hard limit 128 KiB, no inode limits
         run(Command::new("setquota").args(["-u", &NOBODY.to_string(), "64", "128", "0", "0", mnt]));

@@ -10,6 +10,8 @@
 //! Run with: `cargo test --test guest_quota` (as root, after `tests/vm/setup-host`).
 
 mod common;
+#[path = "common/loop_ext4.rs"]
+mod loop_ext4;
 #[path = "common/quota.rs"]
 mod quota;
 #[path = "common/vm.rs"]
@@ -39,7 +41,7 @@ mod inside {
 
     use super::common::polkit::{user, User};
     use super::common::*;
-    use super::quota;
+    use super::{loop_ext4, quota};
     use watchqd::source::quota::wire::{QuotaType, Warning};
 
     const IMAGE: &str = "/tmp/watchqd-quota.img";
@@ -97,20 +99,7 @@ mod inside {
 
         // ext4 with user quota on a loop device; alice: soft 64 KiB, hard 128 KiB; bob:
         // soft 32 KiB, hard 1 MiB.
-        fs::File::create(IMAGE)
-            .and_then(|f| f.set_len(32 << 20))
-            .expect("image");
-        run_ok(Command::new("mkfs.ext4").args([
-            "-q",
-            "-F",
-            "-O",
-            "quota",
-            "-E",
-            "quotatype=usrquota:grpquota",
-            IMAGE,
-        ]));
-        fs::create_dir_all(MOUNT).expect("mount point");
-        run_ok(Command::new("mount").args(["-o", "loop,usrquota,grpquota", IMAGE, MOUNT]));
+        loop_ext4::mount_with_quota(IMAGE, MOUNT, 32, "usrquota:grpquota");
         fs::set_permissions(MOUNT, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
             .expect("chmod mount point");
         run_ok(Command::new("setquota").args(["-u", &alice.name, "64", "128", "0", "0", MOUNT]));
