@@ -6,13 +6,13 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 
 use zbus::{Connection, OwnedVariant};
 
+use common::lines::lines;
 use common::polkit::{self, User};
 use common::{Daemon, LoopDevice, TIMEOUT};
 use watchqd::client::{DeviceChangedBody, Item, Restart, Subscription, DAEMON_RESTARTED};
@@ -28,19 +28,6 @@ struct Monitor {
     errors: Vec<String>,
     /// The subscription it announced.
     path: String,
-}
-
-fn lines(source: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(source).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 impl Monitor {

@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 pub mod ext4;
+pub mod lines;
+pub mod mounts;
 pub mod polkit;
 pub mod private_bus;
+pub mod sources;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
