@@ -65,6 +65,8 @@ use tokio::sync::{watch, Notify};
 use crate::error::Error;
 use crate::filter::Filter;
 use crate::policy::Identity;
+#[cfg(doc)]
+use crate::source::WatchMatcher;
 use crate::source::{Availability, Registry};
 
 pub use feed::{Consumed, ConsumerFeed};
@@ -349,7 +351,7 @@ impl Hub {
                 names.len()
             )));
         }
-        let filter = Filter::parse(&self.registry, spec)?;
+        let filter = Filter::parse(self.registry.catalogue(), spec)?;
         let mut state = self.lock();
         Self::owned(&mut state, id, caller)?.filter = filter;
         Ok(())
@@ -359,7 +361,7 @@ impl Hub {
         self.lock()
             .subscriptions
             .get(&id)
-            .map(|s| s.filter.describe(&self.registry))
+            .map(|s| s.filter.describe(self.registry.catalogue()))
             .unwrap_or_default()
     }
 
