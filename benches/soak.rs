@@ -42,7 +42,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{mpsc, Arc};
@@ -110,14 +110,7 @@ impl Worker {
             .spawn()
             .expect("python3 with jeepney and PyGObject (scripts/test installs them)");
         let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::lines::lines(stdout);
         let stdin = child.stdin.take();
         let worker = Worker {
             name: format!("{library}/{ping}#{seed}"),
