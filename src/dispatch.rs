@@ -40,7 +40,6 @@
 //! for the daemon's life, sees every record of them (no policy applies: they act as the
 //! system), and gets them through a bounded queue the hub never waits on.
 
-use std::any::Any;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::ops::{ControlFlow, Deref};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -55,6 +54,7 @@ use crate::error::Error;
 use crate::event::{Change, Object, Record, SourceMsg};
 use crate::filter::Filter;
 use crate::policy::{self, Grant, Identity};
+use crate::signal::EncodedSignal;
 use crate::source::{Availability, PlannedWatch, Registry, WatchHold, WatchMatcher, WatchSpec};
 
 /// How deliveries are bounded (`[delivery]`).
@@ -127,10 +127,9 @@ impl LossReason {
 #[derive(Debug)]
 pub struct Published {
     record: Record,
-    /// The record's encoding for the wire, made by the first delivery that needs it, so
-    /// that fanning a record out to many subscribers costs one encoding. Its format is the
-    /// bus layer's business.
-    encoded: OnceLock<Option<Box<dyn Any + Send + Sync>>>,
+    /// The record's signal, encoded by the first delivery that needs it, so that fanning
+    /// a record out to many subscribers costs one encoding.
+    encoded: OnceLock<Option<EncodedSignal>>,
 }
 
 impl Published {
@@ -142,15 +141,11 @@ impl Published {
     }
 
     /// The encoding `encode` makes of the record, made once; `None` when it has none.
-    /// Every caller must ask for the same type `T` (there is one bus layer).
-    pub fn encoded<T: Any + Send + Sync>(
+    pub fn encoded(
         &self,
-        encode: impl FnOnce(&Record) -> Option<T>,
-    ) -> Option<&T> {
-        self.encoded
-            .get_or_init(|| encode(&self.record).map(|t| Box::new(t) as Box<dyn Any + Send + Sync>))
-            .as_ref()?
-            .downcast_ref()
+        encode: impl FnOnce(&Record) -> Option<EncodedSignal>,
+    ) -> Option<&EncodedSignal> {
+        self.encoded.get_or_init(|| encode(&self.record)).as_ref()
     }
 }
 
@@ -1373,6 +1368,11 @@ mod tests {
             &["change"]
         }
 
+        // Never encoded here: these tests stop at the hub.
+        fn signal(&self) -> &'static crate::signal::SignalKind {
+            &crate::source::devices::signal::KIND
+        }
+
         fn system_wide(&self) -> bool {
             true
         }
@@ -1472,6 +1472,11 @@ mod tests {
 
         fn subtypes(&self) -> &'static [&'static str] {
             &["change"]
+        }
+
+        // Never encoded here: these tests stop at the hub.
+        fn signal(&self) -> &'static crate::signal::SignalKind {
+            &crate::source::devices::signal::KIND
         }
 
         fn probe(&self) -> Availability {

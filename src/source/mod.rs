@@ -141,6 +141,10 @@ pub trait EventSource: Send + Sync + 'static {
     /// part of the interface.
     fn subtypes(&self) -> &'static [&'static str];
 
+    /// The source's event signal, defined in its folder (`signal.rs`) and listed in
+    /// [`SIGNALS`]: how its records are encoded for the bus.
+    fn signal(&self) -> &'static crate::signal::SignalKind;
+
     /// Whether the open source reports every event of its kind on the system by itself
     /// (device uevents, block errors, quota warnings), so that the daemon's own consumers
     /// (unit rules, journal records) receive events with no subscriber's watch. Sources
@@ -175,6 +179,24 @@ pub trait EventSource: Send + Sync + 'static {
             .position(|s| *s == name)
             .and_then(|i| u8::try_from(i).ok())
     }
+}
+
+/// Every source's event signal, for what decodes signals without a registry (clients,
+/// `watchqctl`); one line per source, as in [`Registry::builtin`] (a test checks that the
+/// two agree).
+pub static SIGNALS: &[&crate::signal::SignalKind] = &[
+    &devices::signal::KIND,
+    &blockerr::signal::KIND,
+    &quota::signal::KIND,
+    &filesystems::signal::KIND,
+    &space::signal::KIND,
+    &mounts::signal::KIND,
+    &keys::signal::KIND,
+];
+
+/// The signal kind whose member is `member`.
+pub fn signal_named(member: &str) -> Option<&'static crate::signal::SignalKind> {
+    SIGNALS.iter().copied().find(|kind| kind.member == member)
 }
 
 /// The sources this daemon knows, in a fixed order.
