@@ -1,7 +1,7 @@
 //! Event signals, each defined once by its source.
 //!
 //! A source declares its signal in its own folder (`src/source/<name>/signal.rs`) with
-//! [`event_signal!`]: a struct with named fields, `seq` and `tag` first, deriving serde and
+//! `event_signal!`: a struct with named fields, `seq` and `tag` first, deriving serde and
 //! [`zbus::Type`]. Everything else comes from that one definition:
 //!
 //! - the daemon encodes a record once, for every subscriber, with [`SignalKind::encode`]
@@ -25,7 +25,7 @@ use zbus::{Message, OwnedVariant, Signature, Str, Type, Variant};
 
 use crate::event::{Attr, Record};
 
-/// What [`event_signal!`] derives from the struct itself.
+/// What `event_signal!` derives from the struct itself.
 pub trait SignalShape {
     /// The signal's member name: the struct's name.
     const MEMBER: &'static str;
@@ -35,7 +35,7 @@ pub trait SignalShape {
     const ARGS: &'static [&'static str];
 }
 
-/// One source's event signal; [`event_signal!`] implements it, the source its `Display`.
+/// One source's event signal; `event_signal!` implements it, the source its `Display`.
 pub trait EventSignal:
     SignalShape + Serialize + serde::de::DeserializeOwned + Type + fmt::Display
 {
@@ -394,6 +394,62 @@ mod tests {
             );
         }
         assert_eq!(registry.all().len(), crate::source::SIGNALS.len());
+    }
+
+    /// `watchqctl --json`'s keys: the arguments, `signal` and `source`, with the renames
+    /// it has always had (a mount's `mount_source`, a key's `type`).
+    #[test]
+    fn every_signal_renders_as_watchqctl_always_printed_it() {
+        for kind in crate::source::SIGNALS {
+            let record = Record {
+                source: kind.source,
+                subtype: 0,
+                object_id: "/devices/x".into(),
+                change: crate::event::Change::None,
+                attributes: [("name".to_owned(), Attr::from("x"))].into_iter().collect(),
+                properties: BTreeMap::new(),
+                audience: crate::event::Audience::Everyone,
+            };
+            let encoded = kind.encode(&record).expect("encoded");
+            let builder = Message::signal(
+                "/org/watchq1/subscription/1",
+                "org.watchq1.Subscription",
+                kind.member,
+            );
+            let body = encoded.body_for(3, 4);
+            // SAFETY: as in `bus::emit`: a native-endian serialization of `signature`,
+            // without fds, whose two leading u64 were overwritten.
+            let message =
+                unsafe { builder.build_raw_body(&body, encoded.signature.clone(), Vec::new()) }
+                    .expect("message");
+            let text = kind.render(&message, false).expect("text");
+            assert!(text.starts_with("#3 "), "{}: {text}", kind.member);
+            let json: serde_json::Value =
+                serde_json::from_str(&kind.render(&message, true).expect("json")).expect("JSON");
+            let mut keys: Vec<&str> = json
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            keys.sort_unstable();
+            let mut expected: Vec<&str> = kind
+                .args
+                .iter()
+                .map(|arg| match (kind.member, *arg) {
+                    ("MountChanged", "source") => "mount_source",
+                    ("KeyChanged", "key_type") => "type",
+                    (_, arg) => arg,
+                })
+                .chain(["signal", "source"])
+                .collect();
+            expected.sort_unstable();
+            assert_eq!(keys, expected, "{}", kind.member);
+            assert_eq!(json["signal"], kind.member);
+            assert_eq!(json["source"], kind.source);
+            assert_eq!((&json["seq"], &json["tag"]), (&3.into(), &4.into()));
+            assert_eq!(json["attributes"], serde_json::json!({"name": "x"}));
+        }
     }
 
     #[test]
