@@ -215,8 +215,12 @@ impl Serialize for Attributes {
         if serializer.is_human_readable() {
             return attributes_json(&self.0).serialize(serializer);
         }
-        let mut map = serializer.serialize_map(Some(self.0.len()))?;
-        for (key, value) in &self.0 {
+        // In key order, as the record holds them: what clients that read the array in
+        // order (busctl, GDBus's iterators) have always seen.
+        let mut entries: Vec<(&String, &OwnedVariant)> = self.0.iter().collect();
+        entries.sort_unstable_by_key(|(key, _)| *key);
+        let mut map = serializer.serialize_map(Some(entries.len()))?;
+        for (key, value) in entries {
             map.serialize_entry(key, value)?;
         }
         map.end()
@@ -450,6 +454,51 @@ mod tests {
             assert_eq!((&json["seq"], &json["tag"]), (&3.into(), &4.into()));
             assert_eq!(json["attributes"], serde_json::json!({"name": "x"}));
         }
+    }
+
+    /// The bytes are what the hand-written tuple encoding sent before the signals became
+    /// types (attributes in key order included).
+    #[test]
+    fn a_device_signal_encodes_to_the_bytes_of_the_former_tuple() {
+        use crate::bus::types::AttrMap;
+        let attributes: crate::event::Attrs = [
+            ("subsystem", Attr::from("block")),
+            ("name", Attr::from("loop0")),
+            ("size", Attr::U64(4096)),
+            ("major", Attr::U32(7)),
+            ("removable", Attr::Bool(false)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let record = Record {
+            source: crate::source::devices::NAME,
+            subtype: 2,
+            object_id: "/devices/virtual/block/loop0".into(),
+            change: crate::event::Change::Upsert,
+            attributes,
+            properties: [("ACTION".to_owned(), "change".to_owned())].into(),
+            audience: crate::event::Audience::Everyone,
+        };
+        let context = zbus::wire::serialized::Context::new(zbus::wire::NATIVE_ENDIAN, 0);
+        let former = zbus::wire::to_bytes(
+            context,
+            &(
+                0u64,
+                0u64,
+                "change",
+                "block",
+                record.object_id.as_str(),
+                AttrMap(&record.attributes),
+                &record.properties,
+            ),
+        )
+        .expect("former");
+        let encoded = crate::source::devices::signal::KIND
+            .encode(&record)
+            .expect("encoded");
+        assert_eq!(encoded.body_for(0, 0), former.bytes());
+        assert_eq!(encoded.signature.to_string(), "(ttsssa{sv}a{ss})");
     }
 
     #[test]
