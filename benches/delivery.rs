@@ -336,7 +336,8 @@ async fn main() -> std::process::ExitCode {
     })
     .await
     .expect("a DeviceChanged for the sample");
-    let body: watchqd::client::DeviceChangedBody = sample.body().deserialize().unwrap();
+    let body: watchqd::source::devices::signal::DeviceChanged =
+        sample.body().deserialize().unwrap();
     let body_len = sample.data().len();
     out.say(format!(
         "signal size: {body_len} bytes (DeviceChanged of a loop device)"

@@ -21,4 +21,5 @@ pub mod filter;
 pub mod glob;
 pub mod logging;
 pub mod policy;
+pub mod signal;
 pub mod source;

@@ -15,7 +15,8 @@ use zbus::{Connection, OwnedVariant};
 use common::lines::lines;
 use common::polkit::{self, User};
 use common::{Daemon, LoopDevice, TIMEOUT};
-use watchqd::client::{DeviceChangedBody, Item, Restart, Subscription, DAEMON_RESTARTED};
+use watchqd::client::{Item, Restart, Subscription, DAEMON_RESTARTED};
+use watchqd::source::devices::signal::DeviceChanged;
 use zbus::names::OwnedUniqueName;
 
 /// `watchqctl monitor --json devices --match=name=DISK`, its output read by threads so
@@ -216,9 +217,14 @@ fn device_event(item: &Item) -> (u64, String, String) {
         Some("DeviceChanged"),
         "{message:?}"
     );
-    let (seq, _, action, _, sys_path, _, _) = message
+    let DeviceChanged {
+        seq,
+        action,
+        sys_path,
+        ..
+    } = message
         .body()
-        .deserialize::<DeviceChangedBody>()
+        .deserialize::<DeviceChanged>()
         .expect("DeviceChanged body");
     (seq, action, sys_path)
 }

@@ -208,6 +208,11 @@ mod tests {
             &["change"]
         }
 
+        // Never encoded here: these tests stop at the hub.
+        fn signal(&self) -> &'static crate::signal::SignalKind {
+            &crate::source::devices::signal::KIND
+        }
+
         fn system_wide(&self) -> bool {
             true
         }

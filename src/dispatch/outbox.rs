@@ -2,7 +2,6 @@
 //! semantics (a full outbox drops newer events and counts them into one `Lost` entry
 //! covering exactly the sequence numbers dropped), and the shared [`Published`] record.
 
-use std::any::Any;
 use std::collections::VecDeque;
 use std::ops::Deref;
 use std::sync::{Arc, OnceLock};
@@ -10,6 +9,7 @@ use std::sync::{Arc, OnceLock};
 use tokio::sync::Notify;
 
 use crate::event::Record;
+use crate::signal::EncodedSignal;
 
 /// Why a `Lost` entry was queued.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -33,10 +33,9 @@ impl LossReason {
 #[derive(Debug)]
 pub struct Published {
     record: Record,
-    /// The record's encoding for the wire, made by the first delivery that needs it, so
-    /// that fanning a record out to many subscribers costs one encoding. Its format is the
-    /// bus layer's business.
-    encoded: OnceLock<Option<Box<dyn Any + Send + Sync>>>,
+    /// The record's signal, encoded by the first delivery that needs it, so that fanning
+    /// a record out to many subscribers costs one encoding.
+    encoded: OnceLock<Option<EncodedSignal>>,
 }
 
 impl Published {
@@ -48,15 +47,11 @@ impl Published {
     }
 
     /// The encoding `encode` makes of the record, made once; `None` when it has none.
-    /// Every caller must ask for the same type `T` (there is one bus layer).
-    pub fn encoded<T: Any + Send + Sync>(
+    pub fn encoded(
         &self,
-        encode: impl FnOnce(&Record) -> Option<T>,
-    ) -> Option<&T> {
-        self.encoded
-            .get_or_init(|| encode(&self.record).map(|t| Box::new(t) as Box<dyn Any + Send + Sync>))
-            .as_ref()?
-            .downcast_ref()
+        encode: impl FnOnce(&Record) -> Option<EncodedSignal>,
+    ) -> Option<&EncodedSignal> {
+        self.encoded.get_or_init(|| encode(&self.record)).as_ref()
     }
 }
 

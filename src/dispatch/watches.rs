@@ -345,6 +345,11 @@ mod tests {
             &["change"]
         }
 
+        // Never encoded here: these tests stop at the hub.
+        fn signal(&self) -> &'static crate::signal::SignalKind {
+            &crate::source::devices::signal::KIND
+        }
+
         fn probe(&self) -> Availability {
             Availability::Available
         }

@@ -144,6 +144,10 @@ pub trait EventSource: Send + Sync + 'static {
     /// part of the interface.
     fn subtypes(&self) -> &'static [&'static str];
 
+    /// The source's event signal, defined in its folder (`signal.rs`) and listed in
+    /// [`CATALOGUE`]: how its records are encoded for the bus.
+    fn signal(&self) -> &'static crate::signal::SignalKind;
+
     /// Whether the open source reports every event of its kind on the system by itself
     /// (device uevents, block errors, quota warnings), so that the daemon's own consumers
     /// (unit rules, journal records) receive events with no subscriber's watch. Sources
@@ -185,9 +189,9 @@ fn subtype_number(subtypes: &[&str], name: &str) -> Option<u8> {
         .and_then(|i| u8::try_from(i).ok())
 }
 
-/// What is known of a source without building it: what configuration, filters and
-/// messages need.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What is known of a source without building it: what configuration, filters,
+/// messages and signal decoders (clients, `watchqctl`) need.
+#[derive(Clone, Copy, Debug)]
 pub struct SourceInfo {
     /// [`EventSource::name`].
     pub name: &'static str,
@@ -195,7 +199,21 @@ pub struct SourceInfo {
     pub subtypes: &'static [&'static str],
     /// [`EventSource::system_wide`].
     pub system_wide: bool,
+    /// [`EventSource::signal`].
+    pub signal: &'static crate::signal::SignalKind,
 }
+
+/// Signals compare by member: a signal kind's functions are not comparable.
+impl PartialEq for SourceInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.subtypes == other.subtypes
+            && self.system_wide == other.system_wide
+            && self.signal.member == other.signal.member
+    }
+}
+
+impl Eq for SourceInfo {}
 
 impl SourceInfo {
     fn of(source: &dyn EventSource) -> Self {
@@ -203,6 +221,7 @@ impl SourceInfo {
             name: source.name(),
             subtypes: source.subtypes(),
             system_wide: source.system_wide(),
+            signal: source.signal(),
         }
     }
 
@@ -237,7 +256,7 @@ pub struct SourcesConfig {
 }
 
 /// Makes [`CATALOGUE`] and the constructor behind [`Registry::builtin`] from one list:
-/// per source, its module (which has `NAME` and `SUBTYPES`), whether it is system-wide
+/// per source, its module (which has `NAME`, `SUBTYPES` and `signal::KIND`), whether it is system-wide
 /// ([`EventSource::system_wide`]; a unit test checks that the two agree) and how to build
 /// it from the [`SourcesConfig`] named first.
 macro_rules! builtin_sources {
@@ -247,6 +266,7 @@ macro_rules! builtin_sources {
             name: $module::NAME,
             subtypes: $module::SUBTYPES,
             system_wide: $wide,
+            signal: &$module::signal::KIND,
         }),+]);
 
         fn build_builtin($config: &SourcesConfig) -> Vec<Arc<dyn EventSource>> {
@@ -264,6 +284,15 @@ builtin_sources! { config;
     space, system_wide: false, space::Space::new();
     mounts, system_wide: false, mounts::Mounts::new();
     keys, system_wide: false, keys::Keys::new();
+}
+
+/// The signal kind whose member is `member`, among the built-in sources' signals (for
+/// what decodes signals without a registry: clients, `watchqctl`).
+pub fn signal_named(member: &str) -> Option<&'static crate::signal::SignalKind> {
+    CATALOGUE
+        .iter()
+        .map(|source| source.signal)
+        .find(|kind| kind.member == member)
 }
 
 /// The sources this daemon runs, in a fixed order.

@@ -37,6 +37,7 @@
 //! The pid in a tracepoint record is the completion context (often an interrupt or a
 //! kworker), not the process that issued the I/O, so it is not reported.
 
+pub mod signal;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -104,6 +105,10 @@ impl EventSource for BlockErrors {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

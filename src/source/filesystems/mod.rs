@@ -39,6 +39,7 @@
 
 pub mod fanotify;
 pub mod resolve;
+pub mod signal;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -158,6 +159,10 @@ impl EventSource for Filesystems {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

@@ -48,6 +48,7 @@
 //! and description are included when known from a subscriber's own `KEYCTL_DESCRIBE`.
 
 pub mod helper;
+pub mod signal;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -249,6 +250,10 @@ impl EventSource for Keys {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

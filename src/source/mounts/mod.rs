@@ -41,6 +41,7 @@
 //! the exact order within one read. Without `statmount`/`listmount` with namespace ids
 //! (6.11) the source is unavailable.
 
+pub mod signal;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -150,6 +151,10 @@ impl EventSource for Mounts {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

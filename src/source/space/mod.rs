@@ -46,6 +46,8 @@
 //! caller's private namespace that does not propagate to the daemon's is noticed at the
 //! next mount table change of the daemon's namespace.
 
+pub mod signal;
+
 use std::collections::{HashMap, VecDeque};
 use std::fs;
 use std::io;
@@ -304,6 +306,10 @@ impl EventSource for Space {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {
