@@ -388,12 +388,13 @@ mod tests {
 
     #[test]
     fn every_source_names_its_own_signal() {
-        let registry =
-            crate::source::Registry::builtin(&crate::source::SourcesConfig::default());
+        let registry = crate::source::Registry::builtin(&crate::source::SourcesConfig::default());
         for source in registry.all() {
             let kind = source.signal();
             assert_eq!(kind.source, source.name(), "{}", kind.member);
-            let listed = crate::source::CATALOGUE.get(source.name()).map(|s| s.signal);
+            let listed = crate::source::CATALOGUE
+                .get(source.name())
+                .map(|s| s.signal);
             assert!(
                 listed.is_some_and(|k| std::ptr::eq(k, kind)),
                 "{}: the catalogue lists another signal for {}",
