@@ -6,7 +6,8 @@
 //! `cargo bench --bench delivery -- --check` runs a shorter size (about two minutes on a
 //! quiet 2-core machine; CI runs it) and exits non-zero when a target is MISSED, or was
 //! not measured at all. Under `cargo test` (no `--bench` argument) it runs a small smoke
-//! version so that the benchmark itself cannot rot; the smoke run fails on nothing.
+//! version so that the benchmark itself cannot rot; the smoke run fails on nothing and
+//! prints each target as SMOKE (its figures are too small to hold to a target).
 //!
 //! - ceiling: a plain zbus emitter sends equally sized unicast signals (the body of a
 //!   real DeviceChanged) to one subscriber;
@@ -268,7 +269,7 @@ async fn main() -> std::process::ExitCode {
     let mut out = Figures {
         quick,
         lines: Vec::new(),
-        verdicts: Verdicts::new(TARGETS),
+        verdicts: Verdicts::new(TARGETS).smoke(quick),
     };
     // (signals per flood, latency samples, seconds of idle watched)
     let (flood, reps, idle_secs) = if quick {
@@ -289,12 +290,13 @@ async fn main() -> std::process::ExitCode {
         &[(1, 100), (10, 100), (100, 50), (1000, 10), (1000, 10)]
     };
     out.say(format!(
-        "watchqd delivery benchmark ({}; {} cores; kernel {})",
+        "watchqd delivery benchmark ({}; {} cores; kernel {}; daemon {})",
         targets::run_kind(quick, check),
         std::thread::available_parallelism().map_or(0, usize::from),
         std::fs::read_to_string("/proc/sys/kernel/osrelease")
             .unwrap_or_default()
-            .trim()
+            .trim(),
+        common::daemon_binary().display()
     ));
 
     let daemon = Daemon::with_config(
@@ -334,7 +336,8 @@ async fn main() -> std::process::ExitCode {
     })
     .await
     .expect("a DeviceChanged for the sample");
-    let body: watchqd::client::DeviceChangedBody = sample.body().deserialize().unwrap();
+    let body: watchqd::source::devices::signal::DeviceChanged =
+        sample.body().deserialize().unwrap();
     let body_len = sample.data().len();
     out.say(format!(
         "signal size: {body_len} bytes (DeviceChanged of a loop device)"

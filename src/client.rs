@@ -14,113 +14,17 @@ use zbus::names::OwnedUniqueName;
 use zbus::{proxy, Connection, Message, MessageStream, OwnedObjectPath, OwnedVariant};
 
 use crate::bus::types::SourceInfo;
+use crate::signal::EventSignal;
 
-/// `DeviceChanged(t seq, t tag, s action, s subsystem, s sys_path, a{sv} attributes,
-/// a{ss} properties)` as received.
-pub type DeviceChangedBody = (
-    u64,
-    u64,
-    String,
-    String,
-    String,
-    HashMap<String, OwnedVariant>,
-    BTreeMap<String, String>,
-);
-
-/// `BlockError(t seq, t tag, s device, u major, u minor, t sector, u sectors,
-/// s operation, s errno_name, i errno, t count, a{sv} attributes)` as received.
-pub type BlockErrorBody = (
-    u64,
-    u64,
-    String,
-    u32,
-    u32,
-    u64,
-    u32,
-    String,
-    String,
-    i32,
-    u64,
-    HashMap<String, OwnedVariant>,
-);
-
-/// `QuotaWarning(t seq, t tag, s warning, s kind, s resource, s quota_type, t excess_id,
-/// t caused_id, s device, u major, u minor, a{sv} attributes)` as received.
-pub type QuotaWarningBody = (
-    u64,
-    u64,
-    String,
-    String,
-    String,
-    String,
-    u64,
-    u64,
-    String,
-    u32,
-    u32,
-    HashMap<String, OwnedVariant>,
-);
-
-/// `FilesystemError(t seq, t tag, s kind, s device, u major, u minor, s fs_type,
-/// s mount_point, s errno_name, i errno, u error_count, t inode, a{sv} attributes)` as
-/// received.
-pub type FilesystemErrorBody = (
-    u64,
-    u64,
-    String,
-    String,
-    u32,
-    u32,
-    String,
-    String,
-    String,
-    i32,
-    u32,
-    u64,
-    HashMap<String, OwnedVariant>,
-);
-
-/// `SpaceWarning(t seq, t tag, s state, s level, s path, s mount_point,
-/// t available_bytes, t total_bytes, t threshold_bytes, a{sv} attributes)` as received.
-pub type SpaceWarningBody = (
-    u64,
-    u64,
-    String,
-    String,
-    String,
-    String,
-    u64,
-    u64,
-    u64,
-    HashMap<String, OwnedVariant>,
-);
-
-/// `MountChanged(t seq, t tag, s change, t mount_id, t parent_id, s mount_point,
-/// s source, s fs_type, s options, a{sv} attributes)` as received.
-pub type MountChangedBody = (
-    u64,
-    u64,
-    String,
-    u64,
-    u64,
-    String,
-    String,
-    String,
-    String,
-    HashMap<String, OwnedVariant>,
-);
-/// `KeyChanged(t seq, t tag, s change, i key, i aux, s key_type, s description,
-/// a{sv} attributes)` as received.
-pub type KeyChangedBody = (
-    u64,
-    u64,
-    String,
-    i32,
-    i32,
-    String,
-    String,
-    HashMap<String, OwnedVariant>,
-);
+/// An event signal's body as its source's typed struct (`watchqd::source::devices::signal::
+/// DeviceChanged` and the like, listed in [`crate::source::CATALOGUE`]); `None` when
+/// `message` is another signal.
+pub fn event<S: EventSignal>(message: &Message) -> Option<zbus::Result<S>> {
+    if message.header().member()?.as_str() != S::MEMBER {
+        return None;
+    }
+    Some(message.body().deserialize())
+}
 
 /// `Lost(t seq, t count, s source, s reason)` as received.
 pub type LostBody = (u64, u64, String, String);
@@ -218,7 +122,8 @@ pub type FilterEntry = (String, Vec<String>);
 pub enum Item {
     /// A signal of this subscription (`DeviceChanged`, `Lost`, `WatchRemoved`, …), checked
     /// to come from the daemon that holds the subscription, on its object path and
-    /// interface. Decode its body by its member name (the `…Body` types above).
+    /// interface. Decode an event with [`event`] into its source's typed struct, `Lost`
+    /// and `WatchRemoved` with the `…Body` types above.
     Signal(Message),
     /// The daemon left the bus. Events that happen from now until [`Item::Restarted`] are
     /// not delivered; re-subscribing is under way.

@@ -49,7 +49,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             source,
         })?;
 
-    let registry = Registry::builtin(&config);
+    // The daemon builds the sources; configuration knows them only by the catalogue.
+    let registry = Registry::builtin(&config.sources);
     let hub = Hub::new(registry, config.delivery.clone(), config.limits.clone());
     let sources = hub.sources();
     // The source's name is in the message text too: journald shows MESSAGE alone, and
@@ -70,7 +71,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Serve)?;
     let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());
-    let mut consumers = crate::consumers::Consumers::start(&config, &hub, &conn);
+    let mut consumers =
+        crate::consumers::Consumers::start(&config.units, &config.journal, &hub, &conn);
 
     let reply = conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)

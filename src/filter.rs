@@ -4,7 +4,7 @@
 //! source and has its subtype's bit set.
 
 use crate::error::Error;
-use crate::source::Registry;
+use crate::source::Catalogue;
 
 /// A set of subtypes of one source, one bit per subtype as in the kernel's
 /// `subtype_filter[8]`.
@@ -33,7 +33,7 @@ impl Filter {
 
     /// Builds a filter from `(source, subtype names)` pairs as a caller sent them,
     /// naming the first unknown source or subtype in the error.
-    pub fn parse(registry: &Registry, spec: &[(String, Vec<String>)]) -> Result<Self, Error> {
+    pub fn parse(sources: Catalogue<'_>, spec: &[(String, Vec<String>)]) -> Result<Self, Error> {
         if spec.len() > Self::MAX_ENTRIES {
             return Err(Error::LimitExceeded(format!(
                 "a filter may have at most {} entries, got {}",
@@ -43,10 +43,10 @@ impl Filter {
         }
         let mut entries = Vec::with_capacity(spec.len());
         for (source_name, subtype_names) in spec {
-            let source = registry.get(source_name).ok_or_else(|| {
+            let source = sources.get(source_name).ok_or_else(|| {
                 Error::InvalidArgument(format!(
                     "unknown source '{source_name}' in filter; known sources: {}",
-                    registry.names().join(", ")
+                    sources.names().join(", ")
                 ))
             })?;
             let mut set = SubtypeSet::default();
@@ -54,12 +54,12 @@ impl Filter {
                 let subtype = source.subtype_index(name).ok_or_else(|| {
                     Error::InvalidArgument(format!(
                         "unknown subtype '{name}' of source '{source_name}'; known: {}",
-                        source.subtypes().join(", ")
+                        source.subtypes.join(", ")
                     ))
                 })?;
                 set.insert(subtype);
             }
-            entries.push((source.name(), set));
+            entries.push((source.name, set));
         }
         Ok(Filter { entries })
     }
@@ -73,15 +73,15 @@ impl Filter {
     }
 
     /// The filter as `(source, subtype names)` pairs, the inverse of [`Filter::parse`].
-    pub fn describe(&self, registry: &Registry) -> Vec<(String, Vec<String>)> {
+    pub fn describe(&self, sources: Catalogue<'_>) -> Vec<(String, Vec<String>)> {
         self.entries
             .iter()
             .map(|(name, set)| {
-                let subtypes = registry
+                let subtypes = sources
                     .get(name)
                     .map(|source| {
                         source
-                            .subtypes()
+                            .subtypes
                             .iter()
                             .enumerate()
                             .filter(|(i, _)| u8::try_from(*i).is_ok_and(|i| set.contains(i)))

@@ -21,5 +21,6 @@ pub mod filter;
 pub mod glob;
 pub mod logging;
 pub mod policy;
+pub mod signal;
 pub mod source;
 pub mod sys;

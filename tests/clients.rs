@@ -6,16 +6,17 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, Receiver};
+use std::sync::mpsc::Receiver;
 
 use zbus::{Connection, OwnedVariant};
 
+use common::lines::lines;
 use common::polkit::{self, User};
 use common::{Daemon, LoopDevice, TIMEOUT};
-use watchqd::client::{DeviceChangedBody, Item, Restart, Subscription, DAEMON_RESTARTED};
+use watchqd::client::{Item, Restart, Subscription, DAEMON_RESTARTED};
+use watchqd::source::devices::signal::DeviceChanged;
 use zbus::names::OwnedUniqueName;
 
 /// `watchqctl monitor --json devices --match=name=DISK`, its output read by threads so
@@ -28,19 +29,6 @@ struct Monitor {
     errors: Vec<String>,
     /// The subscription it announced.
     path: String,
-}
-
-fn lines(source: impl std::io::Read + Send + 'static) -> Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(source).lines() {
-            let Ok(line) = line else { return };
-            if tx.send(line).is_err() {
-                return;
-            }
-        }
-    });
-    rx
 }
 
 impl Monitor {
@@ -229,9 +217,14 @@ fn device_event(item: &Item) -> (u64, String, String) {
         Some("DeviceChanged"),
         "{message:?}"
     );
-    let (seq, _, action, _, sys_path, _, _) = message
+    let DeviceChanged {
+        seq,
+        action,
+        sys_path,
+        ..
+    } = message
         .body()
-        .deserialize::<DeviceChangedBody>()
+        .deserialize::<DeviceChanged>()
         .expect("DeviceChanged body");
     (seq, action, sys_path)
 }

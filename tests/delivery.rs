@@ -11,7 +11,6 @@ mod common;
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -140,16 +139,7 @@ async fn a_stalled_subscriber_loses_exactly_what_it_missed_and_delays_nobody() {
 
     // Resume it: it reads what the bus held, then the rest of its outbox, then Lost.
     kill(stalled_pid, Sig::SIGCONT).unwrap();
-    let stdout = stalled.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let rx = common::lines::lines(stalled.stdout.take().unwrap());
     let (mut events, mut lost, mut next_seq) = (0u64, 0u64, 1u64);
     let mut lost_signals = 0;
     while events + lost < EVENTS as u64 {

@@ -248,20 +248,26 @@ async fn ext4_errors_arrive_typed_with_errno_count_and_inode_only_where_watched(
     assert_eq!(watcher.received.len(), before);
 }
 
+/// A subscriber of its own watching `fs` for filesystem errors under `tag`.
+async fn watching(daemon: &Daemon, fs: &Ext4, tag: u64) -> Subscriber {
+    let watcher = Subscriber::new(daemon).await;
+    watcher
+        .watch(
+            "filesystems",
+            tag,
+            &[("path", Variant::from(fs.path_str().as_str()))],
+        )
+        .await;
+    watcher
+}
+
 /// ext4 with errors=remount-ro stops writing after an error: the error, then the switch
 /// to read-only, each once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ext4_going_read_only_after_an_error_is_reported_once() {
     let daemon = Daemon::start();
     let fs = Ext4::new(16, &[], "errors=remount-ro");
-    let mut watcher = Subscriber::new(&daemon).await;
-    watcher
-        .watch(
-            "filesystems",
-            3,
-            &[("path", Variant::from(fs.path_str().as_str()))],
-        )
-        .await;
+    let mut watcher = watching(&daemon, &fs, 3).await;
     fs.trigger_error("going read-only");
     watcher
         .until("the switch to read-only", |s| {
@@ -299,14 +305,7 @@ async fn ext4_going_read_only_after_an_error_is_reported_once() {
 async fn remounting_read_only_and_back_is_reported_each_way() {
     let daemon = Daemon::start();
     let fs = Ext4::new(16, &[], "");
-    let mut watcher = Subscriber::new(&daemon).await;
-    watcher
-        .watch(
-            "filesystems",
-            4,
-            &[("path", Variant::from(fs.path_str().as_str()))],
-        )
-        .await;
+    let mut watcher = watching(&daemon, &fs, 4).await;
     run("mount", &["-o", "remount,ro", &fs.path_str()]);
     watcher
         .until("the switch to read-only", |s| {
@@ -340,14 +339,7 @@ async fn remounting_read_only_and_back_is_reported_each_way() {
 async fn unmounting_a_watched_filesystem_ends_its_watch() {
     let daemon = Daemon::start();
     let fs = Ext4::new(16, &[], "");
-    let mut watcher = Subscriber::new(&daemon).await;
-    watcher
-        .watch(
-            "filesystems",
-            9,
-            &[("path", Variant::from(fs.path_str().as_str()))],
-        )
-        .await;
+    let mut watcher = watching(&daemon, &fs, 9).await;
     assert_eq!(fanotify_fds(&daemon), 1);
     // An unrelated mount change ends nothing.
     let other = Ext4::new(16, &[], "");

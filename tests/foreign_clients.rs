@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -40,16 +39,7 @@ impl Foreign {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("python3 (scripts/test installs python3-jeepney, python3-gi, python3-dbus)");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = common::lines::lines(child.stdout.take().expect("stdout"));
         let foreign = Foreign {
             name: format!("{library} (ping {ping})"),
             child,
@@ -174,15 +164,7 @@ fn messages_from(daemon: &Daemon, sender: &str, quiet: Duration, then: impl FnOn
         .stderr(Stdio::null())
         .spawn()
         .expect("dbus-monitor");
-    let stdout = monitor.stdout.take().expect("stdout");
-    let (tx, lines) = mpsc::channel::<String>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
+    let lines = common::lines::lines(monitor.stdout.take().expect("stdout"));
     // The monitor's own NameAcquired/NameLost come first: it is listening.
     let ready = lines.recv_timeout(TIMEOUT).expect("dbus-monitor started");
     assert!(!ready.is_empty());

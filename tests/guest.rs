@@ -5,6 +5,10 @@
 //! make sense in the guest (they refuse to run elsewhere). The host side drives QMP.
 //! Run with: `cargo test --test guest` (as root, after `tests/vm/setup-host`).
 
+#[path = "common/keyctl.rs"]
+mod keyctl;
+#[path = "common/loop_ext4.rs"]
+mod loop_ext4;
 #[path = "common/vm.rs"]
 mod vm;
 
@@ -14,43 +18,10 @@ use serde_json::json;
 
 const STEP: Duration = Duration::from_secs(120);
 
-/// Run `inside::NAME` of this test binary in `guest` and wait for it.
-fn spawn_inside<'g>(guest: &'g vm::Guest, name: &str) -> vm::GuestProcess<'g> {
-    let exe = std::env::current_exe().expect("current_exe");
-    let exe = exe.to_str().expect("test binary path is UTF-8");
-    let filter = format!("inside::{name}");
-    guest
-        .spawn(
-            &[
-                exe,
-                "--ignored",
-                "--exact",
-                &filter,
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .unwrap_or_else(|e| panic!("starting {filter} in the guest: {e}"))
-}
-
-/// The guest run must have run exactly that one test, and it must have passed.
-fn assert_inside_passed(out: &vm::Output) {
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
-    );
-}
-
-fn boot(options: &vm::BootOptions) -> vm::Guest {
-    vm::Guest::boot(options).unwrap_or_else(|e| panic!("booting the test guest: {e}"))
-}
-
 #[test]
 fn key_watch_enopkg_on_host_and_records_in_guest() {
     // The host kernel has no watch_queue: the probe must say so cleanly.
-    match inside::notification_pipe() {
+    match keyctl::notification_pipe() {
         Err(e) => assert_eq!(
             e.raw_os_error(),
             Some(nix::libc::ENOPKG),
@@ -61,18 +32,25 @@ fn key_watch_enopkg_on_host_and_records_in_guest() {
              without CONFIG_WATCH_QUEUE (BRIEF section 2)"
         ),
     }
-    let guest = boot(&vm::BootOptions::new());
-    let out = spawn_inside(&guest, "key_watch_delivers_records")
-        .wait(STEP)
-        .expect("in-guest key watch");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "key_watch_delivers_records",
+        STEP,
+        |_, _| {},
+    );
 }
 
 #[test]
 fn usb_hotplug_uevents() {
-    let guest = boot(&vm::BootOptions::new().hotplug());
-    let listener = spawn_inside(&guest, "usb_uevents");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new().hotplug(),
+        "usb_uevents",
+        STEP,
+        plug_and_unplug_usb,
+    );
+}
+
+fn plug_and_unplug_usb(guest: &vm::Guest, listener: &vm::GuestProcess<'_>) {
     listener
         .wait_for_stdout("READY", STEP)
         .expect("uevent listener ready");
@@ -113,16 +91,19 @@ fn usb_hotplug_uevents() {
     listener
         .wait_for_stdout("SEEN remove usb-storage", STEP)
         .expect("usb-storage remove uevent");
-
-    let out = listener.wait(STEP).expect("uevent listener");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
 }
 
 #[test]
 fn blkdebug_eio_fires_block_rq_error() {
-    let guest = boot(&vm::BootOptions::new().hotplug());
-    let listener = spawn_inside(&guest, "virtio_disk_eio");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new().hotplug(),
+        "virtio_disk_eio",
+        STEP,
+        plug_a_failing_disk,
+    );
+}
+
+fn plug_a_failing_disk(guest: &vm::Guest, listener: &vm::GuestProcess<'_>) {
     listener
         .wait_for_stdout("READY", STEP)
         .expect("in-guest listener ready");
@@ -152,26 +133,24 @@ fn blkdebug_eio_fires_block_rq_error() {
     guest
         .qmp_wait_event("DEVICE_DELETED", &json!({"device": "vblk0"}), STEP)
         .expect("DEVICE_DELETED vblk0");
-    let out = listener.wait(STEP).expect("in-guest disk test");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
 }
 
 #[test]
 fn quota_warning_over_generic_netlink() {
-    let guest = boot(&vm::BootOptions::new());
-    let out = spawn_inside(&guest, "quota_netlink_warning")
-        .wait(STEP)
-        .expect("in-guest quota test");
-    assert_inside_passed(&out);
-    guest.shutdown().expect("guest shutdown");
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "quota_netlink_warning",
+        STEP,
+        |_, _| {},
+    );
 }
 
 #[test]
 fn boot_run_poweroff_cycle() {
     // Figures only (printed with --nocapture); nothing here asserts on time.
     let start = std::time::Instant::now();
-    let guest = boot(&vm::BootOptions::new());
+    let guest = vm::Guest::boot(&vm::BootOptions::new())
+        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
     let booted = start.elapsed();
     let out = guest
         .run(&[
@@ -270,7 +249,7 @@ fn run_in_guest_script_passes_output_and_status() {
 mod inside {
     use std::fs;
     use std::io;
-    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+    use std::os::fd::{AsRawFd, OwnedFd, RawFd};
     use std::os::unix::fs::OpenOptionsExt;
     use std::process::Command;
     use std::time::{Duration, Instant};
@@ -282,78 +261,21 @@ mod inside {
     };
     use nix::sys::time::TimeVal;
 
+    use super::keyctl::{
+        add_key, keyctl, notification_pipe, update, IOC_WATCH_QUEUE_SET_SIZE, KEYCTL_WATCH_KEY,
+        KEY_SPEC_PROCESS_KEYRING,
+    };
+    use super::loop_ext4::{mount_with_quota, run};
+
     /// The 512-byte sector at which blkdebug injects EIO.
     pub const BAD_SECTOR: u64 = 2048;
     const WAIT: Duration = Duration::from_secs(60);
 
-    fn require_guest() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test runs inside the watchqd test guest; the host test that boots it starts it"
-        );
-    }
-
-    fn last_os_error(what: &str) -> io::Error {
-        let e = io::Error::last_os_error();
-        io::Error::new(e.kind(), format!("{what}: {e}"))
-    }
-
     // ---- keys and watch_queue ----
 
-    const O_NOTIFICATION_PIPE: i32 = libc::O_EXCL;
-    /// `_IO('W', 0x60)`
-    const IOC_WATCH_QUEUE_SET_SIZE: libc::c_ulong = 0x5760;
-    const KEYCTL_UPDATE: libc::c_long = 2;
-    const KEYCTL_WATCH_KEY: libc::c_long = 32;
-    const KEY_SPEC_PROCESS_KEYRING: i32 = -2;
     const WATCH_TYPE_KEY_NOTIFY: u32 = 1;
     const NOTIFY_KEY_UPDATED: u8 = 1;
     const NOTIFY_KEY_LINKED: u8 = 2;
-
-    /// `pipe2(O_NOTIFICATION_PIPE)`: (read end, write end). The error keeps its errno.
-    pub fn notification_pipe() -> io::Result<(OwnedFd, OwnedFd)> {
-        let mut fds: [RawFd; 2] = [-1; 2];
-        // SAFETY: fds points to two writable ints, as pipe2 requires.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), O_NOTIFICATION_PIPE | libc::O_CLOEXEC) } != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: pipe2 succeeded: both fds are fresh and owned by nobody else.
-        Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
-    }
-
-    fn add_key(kind: &str, description: &str, payload: &[u8], keyring: i32) -> io::Result<i32> {
-        let kind = std::ffi::CString::new(kind).expect("no NUL");
-        let description = std::ffi::CString::new(description).expect("no NUL");
-        // SAFETY: valid NUL-terminated strings and a payload pointer/length pair.
-        let serial = unsafe {
-            libc::syscall(
-                libc::SYS_add_key,
-                kind.as_ptr(),
-                description.as_ptr(),
-                payload.as_ptr(),
-                payload.len(),
-                keyring,
-            )
-        };
-        if serial < 0 {
-            return Err(last_os_error("add_key"));
-        }
-        i32::try_from(serial).map_err(|_| io::Error::other("key serial out of range"))
-    }
-
-    fn keyctl(
-        what: &str,
-        op: libc::c_long,
-        a: libc::c_long,
-        b: libc::c_long,
-        c: libc::c_long,
-    ) -> io::Result<()> {
-        // SAFETY: keyctl with integer arguments, or a pointer/length pair the caller keeps alive.
-        if unsafe { libc::syscall(libc::SYS_keyctl, op, a, b, c) } < 0 {
-            return Err(last_os_error(what));
-        }
-        Ok(())
-    }
 
     /// A key record: (type, subtype, watch tag, key id, aux).
     #[derive(Debug, PartialEq)]
@@ -439,7 +361,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     fn key_watch_delivers_records() {
-        require_guest();
+        super::vm::require_guest();
         let (rd, _wr) = notification_pipe().expect("pipe2(O_NOTIFICATION_PIPE) in the guest");
         // SAFETY: ioctl on our pipe fd with an integer argument (number of notes).
         let r = unsafe { libc::ioctl(rd.as_raw_fd(), IOC_WATCH_QUEUE_SET_SIZE, 256) };
@@ -450,35 +372,23 @@ mod inside {
             io::Error::last_os_error()
         );
 
-        let ring = add_key("keyring", "watchqd-vm-test", &[], KEY_SPEC_PROCESS_KEYRING)
-            .expect("create keyring");
+        let ring = add_key("keyring", "watchqd-vm-test", &[], KEY_SPEC_PROCESS_KEYRING);
         keyctl(
             "KEYCTL_WATCH_KEY keyring",
             KEYCTL_WATCH_KEY,
             ring.into(),
             rd.as_raw_fd().into(),
             0x11,
-        )
-        .expect("watch the keyring");
-        let key = add_key("user", "probe", b"one", ring).expect("add a user key to the keyring");
+        );
+        let key = add_key("user", "probe", b"one", ring);
         keyctl(
             "KEYCTL_WATCH_KEY key",
             KEYCTL_WATCH_KEY,
             key.into(),
             rd.as_raw_fd().into(),
             0x22,
-        )
-        .expect("watch the key");
-        let payload = b"two";
-        #[allow(clippy::cast_possible_wrap)]
-        keyctl(
-            "KEYCTL_UPDATE",
-            KEYCTL_UPDATE,
-            key.into(),
-            payload.as_ptr() as libc::c_long,
-            payload.len() as libc::c_long,
-        )
-        .expect("update the key");
+        );
+        update(key, b"two");
 
         let records = read_records(&rd, 2);
         println!("keyring {ring}, key {key}, records {records:?}");
@@ -580,7 +490,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     fn usb_uevents() {
-        require_guest();
+        super::vm::require_guest();
         let sock = UeventSocket::open();
         println!("READY");
         let want = [
@@ -628,7 +538,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     fn virtio_disk_eio() {
-        require_guest();
+        super::vm::require_guest();
         let instance = "/sys/kernel/tracing/instances/watchqd-vm-test";
         let _ = fs::remove_dir(instance);
         fs::create_dir(instance).expect("create a tracefs instance");
@@ -843,41 +753,14 @@ mod inside {
         )
     }
 
-    fn run(cmd: &mut Command) {
-        let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-        assert!(
-            out.status.success(),
-            "{cmd:?} failed ({}): {}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
     #[test]
     #[ignore = "runs inside the guest via tests/vm; started by the host test"]
     #[allow(clippy::too_many_lines)]
     fn quota_netlink_warning() {
-        require_guest();
+        super::vm::require_guest();
         let img = "/tmp/watchqd-quota.img";
         let mnt = "/tmp/watchqd-quota";
-        fs::write(img, []).expect("create image");
-        fs::File::options()
-            .write(true)
-            .open(img)
-            .and_then(|f| f.set_len(32 << 20))
-            .expect("size image");
-        run(Command::new("mkfs.ext4").args([
-            "-q",
-            "-F",
-            "-O",
-            "quota",
-            "-E",
-            "quotatype=usrquota",
-            img,
-        ]));
-        fs::create_dir_all(mnt).expect("mkdir mountpoint");
-        run(Command::new("mount").args(["-o", "loop,usrquota", img, mnt]));
+        mount_with_quota(img, mnt, 32, "usrquota");
         std::os::unix::fs::chown(mnt, Some(NOBODY), Some(NOBODY)).expect("chown mountpoint");
         // block soft limit 64 KiB, hard limit 128 KiB, no inode limits
         run(Command::new("setquota").args(["-u", &NOBODY.to_string(), "64", "128", "0", "0", mnt]));

@@ -9,119 +9,42 @@
 //! Run with: `cargo test --test guest_keys` (as root, after `tests/vm/setup-host`).
 
 mod common;
+#[path = "common/keyctl.rs"]
+mod keyctl;
 #[path = "common/vm.rs"]
 mod vm;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEP: Duration = Duration::from_secs(600);
 
 #[test]
 fn key_changes_reach_subscribers_with_the_kernels_serials_and_policy() {
-    let started = Instant::now();
     common::polkit::install_policy();
     let _ = common::polkit::user("watchq-alice");
     let _ = common::polkit::user("watchq-bob");
-    let guest = vm::Guest::boot(&vm::BootOptions::new())
-        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
-    let exe = std::env::current_exe().expect("current_exe");
-    let inside = guest
-        .spawn(
-            &[
-                exe.to_str().expect("test binary path is UTF-8"),
-                "--ignored",
-                "--exact",
-                "inside::keys_through_the_daemon",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .unwrap_or_else(|e| panic!("starting the in-guest test: {e}"));
-    let out = inside
-        .wait(STEP)
-        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "keys_through_the_daemon",
+        STEP,
+        |_, _| {},
     );
-    guest.shutdown().expect("guest shutdown");
-    println!("guest test wall time: {:?}", started.elapsed());
 }
 
 mod inside {
     use std::collections::HashMap;
-    use std::ffi::CString;
     use std::io::{BufRead, BufReader};
     use std::os::unix::process::CommandExt;
     use std::process::{Command, Stdio};
     use std::time::Duration;
 
-    use nix::libc;
     use zbus::Variant;
 
     use super::common::*;
+    use super::keyctl::*;
 
-    const KEYCTL_GET_KEYRING_ID: libc::c_long = 0;
-    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
-    const KEYCTL_UPDATE: libc::c_long = 2;
-    const KEYCTL_REVOKE: libc::c_long = 3;
-    const KEYCTL_SETPERM: libc::c_long = 5;
-    const KEYCTL_CLEAR: libc::c_long = 7;
-    const KEYCTL_UNLINK: libc::c_long = 9;
-    const KEYCTL_INVALIDATE: libc::c_long = 21;
-    const KEYCTL_GET_PERSISTENT: libc::c_long = 22;
-    const KEY_SPEC_SESSION_KEYRING: i32 = -3;
     /// The burst: more updates than the kernel queue holds (256 notes).
     const BURST: usize = 5000;
-
-    fn keyctl(
-        what: &str,
-        op: libc::c_long,
-        a: libc::c_long,
-        b: libc::c_long,
-        c: libc::c_long,
-    ) -> i64 {
-        // SAFETY: keyctl with integer arguments, or a pointer/length pair kept alive by
-        // the caller for the call.
-        let r = unsafe { libc::syscall(libc::SYS_keyctl, op, a, b, c) };
-        assert!(r >= 0, "{what}: {}", std::io::Error::last_os_error());
-        r
-    }
-
-    fn add_key(kind: &str, description: &str, payload: &[u8], keyring: i32) -> i32 {
-        let kind = CString::new(kind).unwrap();
-        let description_c = CString::new(description).unwrap();
-        // SAFETY: NUL-terminated strings and a payload pointer/length pair.
-        let serial = unsafe {
-            libc::syscall(
-                libc::SYS_add_key,
-                kind.as_ptr(),
-                description_c.as_ptr(),
-                payload.as_ptr(),
-                payload.len(),
-                keyring,
-            )
-        };
-        assert!(
-            serial > 0,
-            "add_key {description}: {}",
-            std::io::Error::last_os_error()
-        );
-        i32::try_from(serial).unwrap()
-    }
-
-    fn update(key: i32, payload: &[u8]) {
-        #[allow(clippy::cast_possible_wrap)]
-        keyctl(
-            "KEYCTL_UPDATE",
-            KEYCTL_UPDATE,
-            key.into(),
-            payload.as_ptr() as libc::c_long,
-            payload.len() as libc::c_long,
-        );
-    }
 
     fn key_spec(
         pairs: &[(&'static str, Variant<'static>)],
@@ -208,13 +131,7 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest; started by the host test"]
     fn keys_through_the_daemon() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test only runs inside the test guest (see tests/vm)"
-        );
-        // The daemon reads WATCHQD_* variables as configuration; drop the marker while
-        // this is the only thread.
-        std::env::remove_var("WATCHQD_VM_GUEST");
+        super::vm::enter_guest();
         // Our own session keyring, owned by root, for the keys this test makes.
         keyctl(
             "join a session keyring",
@@ -223,12 +140,7 @@ mod inside {
             0,
             0,
         );
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(keys_async());
+        super::vm::block_on(keys_async());
     }
 
     async fn keys_async() {

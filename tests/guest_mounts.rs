@@ -12,159 +12,42 @@ mod common;
 #[path = "common/vm.rs"]
 mod vm;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEP: Duration = Duration::from_secs(600);
 
 #[test]
 fn mount_changes_are_diffed_from_mountinfo_on_a_kernel_without_fanotify_mount_events() {
-    let started = Instant::now();
-    let guest = vm::Guest::boot(&vm::BootOptions::new())
-        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
-    let exe = std::env::current_exe().expect("current_exe");
-    let inside = guest
-        .spawn(
-            &[
-                exe.to_str().expect("test binary path is UTF-8"),
-                "--ignored",
-                "--exact",
-                "inside::mountinfo_fallback_through_the_daemon",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .unwrap_or_else(|e| panic!("starting the in-guest test: {e}"));
-    let out = inside
-        .wait(STEP)
-        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
+    vm::Guest::run_inside(
+        &vm::BootOptions::new(),
+        "mountinfo_fallback_through_the_daemon",
+        STEP,
+        |_, _| {},
     );
-    guest.shutdown().expect("guest shutdown");
-    println!("guest test wall time: {:?}", started.elapsed());
 }
 
 mod inside {
-    use std::collections::{BTreeMap, HashMap};
+    use std::collections::BTreeMap;
     use std::fs;
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
 
-    use watchqd::client::ManagerProxy;
     use zbus::Variant;
 
+    use super::common::mounts::{apply, mount_of, Mount, Namespace};
+    use super::common::sources::source_info;
     use super::common::*;
 
-    /// A process alone in a private mount namespace, killed on drop.
-    struct Namespace {
-        child: Child,
-        dir: tempfile::TempDir,
-    }
+    /// Mounts by unique mount id.
+    type Mounts = BTreeMap<u64, Mount>;
 
-    impl Namespace {
-        fn start() -> Namespace {
-            let dir = tempfile::Builder::new()
-                .prefix("watchq-mnt-")
-                .tempdir()
-                .expect("temporary directory");
-            let child = Command::new("unshare")
-                .args(["-m", "--propagation", "private", "sleep", "1000"])
-                .stdin(Stdio::null())
-                .spawn()
-                .expect("unshare(1) must be installed (util-linux)");
-            let ns = Namespace { child, dir };
-            let own = fs::read_link("/proc/self/ns/mnt").expect("own namespace");
-            let deadline = Instant::now() + TIMEOUT;
-            while fs::read_link(format!("/proc/{}/ns/mnt", ns.pid()))
-                .ok()
-                .as_ref()
-                == Some(&own)
-                || fs::read_link(format!("/proc/{}/exe", ns.pid()))
-                    .map(|exe| !exe.ends_with("sleep"))
-                    .unwrap_or(true)
-            {
-                assert!(
-                    Instant::now() < deadline,
-                    "unshare did not start sleep in a new namespace"
-                );
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            ns
-        }
-
-        fn pid(&self) -> u32 {
-            self.child.id()
-        }
-
-        fn mkdir(&self, name: &str) -> String {
-            let path = self.dir.path().join(name);
-            fs::create_dir_all(&path).expect("mkdir");
-            path.display().to_string()
-        }
-
-        fn run(&self, script: &str) {
-            let out = Command::new("nsenter")
-                .args(["-t", &self.pid().to_string(), "-m", "sh", "-ec", script])
-                .output()
-                .expect("nsenter(1) must be installed (util-linux)");
-            assert!(
-                out.status.success(),
-                "in the namespace: {script}: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
-
-        /// (old id, mount point, fs type, options) of every line, sorted.
-        fn mountinfo(&self) -> Vec<(u64, String, String, String)> {
-            let text =
-                fs::read_to_string(format!("/proc/{}/mountinfo", self.pid())).expect("mountinfo");
-            let mut lines: Vec<_> = watchqd::source::mounts::wire::parse_mountinfo(&text)
-                .expect("parse mountinfo")
-                .into_iter()
-                .map(|l| (u64::from(l.id), l.mount_point, l.fs_type, l.mount_options))
-                .collect();
-            lines.sort();
-            lines
-        }
-    }
-
-    impl Drop for Namespace {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-
-    /// (mountinfo id, mount point, fs type, options) by unique mount id.
-    type Mounts = BTreeMap<u64, (u64, String, String, String)>;
-
-    fn mount_of(
-        attributes: &HashMap<String, zbus::OwnedVariant>,
-    ) -> (u64, (u64, String, String, String)) {
-        let text = |key: &str| {
-            attributes
-                .get(key)
-                .and_then(|v| <&str>::try_from(&**v).ok())
-                .unwrap_or_else(|| panic!("attribute {key} missing or not a string"))
-                .to_owned()
-        };
-        let number = |key: &str| match attributes.get(key).map(|v| &**v) {
-            Some(Variant::U64(n)) => *n,
-            Some(Variant::U32(n)) => u64::from(*n),
-            other => panic!("attribute {key} is {other:?}"),
-        };
-        (
-            number("mount-id"),
-            (
-                number("mountinfo-id"),
-                text("mount-point"),
-                text("fs-type"),
-                text("options"),
-            ),
-        )
+    /// (mountinfo id, mount point, fs type, options) of every mountinfo line, sorted.
+    fn mountinfo_view(ns: &Namespace) -> Vec<(u64, String, String, String)> {
+        let mut lines: Vec<_> = ns
+            .mountinfo()
+            .into_iter()
+            .map(|l| (u64::from(l.id), l.mount_point, l.fs_type, l.mount_options))
+            .collect();
+        lines.sort();
+        lines
     }
 
     async fn snapshot(sub: &Subscriber) -> (u64, Mounts) {
@@ -180,8 +63,19 @@ mod inside {
         (seq, mounts)
     }
 
+    /// A snapshot in the shape of [`mountinfo_view`].
     fn view(mounts: &Mounts) -> Vec<(u64, String, String, String)> {
-        let mut view: Vec<_> = mounts.values().cloned().collect();
+        let mut view: Vec<_> = mounts
+            .values()
+            .map(|m| {
+                (
+                    m.mountinfo_id,
+                    m.mount_point.clone(),
+                    m.fs_type.clone(),
+                    m.options.clone(),
+                )
+            })
+            .collect();
         view.sort();
         view
     }
@@ -215,19 +109,8 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest; started by the host test"]
     fn mountinfo_fallback_through_the_daemon() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test only runs inside the test guest (see tests/vm)"
-        );
-        // The daemon reads WATCHQD_* variables as configuration; drop the marker while
-        // this is the only thread.
-        std::env::remove_var("WATCHQD_VM_GUEST");
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(fallback_async());
+        super::vm::enter_guest();
+        super::vm::block_on(fallback_async());
     }
 
     async fn fallback_async() {
@@ -239,12 +122,7 @@ mod inside {
         let base = ns.dir.path().display().to_string();
 
         let mut sub = Subscriber::new(&daemon).await;
-        let manager = ManagerProxy::new(&sub.conn).await.expect("manager proxy");
-        let sources = manager.sources().await.expect("Sources");
-        let mounts = sources
-            .iter()
-            .find(|s| s.name == "mounts")
-            .unwrap_or_else(|| panic!("no mounts source in {sources:?}"));
+        let mounts = source_info(&sub.conn, "mounts").await;
         assert!(mounts.available, "{mounts:?}");
         assert!(
             mounts.reason.contains("FAN_REPORT_MNT") && mounts.reason.contains("mountinfo"),
@@ -256,7 +134,7 @@ mod inside {
         let (seq0, mut cache) = snapshot(&sub).await;
         assert_eq!(
             view(&cache),
-            ns.mountinfo(),
+            mountinfo_view(&ns),
             "snapshot = mountinfo at start"
         );
 
@@ -329,31 +207,13 @@ mod inside {
 
         // The first snapshot with every event applied is the namespace now, is the new
         // snapshot, and is mountinfo.
-        for signal in &sub.received {
-            if let Signal::Mount {
-                seq,
-                change,
-                mount_id,
-                attributes,
-                ..
-            } = signal
-            {
-                if *seq <= seq0 {
-                    continue;
-                }
-                if change == "detach" {
-                    cache.remove(mount_id);
-                } else {
-                    cache.insert(*mount_id, mount_of(attributes).1);
-                }
-            }
-        }
+        apply(&mut cache, &sub.received, seq0);
         let (seq1, now) = snapshot(&sub).await;
         assert_eq!(seq1, sub.received.last().map_or(0, Signal::seq));
         assert_eq!(cache, now, "snapshot + events = snapshot");
         assert_eq!(
             view(&now),
-            ns.mountinfo(),
+            mountinfo_view(&ns),
             "snapshot = mountinfo at the end"
         );
     }

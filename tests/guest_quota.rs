@@ -10,46 +10,24 @@
 //! Run with: `cargo test --test guest_quota` (as root, after `tests/vm/setup-host`).
 
 mod common;
+#[path = "common/loop_ext4.rs"]
+mod loop_ext4;
 #[path = "common/quota.rs"]
 mod quota;
 #[path = "common/vm.rs"]
 mod vm;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const STEP: Duration = Duration::from_secs(300);
 
 #[test]
 fn users_get_their_own_quota_warnings_and_administrators_everyones() {
-    let started = Instant::now();
     // Made on the host: the guest's root filesystem is the host's, read-only.
     common::polkit::user("watchq-alice");
     common::polkit::user("watchq-bob");
     common::polkit::install_policy();
-    let guest = vm::Guest::boot(&vm::BootOptions::new())
-        .unwrap_or_else(|e| panic!("booting the test guest: {e}"));
-    let exe = std::env::current_exe().expect("current_exe");
-    let out = guest
-        .spawn(
-            &[
-                exe.to_str().expect("test binary path is UTF-8"),
-                "--ignored",
-                "--exact",
-                "inside::quota_warnings",
-                "--nocapture",
-                "--test-threads=1",
-            ],
-            &[("RUST_BACKTRACE", "1")],
-        )
-        .and_then(|p| p.wait(STEP))
-        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
-    println!("{out}");
-    assert!(
-        out.success() && out.stdout.contains("test result: ok. 1 passed"),
-        "the in-guest test did not pass:\n{out}"
-    );
-    guest.shutdown().expect("guest shutdown");
-    println!("guest test wall time: {:?}", started.elapsed());
+    vm::Guest::run_inside(&vm::BootOptions::new(), "quota_warnings", STEP, |_, _| {});
 }
 
 mod inside {
@@ -63,7 +41,7 @@ mod inside {
 
     use super::common::polkit::{user, User};
     use super::common::*;
-    use super::quota;
+    use super::{loop_ext4, quota};
     use watchqd::source::quota::wire::{QuotaType, Warning};
 
     const IMAGE: &str = "/tmp/watchqd-quota.img";
@@ -111,19 +89,8 @@ mod inside {
     #[test]
     #[ignore = "runs inside the guest; started by the host test"]
     fn quota_warnings() {
-        assert!(
-            std::env::var_os("WATCHQD_VM_GUEST").is_some(),
-            "this test only runs inside the test guest (see tests/vm)"
-        );
-        // The daemon reads WATCHQD_* as configuration and refuses unknown keys; drop the
-        // marker while this is the only thread.
-        std::env::remove_var("WATCHQD_VM_GUEST");
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("tokio runtime")
-            .block_on(quota_warnings_async());
+        super::vm::enter_guest();
+        super::vm::block_on(quota_warnings_async());
     }
 
     #[allow(clippy::too_many_lines)]
@@ -132,20 +99,7 @@ mod inside {
 
         // ext4 with user quota on a loop device; alice: soft 64 KiB, hard 128 KiB; bob:
         // soft 32 KiB, hard 1 MiB.
-        fs::File::create(IMAGE)
-            .and_then(|f| f.set_len(32 << 20))
-            .expect("image");
-        run_ok(Command::new("mkfs.ext4").args([
-            "-q",
-            "-F",
-            "-O",
-            "quota",
-            "-E",
-            "quotatype=usrquota:grpquota",
-            IMAGE,
-        ]));
-        fs::create_dir_all(MOUNT).expect("mount point");
-        run_ok(Command::new("mount").args(["-o", "loop,usrquota,grpquota", IMAGE, MOUNT]));
+        loop_ext4::mount_with_quota(IMAGE, MOUNT, 32, "usrquota:grpquota");
         fs::set_permissions(MOUNT, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
             .expect("chmod mount point");
         run_ok(Command::new("setquota").args(["-u", &alice.name, "64", "128", "0", "0", MOUNT]));

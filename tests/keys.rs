@@ -3,35 +3,31 @@
 //! kernel that has it is in tests/guest_keys.rs.
 
 mod common;
+#[path = "common/keyctl.rs"]
+mod keyctl;
 
 use std::collections::HashMap;
 
+use common::sources::source_info;
 use common::*;
-use watchqd::client::ManagerProxy;
 use zbus::Variant;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn host_without_watch_queue_reports_keys_unavailable_and_refuses_watches() {
     // The premise: this kernel lacks CONFIG_WATCH_QUEUE. If that changes, this test must
     // change with it rather than pass for the wrong reason.
-    let mut fds = [-1; 2];
-    // SAFETY: fds points to two writable ints.
-    let r = unsafe { nix::libc::pipe2(fds.as_mut_ptr(), nix::libc::O_EXCL | nix::libc::O_CLOEXEC) };
-    let errno = std::io::Error::last_os_error().raw_os_error();
+    let errno = keyctl::notification_pipe()
+        .err()
+        .and_then(|e| e.raw_os_error());
     assert!(
-        r != 0 && errno == Some(nix::libc::ENOPKG),
-        "pipe2(O_NOTIFICATION_PIPE) on the host returned {r} ({errno:?}): this test expects a \
-         kernel without CONFIG_WATCH_QUEUE (ENOPKG)"
+        errno == Some(nix::libc::ENOPKG),
+        "pipe2(O_NOTIFICATION_PIPE) on the host: {errno:?} (None: it succeeded): this test \
+         expects a kernel without CONFIG_WATCH_QUEUE (ENOPKG)"
     );
 
     let daemon = Daemon::start();
     let sub = Subscriber::new(&daemon).await;
-    let manager = ManagerProxy::new(&sub.conn).await.expect("manager proxy");
-    let sources = manager.sources().await.expect("Sources");
-    let keys = sources
-        .iter()
-        .find(|s| s.name == "keys")
-        .unwrap_or_else(|| panic!("no keys source in {sources:?}"));
+    let keys = source_info(&sub.conn, "keys").await;
     assert!(!keys.available, "{keys:?}");
     assert!(
         keys.reason

@@ -9,131 +9,13 @@ mod common;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
+use common::mounts::{apply, mount_of, run_in, Mount, Namespace};
+use common::sources::source_info;
 use common::*;
-use watchqd::client::ManagerProxy;
 use zbus::Variant;
-
-/// A process alone in a private mount namespace (`unshare -m --propagation private`),
-/// killed on drop.
-struct Namespace {
-    child: Child,
-    /// Mount points live below here; the directory exists on the host, mounts on it only
-    /// in the namespace.
-    dir: tempfile::TempDir,
-}
-
-impl Namespace {
-    fn start() -> Namespace {
-        let dir = tempfile::Builder::new()
-            .prefix("watchq-mnt-")
-            .tempdir()
-            .expect("temporary directory");
-        let child = Command::new("unshare")
-            .args(["-m", "--propagation", "private", "sleep", "1000"])
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("unshare(1) must be installed (util-linux)");
-        let ns = Namespace { child, dir };
-        // unshare(1) execs sleep in the same process once the namespace exists.
-        let own = fs::read_link("/proc/self/ns/mnt").expect("own namespace");
-        let deadline = Instant::now() + TIMEOUT;
-        while fs::read_link(format!("/proc/{}/ns/mnt", ns.pid()))
-            .ok()
-            .as_ref()
-            == Some(&own)
-            || fs::read_link(format!("/proc/{}/exe", ns.pid()))
-                .map(|exe| !exe.ends_with("sleep"))
-                .unwrap_or(true)
-        {
-            assert!(
-                Instant::now() < deadline,
-                "unshare did not start sleep in a new namespace"
-            );
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        ns
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    fn path(&self, name: &str) -> String {
-        self.dir.path().join(name).display().to_string()
-    }
-
-    fn mkdir(&self, name: &str) -> String {
-        let path = self.dir.path().join(name);
-        fs::create_dir_all(&path).expect("mkdir");
-        path.display().to_string()
-    }
-
-    /// Runs a shell script inside the namespace.
-    fn run(&self, script: &str) {
-        let out = Command::new("nsenter")
-            .args(["-t", &self.pid().to_string(), "-m", "sh", "-ec", script])
-            .output()
-            .expect("nsenter(1) must be installed (util-linux)");
-        assert!(
-            out.status.success(),
-            "in the namespace: {script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-
-    fn mountinfo(&self) -> Vec<watchqd::source::mounts::wire::MountinfoLine> {
-        let text =
-            fs::read_to_string(format!("/proc/{}/mountinfo", self.pid())).expect("mountinfo");
-        watchqd::source::mounts::wire::parse_mountinfo(&text).expect("parse mountinfo")
-    }
-
-    fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Namespace {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-/// A mount as a snapshot or an event describes it: what a client keeps.
-#[derive(Clone, Debug, PartialEq, Eq)]
-struct Mount {
-    mountinfo_id: u64,
-    mount_point: String,
-    fs_type: String,
-    options: String,
-}
-
-fn mount_of(attributes: &HashMap<String, zbus::OwnedVariant>) -> (u64, Mount) {
-    let text = |key: &str| {
-        attributes
-            .get(key)
-            .and_then(|v| <&str>::try_from(&**v).ok())
-            .unwrap_or_else(|| panic!("attribute {key} missing or not a string"))
-            .to_owned()
-    };
-    let number = |key: &str| match attributes.get(key).map(|v| &**v) {
-        Some(Variant::U64(n)) => *n,
-        Some(Variant::U32(n)) => u64::from(*n),
-        other => panic!("attribute {key} is {other:?}"),
-    };
-    (
-        number("mount-id"),
-        Mount {
-            mountinfo_id: number("mountinfo-id"),
-            mount_point: text("mount-point"),
-            fs_type: text("fs-type"),
-            options: text("options"),
-        },
-    )
-}
 
 /// A subscription's mounts snapshot: (seq, mounts by unique id, their namespace).
 async fn snapshot(sub: &Subscriber) -> (u64, BTreeMap<u64, Mount>, Vec<u64>) {
@@ -159,30 +41,6 @@ async fn snapshot(sub: &Subscriber) -> (u64, BTreeMap<u64, Mount>, Vec<u64>) {
     namespaces.sort_unstable();
     namespaces.dedup();
     (seq, mounts, namespaces)
-}
-
-/// Applies mount events to a snapshot, as a client would.
-fn apply(mounts: &mut BTreeMap<u64, Mount>, signals: &[Signal], after: u64) {
-    for signal in signals {
-        let Signal::Mount {
-            seq,
-            change,
-            mount_id,
-            attributes,
-            ..
-        } = signal
-        else {
-            continue;
-        };
-        if *seq <= after {
-            continue;
-        }
-        if change == "detach" {
-            mounts.remove(mount_id);
-        } else {
-            mounts.insert(*mount_id, mount_of(attributes).1);
-        }
-    }
 }
 
 /// What mountinfo says, in the same shape (mountinfo has no unique ids).
@@ -275,12 +133,7 @@ async fn the_fanotify_path_runs_from_linux_6_15_and_the_mountinfo_fallback_below
     let ns = Namespace::start();
     let point = ns.mkdir("quick");
     let mut sub = Subscriber::new(&daemon).await;
-    let manager = ManagerProxy::new(&sub.conn).await.expect("manager proxy");
-    let sources = manager.sources().await.expect("Sources");
-    let mounts = sources
-        .iter()
-        .find(|s| s.name == "mounts")
-        .unwrap_or_else(|| panic!("no mounts source in {sources:?}"));
+    let mounts = source_info(&sub.conn, "mounts").await;
     // Nobody watches mounts yet, so the source holds nothing open.
     assert_eq!(
         fanotify_groups(daemon.pid()),
@@ -808,23 +661,9 @@ async fn a_user_watches_its_own_namespace_and_not_another() {
     let mut line = String::new();
     std::io::BufRead::read_line(&mut stderr, &mut line).expect("watchqctl's first line");
     assert!(line.starts_with("watching"), "as alice: {line}");
-    let out = Command::new("nsenter")
-        .args([
-            "-t",
-            &child.id().to_string(),
-            "-m",
-            "mount",
-            "-t",
-            "tmpfs",
-            "watchq-alice",
-        ])
-        .arg(&point)
-        .output()
-        .expect("nsenter");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    run_in(
+        child.id(),
+        &format!("mount -t tmpfs watchq-alice '{point}'"),
     );
     let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
     let mut event = String::new();

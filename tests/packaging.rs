@@ -5,7 +5,6 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -79,13 +78,7 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
         .spawn()
         .unwrap();
     let group = Pid::from_raw(-(run.id() as i32));
-    let (tx, rx) = mpsc::channel();
-    let stdout = run.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let rx = common::lines::lines(run.stdout.take().unwrap());
     // The instructions it prints: the address, then the watchqctl it built.
     let mut address = None;
     let watchqctl = loop {
@@ -128,13 +121,7 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
         .unwrap();
     assert!(ready.starts_with("watching"), "{ready}");
     let disk = LoopDevice::attach(8);
-    let (tx, lines) = mpsc::channel();
-    let stdout = monitor.stdout.take().unwrap();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
+    let lines = common::lines::lines(monitor.stdout.take().unwrap());
     let seen = loop {
         let line = lines
             .recv_timeout(TIMEOUT)

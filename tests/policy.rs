@@ -9,7 +9,7 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, Write};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::mpsc::Receiver;
@@ -352,19 +352,7 @@ impl Client {
             .stderr(Stdio::inherit());
         let mut child = command.spawn().expect("client process");
         let stdin = child.stdin.take().unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, answers) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                // libtest may have printed "test client_process ... " on the same line.
-                if let Some((_, answer)) = line.split_once("@@ ") {
-                    if tx.send(answer.to_owned()).is_err() {
-                        break;
-                    }
-                }
-            }
-        });
+        let answers = common::lines::answers(child.stdout.take().unwrap());
         let mut client = Client {
             child,
             stdin,

@@ -11,8 +11,8 @@ mod quota;
 use std::time::{Duration, Instant};
 
 use common::polkit::user;
+use common::sources::source_info;
 use common::*;
-use watchqd::client::ManagerProxy;
 use watchqd::source::quota::wire::{QuotaType, Warning};
 use zbus::Variant;
 
@@ -68,12 +68,7 @@ async fn forged_quota_warnings_reach_nobody_and_the_source_runs_only_while_watch
     let (family, group) = quota::resolve();
 
     // The family resolves here, so the source must say it is available.
-    let manager = ManagerProxy::new(&daemon.connect().await).await.unwrap();
-    let sources = manager.sources().await.unwrap();
-    let status = sources
-        .iter()
-        .find(|s| s.name == "quota")
-        .expect("quota source");
+    let status = source_info(&daemon.connect().await, "quota").await;
     assert!(status.available, "quota unavailable: {}", status.reason);
     assert_eq!(genl_sockets(&daemon), 0, "a source nobody watches is open");
 

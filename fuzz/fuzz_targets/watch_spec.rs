@@ -8,17 +8,16 @@ use std::collections::HashMap;
 use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
-use watchqd::config::Config;
 use watchqd::filter::Filter;
 use watchqd::policy::Identity;
-use watchqd::source::Registry;
+use watchqd::source::{Registry, SourcesConfig, CATALOGUE};
 use zbus::wire::serialized::{Context, Data};
 use zbus::wire::LE;
 use zbus::OwnedVariant;
 
 fn registry() -> &'static Registry {
     static REGISTRY: OnceLock<Registry> = OnceLock::new();
-    REGISTRY.get_or_init(|| Registry::builtin(&Config::default()))
+    REGISTRY.get_or_init(|| Registry::builtin(&SourcesConfig::default()))
 }
 
 fuzz_target!(|data: &[u8]| {
@@ -45,9 +44,9 @@ fuzz_target!(|data: &[u8]| {
             let _ = watchqd::bus::subscribe_options(&options);
         }
     } else if let Ok((filter, _)) = bytes.deserialize::<Vec<(String, Vec<String>)>>() {
-        if let Ok(parsed) = Filter::parse(registry, &filter) {
+        if let Ok(parsed) = Filter::parse(CATALOGUE, &filter) {
             // What was accepted describes itself back as the same sources.
-            let described = parsed.describe(registry);
+            let described = parsed.describe(CATALOGUE);
             assert_eq!(described.len(), filter.len());
         }
     }

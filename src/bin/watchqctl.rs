@@ -1,17 +1,15 @@
 //! `watchqctl`: look at and listen to watchqd.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::process::ExitCode;
 
 use clap::Parser;
 use zbus::{OwnedVariant, Variant};
 
 use watchqd::cli::ctl::{Args, Command};
-use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, KeyChangedBody, LostBody, ManagerProxy,
-    MountChangedBody, QuotaWarningBody, ReceivedObject, SpaceWarningBody, WatchRemovedBody,
-};
 use watchqd::client::{Item, Subscription, DAEMON_RESTARTED};
+use watchqd::client::{LostBody, ManagerProxy, ReceivedObject, WatchRemovedBody};
+use watchqd::signal::{attributes_json, attributes_text};
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> ExitCode {
@@ -109,7 +107,7 @@ async fn devices(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
         return Ok(());
     }
     for (id, _, attributes, _) in &objects {
-        println!("{id}\n    {}", attrs_text(attributes, &[]));
+        println!("{id}\n    {}", attributes_text(attributes, &[]));
     }
     Ok(())
 }
@@ -118,7 +116,7 @@ fn object_json(object: &ReceivedObject) -> serde_json::Value {
     let (id, changes, attributes, properties) = object;
     serde_json::json!({
         "id": id, "changes": changes,
-        "attributes": attrs_json(attributes), "properties": properties,
+        "attributes": attributes_json(attributes), "properties": properties,
     })
 }
 
@@ -342,148 +340,6 @@ fn print_signal(message: &zbus::Message, json: bool) {
     };
     let body = message.body();
     let line = match member.as_str() {
-        "DeviceChanged" => body.deserialize::<DeviceChangedBody>().ok().map(
-            |(seq, tag, action, subsystem, sys_path, attributes, properties)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "DeviceChanged", "seq": seq, "tag": tag, "source": "devices",
-                        "action": action, "subsystem": subsystem, "sys_path": sys_path,
-                        "attributes": attrs_json(&attributes), "properties": properties,
-                    })
-                    .to_string()
-                } else {
-                    let name = attributes
-                        .get("name")
-                        .and_then(|v| <&str>::try_from(&**v).ok())
-                        .unwrap_or(sys_path.as_str());
-                    format!(
-                        "#{seq:<6} devices {action:<12} {subsystem:<6} {name:<10} {}",
-                        attrs_text(&attributes, &["name", "subsystem", "kernel-seqnum"])
-                    )
-                }
-            },
-        ),
-        "BlockError" => body.deserialize::<BlockErrorBody>().ok().map(
-            |(seq, tag, device, major, minor, sector, sectors, operation, errno_name, errno, count, attributes)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "BlockError", "seq": seq, "tag": tag, "source": "block-errors",
-                        "device": device, "major": major, "minor": minor, "sector": sector,
-                        "sectors": sectors, "operation": operation, "errno_name": errno_name,
-                        "errno": errno, "count": count, "attributes": attrs_json(&attributes),
-                    })
-                    .to_string()
-                } else if count > 1 {
-                    format!(
-                        "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) x{count} from sector {sector}, op {operation}"
-                    )
-                } else {
-                    format!(
-                        "#{seq:<6} block-errors {errno_name} on {device} ({major}:{minor}) sector {sector} +{sectors}, op {operation}"
-                    )
-                }
-            },
-        ),
-        "QuotaWarning" => body.deserialize::<QuotaWarningBody>().ok().map(
-            |(seq, tag, warning, kind, resource, quota_type, excess_id, caused_id, device, major, minor, attributes)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "QuotaWarning", "seq": seq, "tag": tag, "source": "quota",
-                        "warning": warning, "kind": kind, "resource": resource,
-                        "quota_type": quota_type, "excess_id": excess_id, "caused_id": caused_id,
-                        "device": device, "major": major, "minor": minor,
-                        "attributes": attrs_json(&attributes),
-                    })
-                    .to_string()
-                } else {
-                    let place = attributes
-                        .get("mount-point")
-                        .and_then(|v| <&str>::try_from(&**v).ok())
-                        .map(|m| format!(" on {m}"))
-                        .unwrap_or_default();
-                    format!(
-                        "#{seq:<6} quota {kind} {resource} limit of {quota_type} {excess_id} on {device} ({major}:{minor}){place}, caused by uid {caused_id}"
-                    )
-                }
-            },
-        ),
-        "MountChanged" => body.deserialize::<MountChangedBody>().ok().map(
-            |(seq, tag, change, mount_id, parent_id, mount_point, source, fs_type, options, attributes)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "MountChanged", "seq": seq, "tag": tag, "source": "mounts",
-                        "change": change, "mount_id": mount_id, "parent_id": parent_id,
-                        "mount_point": mount_point, "mount_source": source, "fs_type": fs_type,
-                        "options": options, "attributes": attrs_json(&attributes),
-                    })
-                    .to_string()
-                } else {
-                    format!(
-                        "#{seq:<6} mounts  {change:<12} {mount_point} ({fs_type} from {source}, {options}) id {mount_id} parent {parent_id}"
-                    )
-                }
-            },
-        ),
-        "FilesystemError" => body.deserialize::<FilesystemErrorBody>().ok().map(
-            |(seq, tag, kind, device, major, minor, fs_type, mount_point, errno_name, errno, count, inode, attributes)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "FilesystemError", "seq": seq, "tag": tag, "source": "filesystems",
-                        "kind": kind, "device": device, "major": major, "minor": minor,
-                        "fs_type": fs_type, "mount_point": mount_point, "errno_name": errno_name,
-                        "errno": errno, "error_count": count, "inode": inode,
-                        "attributes": attrs_json(&attributes),
-                    })
-                    .to_string()
-                } else if kind == "read-only" {
-                    format!("#{seq:<6} filesystems {fs_type} on {device} ({major}:{minor}) at {mount_point} is now read-only (last error {errno_name})")
-                } else {
-                    let inode = if inode == 0 { String::new() } else { format!(" inode {inode}") };
-                    format!("#{seq:<6} filesystems {errno_name} x{count} on {device} ({major}:{minor}) {fs_type} at {mount_point}{inode}")
-                }
-            },
-        ),
-        "SpaceWarning" => body.deserialize::<SpaceWarningBody>().ok().map(
-            |(seq, tag, state, level, path, mount_point, available, total, threshold, attributes)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "SpaceWarning", "seq": seq, "tag": tag, "source": "space",
-                        "state": state, "level": level, "path": path, "mount_point": mount_point,
-                        "available_bytes": available, "total_bytes": total,
-                        "threshold_bytes": threshold, "attributes": attrs_json(&attributes),
-                    })
-                    .to_string()
-                } else {
-                    format!("#{seq:<6} space {level} {state} on {mount_point} ({path}): {available} of {total} bytes available, threshold {threshold}")
-                }
-            },
-        ),
-        "KeyChanged" => body.deserialize::<KeyChangedBody>().ok().map(
-            |(seq, tag, change, key, aux, key_type, description, attributes)| {
-                if json {
-                    serde_json::json!({
-                        "signal": "KeyChanged", "seq": seq, "tag": tag, "source": "keys",
-                        "change": change, "key": key, "aux": aux, "type": key_type,
-                        "description": description, "attributes": attrs_json(&attributes),
-                    })
-                    .to_string()
-                } else {
-                    // keyctl watch's vocabulary: "<key> <change>", plus the other key of a
-                    // link or unlink.
-                    let other = match change.as_str() {
-                        "linked" | "unlinked" => format!(" {aux}"),
-                        "instantiated" if aux != 0 => format!(" error {aux}"),
-                        _ => String::new(),
-                    };
-                    let what = if key_type.is_empty() {
-                        String::new()
-                    } else {
-                        format!("  ({key_type} \"{description}\")")
-                    };
-                    format!("#{seq:<6} keys {key} {change}{other}{what}")
-                }
-            },
-        ),
         "Lost" => body.deserialize::<LostBody>().ok().map(|(seq, count, source, reason)| {
             if json {
                 serde_json::json!({"signal": "Lost", "seq": seq, "count": count, "source": source, "reason": reason}).to_string()
@@ -500,42 +356,10 @@ fn print_signal(message: &zbus::Message, json: bool) {
                 format!("#{seq:<6} watch {tag} removed: {reason}")
             }
         }),
-        _ => None,
+        // Events: printed by their source's signal type.
+        other => watchqd::source::signal_named(other).and_then(|kind| kind.render(message, json)),
     };
     if let Some(line) = line {
         println!("{line}");
     }
-}
-
-fn variant_json(value: &Variant<'_>) -> serde_json::Value {
-    match value {
-        Variant::Str(s) => serde_json::Value::from(s.as_str()),
-        Variant::U64(v) => serde_json::Value::from(*v),
-        Variant::U32(v) => serde_json::Value::from(*v),
-        Variant::I64(v) => serde_json::Value::from(*v),
-        Variant::I32(v) => serde_json::Value::from(*v),
-        Variant::Bool(v) => serde_json::Value::from(*v),
-        other => serde_json::Value::from(format!("{other}")),
-    }
-}
-
-fn attrs_json(attributes: &HashMap<String, OwnedVariant>) -> serde_json::Value {
-    let sorted: BTreeMap<&String, serde_json::Value> = attributes
-        .iter()
-        .map(|(k, v)| (k, variant_json(v)))
-        .collect();
-    serde_json::json!(sorted)
-}
-
-fn attrs_text(attributes: &HashMap<String, OwnedVariant>, skip: &[&str]) -> String {
-    let sorted: BTreeMap<&String, &OwnedVariant> = attributes.iter().collect();
-    sorted
-        .into_iter()
-        .filter(|(k, _)| !skip.contains(&k.as_str()))
-        .map(|(k, v)| match variant_json(v) {
-            serde_json::Value::String(s) => format!("{k}={s}"),
-            other => format!("{k}={other}"),
-        })
-        .collect::<Vec<_>>()
-        .join(" ")
 }

@@ -44,8 +44,9 @@ use zbus::names::{BusName, UniqueName};
 use zbus::object_server::SignalEmitter;
 use zbus::{Connection, Message};
 
+use super::emit::{emit, event_message};
 use super::subscription;
-use super::{emit, event_message, Service};
+use super::Service;
 use crate::dispatch::Subscribed;
 
 /// Pings outstanding at once, over all subscriptions.
@@ -390,7 +391,13 @@ impl Service {
         let object_path = emitter.path().to_owned();
         let mut messages = Vec::with_capacity(batch.len());
         for delivery in batch {
-            match event_message(&self.conn, &object_path, owner, delivery) {
+            match event_message(
+                &self.conn,
+                self.hub.registry(),
+                &object_path,
+                owner,
+                delivery,
+            ) {
                 Some(Ok(message)) => messages.push(message),
                 Some(Err(e)) => {
                     tracing::warn!(subscription = id, "building a signal failed: {e}");

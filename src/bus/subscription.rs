@@ -17,7 +17,7 @@ use super::Service;
 use crate::event::Attrs;
 
 pub const PATH_PREFIX: &str = "/org/watchq1/subscription";
-/// The interface below, for signals built by hand (see `super::event_message`).
+/// The interface below, for signals built by hand (see `super::emit`).
 pub const INTERFACE: &str = "org.watchq1.Subscription";
 
 pub fn path(id: u64) -> String {

@@ -18,7 +18,7 @@ use crate::filter::Filter;
 use crate::glob::Pattern;
 use crate::policy::{PolicyConfig, Rule, Verdict};
 use crate::source::devices::DevicesConfig;
-use crate::source::Registry;
+use crate::source::{SourcesConfig, CATALOGUE};
 
 pub const DEFAULT_PATH: &str = "/etc/watchqd/watchqd.toml";
 pub const ENV_PREFIX: &str = "WATCHQD";
@@ -144,7 +144,7 @@ pub struct Config {
     pub delivery: DeliveryConfig,
     pub limits: Limits,
     pub policy: PolicyConfig,
-    pub devices: DevicesConfig,
+    pub sources: SourcesConfig,
     /// Rules that start systemd units on events (`[[units]]`), in file order.
     pub units: Vec<UnitRule>,
     pub journal: JournalConfig,
@@ -324,23 +324,23 @@ impl Config {
                 .unwrap_or(defaults.policy.refuse_sandboxed),
             rules,
         };
-        let devices = DevicesConfig {
-            receive_buffer: ranged(
-                "sources.devices.receive_buffer",
-                raw.sources.devices.receive_buffer,
-                defaults.devices.receive_buffer,
-                4096,
-                1 << 30,
-            )?,
+        let sources = SourcesConfig {
+            devices: DevicesConfig {
+                receive_buffer: ranged(
+                    "sources.devices.receive_buffer",
+                    raw.sources.devices.receive_buffer,
+                    defaults.sources.devices.receive_buffer,
+                    4096,
+                    1 << 30,
+                )?,
+            },
         };
-        // The sources rules and journal records may name, as this daemon has them.
-        let registry = Registry::builtin(&Config::default());
         let units = raw
             .units
             .into_iter()
             .enumerate()
             .map(|(index, rule)| {
-                UnitRule::from_raw(rule, &registry).map_err(|error| ConfigError::UnitRule {
+                UnitRule::from_raw(rule, CATALOGUE).map_err(|error| ConfigError::UnitRule {
                     origin: origin.clone(),
                     index,
                     error,
@@ -353,20 +353,20 @@ impl Config {
             sources: Vec::new(),
         };
         for name in raw.journal.sources.unwrap_or_default() {
-            let source = registry
+            let source = CATALOGUE
                 .get(&name)
-                .filter(|s| s.system_wide())
+                .filter(|s| s.system_wide)
                 .ok_or_else(|| {
                     invalid(
                         "journal.sources",
                         format!(
                             "'{name}' is not a source that reports on its own; journal records can be written for: {}",
-                            system_wide_names(&registry)
+                            system_wide_names(CATALOGUE)
                         ),
                     )
                 })?;
-            if !journal.sources.contains(&source.name()) {
-                journal.sources.push(source.name());
+            if !journal.sources.contains(&source.name) {
+                journal.sources.push(source.name);
             }
         }
         if !journal.socket.is_absolute() {
@@ -379,7 +379,7 @@ impl Config {
             delivery,
             limits,
             policy,
-            devices,
+            sources,
             units,
             journal,
             origin,

@@ -21,7 +21,6 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
-use crate::config::Config;
 use crate::dispatch::Hub;
 use crate::event::{Attr, Record};
 
@@ -31,14 +30,20 @@ pub struct Consumers {
 }
 
 impl Consumers {
-    /// Starts every consumer the configuration enables and opens its sources. A source
-    /// that cannot be opened (unavailable on this kernel) is logged and leaves the rules
-    /// or records that need it inactive; the daemon serves on.
-    pub fn start(config: &Config, hub: &Arc<Hub>, conn: &zbus::Connection) -> Consumers {
+    /// Starts every consumer the configuration enables (`[[units]]` rules, `[journal]`)
+    /// and opens its sources. A source that cannot be opened (unavailable on this kernel)
+    /// is logged and leaves the rules or records that need it inactive; the daemon serves
+    /// on.
+    pub fn start(
+        units: &[units::UnitRule],
+        journal: &journal::JournalConfig,
+        hub: &Arc<Hub>,
+        conn: &zbus::Connection,
+    ) -> Consumers {
         let mut tasks = JoinSet::new();
         let registry = hub.registry().clone();
-        if !config.units.is_empty() {
-            let rules: Arc<[units::UnitRule]> = config.units.clone().into();
+        if !units.is_empty() {
+            let rules: Arc<[units::UnitRule]> = units.into();
             let feed = hub.add_consumer("unit rules", units::QUEUE);
             let mut sources: Vec<&'static str> = rules.iter().map(|r| r.source).collect();
             sources.sort_unstable();
@@ -68,9 +73,9 @@ impl Consumers {
                 "unit rules"
             });
         }
-        if config.journal.events {
+        if journal.events {
             let feed = hub.add_consumer("journal records", journal::QUEUE);
-            for source in journal::sources(&config.journal, &registry) {
+            for source in journal::sources(journal, registry.catalogue()) {
                 match hub.consume(&feed, source, Box::new(Everything)) {
                     Ok(()) => {
                         tracing::info!(source, "journal: writing a record per {source} event")
@@ -80,7 +85,7 @@ impl Consumers {
                     }
                 }
             }
-            let socket = config.journal.socket.clone();
+            let socket = journal.socket.clone();
             let registry = hub.registry().clone();
             tasks.spawn(async move {
                 journal::run(feed, socket, registry).await;

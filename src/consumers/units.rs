@@ -19,7 +19,7 @@ use crate::dispatch::{Consumed, ConsumerFeed};
 use crate::event::Record;
 use crate::glob::Pattern;
 use crate::logging::{CountLimit, LogLimit};
-use crate::source::{Registry, WatchMatcher};
+use crate::source::{Catalogue, Registry, WatchMatcher};
 
 /// Events waiting for their units to be started.
 pub const QUEUE: usize = 256;
@@ -80,18 +80,18 @@ pub enum UnitRuleError {
 
 impl UnitRule {
     /// Validates a rule against the sources this daemon has.
-    pub fn from_raw(raw: RawUnitRule, registry: &Registry) -> Result<UnitRule, UnitRuleError> {
+    pub fn from_raw(raw: RawUnitRule, sources: Catalogue<'_>) -> Result<UnitRule, UnitRuleError> {
         let name = raw.source.ok_or(UnitRuleError::MissingSource)?;
-        let source = registry
+        let source = sources
             .get(&name)
             .ok_or_else(|| UnitRuleError::UnknownSource {
                 name: name.clone(),
-                known: registry.names().join(", "),
+                known: sources.names().join(", "),
             })?;
-        if !source.system_wide() {
+        if !source.system_wide {
             return Err(UnitRuleError::NotSystemWide(
-                source.name(),
-                system_wide_names(registry),
+                source.name,
+                system_wide_names(sources),
             ));
         }
         let kinds = raw
@@ -99,14 +99,14 @@ impl UnitRule {
             .into_iter()
             .map(|kind| {
                 source
-                    .subtypes()
+                    .subtypes
                     .iter()
                     .copied()
                     .find(|k| *k == kind)
                     .ok_or_else(|| UnitRuleError::UnknownKind {
-                        of: source.name(),
+                        of: source.name,
                         kind,
-                        known: source.subtypes().join(", "),
+                        known: source.subtypes.join(", "),
                     })
             })
             .collect::<Result<Vec<_>, _>>()?;
@@ -121,7 +121,7 @@ impl UnitRule {
             return Err(UnitRuleError::EmptyAttribute);
         }
         Ok(UnitRule {
-            source: source.name(),
+            source: source.name,
             kinds,
             properties: raw
                 .properties
@@ -157,12 +157,11 @@ impl UnitRule {
 }
 
 /// The sources rules can use, for messages.
-pub fn system_wide_names(registry: &Registry) -> String {
-    registry
-        .all()
+pub fn system_wide_names(sources: Catalogue<'_>) -> String {
+    sources
         .iter()
-        .filter(|s| s.system_wide())
-        .map(|s| s.name())
+        .filter(|s| s.system_wide)
+        .map(|s| s.name)
         .collect::<Vec<_>>()
         .join(", ")
 }
@@ -287,10 +286,7 @@ pub async fn run(
 mod tests {
     use super::*;
     use crate::event::{Attrs, Audience, Change};
-
-    fn registry() -> Registry {
-        Registry::builtin(&crate::config::Config::default())
-    }
+    use crate::source::CATALOGUE;
 
     fn raw(source: &str, unit: &str, instance: Option<&str>) -> RawUnitRule {
         RawUnitRule {
@@ -330,7 +326,7 @@ mod tests {
             ("PRODUCT".to_owned(), "46d/*".to_owned()),
         ]
         .into();
-        let rule = UnitRule::from_raw(spec, &registry()).unwrap();
+        let rule = UnitRule::from_raw(spec, CATALOGUE).unwrap();
         let add = usb_device(0);
         assert!(rule.matches(&add, "add"));
         assert!(!rule.matches(&add, "remove"), "a kind not listed");
@@ -350,7 +346,7 @@ mod tests {
         // No kinds and no properties: every event of the source.
         let all = UnitRule::from_raw(
             raw("devices", "watchq-dev@.service", Some("devname")),
-            &registry(),
+            CATALOGUE,
         )
         .unwrap();
         assert!(all.matches(&add, "add") && all.matches(&add, "unbind"));
@@ -361,15 +357,13 @@ mod tests {
         let mut nameless = usb_device(0);
         nameless.attributes.remove("devname");
         assert_eq!(all.unit_for(&nameless), Err(UnitNameError::EmptyInstance));
-        let plain =
-            UnitRule::from_raw(raw("devices", "usb-seen.target", None), &registry()).unwrap();
+        let plain = UnitRule::from_raw(raw("devices", "usb-seen.target", None), CATALOGUE).unwrap();
         assert_eq!(plain.unit_for(&nameless).unwrap(), "usb-seen.target");
     }
 
     #[test]
     fn bad_rules_are_typed_errors() {
-        let registry = registry();
-        let check = |raw: RawUnitRule| UnitRule::from_raw(raw, &registry).unwrap_err();
+        let check = |raw: RawUnitRule| UnitRule::from_raw(raw, CATALOGUE).unwrap_err();
         assert!(matches!(
             check(raw("toasters", "a.service", None)),
             UnitRuleError::UnknownSource { .. }

@@ -1,7 +1,10 @@
 //! The contract every event source implements, and the registry of sources.
 //!
 //! A source is one module under `src/source/` that implements [`EventSource`] and is
-//! listed once in [`Registry::builtin`]. The core never opens a source nobody watches:
+//! listed once, in `builtin_sources!` below. From that one list come both the static
+//! [`CATALOGUE`] (names, subtypes and reach, which configuration and filters are checked
+//! against without building a source) and [`Registry::builtin`] (the live sources, which
+//! the daemon builds). The core never opens a source nobody watches:
 //! [`EventSource::open`] is called when the first watch on it is added, and the stream it
 //! returns (with every fd it owns) is dropped when the last watch goes. The exception is
 //! a source one of the daemon's own consumers names (a unit rule, journal records; see
@@ -143,6 +146,10 @@ pub trait EventSource: Send + Sync + 'static {
     /// part of the interface.
     fn subtypes(&self) -> &'static [&'static str];
 
+    /// The source's event signal, defined in its folder (`signal.rs`) and listed in
+    /// [`CATALOGUE`]: how its records are encoded for the bus.
+    fn signal(&self) -> &'static crate::signal::SignalKind;
+
     /// Whether the open source reports every event of its kind on the system by itself
     /// (device uevents, block errors, quota warnings), so that the daemon's own consumers
     /// (unit rules, journal records) receive events with no subscriber's watch. Sources
@@ -172,37 +179,145 @@ pub trait EventSource: Send + Sync + 'static {
     }
 
     fn subtype_index(&self, name: &str) -> Option<u8> {
-        self.subtypes()
-            .iter()
-            .position(|s| *s == name)
-            .and_then(|i| u8::try_from(i).ok())
+        subtype_number(self.subtypes(), name)
     }
 }
 
-/// The sources this daemon knows, in a fixed order.
+/// A subtype's number: its index among the source's subtypes.
+fn subtype_number(subtypes: &[&str], name: &str) -> Option<u8> {
+    subtypes
+        .iter()
+        .position(|s| *s == name)
+        .and_then(|i| u8::try_from(i).ok())
+}
+
+/// What is known of a source without building it: what configuration, filters,
+/// messages and signal decoders (clients, `watchqctl`) need.
+#[derive(Clone, Copy, Debug)]
+pub struct SourceInfo {
+    /// [`EventSource::name`].
+    pub name: &'static str,
+    /// [`EventSource::subtypes`].
+    pub subtypes: &'static [&'static str],
+    /// [`EventSource::system_wide`].
+    pub system_wide: bool,
+    /// [`EventSource::signal`].
+    pub signal: &'static crate::signal::SignalKind,
+}
+
+/// Signals compare by member: a signal kind's functions are not comparable.
+impl PartialEq for SourceInfo {
+    fn eq(&self, other: &Self) -> bool {
+        self.name == other.name
+            && self.subtypes == other.subtypes
+            && self.system_wide == other.system_wide
+            && self.signal.member == other.signal.member
+    }
+}
+
+impl Eq for SourceInfo {}
+
+impl SourceInfo {
+    fn of(source: &dyn EventSource) -> Self {
+        SourceInfo {
+            name: source.name(),
+            subtypes: source.subtypes(),
+            system_wide: source.system_wide(),
+            signal: source.signal(),
+        }
+    }
+
+    pub fn subtype_index(&self, name: &str) -> Option<u8> {
+        subtype_number(self.subtypes, name)
+    }
+}
+
+/// A list of sources as [`SourceInfo`]s, in the registry's order: the built-in
+/// [`CATALOGUE`], or a [`Registry`]'s own ([`Registry::catalogue`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Catalogue<'a>(&'a [SourceInfo]);
+
+impl<'a> Catalogue<'a> {
+    pub fn get(self, name: &str) -> Option<&'a SourceInfo> {
+        self.0.iter().find(|s| s.name == name)
+    }
+
+    pub fn iter(self) -> std::slice::Iter<'a, SourceInfo> {
+        self.0.iter()
+    }
+
+    pub fn names(self) -> Vec<&'static str> {
+        self.0.iter().map(|s| s.name).collect()
+    }
+}
+
+/// What building the sources takes from the configuration (`[sources.*]`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourcesConfig {
+    pub devices: devices::DevicesConfig,
+}
+
+/// Makes [`CATALOGUE`] and the constructor behind [`Registry::builtin`] from one list:
+/// per source, its module (which has `NAME`, `SUBTYPES` and `signal::KIND`), whether it is system-wide
+/// ([`EventSource::system_wide`]; a unit test checks that the two agree) and how to build
+/// it from the [`SourcesConfig`] named first.
+macro_rules! builtin_sources {
+    ($config:ident; $($module:ident, system_wide: $wide:literal, $build:expr;)+) => {
+        /// Every built-in source, in the order `Sources` lists them.
+        pub const CATALOGUE: Catalogue<'static> = Catalogue(&[$(SourceInfo {
+            name: $module::NAME,
+            subtypes: $module::SUBTYPES,
+            system_wide: $wide,
+            signal: &$module::signal::KIND,
+        }),+]);
+
+        fn build_builtin($config: &SourcesConfig) -> Vec<Arc<dyn EventSource>> {
+            vec![$(Arc::new($build)),+]
+        }
+    };
+}
+
+// One line per source.
+builtin_sources! { config;
+    devices, system_wide: true, devices::Devices::new(&config.devices);
+    blockerr, system_wide: true, blockerr::BlockErrors::new();
+    quota, system_wide: true, quota::Quota::new();
+    filesystems, system_wide: false, filesystems::Filesystems::new();
+    space, system_wide: false, space::Space::new();
+    mounts, system_wide: false, mounts::Mounts::new();
+    keys, system_wide: false, keys::Keys::new();
+}
+
+/// The signal kind whose member is `member`, among the built-in sources' signals (for
+/// what decodes signals without a registry: clients, `watchqctl`).
+pub fn signal_named(member: &str) -> Option<&'static crate::signal::SignalKind> {
+    CATALOGUE
+        .iter()
+        .map(|source| source.signal)
+        .find(|kind| kind.member == member)
+}
+
+/// The sources this daemon runs, in a fixed order.
 #[derive(Clone)]
 pub struct Registry {
     sources: Vec<Arc<dyn EventSource>>,
+    catalogue: Vec<SourceInfo>,
 }
 
 impl Registry {
-    /// Every source built into the daemon.
-    pub fn builtin(config: &crate::config::Config) -> Self {
-        let sources: Vec<Arc<dyn EventSource>> = vec![
-            // One line per source.
-            Arc::new(devices::Devices::new(&config.devices)),
-            Arc::new(blockerr::BlockErrors::new()),
-            Arc::new(quota::Quota::new()),
-            Arc::new(filesystems::Filesystems::new()),
-            Arc::new(space::Space::new()),
-            Arc::new(mounts::Mounts::new()),
-            Arc::new(keys::Keys::new()),
-        ];
-        Registry { sources }
+    /// Every source built into the daemon ([`CATALOGUE`]'s), built for `config`.
+    pub fn builtin(config: &SourcesConfig) -> Self {
+        Self::from_sources(build_builtin(config))
     }
 
     pub fn from_sources(sources: Vec<Arc<dyn EventSource>>) -> Self {
-        Registry { sources }
+        let catalogue = sources.iter().map(|s| SourceInfo::of(&**s)).collect();
+        Registry { sources, catalogue }
+    }
+
+    /// What these sources are, as [`CATALOGUE`] says of the built-in ones.
+    pub fn catalogue(&self) -> Catalogue<'_> {
+        Catalogue(&self.catalogue)
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn EventSource>> {
@@ -219,5 +334,20 @@ impl Registry {
 
     pub fn names(&self) -> Vec<&'static str> {
         self.sources.iter().map(|s| s.name()).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The catalogue says of every built-in source what the source says of itself.
+    #[test]
+    fn the_catalogue_agrees_with_the_sources() {
+        let registry = Registry::builtin(&SourcesConfig::default());
+        assert_eq!(
+            registry.catalogue().iter().as_slice(),
+            CATALOGUE.iter().as_slice()
+        );
     }
 }

@@ -219,20 +219,7 @@ pub fn spawn_as_user(
         .stdout(Stdio::piped())
         .spawn()
         .expect("client process");
-    let stdout = child.stdout.take().expect("client stdout");
-    let (tx, lines) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            // libtest may have printed "test client_process ... " on the same line.
-            if let Some((_, answer)) = line.split_once("@@ ") {
-                if tx.send(answer.to_owned()).is_err() {
-                    break;
-                }
-            }
-        }
-    });
+    let lines = super::lines::answers(child.stdout.take().expect("client stdout"));
     UserClient { child, lines }
 }
 
@@ -295,15 +282,7 @@ impl NamespacedMonitor {
             let _ = child.wait();
             return Err(first);
         }
-        let stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let (send, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in stdout.lines().map_while(Result::ok) {
-                if send.send(line).is_err() {
-                    break;
-                }
-            }
-        });
+        let lines = super::lines::lines(child.stdout.take().expect("stdout"));
         Ok(NamespacedMonitor { child, lines })
     }
 

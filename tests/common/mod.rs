@@ -4,8 +4,11 @@
 #![allow(dead_code)]
 
 pub mod ext4;
+pub mod lines;
+pub mod mounts;
 pub mod polkit;
 pub mod private_bus;
+pub mod sources;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -16,11 +19,15 @@ use std::time::{Duration, Instant};
 
 use zbus::{Connection, OwnedObjectPath, OwnedVariant, Variant};
 
-use watchqd::client::{
-    BlockErrorBody, DeviceChangedBody, FilesystemErrorBody, Item, KeyChangedBody, LostBody,
-    MountChangedBody, QuotaWarningBody, SpaceWarningBody, Subscription, SubscriptionProxy,
-    WatchRemovedBody,
-};
+use watchqd::client::{Item, LostBody, Subscription, SubscriptionProxy, WatchRemovedBody};
+use watchqd::signal::EventSignal;
+use watchqd::source::blockerr::signal::BlockError;
+use watchqd::source::devices::signal::DeviceChanged;
+use watchqd::source::filesystems::signal::FilesystemError;
+use watchqd::source::keys::signal::KeyChanged;
+use watchqd::source::mounts::signal::MountChanged;
+use watchqd::source::quota::signal::QuotaWarning;
+use watchqd::source::space::signal::SpaceWarning;
 
 pub const TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -543,24 +550,117 @@ impl Signal {
     }
 }
 
+/// An event signal decoded into its source's typed struct, when it is that signal.
+fn typed<S: EventSignal>(message: &zbus::Message) -> Option<S> {
+    watchqd::client::event::<S>(message)
+        .map(|body| body.unwrap_or_else(|e| panic!("{} body: {e}", S::MEMBER)))
+}
+
+/// The test's view of a signal, decoded through the sources' own signal types.
 pub fn decode(message: &zbus::Message) -> Option<Signal> {
+    if let Some(s) = typed::<DeviceChanged>(message) {
+        return Some(Signal::Device {
+            seq: s.seq,
+            tag: s.tag,
+            action: s.action,
+            subsystem: s.subsystem,
+            sys_path: s.sys_path,
+            attributes: s.attributes.0,
+            properties: s.properties,
+        });
+    }
+    if let Some(s) = typed::<BlockError>(message) {
+        return Some(Signal::BlockError {
+            seq: s.seq,
+            tag: s.tag,
+            device: s.device,
+            major: s.major,
+            minor: s.minor,
+            sector: s.sector,
+            sectors: s.sectors,
+            operation: s.operation,
+            errno_name: s.errno_name,
+            errno: s.errno,
+            count: s.count,
+            attributes: s.attributes.0,
+        });
+    }
+    if let Some(s) = typed::<QuotaWarning>(message) {
+        return Some(Signal::QuotaWarning {
+            seq: s.seq,
+            tag: s.tag,
+            warning: s.warning,
+            kind: s.kind,
+            resource: s.resource,
+            quota_type: s.quota_type,
+            excess_id: s.excess_id,
+            caused_id: s.caused_id,
+            device: s.device,
+            major: s.major,
+            minor: s.minor,
+            attributes: s.attributes.0,
+        });
+    }
+    if let Some(s) = typed::<FilesystemError>(message) {
+        return Some(Signal::FilesystemError {
+            seq: s.seq,
+            tag: s.tag,
+            kind: s.kind,
+            device: s.device,
+            major: s.major,
+            minor: s.minor,
+            fs_type: s.fs_type,
+            mount_point: s.mount_point,
+            errno_name: s.errno_name,
+            errno: s.errno,
+            error_count: s.error_count,
+            inode: s.inode,
+            attributes: s.attributes.0,
+        });
+    }
+    if let Some(s) = typed::<SpaceWarning>(message) {
+        return Some(Signal::SpaceWarning {
+            seq: s.seq,
+            tag: s.tag,
+            state: s.state,
+            level: s.level,
+            path: s.path,
+            mount_point: s.mount_point,
+            available_bytes: s.available_bytes,
+            total_bytes: s.total_bytes,
+            threshold_bytes: s.threshold_bytes,
+            attributes: s.attributes.0,
+        });
+    }
+    if let Some(s) = typed::<MountChanged>(message) {
+        return Some(Signal::Mount {
+            seq: s.seq,
+            tag: s.tag,
+            change: s.change,
+            mount_id: s.mount_id,
+            parent_id: s.parent_id,
+            mount_point: s.mount_point,
+            source: s.source,
+            fs_type: s.fs_type,
+            options: s.options,
+            attributes: s.attributes.0,
+        });
+    }
+    if let Some(s) = typed::<KeyChanged>(message) {
+        return Some(Signal::Key {
+            seq: s.seq,
+            tag: s.tag,
+            change: s.change,
+            key: s.key,
+            aux: s.aux,
+            key_type: s.key_type,
+            description: s.description,
+            attributes: s.attributes.0,
+        });
+    }
     let header = message.header();
     let body = message.body();
     match header.member()?.as_str() {
-        "DeviceChanged" => {
-            let (seq, tag, action, subsystem, sys_path, attributes, properties) = body
-                .deserialize::<DeviceChangedBody>()
-                .expect("DeviceChanged body");
-            Some(Signal::Device {
-                seq,
-                tag,
-                action,
-                subsystem,
-                sys_path,
-                attributes,
-                properties,
-            })
-        }
         "Lost" => {
             let (seq, count, source, reason) = body.deserialize::<LostBody>().expect("Lost body");
             Some(Signal::Lost {
@@ -568,175 +668,6 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
                 count,
                 source,
                 reason,
-            })
-        }
-        "BlockError" => {
-            let (
-                seq,
-                tag,
-                device,
-                major,
-                minor,
-                sector,
-                sectors,
-                operation,
-                errno_name,
-                errno,
-                count,
-                attributes,
-            ) = body
-                .deserialize::<BlockErrorBody>()
-                .expect("BlockError body");
-            Some(Signal::BlockError {
-                seq,
-                tag,
-                device,
-                major,
-                minor,
-                sector,
-                sectors,
-                operation,
-                errno_name,
-                errno,
-                count,
-                attributes,
-            })
-        }
-        "QuotaWarning" => {
-            let (
-                seq,
-                tag,
-                warning,
-                kind,
-                resource,
-                quota_type,
-                excess_id,
-                caused_id,
-                device,
-                major,
-                minor,
-                attributes,
-            ) = body
-                .deserialize::<QuotaWarningBody>()
-                .expect("QuotaWarning body");
-            Some(Signal::QuotaWarning {
-                seq,
-                tag,
-                warning,
-                kind,
-                resource,
-                quota_type,
-                excess_id,
-                caused_id,
-                device,
-                major,
-                minor,
-                attributes,
-            })
-        }
-        "FilesystemError" => {
-            let (
-                seq,
-                tag,
-                kind,
-                device,
-                major,
-                minor,
-                fs_type,
-                mount_point,
-                errno_name,
-                errno,
-                error_count,
-                inode,
-                attributes,
-            ) = body
-                .deserialize::<FilesystemErrorBody>()
-                .expect("FilesystemError body");
-            Some(Signal::FilesystemError {
-                seq,
-                tag,
-                kind,
-                device,
-                major,
-                minor,
-                fs_type,
-                mount_point,
-                errno_name,
-                errno,
-                error_count,
-                inode,
-                attributes,
-            })
-        }
-        "SpaceWarning" => {
-            let (
-                seq,
-                tag,
-                state,
-                level,
-                path,
-                mount_point,
-                available_bytes,
-                total_bytes,
-                threshold_bytes,
-                attributes,
-            ) = body
-                .deserialize::<SpaceWarningBody>()
-                .expect("SpaceWarning body");
-            Some(Signal::SpaceWarning {
-                seq,
-                tag,
-                state,
-                level,
-                path,
-                mount_point,
-                available_bytes,
-                total_bytes,
-                threshold_bytes,
-                attributes,
-            })
-        }
-        "MountChanged" => {
-            let (
-                seq,
-                tag,
-                change,
-                mount_id,
-                parent_id,
-                mount_point,
-                source,
-                fs_type,
-                options,
-                attributes,
-            ) = body
-                .deserialize::<MountChangedBody>()
-                .expect("MountChanged body");
-            Some(Signal::Mount {
-                seq,
-                tag,
-                change,
-                mount_id,
-                parent_id,
-                mount_point,
-                source,
-                fs_type,
-                options,
-                attributes,
-            })
-        }
-        "KeyChanged" => {
-            let (seq, tag, change, key, aux, key_type, description, attributes) = body
-                .deserialize::<KeyChangedBody>()
-                .expect("KeyChanged body");
-            Some(Signal::Key {
-                seq,
-                tag,
-                change,
-                key,
-                aux,
-                key_type,
-                description,
-                attributes,
             })
         }
         "WatchRemoved" => {
@@ -888,18 +819,28 @@ pub fn path_exists(path: &Path) -> bool {
     path.exists()
 }
 
+/// The daemon binary the harness runs: this build's, or `$WATCHQD_DAEMON` when set — a
+/// benchmark measures an earlier build against this one that way, e.g.
+/// `WATCHQD_DAEMON=/tmp/watchqd-before cargo bench --bench delivery`.
+pub fn daemon_binary() -> PathBuf {
+    std::env::var_os("WATCHQD_DAEMON").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_watchqd")),
+        PathBuf::from,
+    )
+}
+
 /// The watchqd binary; with `sockets`, as socket activation runs it (descriptors from 3,
 /// `LISTEN_FDS`, and `LISTEN_PID` naming the daemon itself, set by a shell that execs it).
 pub fn daemon_command(sockets: Vec<std::os::fd::OwnedFd>) -> Command {
     use std::os::fd::AsRawFd;
     use std::os::unix::process::CommandExt;
     if sockets.is_empty() {
-        return Command::new(env!("CARGO_BIN_EXE_watchqd"));
+        return Command::new(daemon_binary());
     }
     let mut command = Command::new("/bin/sh");
     command
         .args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
-        .arg(env!("CARGO_BIN_EXE_watchqd"))
+        .arg(daemon_binary())
         .env("LISTEN_FDS", sockets.len().to_string());
     // SAFETY: only fcntl and dup2, which are async-signal-safe, run between fork and exec.
     // The closure owns the sockets, so the parent's copies close when the Command goes.

@@ -6,7 +6,6 @@
 //! Include with `#[path = "common/quota.rs"] mod quota;` next to `mod common;`.
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
@@ -151,21 +150,8 @@ impl Monitor {
         let (tx, lines) = channel();
         let out = child.stdout.take().expect("stdout");
         let err = child.stderr.take().expect("stderr");
-        let tx2 = tx.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(out).lines().map_while(Result::ok) {
-                if tx.send(Line::Out(line)).is_err() {
-                    break;
-                }
-            }
-        });
-        std::thread::spawn(move || {
-            for line in BufReader::new(err).lines().map_while(Result::ok) {
-                if tx2.send(Line::Err(line)).is_err() {
-                    break;
-                }
-            }
-        });
+        crate::common::lines::forward(out, tx.clone(), Line::Out);
+        crate::common::lines::forward(err, tx, Line::Err);
         let mut monitor = Monitor {
             child,
             lines,

@@ -14,6 +14,11 @@
 //!     "arguments": {"driver": "usb-kbd", "bus": "xhci.0", "id": "kbd0"}}))?;
 //! ```
 //!
+//! A test whose work must happen in the guest is two halves in one binary: the host half
+//! calls [`Guest::run_inside`] with the name of the in-guest half, `inside::NAME`
+//! (`#[ignore]`d, so that it runs only when started there), which begins with
+//! [`enter_guest`] (or [`require_guest`]).
+//!
 //! How it works: `tests/vm/run-in-guest --serve DIR` starts qemu. DIR (a fresh directory under
 //! /tmp, exported read-write over 9p and mounted at the same path in the guest) holds
 //! `console.log`, `qemu.log`, `qmp.sock`, `ctl.sock` and one `req/ID/` directory per command
@@ -735,6 +740,100 @@ impl Drop for Guest {
             let _ = fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+// ---- The two halves of a guest test ----
+//
+// A guest test is a host half, which boots the guest and drives qemu, and an in-guest half,
+// `inside::NAME` of the same test binary (marked `#[ignore]`), which the host half runs in
+// the guest with `--ignored --exact`.
+
+impl Guest {
+    /// The host half of a guest test: boot a guest with `options`, start `inside::NAME` of
+    /// this test binary in it (see [`Guest::spawn_inside`]), let `drive` act from the host
+    /// while it runs (QMP, files in [`Guest::dir`]; `|_, _| {}` for nothing), wait up to
+    /// `timeout` for it to end, require that it passed, power the guest off and print the
+    /// wall time. Panics naming the step that failed.
+    pub fn run_inside(
+        options: &BootOptions,
+        name: &str,
+        timeout: Duration,
+        drive: impl FnOnce(&Guest, &GuestProcess<'_>),
+    ) {
+        let started = Instant::now();
+        let guest = Guest::boot(options).unwrap_or_else(|e| panic!("booting the test guest: {e}"));
+        let inside = guest
+            .spawn_inside(name)
+            .unwrap_or_else(|e| panic!("starting the in-guest test: {e}"));
+        drive(&guest, &inside);
+        let out = inside
+            .wait(timeout)
+            .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
+        out.assert_inside_passed();
+        guest.shutdown().expect("guest shutdown");
+        println!("guest test wall time: {:?}", started.elapsed());
+    }
+
+    /// Start `inside::NAME` of this test binary in the guest, alone and with its output
+    /// shown (`--ignored --exact --nocapture --test-threads=1`, `RUST_BACKTRACE=1`).
+    pub fn spawn_inside(&self, name: &str) -> Result<GuestProcess<'_>> {
+        let exe = std::env::current_exe().map_err(|e| error(format!("current_exe: {e}")))?;
+        let exe = exe
+            .to_str()
+            .ok_or_else(|| error(format!("test binary path {} is not UTF-8", exe.display())))?;
+        let filter = format!("inside::{name}");
+        self.spawn(
+            &[
+                exe,
+                "--ignored",
+                "--exact",
+                &filter,
+                "--nocapture",
+                "--test-threads=1",
+            ],
+            &[("RUST_BACKTRACE", "1")],
+        )
+    }
+}
+
+impl Output {
+    /// Print the in-guest test run and require that it ran its one test and passed.
+    pub fn assert_inside_passed(&self) {
+        println!("{self}");
+        assert!(
+            self.success() && self.stdout.contains("test result: ok. 1 passed"),
+            "the in-guest test did not pass:\n{self}"
+        );
+    }
+}
+
+/// The first line of every in-guest half: fail at once outside the test guest.
+pub fn require_guest() {
+    assert!(
+        std::env::var_os("WATCHQD_VM_GUEST").is_some(),
+        "this test only runs inside the watchqd test guest (see tests/vm); the host test \
+         that boots it starts it"
+    );
+}
+
+/// The start of an in-guest half that runs the daemon: [`require_guest`], then drop the
+/// `WATCHQD_VM_GUEST` marker. run-in-guest sets it, but the daemon reads every `WATCHQD_*`
+/// variable as a configuration override and refuses an unknown key, and it inherits this
+/// process's environment. Call it while this is the only thread (no runtime yet;
+/// `--test-threads=1`).
+pub fn enter_guest() {
+    require_guest();
+    std::env::remove_var("WATCHQD_VM_GUEST");
+}
+
+/// Run an in-guest half's async body on a two-worker tokio runtime.
+pub fn block_on<F: std::future::Future>(test: F) -> F::Output {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+        .block_on(test)
 }
 
 /// A command started with [`Guest::spawn`].

@@ -38,6 +38,7 @@
 //! kworker), not the process that issued the I/O, so it is not reported.
 
 mod ring;
+pub mod signal;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -105,6 +106,10 @@ impl EventSource for BlockErrors {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

@@ -13,6 +13,7 @@
 //! `ENOBUFS` means the kernel dropped events for us: the source rescans sysfs and yields
 //! [`SourceMsg::Overflow`] so that every subscriber is told.
 
+pub mod signal;
 mod sysfs;
 pub mod wire;
 
@@ -116,6 +117,10 @@ impl EventSource for Devices {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

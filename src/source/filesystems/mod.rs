@@ -37,6 +37,8 @@
 //!
 //! The source is idle when nobody watches: no fd, no timer.
 
+pub mod signal;
+
 use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::os::fd::AsFd;
@@ -112,6 +114,10 @@ impl EventSource for Filesystems {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

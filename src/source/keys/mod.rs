@@ -50,6 +50,7 @@
 pub mod helper;
 mod reader;
 mod request;
+pub mod signal;
 pub mod wire;
 
 use std::collections::HashMap;
@@ -248,6 +249,10 @@ impl EventSource for Keys {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

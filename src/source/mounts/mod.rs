@@ -43,6 +43,7 @@
 
 mod describe;
 mod reader;
+pub mod signal;
 pub mod wire;
 
 use std::collections::{HashMap, VecDeque};
@@ -145,6 +146,10 @@ impl EventSource for Mounts {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

@@ -30,6 +30,7 @@
 //! with a soft limit of 0; telling that apart would need `quotactl(Q_GETQUOTA)` per
 //! warning, which is not done.
 
+pub mod signal;
 pub mod wire;
 
 use std::fs;
@@ -112,6 +113,10 @@ impl EventSource for Quota {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

@@ -47,6 +47,7 @@
 //! next mount table change of the daemon's namespace.
 
 mod levels;
+pub mod signal;
 mod writes;
 
 use std::io;
@@ -164,6 +165,10 @@ impl EventSource for Space {
 
     fn subtypes(&self) -> &'static [&'static str] {
         SUBTYPES
+    }
+
+    fn signal(&self) -> &'static crate::signal::SignalKind {
+        &signal::KIND
     }
 
     fn probe(&self) -> Availability {

@@ -1,0 +1,529 @@
+//! Event signals, each defined once by its source.
+//!
+//! A source declares its signal in its own folder (`src/source/<name>/signal.rs`) with
+//! `event_signal!`: a struct with named fields, `seq` and `tag` first, deriving serde and
+//! [`zbus::Type`]. Everything else comes from that one definition:
+//!
+//! - the daemon encodes a record once, for every subscriber, with [`SignalKind::encode`]
+//!   (the source builds the struct from its [`Record`], [`EventSignal::from_record`]);
+//! - clients decode a signal's body into the same struct (`message.body().deserialize()`),
+//!   and `watchqctl` prints it with [`SignalKind::render`] (its `Display`, or JSON);
+//! - the interface's `#[zbus(signal)]` declarations, which only describe the signals for
+//!   introspection, are checked against the structs by this module's tests (names, order
+//!   and types of the arguments), and `tests/interface.rs` checks the XML in `dbus/`
+//!   against what the daemon serves.
+//!
+//! [`crate::source::EventSource::signal`] is required, so the compiler refuses a source
+//! without a signal.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+
+use serde::ser::{SerializeMap, Serializer};
+use serde::{Deserialize, Serialize};
+use zbus::{Message, OwnedVariant, Signature, Str, Type, Variant};
+
+use crate::event::{Attr, Record};
+
+/// What `event_signal!` derives from the struct itself.
+pub trait SignalShape {
+    /// The signal's member name: the struct's name.
+    const MEMBER: &'static str;
+    /// The name of the source whose signal it is (the `source` of `watchqctl --json`).
+    const SOURCE: &'static str;
+    /// The arguments' names in order: the struct's field names, `seq` and `tag` first.
+    const ARGS: &'static [&'static str];
+}
+
+/// One source's event signal; `event_signal!` implements it, the source its `Display`.
+pub trait EventSignal:
+    SignalShape + Serialize + serde::de::DeserializeOwned + Type + fmt::Display
+{
+    /// The signal for `record`, with `seq` and `tag` zero: delivery writes each
+    /// subscriber's own into the shared encoding.
+    fn from_record(record: &Record) -> Self;
+}
+
+/// Declares a source's event signal: a struct named after the signal's member, whose
+/// fields are the signal's arguments after `seq` and `tag` (which every event signal
+/// starts with, and which the macro puts first so that delivery can write them into a
+/// shared encoding at fixed offsets), each with the expression that takes it from a
+/// record (`record` the [`Record`], `fields` its [`Fields`], under the names the
+/// declaration gives them). Field names are the argument names introspection shows;
+/// `#[serde(rename)]` renames a field in `watchqctl --json` only (D-Bus encodes structs
+/// by position).
+macro_rules! event_signal {
+    (
+        source: $source:expr,
+        $(#[$meta:meta])*
+        pub struct $name:ident ($record:ident, $fields:ident) {
+            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty = $value:expr ),* $(,)?
+        }
+    ) => {
+        $(#[$meta])*
+        #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, zbus::Type)]
+        pub struct $name {
+            /// The subscription's sequence number of this signal.
+            pub seq: u64,
+            /// The tag of the watch that matched.
+            pub tag: u64,
+            $( $(#[$field_meta])* pub $field: $ty, )*
+        }
+
+        impl $crate::signal::SignalShape for $name {
+            const MEMBER: &'static str = stringify!($name);
+            const SOURCE: &'static str = $source;
+            const ARGS: &'static [&'static str] = &["seq", "tag", $(stringify!($field)),*];
+        }
+
+        impl $crate::signal::EventSignal for $name {
+            fn from_record($record: &$crate::event::Record) -> Self {
+                let $fields = $crate::signal::Fields($record);
+                $name {
+                    seq: 0,
+                    tag: 0,
+                    $( $field: $value, )*
+                }
+            }
+        }
+    };
+}
+pub(crate) use event_signal;
+
+/// A source's signal, as the layers that do not know the source (the bus, `watchqctl`)
+/// handle it.
+pub struct SignalKind {
+    pub member: &'static str,
+    pub source: &'static str,
+    pub args: &'static [&'static str],
+    /// The arguments' types, as one structure.
+    pub signature: &'static Signature,
+    encode: fn(&Record) -> Option<EncodedSignal>,
+    render: fn(&Message, bool) -> Option<String>,
+}
+
+impl SignalKind {
+    pub const fn of<S: EventSignal>() -> Self {
+        SignalKind {
+            member: S::MEMBER,
+            source: S::SOURCE,
+            args: S::ARGS,
+            signature: S::SIGNATURE,
+            encode: encode::<S>,
+            render: render::<S>,
+        }
+    }
+
+    /// The record's signal, encoded once for every subscriber; `None` (logged) if zbus
+    /// cannot encode it.
+    pub fn encode(&self, record: &Record) -> Option<EncodedSignal> {
+        (self.encode)(record)
+    }
+
+    /// `message` (a signal of this kind) as `watchqctl` prints it: its text line, or a
+    /// JSON object with its arguments and `signal` and `source`; `None` when the body is
+    /// not this signal's.
+    pub fn render(&self, message: &Message, json: bool) -> Option<String> {
+        (self.render)(message, json)
+    }
+}
+
+impl fmt::Debug for SignalKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SignalKind")
+            .field("member", &self.member)
+            .field("source", &self.source)
+            .finish_non_exhaustive()
+    }
+}
+
+/// An event signal as every subscriber receives it, but for `seq` and `tag`; made once
+/// per record.
+#[derive(Debug)]
+pub struct EncodedSignal {
+    pub member: &'static str,
+    pub signature: Signature,
+    /// Native-endian body with zero for seq and tag.
+    body: Box<[u8]>,
+}
+
+/// Offsets of seq and tag in an event signal's body: the struct's first two fields, `tt`
+/// (a structure starts 8-aligned, at 0 in a body).
+const SEQ_AT: std::ops::Range<usize> = 0..8;
+const TAG_AT: std::ops::Range<usize> = 8..16;
+
+impl EncodedSignal {
+    /// The body for one subscriber: the shared encoding with its `seq` and `tag`. It is a
+    /// native-endian serialization of a value of type [`Self::signature`] carrying no fds.
+    pub fn body_for(&self, seq: u64, tag: u64) -> Vec<u8> {
+        let mut body = self.body.to_vec();
+        body[SEQ_AT].copy_from_slice(&seq.to_ne_bytes());
+        body[TAG_AT].copy_from_slice(&tag.to_ne_bytes());
+        body
+    }
+}
+
+fn encode<S: EventSignal>(record: &Record) -> Option<EncodedSignal> {
+    let signal = S::from_record(record);
+    let context = zbus::wire::serialized::Context::new(zbus::wire::NATIVE_ENDIAN, 0);
+    match zbus::wire::to_bytes(context, &signal) {
+        // `body_for` relies on the two leading u64; event_signal! puts them there.
+        Ok(data) if data.bytes().len() >= TAG_AT.end => Some(EncodedSignal {
+            member: S::MEMBER,
+            signature: S::SIGNATURE.clone(),
+            body: data.bytes().into(),
+        }),
+        Ok(_) => {
+            tracing::error!(
+                member = S::MEMBER,
+                "an event signal must start with (seq, tag)"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(member = S::MEMBER, "encoding an event failed: {e}");
+            None
+        }
+    }
+}
+
+fn render<S: EventSignal>(message: &Message, json: bool) -> Option<String> {
+    let signal: S = message.body().deserialize().ok()?;
+    if !json {
+        return Some(signal.to_string());
+    }
+    let mut value = serde_json::to_value(&signal).ok()?;
+    let object = value.as_object_mut()?;
+    object.insert("signal".into(), S::MEMBER.into());
+    object.insert("source".into(), S::SOURCE.into());
+    Some(value.to_string())
+}
+
+/// A signal's `attributes` (`a{sv}`): the record's typed attributes, each value in its
+/// fixed variant type.
+#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
+#[serde(transparent)]
+pub struct Attributes(pub HashMap<String, OwnedVariant>);
+
+impl Type for Attributes {
+    const SIGNATURE: &'static Signature = <HashMap<String, OwnedVariant> as Type>::SIGNATURE;
+}
+
+impl Serialize for Attributes {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // JSON (`watchqctl --json`) wants plain typed values, D-Bus the variants.
+        if serializer.is_human_readable() {
+            return attributes_json(&self.0).serialize(serializer);
+        }
+        // In key order, as the record holds them: what clients that read the array in
+        // order (busctl, GDBus's iterators) have always seen.
+        let mut entries: Vec<(&String, &OwnedVariant)> = self.0.iter().collect();
+        entries.sort_unstable_by_key(|(key, _)| *key);
+        let mut map = serializer.serialize_map(Some(entries.len()))?;
+        for (key, value) in entries {
+            map.serialize_entry(key, value)?;
+        }
+        map.end()
+    }
+}
+
+impl Attributes {
+    /// The record's attributes.
+    pub fn of(record: &Record) -> Self {
+        let owned = |attr: &Attr| match attr {
+            Attr::Str(s) => OwnedVariant::from(Str::from(s.clone())),
+            Attr::U64(v) => OwnedVariant::from(*v),
+            Attr::U32(v) => OwnedVariant::from(*v),
+            Attr::Bool(v) => OwnedVariant::from(*v),
+        };
+        Attributes(
+            record
+                .attributes
+                .iter()
+                .map(|(key, value)| (key.clone(), owned(value)))
+                .collect(),
+        )
+    }
+
+    /// The string value of `key`, if it has one.
+    pub fn str(&self, key: &str) -> Option<&str> {
+        self.0.get(key).and_then(|v| <&str>::try_from(&**v).ok())
+    }
+
+    /// `key=value` pairs in key order, without the keys in `skip`.
+    pub fn text(&self, skip: &[&str]) -> String {
+        attributes_text(&self.0, skip)
+    }
+}
+
+fn variant_json(value: &Variant<'_>) -> serde_json::Value {
+    match value {
+        Variant::Str(s) => serde_json::Value::from(s.as_str()),
+        Variant::U64(v) => serde_json::Value::from(*v),
+        Variant::U32(v) => serde_json::Value::from(*v),
+        Variant::I64(v) => serde_json::Value::from(*v),
+        Variant::I32(v) => serde_json::Value::from(*v),
+        Variant::Bool(v) => serde_json::Value::from(*v),
+        other => serde_json::Value::from(format!("{other}")),
+    }
+}
+
+/// Received attributes as a JSON object of typed values, in key order.
+pub fn attributes_json(attributes: &HashMap<String, OwnedVariant>) -> serde_json::Value {
+    let sorted: BTreeMap<&String, serde_json::Value> = attributes
+        .iter()
+        .map(|(k, v)| (k, variant_json(v)))
+        .collect();
+    serde_json::json!(sorted)
+}
+
+/// Received attributes as `key=value` pairs in key order, without the keys in `skip`.
+pub fn attributes_text(attributes: &HashMap<String, OwnedVariant>, skip: &[&str]) -> String {
+    let sorted: BTreeMap<&String, &OwnedVariant> = attributes.iter().collect();
+    sorted
+        .into_iter()
+        .filter(|(k, _)| !skip.contains(&k.as_str()))
+        .map(|(k, v)| match variant_json(v) {
+            serde_json::Value::String(s) => format!("{k}={s}"),
+            other => format!("{k}={other}"),
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// A record's fields as its signal's arguments take them: absent ones are empty or zero,
+/// numbers too large for a narrower argument saturate.
+#[derive(Clone, Copy)]
+pub struct Fields<'r>(pub &'r Record);
+
+impl Fields<'_> {
+    pub fn text(self, key: &str) -> String {
+        self.0.attr_str(key).unwrap_or_default().to_owned()
+    }
+
+    pub fn u64(self, key: &str) -> u64 {
+        self.0.attr_u64(key).unwrap_or_default()
+    }
+
+    pub fn u32(self, key: &str) -> u32 {
+        u32::try_from(self.u64(key)).unwrap_or(u32::MAX)
+    }
+
+    pub fn i32(self, key: &str) -> i32 {
+        i32::try_from(self.u64(key)).unwrap_or(i32::MAX)
+    }
+
+    /// The record's subtype name, or `default` for a number `subtypes` does not name.
+    pub fn subtype(self, subtypes: &[&str], default: &str) -> String {
+        subtypes
+            .get(usize::from(self.0.subtype))
+            .copied()
+            .unwrap_or(default)
+            .to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The signals the interface declares for introspection, from the contract in `dbus/`
+    /// (which `tests/interface.rs` checks against what the daemon serves): member →
+    /// [(name, type)].
+    fn declared() -> BTreeMap<String, Vec<(String, String)>> {
+        let xml = include_str!("../dbus/org.watchq1.Subscription.xml");
+        let attr = |line: &str, name: &str| {
+            let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+            let len = line[start..].find('"')?;
+            Some(line[start..start + len].to_owned())
+        };
+        let mut signals = BTreeMap::new();
+        let mut current: Option<(String, Vec<(String, String)>)> = None;
+        for line in xml.lines().map(str::trim) {
+            if line.starts_with("<signal ") {
+                current = Some((attr(line, "name").expect("signal name"), Vec::new()));
+            } else if line.starts_with("</signal>") {
+                let (name, args) = current.take().expect("signal start");
+                signals.insert(name, args);
+            } else if let (Some((_, args)), true) = (current.as_mut(), line.starts_with("<arg ")) {
+                args.push((
+                    attr(line, "name").expect("arg name"),
+                    attr(line, "type").expect("arg type"),
+                ));
+            }
+        }
+        signals
+    }
+
+    #[test]
+    fn every_event_signal_is_declared_as_its_struct_defines_it() {
+        let declared = declared();
+        for kind in crate::source::CATALOGUE.iter().map(|source| source.signal) {
+            let args = declared
+                .get(kind.member)
+                .unwrap_or_else(|| panic!("{} is not declared in the interface", kind.member));
+            let names: Vec<&str> = args.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(names, kind.args, "{}: argument names", kind.member);
+            let types: String = args.iter().map(|(_, t)| t.as_str()).collect();
+            assert_eq!(
+                format!("({types})"),
+                kind.signature.to_string(),
+                "{}: argument types",
+                kind.member
+            );
+        }
+        let events: Vec<&str> = crate::source::CATALOGUE
+            .iter()
+            .map(|source| source.signal.member)
+            .collect();
+        let undeclared: Vec<&String> = declared
+            .keys()
+            .filter(|m| !events.contains(&m.as_str()) && *m != "Lost" && *m != "WatchRemoved")
+            .collect();
+        assert!(
+            undeclared.is_empty(),
+            "signals declared without a source's struct: {undeclared:?}"
+        );
+    }
+
+    #[test]
+    fn every_source_names_its_own_signal() {
+        let registry = crate::source::Registry::builtin(&crate::source::SourcesConfig::default());
+        for source in registry.all() {
+            let kind = source.signal();
+            assert_eq!(kind.source, source.name(), "{}", kind.member);
+            let listed = crate::source::CATALOGUE
+                .get(source.name())
+                .map(|s| s.signal);
+            assert!(
+                listed.is_some_and(|k| std::ptr::eq(k, kind)),
+                "{}: the catalogue lists another signal for {}",
+                kind.member,
+                source.name()
+            );
+        }
+    }
+
+    /// `watchqctl --json`'s keys: the arguments, `signal` and `source`, with the renames
+    /// it has always had (a mount's `mount_source`, a key's `type`).
+    #[test]
+    fn every_signal_renders_as_watchqctl_always_printed_it() {
+        for kind in crate::source::CATALOGUE.iter().map(|source| source.signal) {
+            let record = Record {
+                source: kind.source,
+                subtype: 0,
+                object_id: "/devices/x".into(),
+                change: crate::event::Change::None,
+                attributes: [("name".to_owned(), Attr::from("x"))].into_iter().collect(),
+                properties: BTreeMap::new(),
+                audience: crate::event::Audience::Everyone,
+            };
+            let encoded = kind.encode(&record).expect("encoded");
+            let builder = Message::signal(
+                "/org/watchq1/subscription/1",
+                "org.watchq1.Subscription",
+                kind.member,
+            );
+            let body = encoded.body_for(3, 4);
+            // SAFETY: as in `bus::emit`: a native-endian serialization of `signature`,
+            // without fds, whose two leading u64 were overwritten.
+            let message =
+                unsafe { builder.build_raw_body(&body, encoded.signature.clone(), Vec::new()) }
+                    .expect("message");
+            let text = kind.render(&message, false).expect("text");
+            assert!(text.starts_with("#3 "), "{}: {text}", kind.member);
+            let json: serde_json::Value =
+                serde_json::from_str(&kind.render(&message, true).expect("json")).expect("JSON");
+            let mut keys: Vec<&str> = json
+                .as_object()
+                .expect("object")
+                .keys()
+                .map(String::as_str)
+                .collect();
+            keys.sort_unstable();
+            let mut expected: Vec<&str> = kind
+                .args
+                .iter()
+                .map(|arg| match (kind.member, *arg) {
+                    ("MountChanged", "source") => "mount_source",
+                    ("KeyChanged", "key_type") => "type",
+                    (_, arg) => arg,
+                })
+                .chain(["signal", "source"])
+                .collect();
+            expected.sort_unstable();
+            assert_eq!(keys, expected, "{}", kind.member);
+            assert_eq!(json["signal"], kind.member);
+            assert_eq!(json["source"], kind.source);
+            assert_eq!((&json["seq"], &json["tag"]), (&3.into(), &4.into()));
+            assert_eq!(json["attributes"], serde_json::json!({"name": "x"}));
+        }
+    }
+
+    /// The bytes are what the hand-written tuple encoding sent before the signals became
+    /// types (attributes in key order included).
+    #[test]
+    fn a_device_signal_encodes_to_the_bytes_of_the_former_tuple() {
+        use crate::bus::types::AttrMap;
+        let attributes: crate::event::Attrs = [
+            ("subsystem", Attr::from("block")),
+            ("name", Attr::from("loop0")),
+            ("size", Attr::U64(4096)),
+            ("major", Attr::U32(7)),
+            ("removable", Attr::Bool(false)),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect();
+        let record = Record {
+            source: crate::source::devices::NAME,
+            subtype: 2,
+            object_id: "/devices/virtual/block/loop0".into(),
+            change: crate::event::Change::Upsert,
+            attributes,
+            properties: [("ACTION".to_owned(), "change".to_owned())].into(),
+            audience: crate::event::Audience::Everyone,
+        };
+        let context = zbus::wire::serialized::Context::new(zbus::wire::NATIVE_ENDIAN, 0);
+        let former = zbus::wire::to_bytes(
+            context,
+            &(
+                0u64,
+                0u64,
+                "change",
+                "block",
+                record.object_id.as_str(),
+                AttrMap(&record.attributes),
+                &record.properties,
+            ),
+        )
+        .expect("former");
+        let encoded = crate::source::devices::signal::KIND
+            .encode(&record)
+            .expect("encoded");
+        assert_eq!(encoded.body_for(0, 0), former.bytes());
+        assert_eq!(encoded.signature.to_string(), "(ttsssa{sv}a{ss})");
+    }
+
+    #[test]
+    fn seq_and_tag_are_written_into_the_shared_encoding() {
+        let record = Record {
+            source: crate::source::keys::NAME,
+            subtype: 0,
+            object_id: "7".into(),
+            change: crate::event::Change::None,
+            attributes: [("key".to_owned(), Attr::U64(7))].into_iter().collect(),
+            properties: BTreeMap::new(),
+            audience: crate::event::Audience::Everyone,
+        };
+        let encoded = crate::source::keys::signal::KIND
+            .encode(&record)
+            .expect("encoded");
+        let body = encoded.body_for(41, 42);
+        let context = zbus::wire::serialized::Context::new(zbus::wire::NATIVE_ENDIAN, 0);
+        let data = zbus::wire::serialized::Data::new(body, context);
+        let (signal, _): (crate::source::keys::signal::KeyChanged, _) =
+            data.deserialize().expect("decoded");
+        assert_eq!((signal.seq, signal.tag, signal.key), (41, 42, 7));
+    }
+}
