@@ -415,7 +415,7 @@ async fn main() -> std::process::ExitCode {
     describe(&small);
     let large = run(&daemon, extra, rounds).await;
     describe(&large);
-    let mut verdicts = Verdicts::new(TARGETS);
+    let mut verdicts = Verdicts::new(TARGETS).smoke(quick);
     println!(
         "{}",
         verdicts.target(
