@@ -7,8 +7,9 @@
 //! `docs/JOURNAL_NATIVE_PROTOCOL.md`). A record too large for a datagram goes in a sealed
 //! memfd passed with `SCM_RIGHTS`, as the protocol allows.
 //!
-//! Fields: `MESSAGE_ID` (a fixed 128-bit id per source and kind, [`MESSAGE_IDS`], so a
-//! log shipper can match events without parsing text), `MESSAGE` (a line for people),
+//! Fields: `MESSAGE_ID` (a fixed 128-bit id per source and kind, each source's
+//! [`JournalIds`](crate::source::JournalIds), so a log shipper can match events
+//! without parsing text), `MESSAGE` (a line for people),
 //! `PRIORITY`, `SYSLOG_IDENTIFIER=watchqd`, `WATCHQ_SOURCE`, `WATCHQ_KIND`, `WATCHQ_SEQ`
 //! (the source's sequence number, as `Manager.Snapshot` reports it), `WATCHQ_OBJECT`
 //! (the object id: a device's sysfs path, …) and every attribute as
@@ -31,7 +32,7 @@ use super::{attr_text, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed};
 use crate::event::Record;
 use crate::logging::LogLimit;
-use crate::source::{Catalogue, Registry};
+use crate::source::{Catalogue, Registry, CATALOGUE};
 
 /// Records waiting to be written.
 pub const QUEUE: usize = 1024;
@@ -71,95 +72,25 @@ pub fn sources(config: &JournalConfig, catalogue: Catalogue<'_>) -> Vec<&'static
     }
 }
 
-/// `MESSAGE_ID` of each (source, kind). Never change one: shippers match on them.
-/// Generated once with `systemd-id128 new`.
-pub const MESSAGE_IDS: &[(&str, &str, &str)] = &[
-    ("devices", "add", "384f719155194359bb7ed41ca9f34bb1"),
-    ("devices", "remove", "cbe8ac3b41204ac6ba713fb7542e2a2c"),
-    ("devices", "change", "9dac70fd54f04de293ff2890bf916cae"),
-    ("devices", "move", "a247d324aef04628a0938d090fa44584"),
-    ("devices", "online", "dac2031387ed4a87ba921ce902eef4b2"),
-    ("devices", "offline", "933ea60e4b1a427c9265c405441adf28"),
-    ("devices", "bind", "4536f85e74e14798b986dc4ac39bcaee"),
-    ("devices", "unbind", "d14f6203db434c898f434031ba36b480"),
-    (
-        "devices",
-        "media-change",
-        "15f631e6de504276a42de38152807ff6",
-    ),
-    ("devices", "resize", "aa352c47a83d4c57a3474ad426fc3b3d"),
-    (
-        "devices",
-        "over-current",
-        "648f466bfabb4740ac4d7fe9198190fa",
-    ),
-    ("block-errors", "read", "55177835319440f8883fbd192db76877"),
-    ("block-errors", "write", "6c1b8bd656c24649bd04b64244864bec"),
-    ("block-errors", "flush", "1ecf6e8b9b8f46fd99a8c8cce8b46121"),
-    (
-        "block-errors",
-        "discard",
-        "711d663985fd49c5a319882f8badd607",
-    ),
-    ("block-errors", "other", "19c241817f3943179058333cf9681987"),
-    ("quota", "other", "4c275df8c80948258e6bf85bcc1d8daa"),
-    ("quota", "inode-hard", "2301a3b07a2f4bc980ab289d2d444108"),
-    (
-        "quota",
-        "inode-soft-long",
-        "8465a8ae40514105a73283d0cd28180c",
-    ),
-    ("quota", "inode-soft", "554d24157ba94d6bb82268a73a29937c"),
-    ("quota", "block-hard", "56169663ed4942188ddd12f9ff7a7eb3"),
-    (
-        "quota",
-        "block-soft-long",
-        "ddf8732217304d3d9ab78c6d65d6ee00",
-    ),
-    ("quota", "block-soft", "5fb83c18cf1f4077a04177312ac8b803"),
-    (
-        "quota",
-        "inode-hard-below",
-        "dd73578ae3634438aaf20aea5ca6e22a",
-    ),
-    (
-        "quota",
-        "inode-soft-below",
-        "71f8b901813449f5a60e6f3e7f36489e",
-    ),
-    (
-        "quota",
-        "block-hard-below",
-        "c9b966f70900474ca6ef81aa7d267a32",
-    ),
-    (
-        "quota",
-        "block-soft-below",
-        "8a264accaa5f4d7baf532bf68f6d141e",
-    ),
-];
-
 /// `MESSAGE_ID` of the record saying events of a source were lost (the kernel dropped
 /// them, the source failed and was reopened, or the journal writer fell behind):
 /// `WATCHQ_LOST_REASON` is `kernel-overflow`, `source-restarted` or `queue-full`,
 /// `WATCHQ_LOST_COUNT` the number dropped (0: unknown).
 pub const LOST_MESSAGE_ID: &str = "b13a5e4199c24bc8a53bf497d57b091b";
 
+/// The `MESSAGE_ID` of a (source, kind): the source's
+/// [`JournalIds`](crate::source::JournalIds).
 pub fn message_id(source: &str, kind: &str) -> Option<&'static str> {
-    MESSAGE_IDS
-        .iter()
-        .find(|(s, k, _)| *s == source && *k == kind)
-        .map(|(_, _, id)| *id)
+    CATALOGUE.get(source)?.journal.message_id(kind)
 }
 
-/// syslog priority per source: errors for failed I/O, warnings for quota, info else.
+/// The syslog priority of a (source, kind): the source's
+/// [`JournalIds`](crate::source::JournalIds); info for a source the catalogue does not
+/// know.
 fn priority(source: &str, kind: &str) -> u8 {
-    match (source, kind) {
-        ("block-errors", _) => 3,
-        ("quota", k) if k.ends_with("-below") => 5,
-        ("quota", _) => 4,
-        _ => 6,
-    }
+    CATALOGUE
+        .get(source)
+        .map_or(6, |source| (source.journal.priority)(kind))
 }
 
 /// A journal field name for an attribute: `WATCHQ_` and the name in upper case, every
@@ -387,25 +318,41 @@ mod tests {
     }
 
     #[test]
+    fn each_source_gives_its_priorities() {
+        assert_eq!(priority("block-errors", "read"), 3, "failed I/O: error");
+        assert_eq!(priority("quota", "block-hard"), 4, "over a limit: warning");
+        assert_eq!(
+            priority("quota", "block-hard-below"),
+            5,
+            "back below: notice"
+        );
+        assert_eq!(priority("devices", "add"), 6);
+        assert_eq!(priority("mounts", "attach"), 6);
+        assert_eq!(priority("no-such-source", "x"), 6);
+    }
+
+    #[test]
     fn every_kind_of_every_system_wide_source_has_its_own_id() {
-        let mut expected = 0;
-        for source in crate::source::CATALOGUE.iter().filter(|s| s.system_wide) {
-            for kind in source.subtypes {
+        let mut ids = vec![LOST_MESSAGE_ID];
+        for source in CATALOGUE.iter() {
+            if source.system_wide {
+                for kind in source.subtypes {
+                    assert!(
+                        message_id(source.name, kind).is_some(),
+                        "no MESSAGE_ID for {} {kind}",
+                        source.name
+                    );
+                }
+            }
+            for (kind, id) in source.journal.message_ids {
                 assert!(
-                    message_id(source.name, kind).is_some(),
-                    "no MESSAGE_ID for {} {kind}",
+                    source.subtypes.contains(kind),
+                    "{}: a MESSAGE_ID for {kind}, which is not one of its subtypes",
                     source.name
                 );
-                expected += 1;
+                ids.push(id);
             }
         }
-        assert_eq!(
-            MESSAGE_IDS.len(),
-            expected,
-            "ids for kinds that do not exist"
-        );
-        let mut ids: Vec<&str> = MESSAGE_IDS.iter().map(|(_, _, id)| *id).collect();
-        ids.push(LOST_MESSAGE_ID);
         for id in &ids {
             assert!(
                 id.len() == 32
@@ -415,9 +362,10 @@ mod tests {
                 "{id}"
             );
         }
+        let all = ids.len();
         ids.sort_unstable();
         ids.dedup();
-        assert_eq!(ids.len(), MESSAGE_IDS.len() + 1, "ids are unique");
+        assert_eq!(ids.len(), all, "ids are unique");
     }
 
     #[test]

@@ -203,9 +203,42 @@ pub struct SourceInfo {
     pub system_wide: bool,
     /// [`EventSource::signal`].
     pub signal: &'static crate::signal::SignalKind,
+    /// How the daemon's journal records write its events (the module's `JOURNAL`).
+    pub journal: &'static JournalIds,
 }
 
-/// Signals compare by member: a signal kind's functions are not comparable.
+/// How the daemon's journal records (`[journal]`, [`crate::consumers`]) write a source's
+/// events: each source's module has one, as `JOURNAL`.
+#[derive(Clone, Copy, Debug)]
+pub struct JournalIds {
+    /// The `MESSAGE_ID` of each subtype (subtype, id): a fixed 128-bit id, so that a log
+    /// shipper can match events without parsing text. Never change one.
+    pub message_ids: &'static [(&'static str, &'static str)],
+    /// The syslog priority of a subtype.
+    pub priority: fn(&str) -> u8,
+}
+
+impl JournalIds {
+    /// Info (6), the priority of what is neither an error nor a warning.
+    pub const INFO: fn(&str) -> u8 = |_| 6;
+
+    /// No `MESSAGE_ID`s, priority info: a source that reports only what a watch names.
+    pub const NONE: JournalIds = JournalIds {
+        message_ids: &[],
+        priority: JournalIds::INFO,
+    };
+
+    /// The `MESSAGE_ID` of `subtype`.
+    pub fn message_id(&self, subtype: &str) -> Option<&'static str> {
+        self.message_ids
+            .iter()
+            .find(|(name, _)| *name == subtype)
+            .map(|(_, id)| *id)
+    }
+}
+
+/// Signals compare by member: a signal kind's functions are not comparable; the journal
+/// ids are not part of what a source says of itself.
 impl PartialEq for SourceInfo {
     fn eq(&self, other: &Self) -> bool {
         self.name == other.name
@@ -224,6 +257,9 @@ impl SourceInfo {
             subtypes: source.subtypes(),
             system_wide: source.system_wide(),
             signal: source.signal(),
+            journal: CATALOGUE
+                .get(source.name())
+                .map_or(&JournalIds::NONE, |known| known.journal),
         }
     }
 
@@ -258,7 +294,7 @@ pub struct SourcesConfig {
 }
 
 /// Makes [`CATALOGUE`] and the constructor behind [`Registry::builtin`] from one list:
-/// per source, its module (which has `NAME`, `SUBTYPES` and `signal::KIND`), whether it is system-wide
+/// per source, its module (which has `NAME`, `SUBTYPES`, `JOURNAL` and `signal::KIND`), whether it is system-wide
 /// ([`EventSource::system_wide`]; a unit test checks that the two agree) and how to build
 /// it from the [`SourcesConfig`] named first.
 macro_rules! builtin_sources {
@@ -269,6 +305,7 @@ macro_rules! builtin_sources {
             subtypes: $module::SUBTYPES,
             system_wide: $wide,
             signal: &$module::signal::KIND,
+            journal: &$module::JOURNAL,
         }),+]);
 
         fn build_builtin($config: &SourcesConfig) -> Vec<Arc<dyn EventSource>> {

@@ -56,7 +56,8 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 
 use super::{
-    Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher, WatchSpec,
+    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -69,6 +70,21 @@ pub const NAME: &str = "block-errors";
 
 /// Subtypes are operation classes (see [`wire::operation_class`]). Never reorder.
 pub const SUBTYPES: &[&str] = &["read", "write", "flush", "discard", "other"];
+
+/// How the daemon's journal records (`[journal]`) write this source's events: the
+/// `MESSAGE_ID` of each subtype (made once with `systemd-id128 new`; never change one,
+/// log shippers match on them) and the syslog priority.
+pub const JOURNAL: JournalIds = JournalIds {
+    message_ids: &[
+        ("read", "55177835319440f8883fbd192db76877"),
+        ("write", "6c1b8bd656c24649bd04b64244864bec"),
+        ("flush", "1ecf6e8b9b8f46fd99a8c8cce8b46121"),
+        ("discard", "711d663985fd49c5a319882f8badd607"),
+        ("other", "19c241817f3943179058333cf9681987"),
+    ],
+    // Failed I/O: an error.
+    priority: |_| 3,
+};
 
 /// Where tracefs may be mounted, in order of preference.
 const TRACEFS: &[&str] = &["/sys/kernel/tracing", "/sys/kernel/debug/tracing"];

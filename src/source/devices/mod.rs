@@ -31,7 +31,8 @@ use nix::sys::socket::{
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
 
 use super::{
-    Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher, WatchSpec,
+    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::activation;
 use crate::error::Error;
@@ -62,6 +63,26 @@ pub const SUBTYPES: &[&str] = &[
     "resize",
     "over-current",
 ];
+
+/// How the daemon's journal records (`[journal]`) write this source's events: the
+/// `MESSAGE_ID` of each subtype (made once with `systemd-id128 new`; never change one,
+/// log shippers match on them) and the syslog priority.
+pub const JOURNAL: JournalIds = JournalIds {
+    message_ids: &[
+        ("add", "384f719155194359bb7ed41ca9f34bb1"),
+        ("remove", "cbe8ac3b41204ac6ba713fb7542e2a2c"),
+        ("change", "9dac70fd54f04de293ff2890bf916cae"),
+        ("move", "a247d324aef04628a0938d090fa44584"),
+        ("online", "dac2031387ed4a87ba921ce902eef4b2"),
+        ("offline", "933ea60e4b1a427c9265c405441adf28"),
+        ("bind", "4536f85e74e14798b986dc4ac39bcaee"),
+        ("unbind", "d14f6203db434c898f434031ba36b480"),
+        ("media-change", "15f631e6de504276a42de38152807ff6"),
+        ("resize", "aa352c47a83d4c57a3474ad426fc3b3d"),
+        ("over-current", "648f466bfabb4740ac4d7fe9198190fa"),
+    ],
+    priority: JournalIds::INFO,
+};
 
 const UEVENT_GROUP_KERNEL: u32 = 1;
 /// Devices whose changing attribute files the reader holds open (three each), so that a

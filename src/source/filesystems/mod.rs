@@ -46,8 +46,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::{
-    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
-    WatchSpec,
+    ArmedWatch, Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader,
+    WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -62,6 +62,10 @@ pub const NAME: &str = "filesystems";
 
 /// Never reorder: numbers are part of the interface.
 pub const SUBTYPES: &[&str] = &["error", "read-only"];
+
+/// Reports only what a watch names, so the journal records name no `MESSAGE_ID` for it
+/// (`[journal] sources` may still list it).
+pub const JOURNAL: JournalIds = JournalIds::NONE;
 const SUBTYPE_ERROR: u8 = 0;
 const SUBTYPE_READ_ONLY: u8 = 1;
 

@@ -66,8 +66,8 @@ use tokio::io::unix::AsyncFd;
 use zbus::OwnedVariant;
 
 use super::{
-    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
-    WatchSpec,
+    ArmedWatch, Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader,
+    WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -91,6 +91,10 @@ pub const SUBTYPES: &[&str] = &[
     "invalidated",
     "setattr",
 ];
+
+/// Reports only what a watch names, so the journal records name no `MESSAGE_ID` for it
+/// (`[journal] sources` may still list it).
+pub const JOURNAL: JournalIds = JournalIds::NONE;
 
 /// Notes the kernel queues for the daemon before it marks a loss (1–512, rounded up to 32
 /// by the kernel).

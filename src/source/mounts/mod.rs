@@ -63,8 +63,8 @@ use tokio::sync::mpsc;
 use zbus::OwnedVariant;
 
 use super::{
-    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
-    WatchSpec,
+    ArmedWatch, Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader,
+    WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -78,6 +78,11 @@ pub const NAME: &str = "mounts";
 
 /// Never reorder: numbers are part of the interface.
 pub const SUBTYPES: &[&str] = &["attach", "detach", "move", "remount"];
+
+/// Reports only what a watch names, so the journal records name no `MESSAGE_ID` for it
+/// (`[journal] sources` may still list it).
+pub const JOURNAL: JournalIds = JournalIds::NONE;
+
 const ATTACH: u8 = 0;
 const DETACH: u8 = 1;
 const MOVE: u8 = 2;

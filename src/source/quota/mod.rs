@@ -48,7 +48,8 @@ use nix::sys::socket::{
 use nix::sys::time::TimeVal;
 
 use super::{
-    Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher, WatchSpec,
+    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
+    WatchSpec,
 };
 use crate::activation;
 use crate::error::Error;
@@ -75,6 +76,27 @@ pub const SUBTYPES: &[&str] = &[
     "block-hard-below",
     "block-soft-below",
 ];
+
+/// How the daemon's journal records (`[journal]`) write this source's events: the
+/// `MESSAGE_ID` of each subtype (made once with `systemd-id128 new`; never change one,
+/// log shippers match on them) and the syslog priority.
+pub const JOURNAL: JournalIds = JournalIds {
+    message_ids: &[
+        ("other", "4c275df8c80948258e6bf85bcc1d8daa"),
+        ("inode-hard", "2301a3b07a2f4bc980ab289d2d444108"),
+        ("inode-soft-long", "8465a8ae40514105a73283d0cd28180c"),
+        ("inode-soft", "554d24157ba94d6bb82268a73a29937c"),
+        ("block-hard", "56169663ed4942188ddd12f9ff7a7eb3"),
+        ("block-soft-long", "ddf8732217304d3d9ab78c6d65d6ee00"),
+        ("block-soft", "5fb83c18cf1f4077a04177312ac8b803"),
+        ("inode-hard-below", "dd73578ae3634438aaf20aea5ca6e22a"),
+        ("inode-soft-below", "71f8b901813449f5a60e6f3e7f36489e"),
+        ("block-hard-below", "c9b966f70900474ca6ef81aa7d267a32"),
+        ("block-soft-below", "8a264accaa5f4d7baf532bf68f6d141e"),
+    ],
+    // Over a limit: a warning; back below it: a notice.
+    priority: |kind| if kind.ends_with("-below") { 5 } else { 4 },
+};
 
 /// A warning message is ~100 bytes; room for a burst in one datagram is not needed (the
 /// kernel sends one message per datagram), but a larger forged one must not be

@@ -56,8 +56,8 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use super::{
-    ArmedWatch, Availability, EventSource, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
-    WatchSpec,
+    ArmedWatch, Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader,
+    WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record};
@@ -72,6 +72,10 @@ pub const NAME: &str = "space";
 
 /// Never reorder: numbers are part of the interface.
 pub const SUBTYPES: &[&str] = &["low", "full"];
+
+/// Reports only what a watch names, so the journal records name no `MESSAGE_ID` for it
+/// (`[journal] sources` may still list it).
+pub const JOURNAL: JournalIds = JournalIds::NONE;
 
 /// At most one `statfs` per filesystem per interval while something writes.
 pub const INTERVAL: Duration = Duration::from_millis(500);
