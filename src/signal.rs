@@ -16,10 +16,10 @@
 //! [`crate::source::EventSource::signal`] is required, so the compiler refuses a source
 //! without a signal.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::ser::{SerializeMap, Serializer};
+use serde::ser::Serializer;
 use serde::{Deserialize, Serialize};
 use zbus::{Message, OwnedVariant, Signature, Str, Type, Variant};
 
@@ -200,13 +200,14 @@ fn render<S: EventSignal>(message: &Message, json: bool) -> Option<String> {
 }
 
 /// A signal's `attributes` (`a{sv}`): the record's typed attributes, each value in its
-/// fixed variant type.
+/// fixed variant type, in key order like the record's own map — what clients that read
+/// the array in order (busctl, GDBus's iterators) have always seen.
 #[derive(Clone, Debug, Default, PartialEq, Deserialize)]
 #[serde(transparent)]
-pub struct Attributes(pub HashMap<String, OwnedVariant>);
+pub struct Attributes(pub BTreeMap<String, OwnedVariant>);
 
 impl Type for Attributes {
-    const SIGNATURE: &'static Signature = <HashMap<String, OwnedVariant> as Type>::SIGNATURE;
+    const SIGNATURE: &'static Signature = <BTreeMap<String, OwnedVariant> as Type>::SIGNATURE;
 }
 
 impl Serialize for Attributes {
@@ -215,15 +216,7 @@ impl Serialize for Attributes {
         if serializer.is_human_readable() {
             return attributes_json(&self.0).serialize(serializer);
         }
-        // In key order, as the record holds them: what clients that read the array in
-        // order (busctl, GDBus's iterators) have always seen.
-        let mut entries: Vec<(&String, &OwnedVariant)> = self.0.iter().collect();
-        entries.sort_unstable_by_key(|(key, _)| *key);
-        let mut map = serializer.serialize_map(Some(entries.len()))?;
-        for (key, value) in entries {
-            map.serialize_entry(key, value)?;
-        }
-        map.end()
+        self.0.serialize(serializer)
     }
 }
 
@@ -269,17 +262,22 @@ fn variant_json(value: &Variant<'_>) -> serde_json::Value {
 }
 
 /// Received attributes as a JSON object of typed values, in key order.
-pub fn attributes_json(attributes: &HashMap<String, OwnedVariant>) -> serde_json::Value {
+pub fn attributes_json<'a>(
+    attributes: impl IntoIterator<Item = (&'a String, &'a OwnedVariant)>,
+) -> serde_json::Value {
     let sorted: BTreeMap<&String, serde_json::Value> = attributes
-        .iter()
+        .into_iter()
         .map(|(k, v)| (k, variant_json(v)))
         .collect();
     serde_json::json!(sorted)
 }
 
 /// Received attributes as `key=value` pairs in key order, without the keys in `skip`.
-pub fn attributes_text(attributes: &HashMap<String, OwnedVariant>, skip: &[&str]) -> String {
-    let sorted: BTreeMap<&String, &OwnedVariant> = attributes.iter().collect();
+pub fn attributes_text<'a>(
+    attributes: impl IntoIterator<Item = (&'a String, &'a OwnedVariant)>,
+    skip: &[&str],
+) -> String {
+    let sorted: BTreeMap<&String, &OwnedVariant> = attributes.into_iter().collect();
     sorted
         .into_iter()
         .filter(|(k, _)| !skip.contains(&k.as_str()))

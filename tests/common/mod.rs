@@ -565,7 +565,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             action: s.action,
             subsystem: s.subsystem,
             sys_path: s.sys_path,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
             properties: s.properties,
         });
     }
@@ -582,7 +582,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             errno_name: s.errno_name,
             errno: s.errno,
             count: s.count,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
         });
     }
     if let Some(s) = typed::<QuotaWarning>(message) {
@@ -598,7 +598,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             device: s.device,
             major: s.major,
             minor: s.minor,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
         });
     }
     if let Some(s) = typed::<FilesystemError>(message) {
@@ -615,7 +615,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             errno: s.errno,
             error_count: s.error_count,
             inode: s.inode,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
         });
     }
     if let Some(s) = typed::<SpaceWarning>(message) {
@@ -629,7 +629,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             available_bytes: s.available_bytes,
             total_bytes: s.total_bytes,
             threshold_bytes: s.threshold_bytes,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
         });
     }
     if let Some(s) = typed::<MountChanged>(message) {
@@ -643,7 +643,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             source: s.source,
             fs_type: s.fs_type,
             options: s.options,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
         });
     }
     if let Some(s) = typed::<KeyChanged>(message) {
@@ -655,7 +655,7 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
             aux: s.aux,
             key_type: s.key_type,
             description: s.description,
-            attributes: s.attributes.0,
+            attributes: s.attributes.0.into_iter().collect(),
         });
     }
     let header = message.header();
