@@ -8,10 +8,11 @@
 //!   (the source builds the struct from its [`Record`], [`EventSignal::from_record`]);
 //! - clients decode a signal's body into the same struct (`message.body().deserialize()`),
 //!   and `watchqctl` prints it with [`SignalKind::render`] (its `Display`, or JSON);
-//! - the interface's `#[zbus(signal)]` declarations, which only describe the signals for
-//!   introspection, are checked against the structs by this module's tests (names, order
-//!   and types of the arguments), and `tests/interface.rs` checks the XML in `dbus/`
-//!   against what the daemon serves.
+//! - the interface declares it: `event_signal!` makes the `#[zbus(signal)]` declaration
+//!   from the struct's fields and doc comment, and `gather_interface!` splices every
+//!   source's into the interface's impl (`bus/subscription.rs`), which names none; this
+//!   module's tests check the blessed XML in `dbus/` against the structs, and
+//!   `tests/interface.rs` that XML against what the daemon serves.
 //!
 //! [`crate::source::EventSource::signal`] is required, so the compiler refuses a source
 //! without a signal.
@@ -52,15 +53,45 @@ pub trait EventSignal:
 /// declaration gives them). Field names are the argument names introspection shows;
 /// `#[serde(rename)]` renames a field in `watchqctl --json` only (D-Bus encodes structs
 /// by position).
+///
+/// The struct's documentation is the signal's in the interface (`dbus/`), and
+/// `add_watch_doc` the source's paragraph of `AddWatch`'s (its spec keys):
+/// `interface_items!`, which the macro also defines in the calling module, hands both,
+/// with the `#[zbus(signal)]` declaration made from the fields (`member_fn`, the
+/// member's snake-case name, names it), to `gather_interface!`, so that the bus's
+/// interface declares every source's signal without naming one.
 macro_rules! event_signal {
     (
         source: $source:expr,
-        $(#[$meta:meta])*
+        member_fn: $member_fn:ident,
+        add_watch_doc: { $(#[doc = $spec_doc:tt])* },
+        $(#[doc = $doc:tt])*
         pub struct $name:ident ($record:ident, $fields:ident) {
             $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty = $value:expr ),* $(,)?
         }
     ) => {
-        $(#[$meta])*
+        // The `$` of the macro this one defines cannot be written here: it is passed in.
+        $crate::signal::event_signal! { @with_dollar ($)
+            source: $source,
+            member_fn: $member_fn,
+            add_watch_doc: { $(#[doc = $spec_doc])* },
+            $(#[doc = $doc])*
+            pub struct $name ($record, $fields) {
+                $( $(#[$field_meta])* pub $field : $ty = $value ),*
+            }
+        }
+    };
+    (
+        @with_dollar ($d:tt)
+        source: $source:expr,
+        member_fn: $member_fn:ident,
+        add_watch_doc: { $(#[doc = $spec_doc:tt])* },
+        $(#[doc = $doc:tt])*
+        pub struct $name:ident ($record:ident, $fields:ident) {
+            $( $(#[$field_meta:meta])* pub $field:ident : $ty:ty = $value:expr ),*
+        }
+    ) => {
+        $(#[doc = $doc])*
         #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, zbus::Type)]
         pub struct $name {
             /// The subscription's sequence number of this signal.
@@ -86,9 +117,61 @@ macro_rules! event_signal {
                 }
             }
         }
+
+        /// This source's items of the subscription interface, added to those gathered
+        /// so far (see `crate::signal::gather_interface!`).
+        macro_rules! interface_items {
+            (
+                [$d($d callback:tt)*]
+                [$d($d add_watch_doc:tt)*]
+                [$d($d signals:tt)*]
+                $d($d rest:tt)*
+            ) => {
+                $crate::signal::gather_interface! {
+                    [$d($d callback)*]
+                    [$d($d add_watch_doc)* $(#[doc = $spec_doc])*]
+                    [
+                        $d($d signals)*
+                        $(#[doc = $doc])*
+                        #[zbus(signal)]
+                        pub async fn $member_fn(
+                            emitter: &zbus::object_server::SignalEmitter<'_>,
+                            seq: u64,
+                            tag: u64,
+                            $( $field: $ty, )*
+                        ) -> zbus::Result<()>;
+                    ]
+                    $d($d rest)*
+                }
+            };
+        }
+        pub(crate) use interface_items;
     };
 }
 pub(crate) use event_signal;
+
+/// Collects the sources' items of the subscription interface and hands them to a
+/// callback macro, for an interface macro (`zbus::interface`) that needs every signal
+/// written out in the `impl` it reads: `[callback] [AddWatch doc] [signals]`, then the
+/// paths of the `interface_items!` still to visit, each followed by `;`. Each
+/// `interface_items!` adds its source's and calls this again; with none left, the
+/// callback gets `add_watch_doc: [...] signals: [...]`.
+/// `crate::source::with_interface_items!` starts it with every built-in source.
+macro_rules! gather_interface {
+    ([$($callback:tt)*] [$($add_watch_doc:tt)*] [$($signals:tt)*]) => {
+        $($callback)*! {
+            add_watch_doc: [$($add_watch_doc)*]
+            signals: [$($signals)*]
+        }
+    };
+    (
+        [$($callback:tt)*] [$($add_watch_doc:tt)*] [$($signals:tt)*]
+        $($next:ident)::+; $($rest:tt)*
+    ) => {
+        $($next)::+! { [$($callback)*] [$($add_watch_doc)*] [$($signals)*] $($rest)* }
+    };
+}
+pub(crate) use gather_interface;
 
 /// A source's signal, as the layers that do not know the source (the bus, `watchqctl`)
 /// handle it.

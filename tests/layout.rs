@@ -7,7 +7,10 @@
 //!    `src/source/b/`): what two sources share lives in a shared room, and a source's
 //!    own files are its business;
 //! 3. no file in `src/` is above 700 lines unless its opening `//!` comment says why, in
-//!    a line containing "Long because".
+//!    a line containing "Long because";
+//! 4. the bus layer (`src/bus/`) names no source: no path into a source's module, no
+//!    source's name or signal member as a string, no signal struct. What it serves of a
+//!    source comes through the catalogue and the sources' own `signal.rs`.
 //!
 //! Plain Rust over the files, parsed with `syn`; no daemon. Paths count wherever they are
 //! written: `use` trees, types, expressions and macro bodies, written from `crate::`,
@@ -509,4 +512,137 @@ fn no_file_is_long_without_a_reason() {
         }
     }
     assert!(failures.is_empty(), "\n{}\n", failures.join("\n"));
+}
+
+/// Every built-in source as the code could name it: its folder, its `NAME` and its
+/// signal's member (the struct `event_signal!` declares in its `signal.rs`).
+struct SourceNames {
+    folders: BTreeSet<String>,
+    /// `NAME`s and members, which the bus must not write as strings.
+    strings: BTreeSet<String>,
+    /// Members and their signal methods' names, which the bus must not write at all.
+    members: BTreeSet<String>,
+}
+
+fn source_names() -> SourceNames {
+    let mut names = SourceNames {
+        folders: BTreeSet::new(),
+        strings: BTreeSet::new(),
+        members: BTreeSet::new(),
+    };
+    let sources = src_dir().join("source");
+    for entry in std::fs::read_dir(&sources).expect("src/source") {
+        let folder = entry.expect("src/source entry").path();
+        if !folder.join("signal.rs").is_file() {
+            continue;
+        }
+        let module = std::fs::read_to_string(folder.join("mod.rs")).expect("a source's mod.rs");
+        let name = module
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("pub const NAME: &str = \""))
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("{}: no `pub const NAME`", folder.display()));
+        let signal = std::fs::read_to_string(folder.join("signal.rs")).expect("signal.rs");
+        let member = signal
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("pub struct "))
+            .and_then(|rest| rest.split('(').next())
+            .unwrap_or_else(|| panic!("{}: no signal struct", folder.display()));
+        names.strings.insert(name.to_owned());
+        names.strings.insert(member.to_owned());
+        names.members.insert(member.to_owned());
+        // The name of its `#[zbus(signal)]` method: `DeviceChanged` → `device_changed`.
+        let mut method = String::new();
+        for c in member.chars() {
+            if c.is_uppercase() && !method.is_empty() {
+                method.push('_');
+            }
+            method.extend(c.to_lowercase());
+        }
+        names.members.insert(method);
+        names.folders.insert(
+            folder
+                .file_name()
+                .expect("a folder name")
+                .to_string_lossy()
+                .into_owned(),
+        );
+    }
+    assert!(names.folders.len() >= 7, "found only {:?}", names.folders);
+    names
+}
+
+/// What in a token stream names a source: string literals that are a source's name or
+/// member, and identifiers that are a member. Doc comments are prose, not names.
+fn named_in(tokens: proc_macro2::TokenStream, names: &SourceNames, found: &mut Vec<String>) {
+    let mut after_doc = false;
+    for token in tokens {
+        match token {
+            proc_macro2::TokenTree::Group(group) => {
+                // `#[doc = "…"]`: the bracketed group starts with `doc`.
+                let mut inner = group.stream().into_iter();
+                let is_doc =
+                    matches!(inner.next(), Some(proc_macro2::TokenTree::Ident(i)) if i == "doc");
+                if !is_doc {
+                    named_in(group.stream(), names, found);
+                }
+                after_doc = false;
+            }
+            proc_macro2::TokenTree::Ident(ident) => {
+                let ident = ident.to_string();
+                after_doc = ident == "doc";
+                if names.members.contains(&ident) {
+                    found.push(ident);
+                }
+            }
+            proc_macro2::TokenTree::Literal(literal) => {
+                if !after_doc {
+                    if let Ok(text) = syn::parse_str::<syn::LitStr>(&literal.to_string()) {
+                        if names.strings.contains(&text.value()) {
+                            found.push(format!("\"{}\"", text.value()));
+                        }
+                    }
+                }
+                after_doc = false;
+            }
+            proc_macro2::TokenTree::Punct(_) => {}
+        }
+    }
+}
+
+#[test]
+fn the_bus_names_no_source() {
+    let names = source_names();
+    let mut failures = Vec::new();
+    for file in src_files()
+        .iter()
+        .filter(|f| f.module.first().is_some_and(|m| m == "bus"))
+    {
+        for (path, written) in paths_of(file) {
+            if let [first, folder, ..] = &path[..] {
+                if first == "source" && names.folders.contains(folder) {
+                    failures.push(format!(
+                        "{}: {written}: a path into the {folder} source",
+                        file.name
+                    ));
+                }
+            }
+        }
+        let tokens: proc_macro2::TokenStream = file
+            .text
+            .parse()
+            .unwrap_or_else(|e| panic!("{}: {e}", file.name));
+        let mut found = Vec::new();
+        named_in(tokens, &names, &mut found);
+        failures.extend(
+            found
+                .into_iter()
+                .map(|name| format!("{}: names a source: {name}", file.name)),
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "\nthe bus layer must reach sources only through the catalogue and their signal.rs:\n{}\n",
+        failures.join("\n")
+    );
 }

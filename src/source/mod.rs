@@ -293,12 +293,14 @@ pub struct SourcesConfig {
     pub devices: devices::DevicesConfig,
 }
 
-/// Makes [`CATALOGUE`] and the constructor behind [`Registry::builtin`] from one list:
-/// per source, its module (which has `NAME`, `SUBTYPES`, `JOURNAL` and `signal::KIND`), whether it is system-wide
-/// ([`EventSource::system_wide`]; a unit test checks that the two agree) and how to build
-/// it from the [`SourcesConfig`] named first.
+/// Makes [`CATALOGUE`], the constructor behind [`Registry::builtin`] and
+/// `with_interface_items!` from one list: per source, its module (which has `NAME`,
+/// `SUBTYPES`, `JOURNAL`, `signal::KIND` and `signal::interface_items!`), whether it is
+/// system-wide ([`EventSource::system_wide`]; a unit test checks that the two agree) and
+/// how to build it from the [`SourcesConfig`] named after `($)` (the token the macro
+/// needs to write the macro it makes).
 macro_rules! builtin_sources {
-    ($config:ident; $($module:ident, system_wide: $wide:literal, $build:expr;)+) => {
+    (($d:tt) $config:ident; $($module:ident, system_wide: $wide:literal, $build:expr;)+) => {
         /// Every built-in source, in the order `Sources` lists them.
         pub const CATALOGUE: Catalogue<'static> = Catalogue(&[$(SourceInfo {
             name: $module::NAME,
@@ -311,11 +313,25 @@ macro_rules! builtin_sources {
         fn build_builtin($config: &SourcesConfig) -> Vec<Arc<dyn EventSource>> {
             vec![$(Arc::new($build)),+]
         }
+
+        /// Hands every built-in source's items of the subscription interface (its
+        /// signal's `#[zbus(signal)]` declaration and its paragraph of `AddWatch`'s
+        /// documentation, both from its `signal.rs`), in catalogue order, to the macro
+        /// named (see `crate::signal::gather_interface!`).
+        macro_rules! with_interface_items {
+            ($d($d callback:tt)*) => {
+                crate::signal::gather_interface! {
+                    [$d($d callback)*] [] []
+                    $( crate::source::$module::signal::interface_items; )+
+                }
+            };
+        }
+        pub(crate) use with_interface_items;
     };
 }
 
 // One line per source.
-builtin_sources! { config;
+builtin_sources! { ($) config;
     devices, system_wide: true, devices::Devices::new(&config.devices);
     blockerr, system_wide: true, blockerr::BlockErrors::new();
     quota, system_wide: true, quota::Quota::new();

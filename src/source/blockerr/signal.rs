@@ -1,5 +1,6 @@
-//! `BlockError`: the block-errors source's signal (its documentation for clients is the
-//! interface's, in `dbus/org.watchq1.Subscription.xml`).
+//! `BlockError`: the block-errors source's signal and its part of the interface: the struct's
+//! doc comment is the signal's documentation for clients, `add_watch_doc` its paragraph of
+//! `AddWatch`'s (both land in `dbus/org.watchq1.Subscription.xml`).
 
 use std::fmt;
 
@@ -7,7 +8,19 @@ use crate::signal::{event_signal, Attributes, SignalKind};
 
 event_signal! {
     source: super::NAME,
-    /// A block device failed an I/O request.
+    member_fn: block_error,
+    add_watch_doc: {
+        /// block-errors (administrators): "name" (s, the device's kernel name, with * and ?
+        /// wildcards).
+    },
+    /// A block device failed an I/O request (the kernel's block:block_rq_error).
+    /// device is the kernel name (loop0, sda) or "MAJ:MIN" when the device is already
+    /// gone; sector and sectors the request's range in 512-byte sectors; operation the
+    /// kernel's rwbs string (R, W, WS, FF, D, ...); errno_name and errno the error (EIO,
+    /// 5). count is how many errors this event stands for: 1, or more when a storm on the
+    /// device was summarised by the rate limit (then sector is the first one's and the
+    /// attributes hold last-sector and last-monotonic-ns). attributes repeat these fields
+    /// typed and add monotonic-ns (CLOCK_MONOTONIC time of the error).
     pub struct BlockError(record, fields) {
         /// The kernel name, or "MAJ:MIN" when the device is already gone.
         pub device: String = fields.text("device"),
@@ -21,7 +34,7 @@ event_signal! {
         pub errno: i32 = fields.i32("errno"),
         /// How many errors this event stands for (more than 1 for a summarised storm).
         pub count: u64 = fields.u64("count"),
-        pub attributes: Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes = Attributes::of(record),
     }
 }
 

@@ -1,23 +1,31 @@
-//! `DeviceChanged`: the devices source's signal (its documentation for clients is the
-//! interface's, in `dbus/org.watchq1.Subscription.xml`).
+//! `DeviceChanged`: the devices source's signal and its part of the interface: the struct's
+//! doc comment is the signal's documentation for clients, `add_watch_doc` its paragraph of
+//! `AddWatch`'s (both land in `dbus/org.watchq1.Subscription.xml`).
 
-use std::collections::BTreeMap;
 use std::fmt;
 
 use crate::signal::{event_signal, Attributes, SignalKind};
 
 event_signal! {
     source: super::NAME,
-    /// A block or USB device changed.
+    member_fn: device_changed,
+    add_watch_doc: {
+        /// devices: "subsystem" (s: block or usb), "devtype" (s), "name" (s, with * and ?
+        /// wildcards), "properties" (a{ss}, uevent properties that must be equal).
+    },
+    /// A block or USB device changed. action is the subtype name (add, remove, change,
+    /// move, online, offline, bind, unbind, media-change, resize, over-current); sys_path the device's
+    /// path below /sys; attributes are typed (name, devname, major, minor, size, ...);
+    /// properties are the kernel's uevent environment.
     pub struct DeviceChanged(record, fields) {
         /// The subtype name (add, remove, change, …).
         pub action: String = fields.subtype(super::SUBTYPES, "change"),
         pub subsystem: String = fields.text("subsystem"),
         /// The device's path below /sys.
         pub sys_path: String = record.object_id.clone(),
-        pub attributes: Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes = Attributes::of(record),
         /// The kernel's uevent environment.
-        pub properties: BTreeMap<String, String> = record.properties.clone(),
+        pub properties: std::collections::BTreeMap<String, String> = record.properties.clone(),
     }
 }
 

@@ -1,5 +1,6 @@
-//! `FilesystemError`: the filesystems source's signal (its documentation for clients is
-//! the interface's, in `dbus/org.watchq1.Subscription.xml`).
+//! `FilesystemError`: the filesystems source's signal and its part of the interface: the struct's
+//! doc comment is the signal's documentation for clients, `add_watch_doc` its paragraph of
+//! `AddWatch`'s (both land in `dbus/org.watchq1.Subscription.xml`).
 
 use std::fmt;
 
@@ -7,8 +8,20 @@ use crate::signal::{event_signal, Attributes, SignalKind};
 
 event_signal! {
     source: super::NAME,
-    /// A watched filesystem reported an error, or switched between read-write and
-    /// read-only.
+    member_fn: filesystem_error,
+    add_watch_doc: {
+        /// filesystems (administrators): "path" (s, absolute; the whole filesystem holding
+        /// it is watched).
+    },
+    /// A watched filesystem reported an error (fanotify FAN_FS_ERROR), kind "error", or
+    /// switched between read-write and read-only, kind "read-only" (after an error with
+    /// errors=remount-ro, or a remount; attributes read-only (b) and after-error (b)).
+    /// device is the kernel name (loop3) or the mount source; fs_type and mount_point
+    /// where it is mounted; errno_name and errno the first error the event stands for
+    /// (EUCLEAN = 117 is the kernel's EFSCORRUPTED, also given as kernel-errno-name; for
+    /// read-only, the last error before the switch: 0 and "" if none); error_count how many
+    /// errors the kernel merged into this event; inode the inode concerned, 0 when the
+    /// filesystem named none (errors of the filesystem as a whole).
     pub struct FilesystemError(record, fields) {
         /// The subtype name: error or read-only.
         pub kind: String = fields.subtype(super::SUBTYPES, "error"),
@@ -23,7 +36,7 @@ event_signal! {
         pub error_count: u32 = fields.u32("count"),
         /// The inode concerned; 0 for the filesystem as a whole.
         pub inode: u64 = fields.u64("inode"),
-        pub attributes: Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes = Attributes::of(record),
     }
 }
 

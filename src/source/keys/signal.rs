@@ -1,5 +1,6 @@
-//! `KeyChanged`: the keys source's signal (its documentation for clients is the
-//! interface's, in `dbus/org.watchq1.Subscription.xml`).
+//! `KeyChanged`: the keys source's signal and its part of the interface: the struct's
+//! doc comment is the signal's documentation for clients, `add_watch_doc` its paragraph of
+//! `AddWatch`'s (both land in `dbus/org.watchq1.Subscription.xml`).
 
 use std::fmt;
 
@@ -7,7 +8,19 @@ use crate::signal::{event_signal, Attributes, Fields, SignalKind};
 
 event_signal! {
     source: super::NAME,
-    /// A key or keyring changed.
+    member_fn: key_changed,
+    add_watch_doc: {
+        /// keys: at most one of "keyring" (s: user or persistent; with "uid" (u) another
+        /// user's, for administrators) or "serial" (i: a key or keyring of yours, e.g. your
+        /// session keyring), and optionally "changes" (as: the change kinds wanted); by
+        /// default your user keyring.
+    },
+    /// A key or keyring changed (the kernel's watch_queue key notification). change is
+    /// the kind: instantiated, updated, linked, unlinked, cleared, revoked, invalidated,
+    /// setattr; key the serial of the watched key; aux the key linked or unlinked (for
+    /// linked/unlinked), the error of a negative instantiation, else 0. key_type and
+    /// description describe the watched key when known ("" otherwise); attributes repeat
+    /// key, aux, type, description and add owner (the key's uid).
     pub struct KeyChanged(record, fields) {
         /// The change kind (a subtype name).
         pub change: String = fields.subtype(super::SUBTYPES, "unknown"),
@@ -19,7 +32,7 @@ event_signal! {
         #[serde(rename = "type")]
         pub key_type: String = fields.text("type"),
         pub description: String = fields.text("description"),
-        pub attributes: Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes = Attributes::of(record),
     }
 }
 

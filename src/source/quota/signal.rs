@@ -1,5 +1,6 @@
-//! `QuotaWarning`: the quota source's signal (its documentation for clients is the
-//! interface's, in `dbus/org.watchq1.Subscription.xml`).
+//! `QuotaWarning`: the quota source's signal and its part of the interface: the struct's
+//! doc comment is the signal's documentation for clients, `add_watch_doc` its paragraph of
+//! `AddWatch`'s (both land in `dbus/org.watchq1.Subscription.xml`).
 
 use std::fmt;
 
@@ -7,7 +8,22 @@ use crate::signal::{event_signal, Attributes, SignalKind};
 
 event_signal! {
     source: super::NAME,
-    /// A disk quota warning.
+    member_fn: quota_warning,
+    add_watch_doc: {
+        /// quota: "scope" (s: own, the default, for warnings about the caller's uid; system
+        /// for every uid, administrators), "type" (s: user, group or project), "device" (s:
+        /// MAJ:MIN or the kernel name).
+    },
+    /// A disk quota warning (the kernel's VFS_DQUOT netlink family). warning is the
+    /// subtype name (block-soft, block-hard, block-soft-long, block-soft-below,
+    /// block-hard-below, the inode-* ones, or other for a code this daemon does not
+    /// know); kind is hard, soft, soft-long, hard-below or soft-below; resource blocks or
+    /// inodes; quota_type user, group or project. excess_id is the uid, gid or project id
+    /// whose limit it is, caused_id the uid whose operation crossed it. device is the
+    /// kernel name (loop0, sda1) or "MAJ:MIN" for filesystems without a block device.
+    /// attributes repeat these typed and add code (the kernel's number), mount-point and
+    /// fs-type when the daemon finds the filesystem mounted. Sent only to subscribers
+    /// of the uid the warning concerns and to administrators.
     pub struct QuotaWarning(record, fields) {
         /// The subtype name (block-soft, …, or other).
         pub warning: String = fields.text("warning"),
@@ -21,7 +37,7 @@ event_signal! {
         pub device: String = fields.text("device"),
         pub major: u32 = fields.u32("major"),
         pub minor: u32 = fields.u32("minor"),
-        pub attributes: Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes = Attributes::of(record),
     }
 }
 
