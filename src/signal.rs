@@ -17,14 +17,15 @@
 //! [`crate::source::EventSource::signal`] is required, so the compiler refuses a source
 //! without a signal.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::fmt;
 
-use serde::ser::Serializer;
+use serde::ser::{SerializeMap, Serializer};
 use serde::{Deserialize, Serialize};
 use zbus::{Message, OwnedVariant, Signature, Str, Type, Variant};
 
-use crate::event::{Attr, Record};
+use crate::event::{Attr, Attrs, Record};
 
 /// What `event_signal!` derives from the struct itself.
 pub trait SignalShape {
@@ -36,21 +37,58 @@ pub trait SignalShape {
     const ARGS: &'static [&'static str];
 }
 
-/// One source's event signal; `event_signal!` implements it, the source its `Display`.
+/// One source's event signal, as a client decodes it (the struct owning its arguments:
+/// `DeviceChanged<'static>`); `event_signal!` implements it, the source its `Display`.
 pub trait EventSignal:
     SignalShape + Serialize + serde::de::DeserializeOwned + Type + fmt::Display
 {
+    /// The same struct borrowing its text, attributes and properties from a record:
+    /// what the daemon encodes, so that encoding copies nothing out of the record.
+    type Borrowed<'r>: Serialize + Type;
+
     /// The signal for `record`, with `seq` and `tag` zero: delivery writes each
     /// subscriber's own into the shared encoding.
-    fn from_record(record: &Record) -> Self;
+    fn from_record(record: &Record) -> Self::Borrowed<'_>;
 }
+
+/// How a signal's struct holds an argument whose type `event_signal!` was given (the
+/// owned type, which also gives the argument's D-Bus type in the interface): borrowed
+/// from the record while encoding (`Of<'r>`), owned once decoded (`Of<'static>`).
+pub trait Arg: Type {
+    type Of<'r>: Serialize + Type + Clone + fmt::Debug;
+}
+
+impl Arg for String {
+    type Of<'r> = Cow<'r, str>;
+}
+
+impl Arg for BTreeMap<String, String> {
+    type Of<'r> = Cow<'r, BTreeMap<String, String>>;
+}
+
+impl Arg for Attributes<'static> {
+    type Of<'r> = Attributes<'r>;
+}
+
+macro_rules! plain_args {
+    ($($ty:ty),+) => {
+        $(impl Arg for $ty {
+            type Of<'r> = $ty;
+        })+
+    };
+}
+plain_args!(u32, u64, i32, bool);
 
 /// Declares a source's event signal: a struct named after the signal's member, whose
 /// fields are the signal's arguments after `seq` and `tag` (which every event signal
 /// starts with, and which the macro puts first so that delivery can write them into a
 /// shared encoding at fixed offsets), each with the expression that takes it from a
 /// record (`record` the [`Record`], `fields` its [`Fields`], under the names the
-/// declaration gives them). Field names are the argument names introspection shows;
+/// declaration gives them). A field is declared with its owned type (`String`, a number,
+/// `crate::signal::Attributes<'static>`, `std::collections::BTreeMap<String, String>`:
+/// see [`Arg`]), written as a path valid anywhere in the crate, since it is also the
+/// argument's type in the interface's declaration; the struct holds `Arg::Of<'r>`, and
+/// its expression makes the borrowed form. Field names are the argument names introspection shows;
 /// `#[serde(rename)]` renames a field in `watchqctl --json` only (D-Bus encodes structs
 /// by position).
 ///
@@ -93,22 +131,24 @@ macro_rules! event_signal {
     ) => {
         $(#[doc = $doc])*
         #[derive(Clone, Debug, serde::Serialize, serde::Deserialize, zbus::Type)]
-        pub struct $name {
+        pub struct $name<'r> {
             /// The subscription's sequence number of this signal.
             pub seq: u64,
             /// The tag of the watch that matched.
             pub tag: u64,
-            $( $(#[$field_meta])* pub $field: $ty, )*
+            $( $(#[$field_meta])* pub $field: <$ty as $crate::signal::Arg>::Of<'r>, )*
         }
 
-        impl $crate::signal::SignalShape for $name {
+        impl $crate::signal::SignalShape for $name<'_> {
             const MEMBER: &'static str = stringify!($name);
             const SOURCE: &'static str = $source;
             const ARGS: &'static [&'static str] = &["seq", "tag", $(stringify!($field)),*];
         }
 
-        impl $crate::signal::EventSignal for $name {
-            fn from_record($record: &$crate::event::Record) -> Self {
+        impl $crate::signal::EventSignal for $name<'static> {
+            type Borrowed<'r> = $name<'r>;
+
+            fn from_record($record: &$crate::event::Record) -> $name<'_> {
                 let $fields = $crate::signal::Fields($record);
                 $name {
                     seq: 0,
@@ -284,51 +324,98 @@ fn render<S: EventSignal>(message: &Message, json: bool) -> Option<String> {
 
 /// A signal's `attributes` (`a{sv}`): the record's typed attributes, each value in its
 /// fixed variant type, in key order like the record's own map — what clients that read
-/// the array in order (busctl, GDBus's iterators) have always seen.
-#[derive(Clone, Debug, Default, PartialEq, Deserialize)]
-#[serde(transparent)]
-pub struct Attributes(pub BTreeMap<String, OwnedVariant>);
-
-impl Type for Attributes {
-    const SIGNATURE: &'static Signature = <BTreeMap<String, OwnedVariant> as Type>::SIGNATURE;
+/// the array in order (busctl, GDBus's iterators) have always seen. The daemon encodes
+/// them borrowed from the record; a client holds what it received.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Attributes<'r> {
+    /// A record's, borrowed for encoding.
+    Record(&'r Attrs),
+    /// As a client decoded them.
+    Received(BTreeMap<String, OwnedVariant>),
 }
 
-impl Serialize for Attributes {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        // JSON (`watchqctl --json`) wants plain typed values, D-Bus the variants.
-        if serializer.is_human_readable() {
-            return attributes_json(&self.0).serialize(serializer);
-        }
-        self.0.serialize(serializer)
+impl Default for Attributes<'_> {
+    fn default() -> Self {
+        Attributes::Received(BTreeMap::new())
     }
 }
 
-impl Attributes {
+impl Type for Attributes<'_> {
+    const SIGNATURE: &'static Signature = <BTreeMap<String, OwnedVariant> as Type>::SIGNATURE;
+}
+
+impl Serialize for Attributes<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // JSON (`watchqctl --json`) wants plain typed values, D-Bus the variants.
+        match self {
+            Attributes::Record(attrs) if serializer.is_human_readable() => {
+                let json: BTreeMap<&String, serde_json::Value> =
+                    attrs.iter().map(|(k, v)| (k, v.to_json())).collect();
+                json.serialize(serializer)
+            }
+            Attributes::Record(attrs) => {
+                let mut map = serializer.serialize_map(Some(attrs.len()))?;
+                for (key, value) in attrs.iter() {
+                    map.serialize_entry(key, &value.to_variant())?;
+                }
+                map.end()
+            }
+            Attributes::Received(map) if serializer.is_human_readable() => {
+                attributes_json(map).serialize(serializer)
+            }
+            Attributes::Received(map) => map.serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Attributes<'_> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        BTreeMap::deserialize(deserializer).map(Attributes::Received)
+    }
+}
+
+impl<'r> Attributes<'r> {
     /// The record's attributes.
-    pub fn of(record: &Record) -> Self {
-        let owned = |attr: &Attr| match attr {
-            Attr::Str(s) => OwnedVariant::from(Str::from(s.clone())),
-            Attr::U64(v) => OwnedVariant::from(*v),
-            Attr::U32(v) => OwnedVariant::from(*v),
-            Attr::Bool(v) => OwnedVariant::from(*v),
-        };
-        Attributes(
-            record
-                .attributes
-                .iter()
-                .map(|(key, value)| (key.clone(), owned(value)))
-                .collect(),
-        )
+    pub fn of(record: &'r Record) -> Self {
+        Attributes::Record(&record.attributes)
     }
 
     /// The string value of `key`, if it has one.
     pub fn str(&self, key: &str) -> Option<&str> {
-        self.0.get(key).and_then(|v| <&str>::try_from(&**v).ok())
+        match self {
+            Attributes::Record(attrs) => match attrs.get(key) {
+                Some(Attr::Str(s)) => Some(s),
+                _ => None,
+            },
+            Attributes::Received(map) => map.get(key).and_then(|v| <&str>::try_from(&**v).ok()),
+        }
     }
 
     /// `key=value` pairs in key order, without the keys in `skip`.
     pub fn text(&self, skip: &[&str]) -> String {
-        attributes_text(&self.0, skip)
+        match self {
+            Attributes::Record(_) => attributes_text(&self.clone().into_map(), skip),
+            Attributes::Received(map) => attributes_text(map, skip),
+        }
+    }
+
+    /// The attributes as a client holds them.
+    pub fn into_map(self) -> BTreeMap<String, OwnedVariant> {
+        match self {
+            Attributes::Record(attrs) => attrs
+                .iter()
+                .map(|(key, value)| {
+                    let value = match value {
+                        Attr::Str(s) => OwnedVariant::from(Str::from(s.clone())),
+                        Attr::U64(v) => OwnedVariant::from(*v),
+                        Attr::U32(v) => OwnedVariant::from(*v),
+                        Attr::Bool(v) => OwnedVariant::from(*v),
+                    };
+                    (key.clone(), value)
+                })
+                .collect(),
+            Attributes::Received(map) => map,
+        }
     }
 }
 
@@ -377,9 +464,9 @@ pub fn attributes_text<'a>(
 #[derive(Clone, Copy)]
 pub struct Fields<'r>(pub &'r Record);
 
-impl Fields<'_> {
-    pub fn text(self, key: &str) -> String {
-        self.0.attr_str(key).unwrap_or_default().to_owned()
+impl<'r> Fields<'r> {
+    pub fn text(self, key: &str) -> Cow<'r, str> {
+        Cow::Borrowed(self.0.attr_str(key).unwrap_or_default())
     }
 
     pub fn u64(self, key: &str) -> u64 {
@@ -395,12 +482,13 @@ impl Fields<'_> {
     }
 
     /// The record's subtype name, or `default` for a number `subtypes` does not name.
-    pub fn subtype(self, subtypes: &[&str], default: &str) -> String {
-        subtypes
-            .get(usize::from(self.0.subtype))
-            .copied()
-            .unwrap_or(default)
-            .to_owned()
+    pub fn subtype(self, subtypes: &[&'static str], default: &'static str) -> Cow<'r, str> {
+        Cow::Borrowed(
+            subtypes
+                .get(usize::from(self.0.subtype))
+                .copied()
+                .unwrap_or(default),
+        )
     }
 }
 

@@ -226,7 +226,7 @@ fn device_event(item: &Item) -> (u64, String, String) {
         .body()
         .deserialize::<DeviceChanged>()
         .expect("DeviceChanged body");
-    (seq, action, sys_path)
+    (seq, action.into_owned(), sys_path.into_owned())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -562,100 +562,100 @@ pub fn decode(message: &zbus::Message) -> Option<Signal> {
         return Some(Signal::Device {
             seq: s.seq,
             tag: s.tag,
-            action: s.action,
-            subsystem: s.subsystem,
-            sys_path: s.sys_path,
-            attributes: s.attributes.0.into_iter().collect(),
-            properties: s.properties,
+            action: s.action.into_owned(),
+            subsystem: s.subsystem.into_owned(),
+            sys_path: s.sys_path.into_owned(),
+            attributes: s.attributes.into_map().into_iter().collect(),
+            properties: s.properties.into_owned(),
         });
     }
     if let Some(s) = typed::<BlockError>(message) {
         return Some(Signal::BlockError {
             seq: s.seq,
             tag: s.tag,
-            device: s.device,
+            device: s.device.into_owned(),
             major: s.major,
             minor: s.minor,
             sector: s.sector,
             sectors: s.sectors,
-            operation: s.operation,
-            errno_name: s.errno_name,
+            operation: s.operation.into_owned(),
+            errno_name: s.errno_name.into_owned(),
             errno: s.errno,
             count: s.count,
-            attributes: s.attributes.0.into_iter().collect(),
+            attributes: s.attributes.into_map().into_iter().collect(),
         });
     }
     if let Some(s) = typed::<QuotaWarning>(message) {
         return Some(Signal::QuotaWarning {
             seq: s.seq,
             tag: s.tag,
-            warning: s.warning,
-            kind: s.kind,
-            resource: s.resource,
-            quota_type: s.quota_type,
+            warning: s.warning.into_owned(),
+            kind: s.kind.into_owned(),
+            resource: s.resource.into_owned(),
+            quota_type: s.quota_type.into_owned(),
             excess_id: s.excess_id,
             caused_id: s.caused_id,
-            device: s.device,
+            device: s.device.into_owned(),
             major: s.major,
             minor: s.minor,
-            attributes: s.attributes.0.into_iter().collect(),
+            attributes: s.attributes.into_map().into_iter().collect(),
         });
     }
     if let Some(s) = typed::<FilesystemError>(message) {
         return Some(Signal::FilesystemError {
             seq: s.seq,
             tag: s.tag,
-            kind: s.kind,
-            device: s.device,
+            kind: s.kind.into_owned(),
+            device: s.device.into_owned(),
             major: s.major,
             minor: s.minor,
-            fs_type: s.fs_type,
-            mount_point: s.mount_point,
-            errno_name: s.errno_name,
+            fs_type: s.fs_type.into_owned(),
+            mount_point: s.mount_point.into_owned(),
+            errno_name: s.errno_name.into_owned(),
             errno: s.errno,
             error_count: s.error_count,
             inode: s.inode,
-            attributes: s.attributes.0.into_iter().collect(),
+            attributes: s.attributes.into_map().into_iter().collect(),
         });
     }
     if let Some(s) = typed::<SpaceWarning>(message) {
         return Some(Signal::SpaceWarning {
             seq: s.seq,
             tag: s.tag,
-            state: s.state,
-            level: s.level,
-            path: s.path,
-            mount_point: s.mount_point,
+            state: s.state.into_owned(),
+            level: s.level.into_owned(),
+            path: s.path.into_owned(),
+            mount_point: s.mount_point.into_owned(),
             available_bytes: s.available_bytes,
             total_bytes: s.total_bytes,
             threshold_bytes: s.threshold_bytes,
-            attributes: s.attributes.0.into_iter().collect(),
+            attributes: s.attributes.into_map().into_iter().collect(),
         });
     }
     if let Some(s) = typed::<MountChanged>(message) {
         return Some(Signal::Mount {
             seq: s.seq,
             tag: s.tag,
-            change: s.change,
+            change: s.change.into_owned(),
             mount_id: s.mount_id,
             parent_id: s.parent_id,
-            mount_point: s.mount_point,
-            source: s.source,
-            fs_type: s.fs_type,
-            options: s.options,
-            attributes: s.attributes.0.into_iter().collect(),
+            mount_point: s.mount_point.into_owned(),
+            source: s.source.into_owned(),
+            fs_type: s.fs_type.into_owned(),
+            options: s.options.into_owned(),
+            attributes: s.attributes.into_map().into_iter().collect(),
         });
     }
     if let Some(s) = typed::<KeyChanged>(message) {
         return Some(Signal::Key {
             seq: s.seq,
             tag: s.tag,
-            change: s.change,
+            change: s.change.into_owned(),
             key: s.key,
             aux: s.aux,
-            key_type: s.key_type,
-            description: s.description,
-            attributes: s.attributes.0.into_iter().collect(),
+            key_type: s.key_type.into_owned(),
+            description: s.description.into_owned(),
+            attributes: s.attributes.into_map().into_iter().collect(),
         });
     }
     let header = message.header();

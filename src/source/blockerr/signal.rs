@@ -34,13 +34,13 @@ event_signal! {
         pub errno: i32 = fields.i32("errno"),
         /// How many errors this event stands for (more than 1 for a summarised storm).
         pub count: u64 = fields.u64("count"),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
     }
 }
 
 pub static KIND: SignalKind = SignalKind::of::<BlockError>();
 
-impl fmt::Display for BlockError {
+impl fmt::Display for BlockError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (seq, count, sector) = (self.seq, self.count, self.sector);
         let place = format!(

@@ -22,16 +22,16 @@ event_signal! {
         pub action: String = fields.subtype(super::SUBTYPES, "change"),
         pub subsystem: String = fields.text("subsystem"),
         /// The device's path below /sys.
-        pub sys_path: String = record.object_id.clone(),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub sys_path: String = record.object_id.as_str().into(),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
         /// The kernel's uevent environment.
-        pub properties: std::collections::BTreeMap<String, String> = record.properties.clone(),
+        pub properties: std::collections::BTreeMap<String, String> = std::borrow::Cow::Borrowed(&record.properties),
     }
 }
 
 pub static KIND: SignalKind = SignalKind::of::<DeviceChanged>();
 
-impl fmt::Display for DeviceChanged {
+impl fmt::Display for DeviceChanged<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let name = self.attributes.str("name").unwrap_or(&self.sys_path);
         write!(

@@ -36,13 +36,13 @@ event_signal! {
         pub error_count: u32 = fields.u32("count"),
         /// The inode concerned; 0 for the filesystem as a whole.
         pub inode: u64 = fields.u64("inode"),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
     }
 }
 
 pub static KIND: SignalKind = SignalKind::of::<FilesystemError>();
 
-impl fmt::Display for FilesystemError {
+impl fmt::Display for FilesystemError<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (seq, fs_type, mount_point) = (self.seq, &self.fs_type, &self.mount_point);
         let device = format!("{} ({}:{})", self.device, self.major, self.minor);

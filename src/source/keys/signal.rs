@@ -32,7 +32,7 @@ event_signal! {
         #[serde(rename = "type")]
         pub key_type: String = fields.text("type"),
         pub description: String = fields.text("description"),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
     }
 }
 
@@ -44,12 +44,12 @@ fn signed(fields: Fields<'_>, key: &str) -> i32 {
     i32::from_ne_bytes(bits.to_ne_bytes())
 }
 
-impl fmt::Display for KeyChanged {
+impl fmt::Display for KeyChanged<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let aux = self.aux;
         // keyctl watch's vocabulary: "<key> <change>", plus the other key of a link or
         // unlink.
-        let other = match self.change.as_str() {
+        let other = match &*self.change {
             "linked" | "unlinked" => format!(" {aux}"),
             "instantiated" if aux != 0 => format!(" error {aux}"),
             _ => String::new(),

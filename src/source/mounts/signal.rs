@@ -34,13 +34,13 @@ event_signal! {
         pub source: String = fields.text("source"),
         pub fs_type: String = fields.text("fs-type"),
         pub options: String = fields.text("options"),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
     }
 }
 
 pub static KIND: SignalKind = SignalKind::of::<MountChanged>();
 
-impl fmt::Display for MountChanged {
+impl fmt::Display for MountChanged<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,

@@ -37,13 +37,13 @@ event_signal! {
         pub device: String = fields.text("device"),
         pub major: u32 = fields.u32("major"),
         pub minor: u32 = fields.u32("minor"),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
     }
 }
 
 pub static KIND: SignalKind = SignalKind::of::<QuotaWarning>();
 
-impl fmt::Display for QuotaWarning {
+impl fmt::Display for QuotaWarning<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let place = self
             .attributes

@@ -31,13 +31,13 @@ event_signal! {
         pub available_bytes: u64 = fields.u64("available-bytes"),
         pub total_bytes: u64 = fields.u64("total-bytes"),
         pub threshold_bytes: u64 = fields.u64("threshold-bytes"),
-        pub attributes: crate::signal::Attributes = Attributes::of(record),
+        pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
     }
 }
 
 pub static KIND: SignalKind = SignalKind::of::<SpaceWarning>();
 
-impl fmt::Display for SpaceWarning {
+impl fmt::Display for SpaceWarning<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
