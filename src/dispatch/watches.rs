@@ -63,6 +63,11 @@ impl Watches {
         gone
     }
 
+    /// The watch with `tag`, to replace its grant (the index does not depend on it).
+    pub(super) fn get_mut(&mut self, tag: u64) -> Option<&mut Watch> {
+        self.list.iter_mut().find(|w| w.tag == tag)
+    }
+
     fn reindex(&mut self) {
         self.by_source.clear();
         for (position, watch) in self.list.iter().enumerate() {
@@ -135,10 +140,11 @@ impl Hub {
             )));
         }
         let size = spec_size(spec);
-        if size > self.limits.watch_spec_size {
+        let watch_spec_size = self.limits().watch_spec_size;
+        if size > watch_spec_size {
             return Err(Error::LimitExceeded(format!(
                 "a watch spec may have at most {} keys, strings and elements, this one has {size}",
-                self.limits.watch_spec_size
+                watch_spec_size
             )));
         }
         self.registry.all()[index].parse_watch(spec, requester)
@@ -209,6 +215,7 @@ impl Hub {
         index: usize,
         tag: u64,
     ) -> Result<(), Error> {
+        let limits = self.limits();
         let mut state = self.lock();
         let sub = Self::owned(&mut state, id, caller)?;
         if sub.watches.iter().any(|w| w.tag == tag) {
@@ -216,10 +223,10 @@ impl Hub {
                 "tag {tag} is already used by a watch of this subscription"
             )));
         }
-        if sub.watches.len() + sub.watches.reserved >= self.limits.watches_per_subscription {
+        if sub.watches.len() + sub.watches.reserved >= limits.watches_per_subscription {
             return Err(Error::LimitExceeded(format!(
                 "at most {} watches per subscription (limits.watches_per_subscription)",
-                self.limits.watches_per_subscription
+                limits.watches_per_subscription
             )));
         }
         let uid = sub.identity.uid;
@@ -229,11 +236,11 @@ impl Hub {
             .filter(|s| s.identity.uid == uid)
             .map(|s| s.watches.len() + s.watches.reserved)
             .sum();
-        if per_uid >= self.limits.watches_per_uid {
+        if per_uid >= limits.watches_per_uid {
             return Err(Error::LimitExceeded(format!(
                 "at most {} watches per user across all connections (limits.watches_per_uid); \
                  uid {uid} has {per_uid}: remove some or close subscriptions",
-                self.limits.watches_per_uid
+                limits.watches_per_uid
             )));
         }
         self.ensure_running(&mut state, index)?;
