@@ -469,6 +469,99 @@ mod tests {
         assert_eq!(tags(&hub, id), [0u64; 0]);
     }
 
+    /// Revocation in the hub: a watch whose grant predates a policy change is listed as
+    /// stale; ended, its queued events become one exact `Lost` (policy-changed) in place,
+    /// `WatchRemoved` follows, and later events reach only the other watch, which a
+    /// fresh grant takes off the stale list. Numbering stays contiguous.
+    #[tokio::test]
+    async fn a_revoked_watch_ends_after_its_withheld_events_and_receives_nothing_more() {
+        let hub = keyed_hub(Limits::default());
+        let root = Identity::new(":1.1".into(), 0);
+        let id = hub.subscribe(root.clone(), None).expect("subscribe").id;
+        add_keyed(&hub, id, &root, 1, Some("a"))
+            .await
+            .expect("watch");
+        add_keyed(&hub, id, &root, 2, None).await.expect("watch");
+        publish_keyed(&hub, "a");
+        publish_keyed(&hub, "b");
+        let authorizer = policy::Authorizer::new(Default::default(), Box::new(NoPolkit));
+        let epoch = authorizer.set_config(Default::default());
+        let stale = hub.stale_watches(epoch);
+        assert_eq!(stale.iter().map(|w| w.tag).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            hub.revoke(&stale[1], "policy-changed")
+                .await
+                .expect("revoke"),
+            2
+        );
+        assert!(
+            hub.revoke(&stale[1], "policy-changed").await.is_err(),
+            "ended twice"
+        );
+        let grant = authorizer
+            .watch(&root, "keyed", policy::Scope::System, || true)
+            .await
+            .expect("grant");
+        assert!(hub.regrant(&stale[0], grant));
+        assert!(hub.stale_watches(epoch).is_empty());
+        publish_keyed(&hub, "a");
+        publish_keyed(&hub, "b");
+        let delivered = hub.take(id, usize::MAX).expect("subscription");
+        let described: Vec<String> = delivered
+            .iter()
+            .map(|d| match d {
+                Delivery::Event { seq, tag, .. } => format!("{seq} event {tag}"),
+                Delivery::Lost {
+                    seq, count, reason, ..
+                } => format!("{seq} lost {count} {}", reason.as_str()),
+                Delivery::WatchRemoved { seq, tag, reason } => {
+                    format!("{seq} removed {tag} {reason}")
+                }
+            })
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "1 event 1",
+                "2 lost 2 policy-changed",
+                "4 removed 2 policy-changed",
+                "5 event 1",
+            ]
+        );
+    }
+
+    /// A limit lowered by a reload takes nothing away: the subscription over it keeps
+    /// every watch (and receives through them) but cannot add one until it is under it.
+    #[tokio::test]
+    async fn a_lowered_limit_keeps_what_exists_and_refuses_more() {
+        let hub = keyed_hub(Limits::default());
+        let root = Identity::new(":1.1".into(), 0);
+        let id = hub.subscribe(root.clone(), None).expect("subscribe").id;
+        for tag in 1..=3 {
+            add_keyed(&hub, id, &root, tag, None).await.expect("watch");
+        }
+        hub.set_settings(
+            DeliveryConfig::default(),
+            Limits {
+                watches_per_subscription: 2,
+                ..Limits::default()
+            },
+        );
+        assert_eq!(hub.watches(id).len(), 3, "the reload took watches away");
+        publish_keyed(&hub, "a");
+        assert_eq!(tags(&hub, id), [1, 2, 3]);
+        let refused = add_keyed(&hub, id, &root, 4, None).await;
+        assert!(
+            matches!(&refused, Err(Error::LimitExceeded(m)) if m.contains("limits.watches_per_subscription")),
+            "{refused:?}"
+        );
+        hub.remove_watch(id, ":1.1", 1).await.expect("remove");
+        hub.remove_watch(id, ":1.1", 2).await.expect("remove");
+        add_keyed(&hub, id, &root, 4, None)
+            .await
+            .expect("under the limit again");
+    }
+
     /// `limits.watches_per_uid` counts every subscription of every connection of a uid,
     /// and no other uid's.
     #[tokio::test]
