@@ -1,6 +1,14 @@
-//! The supervisor: connects, serves, owns the name, tells systemd, and stops cleanly
-//! when any of its tasks ends or on SIGTERM/SIGINT.
+//! The supervisor: connects, serves, owns the name, tells systemd, reloads the
+//! configuration on SIGHUP, and stops cleanly when any of its tasks ends or on
+//! SIGTERM/SIGINT.
+//!
+//! A reload speaks systemd's notify-reload protocol (`RELOADING=1` with
+//! `MONOTONIC_USEC`, then `READY=1`), so `Type=notify-reload` (systemd 253) can drive
+//! it; on older systemd the unit's `ExecReload=` sends SIGHUP. A configuration that
+//! does not validate is refused whole: the log and `STATUS=` name the file and the key,
+//! and the daemon runs on with what it had.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -39,7 +47,9 @@ pub fn system_bus_address() -> String {
         .unwrap_or_else(|_| "unix:path=/run/dbus/system_bus_socket".to_owned())
 }
 
-pub async fn run(config: Config) -> Result<(), DaemonError> {
+/// Runs the daemon with `config`, read from `path` (the `--config` argument), which a
+/// reload reads again.
+pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), DaemonError> {
     let address = system_bus_address();
     let conn = zbus::connection::Builder::address(address.as_str())
         .build()
@@ -71,9 +81,15 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         .await
         .map_err(DaemonError::Serve)?;
     let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());
+    let mut reauthorizer = tokio::spawn(Arc::clone(&service).reauthorize_on_changes());
     let mut consumers =
         crate::consumers::Consumers::start(&config.units, &config.journal, &hub, &conn);
 
+    // Before READY=1: from then on systemd may send SIGHUP (a reload), whose default
+    // action would end the daemon.
+    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
+    let mut hangup = signal(SignalKind::hangup()).map_err(DaemonError::Signals)?;
     let reply = conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await
@@ -93,17 +109,28 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
 
     let mut watchdog = tokio::spawn(watchdog(conn.clone(), Arc::clone(&hub)));
-    let mut terminate = signal(SignalKind::terminate()).map_err(DaemonError::Signals)?;
-    let mut interrupt = signal(SignalKind::interrupt()).map_err(DaemonError::Signals)?;
-    let result = tokio::select! {
-        _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
-        _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); Ok(()) }
-        ended = &mut reaper => Err(DaemonError::TaskEnded(format!("the connection watcher stopped: {ended:?}"))),
-        ended = &mut watchdog => Err(DaemonError::TaskEnded(format!("the watchdog task stopped: {ended:?}"))),
-        ended = consumers.ended() => Err(DaemonError::TaskEnded(ended)),
+    let mut running = Running {
+        config,
+        path,
+        status,
+        hub: Arc::clone(&hub),
+        service: Arc::clone(&service),
+        conn: conn.clone(),
+    };
+    let result = loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: stopping"); break Ok(()) }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: stopping"); break Ok(()) }
+            _ = hangup.recv() => running.reload(&mut consumers).await,
+            ended = &mut reaper => break Err(DaemonError::TaskEnded(format!("the connection watcher stopped: {ended:?}"))),
+            ended = &mut reauthorizer => break Err(DaemonError::TaskEnded(format!("the re-authorization task stopped: {ended:?}"))),
+            ended = &mut watchdog => break Err(DaemonError::TaskEnded(format!("the watchdog task stopped: {ended:?}"))),
+            ended = consumers.ended() => break Err(DaemonError::TaskEnded(ended)),
+        }
     };
     notify(&[NotifyState::Stopping]);
     reaper.abort();
+    reauthorizer.abort();
     watchdog.abort();
     // Bounded: a wedged connection must not keep the daemon from stopping.
     if tokio::time::timeout(Duration::from_secs(2), conn.release_name(BUS_NAME))
@@ -113,6 +140,79 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         tracing::warn!("the bus did not answer ReleaseName within 2 s; stopping all the same");
     }
     result
+}
+
+/// What a reload compares with and applies to.
+struct Running {
+    /// The configuration in effect (`sources` as the daemon started with them).
+    config: Config,
+    path: Option<PathBuf>,
+    /// The `STATUS=` of a daemon serving normally.
+    status: String,
+    hub: Arc<Hub>,
+    service: Arc<Service>,
+    conn: zbus::Connection,
+}
+
+impl Running {
+    /// Reads the configuration again and applies it, each part live: `[delivery]` (for
+    /// subscriptions made from now on) and `[limits]`, `[policy]` (every live watch
+    /// re-authorized), `[[units]]` and `[journal]` (consumers replaced, their sources
+    /// opened or closed). `[sources.*]` are read when the daemon starts: a change is
+    /// logged as needing a restart. A configuration that does not validate changes
+    /// nothing.
+    async fn reload(&mut self, consumers: &mut crate::consumers::Consumers) {
+        let mut reloading = vec![NotifyState::Reloading];
+        reloading.extend(NotifyState::monotonic_usec_now().ok());
+        notify(&reloading);
+        tracing::info!("SIGHUP: reloading the configuration");
+        let new = match Config::load(self.path.as_deref()) {
+            Ok(new) => new,
+            Err(e) => {
+                tracing::error!("reload refused, the previous configuration stays in effect: {e}");
+                let status = format!(
+                    "{}; reload refused: {e}; the previous configuration stays in effect",
+                    self.status
+                );
+                notify(&[NotifyState::Ready, NotifyState::Status(&status)]);
+                return;
+            }
+        };
+        let old = &self.config;
+        let mut applied = Vec::new();
+        if new.sources != old.sources {
+            tracing::warn!(
+                "[sources] changed in {}: sources are configured when the daemon starts;                  restart watchqd to apply it (systemctl restart watchqd)",
+                new.origin
+            );
+        }
+        if new.delivery != old.delivery || new.limits != old.limits {
+            self.hub
+                .set_settings(new.delivery.clone(), new.limits.clone());
+            applied.push("[delivery] and [limits]");
+        }
+        if new.units != old.units || new.journal != old.journal {
+            consumers
+                .replace(&new.units, &new.journal, &self.hub, &self.conn)
+                .await;
+            applied.push("[[units]] and [journal]");
+        }
+        if new.policy != old.policy {
+            applied.push("[policy]");
+        }
+        // Always: a reload is also how an administrator asks for every grant to be
+        // checked again (group memberships, say, which polkit does not signal).
+        self.service.set_policy(new.policy.clone());
+        let sources = std::mem::take(&mut self.config.sources);
+        self.config = Config { sources, ..new };
+        let changed = if applied.is_empty() {
+            "nothing changed but policy is checked again".to_owned()
+        } else {
+            format!("applied {}", applied.join(", "))
+        };
+        tracing::info!(config = %self.config.origin, "configuration reloaded: {changed}");
+        notify(&[NotifyState::Ready, NotifyState::Status(&self.status)]);
+    }
 }
 
 fn notify(states: &[NotifyState<'_>]) {

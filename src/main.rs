@@ -41,7 +41,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(watchqd::daemon::run(config)) {
+    match runtime.block_on(watchqd::daemon::run(config, args.config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e}");

@@ -298,7 +298,6 @@ fn installed_package_serves_the_system_bus() {
         &guest,
         "sed -i 's/^events = false$/events = true/' /etc/watchqd/watchqd.toml \
          && grep -qx 'events = true' /etc/watchqd/watchqd.toml \
-         && cat admin.toml >>/etc/watchqd/watchqd.toml \
          && /usr/libexec/watchqd --check-config >/dev/null \
          && cp watchq-usb@.service /etc/systemd/system/ && systemctl daemon-reload",
     );
@@ -405,7 +404,37 @@ fn installed_package_serves_the_system_bus() {
         .stdout
     );
 
-    // A USB keyboard plugged in: the rule starts watchq-usb@<its name>.service.
+    // The unit rules, added to the file and applied with `systemctl reload` (ExecReload=
+    // on systemd 252): the same process, still running, takes them.
+    ok(
+        &guest,
+        "cat admin.toml >>/etc/watchqd/watchqd.toml \
+         && /usr/libexec/watchqd --check-config >/dev/null \
+         && systemctl reload watchqd",
+    );
+    let show = unit_state(&guest);
+    assert_running(&guest, &show, "after systemctl reload");
+    assert_eq!(
+        property(&show, "MainPID"),
+        first_pid,
+        "a reload restarted the daemon: {show}"
+    );
+    // On systemd 252 the reload job ends when `kill` has sent SIGHUP, not when the
+    // daemon is done: wait for its word.
+    let reloaded = ok(
+        &guest,
+        "for i in $(seq 100); do \
+           journalctl -b -u watchqd --no-pager | grep -q 'configuration reloaded' && break; \
+           sleep 0.1; \
+         done; journalctl -b -u watchqd --no-pager",
+    );
+    assert!(
+        reloaded.contains("configuration reloaded: applied [[units]] and [journal]"),
+        "{reloaded}"
+    );
+
+    // A USB keyboard plugged in: the rule added by the reload starts
+    // watchq-usb@<its name>.service.
     plug_usb_keyboard(&guest);
     let started = ok(
         &guest,

@@ -172,20 +172,31 @@ fn receive_for(socket: &std::os::unix::net::UnixDatagram, window: Duration) -> V
     }
 }
 
+/// A private bus, a socket to receive the daemon's notifications on (as systemd's) and
+/// its path, and an empty configuration file.
+fn bus_and_notify_socket() -> (
+    PrivateBus,
+    std::os::unix::net::UnixDatagram,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    let bus = PrivateBus::start();
+    let notify_path = bus.dir.path().join("notify-systemd");
+    let notify = std::os::unix::net::UnixDatagram::bind(&notify_path).unwrap();
+    let config = bus.dir.path().join("watchqd.toml");
+    std::fs::write(&config, "").unwrap();
+    (bus, notify, notify_path, config)
+}
+
 /// The daemon as systemd runs it: READY=1 with a STATUS once the name is owned, watchdog
 /// pings at half of `WATCHDOG_USEC` while the bus answers and none while it does not, and
 /// on SIGTERM STOPPING=1, the name released and a
 /// clean exit. Every wait has a deadline that fails the test.
 #[test]
 fn systemd_notifications_watchdog_and_clean_stop() {
-    use std::os::unix::net::UnixDatagram;
     use std::process::Command;
 
-    let bus = PrivateBus::start();
-    let notify_path = bus.dir.path().join("notify-systemd");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    let config = bus.dir.path().join("empty.toml");
-    std::fs::write(&config, "").unwrap();
+    let (bus, notify, notify_path, config) = bus_and_notify_socket();
     // systemd sets WATCHDOG_PID to the main process; `exec` keeps the shell's pid.
     let mut child = Command::new("sh")
         .arg("-c")
@@ -271,6 +282,76 @@ fn systemd_notifications_watchdog_and_clean_stop() {
     };
     assert!(status.success(), "watchqd exited with {status} on SIGTERM");
     assert!(!watchqd_owns_the_name(&bus.address));
+}
+
+/// A reload as systemd's `Type=notify-reload` (253) expects it: `RELOADING=1` with
+/// `MONOTONIC_USEC`, then `READY=1`; for a broken file, with `READY=1`, a `STATUS=` that
+/// names the file and the key, and the daemon keeps serving (no exit 78).
+#[test]
+fn reload_speaks_the_notify_reload_protocol_and_refuses_a_broken_file() {
+    use std::process::Command;
+
+    let (bus, notify, notify_path, config) = bus_and_notify_socket();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_watchqd"))
+        .arg("--config")
+        .arg(&config)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", &bus.address)
+        .env("NOTIFY_SOCKET", &notify_path)
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).unwrap());
+    receive_until(&notify, "READY=1", Instant::now() + TIMEOUT, |l| {
+        l == "READY=1"
+    });
+
+    let reload = |toml: &str, what: &str| {
+        std::fs::write(&config, toml).unwrap();
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP).unwrap();
+        let lines = receive_until(&notify, what, Instant::now() + TIMEOUT, |l| l == "READY=1");
+        assert_eq!(
+            lines.first().map(String::as_str),
+            Some("RELOADING=1"),
+            "{lines:?}"
+        );
+        lines
+    };
+    let refused = reload(
+        "[delivery]\nin_flight = 1\n",
+        "READY=1 after a refused reload",
+    );
+    assert!(
+        refused.iter().any(|l| l.starts_with("MONOTONIC_USEC=")
+            && l["MONOTONIC_USEC=".len()..]
+                .parse::<u64>()
+                .is_ok_and(|v| v > 0)),
+        "{refused:?}"
+    );
+    let status = refused
+        .iter()
+        .find(|l| l.starts_with("STATUS="))
+        .unwrap_or_else(|| panic!("no STATUS= for the refusal: {refused:?}"));
+    assert!(
+        status.contains("reload refused")
+            && status.contains(config.to_str().unwrap())
+            && status.contains("delivery.in_flight"),
+        "{status}"
+    );
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "a broken reload stopped the daemon"
+    );
+    assert!(watchqd_owns_the_name(&bus.address));
+
+    let applied = reload("[delivery]\nin_flight = 32\n", "READY=1 after a reload");
+    assert!(
+        applied
+            .iter()
+            .any(|l| l.starts_with("STATUS=Serving org.watchq1;")),
+        "{applied:?}"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
 
 fn watchqd_owns_the_name(address: &str) -> bool {

@@ -102,6 +102,16 @@ async fn client_main(address: String) {
                     Signal::BlockError {
                         operation, device, ..
                     } => (operation.clone(), device.clone()),
+                    Signal::WatchRemoved { tag, reason, .. } => {
+                        entry["tag"] = json!(tag);
+                        entry["reason"] = json!(reason);
+                        (String::new(), String::new())
+                    }
+                    Signal::Lost { count, reason, .. } => {
+                        entry["count"] = json!(count);
+                        entry["reason"] = json!(reason);
+                        (String::new(), String::new())
+                    }
                     _ => (String::new(), String::new()),
                 };
                 entry["action"] = json!(action);
@@ -1126,4 +1136,180 @@ fn watches_per_uid_count_across_a_users_connections() {
     );
     assert_eq!(a2.watch(1, "devices", 1, json!({})), "ok");
     assert_eq!(a2.watch(1, "devices", 2, json!({})), LIMIT);
+}
+
+/// The polkit rules file of the revocation test: it grants `watch-block-errors` to
+/// `watchq-erin`, a test user no other test uses, so that removing it while other
+/// tests run changes none of their decisions (carol's grant in the shared rules file
+/// stays). Removed on drop.
+struct RevocableGrant(&'static str);
+
+impl RevocableGrant {
+    const PATH: &'static str = "/etc/polkit-1/rules.d/48-watchq-test-revocation.rules";
+
+    fn install() -> RevocableGrant {
+        let rules = r#"// Installed by watchqd's revocation test; concerns a test-only user only.
+polkit.addRule(function(action, subject) {
+    if (subject.user == "watchq-erin" && action.id == "org.watchq1.watch-block-errors")
+        return polkit.Result.YES;
+});
+"#;
+        let tmp = format!("{}.tmp-{}", Self::PATH, std::process::id());
+        std::fs::write(&tmp, rules).expect("write the rules file");
+        std::fs::rename(&tmp, Self::PATH).expect("install the rules file");
+        RevocableGrant(Self::PATH)
+    }
+
+    fn revoke(&self) {
+        std::fs::remove_file(self.0).expect("remove the rules file");
+    }
+}
+
+impl Drop for RevocableGrant {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(self.0);
+    }
+}
+
+/// Signals of one subscription path received after the one matching `after`.
+fn signals_after(seen: &[Value], path: &str, after: impl Fn(&Value) -> bool) -> Vec<Value> {
+    let of_path: Vec<&Value> = seen.iter().filter(|s| s["path"] == path).collect();
+    let start = of_path
+        .iter()
+        .position(|s| after(s))
+        .expect("the signal to start after");
+    of_path[start + 1..].iter().map(|s| (*s).clone()).collect()
+}
+
+/// Waits until the client's watch `tag` ended with `WatchRemoved(tag, "policy-changed")`.
+fn expect_policy_changed(client: &mut Client, tag: u64, daemon: &Daemon) {
+    let removed = json!({"member": "WatchRemoved", "tag": tag, "reason": "policy-changed"});
+    let answer = client.ask(json!({"op": "until-all", "match": removed}));
+    assert!(
+        answer.get("ok").is_some(),
+        "watch {tag} did not end: {answer}\n{}",
+        daemon.log_text()
+    );
+}
+
+/// Sequence numbers of one subscription path, checked to be contiguous from 1.
+fn assert_numbered_without_gap(seen: &[Value], path: &str) {
+    let mut next = 1;
+    for signal in seen.iter().filter(|s| s["path"] == path) {
+        assert_eq!(
+            signal["seq"],
+            json!(next),
+            "a gap before {signal} in {seen:?}"
+        );
+        next += signal["count"].as_u64().unwrap_or(1).max(1);
+    }
+}
+
+/// Revocation with a real polkitd: a user granted `watch-block-errors` by a rules file
+/// subscribes and receives a BlockError; the rules file is removed; polkitd's `Changed`
+/// makes the daemon drop its cached decisions and re-authorize, the watch ends with
+/// `WatchRemoved(tag, "policy-changed")`, the user's other watch (devices, still
+/// allowed) stays, and the next block error does not reach her although it is
+/// published (root receives it) and a later device event does reach her.
+#[test]
+fn a_revoked_polkit_grant_ends_the_live_watch_and_the_next_error_does_not_arrive() {
+    let grant = RevocableGrant::install();
+    let daemon = Daemon::with_polkit("");
+    let erin = user("watchq-erin");
+    let mut e = Client::spawn(&daemon, As::User(&erin));
+    let path = e.subscribe();
+    assert_eq!(e.watch(0, "devices", 1, json!({"name": "loop*"})), "ok");
+    assert_eq!(e.watch(0, "block-errors", 2, json!({})), "ok");
+    let mut root = Client::spawn(&daemon, As::Root);
+    root.subscribe();
+    assert_eq!(root.watch(0, "block-errors", 2, json!({})), "ok");
+
+    let first = block_error();
+    let answer =
+        e.ask(json!({"op": "until-all", "match": {"member": "BlockError", "object": first.name}}));
+    assert!(
+        answer.get("ok").is_some(),
+        "erin got no BlockError: {answer}"
+    );
+
+    grant.revoke();
+    expect_policy_changed(&mut e, 2, &daemon);
+    // Asked again, polkit says no.
+    assert_eq!(e.watch(0, "block-errors", 3, json!({})), DENIED);
+
+    let second = block_error();
+    let answer = root
+        .ask(json!({"op": "until-all", "match": {"member": "BlockError", "object": second.name}}));
+    assert!(
+        answer.get("ok").is_some(),
+        "root got no BlockError: {answer}"
+    );
+    // Published after the second error: once erin has it, she has everything before it.
+    second.synth_change();
+    let seen = e.until_all(
+        json!({"member": "DeviceChanged", "sys_path": second.sys_path(), "action": "change"}),
+    );
+    let after = signals_after(&seen, &path, |s| s["member"] == "WatchRemoved");
+    assert!(
+        !after.iter().any(|s| s["member"] == "BlockError"),
+        "a block error reached erin after her grant was revoked: {after:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s["member"] == "BlockError" && s["object"] == second.name.as_str()),
+        "{seen:?}"
+    );
+    assert_numbered_without_gap(&seen, &path);
+}
+
+/// A `[[policy.rules]]` rule turned from permit to deny by a reload ends the live watches
+/// it matches with `WatchRemoved(tag, "policy-changed")`, and only those. (The rule
+/// matches an app id: a security label needs an LSM, which the test machine lacks; both
+/// go through the same rule and the same re-authorization.)
+#[test]
+fn a_rule_turned_to_deny_by_reload_ends_the_matching_live_watches() {
+    let app = "org.watchq.ReloadApp";
+    let permit = format!("[[policy.rules]]\napp_id = \"{app}\"\nverdict = \"permit\"\n");
+    let daemon = Daemon::with_polkit(&permit);
+    let alice = alice();
+    let dir = flatpak_root(app);
+    let mut sandboxed = Client::spawn(&daemon, As::FlatpakChroot(&alice, dir.path()));
+    let app_path = sandboxed.subscribe();
+    assert_eq!(
+        sandboxed.watch(0, "devices", 4, json!({"name": "loop*"})),
+        "ok"
+    );
+    let mut plain = Client::spawn(&daemon, As::User(&alice));
+    let plain_path = plain.subscribe();
+    assert_eq!(plain.watch(0, "devices", 4, json!({"name": "loop*"})), "ok");
+
+    std::fs::write(
+        daemon.config_path(),
+        format!(
+            "[[policy.rules]]\napp_id = \"{app}\"\nsources = [\"devices\"]\nverdict = \"deny\"\n"
+        ),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    expect_policy_changed(&mut sandboxed, 4, &daemon);
+    assert_eq!(sandboxed.watch(0, "devices", 5, json!({})), DENIED);
+
+    let disk = LoopDevice::attach(4);
+    disk.synth_change();
+    let seen = plain.until_all(
+        json!({"member": "DeviceChanged", "sys_path": disk.sys_path(), "action": "change"}),
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|s| s["path"] == plain_path && s["member"] == "WatchRemoved"),
+        "the watch no rule denies was ended: {seen:?}"
+    );
+    // The app's own stream ends with the removal: nothing of the device reached it.
+    // (Before it, other tests' loop devices may have: their names are reused.)
+    let app_seen = sandboxed.until_all(json!({"member": "WatchRemoved"}));
+    let after = signals_after(&app_seen, &app_path, |s| s["member"] == "WatchRemoved");
+    assert!(after.is_empty(), "{app_seen:?}");
+    assert_numbered_without_gap(&app_seen, &app_path);
 }

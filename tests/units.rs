@@ -254,3 +254,75 @@ async fn without_a_journal_the_daemon_says_so_once_and_serves_events() {
         "said once: {log}"
     );
 }
+
+/// `systemctl reload` on the host: a `[[units]]` rule added to the file and applied with
+/// SIGHUP acts on the next matching event, while a subscriber keeps its subscription and
+/// its numbering (no gap, no `Lost`); a reload with a broken file is refused, naming the
+/// file and the key, and changes nothing: the rule still acts and the subscriber still
+/// receives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_rule_added_by_reload_acts_on_the_next_event_and_a_broken_reload_changes_nothing() {
+    let disk = LoopDevice::attach(4);
+    let daemon = Daemon::with_config("");
+    let mut sub = watch_loop_devices(&daemon).await;
+    let path = disk.sys_path();
+    disk.synth_change();
+    expect_changes(&mut sub, &path, 1).await;
+    let unit = format!("watchq-test@dev-{}.service", disk.name);
+    assert_eq!(failures_accounted(&daemon.log_text(), &unit), (0, 0));
+
+    std::fs::write(
+        daemon.config_path(),
+        format!(
+            r#"
+[[units]]
+source = "devices"
+kinds = ["change"]
+properties = {{ subsystem = "block", name = "{}" }}
+unit = "watchq-test@.service"
+instance = "devname"
+"#,
+            disk.name
+        ),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_log(
+        &daemon,
+        "configuration reloaded: applied [[units]] and [journal]",
+    );
+    // The rule shares the devices source the subscriber's watch holds open.
+    assert_eq!(daemon.uevent_sockets(), 1);
+    disk.synth_change();
+    let log = wait_for_log(&daemon, &format!("cannot start unit {unit}"));
+    assert_eq!(failures_accounted(&log, &unit), (1, 1), "{log}");
+    expect_changes(&mut sub, &path, 2).await;
+
+    std::fs::write(daemon.config_path(), "[limits]\nwatches_per_uid = 0\n").unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let log = wait_for_log(&daemon, "reload refused");
+    let refusal = log.lines().find(|l| l.contains("reload refused")).unwrap();
+    let file = daemon.config_path();
+    assert!(
+        refusal.contains(file.to_str().unwrap())
+            && refusal.contains("limits.watches_per_uid")
+            && refusal.contains("previous configuration stays in effect"),
+        "the refusal names the file and the key: {refusal}"
+    );
+    disk.synth_change();
+    let start = Instant::now();
+    while failures_accounted(&daemon.log_text(), &unit).1 < 2 {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the rule stopped acting after a refused reload:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    expect_changes(&mut sub, &path, 3).await;
+    assert_eq!(
+        daemon.log_text().matches("subscription closed").count(),
+        0,
+        "a reload closed a subscription"
+    );
+}

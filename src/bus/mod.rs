@@ -1,12 +1,14 @@
 //! The D-Bus adapter, which names no source: the service (objects, identity lookup,
 //! subscriptions and their end) here; adding watches and snapshots through policy
-//! (`watch.rs`); deliveries as signal messages (`emit.rs`), sent with flow control
+//! (`watch.rs`); re-authorizing live watches when policy may have changed
+//! (`reauthorize.rs`); deliveries as signal messages (`emit.rs`), sent with flow control
 //! (`delivery.rs`).
 
 mod delivery;
 mod emit;
 pub mod error;
 pub mod manager;
+mod reauthorize;
 pub mod subscription;
 pub mod types;
 mod watch;
@@ -43,6 +45,9 @@ pub struct Service {
     authorizer: Authorizer,
     /// What every subscription's deliverer shares ([`delivery`]).
     delivery: delivery::Shared,
+    /// Woken when policy may have changed: live watches are re-authorized
+    /// ([`reauthorize`]). Wakes coalesce.
+    policy_changed: tokio::sync::Notify,
 }
 
 impl Service {
@@ -59,6 +64,7 @@ impl Service {
             dbus: DBusProxy::new(conn).await?,
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
             delivery: delivery::Shared::new(conn).await,
+            policy_changed: tokio::sync::Notify::new(),
         });
         conn.object_server()
             .at(

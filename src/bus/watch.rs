@@ -6,7 +6,7 @@ use zbus::names::UniqueName;
 use super::error::BusError;
 use super::Service;
 use crate::error::Error;
-use crate::policy::Scope;
+use crate::policy::{Grant, Identity, Scope};
 use crate::source::WatchSpec;
 
 impl Service {
@@ -23,13 +23,32 @@ impl Service {
         self.known_source(kind)?;
         let identity = self.hub.identity_of(id, caller)?;
         let planned = self.hub.plan_watch(kind, spec, &identity)?;
-        let grant = self
-            .authorizer
-            .watch(&identity, kind, planned.scope, || {
+        let grant = self.authorize_watch(&identity, kind, planned.scope).await?;
+        let epoch = grant.epoch();
+        self.hub.add_watch(id, grant, tag, planned).await?;
+        // Policy changed while this watch was being decided and armed: the pass that
+        // re-authorized the others may have missed it, so it is checked again.
+        if epoch < self.authorizer.epoch() {
+            self.policy_changed.notify_one();
+        }
+        Ok(())
+    }
+
+    /// The one authorization of a watch, for `AddWatch` and for re-authorization after a
+    /// policy change ([`super::reauthorize`]): policy's decision, polkit asked when the
+    /// table says so (cached per connection while it holds subscriptions).
+    pub(crate) async fn authorize_watch(
+        &self,
+        identity: &Identity,
+        kind: &str,
+        scope: Scope,
+    ) -> Result<Grant, Error> {
+        let caller = identity.unique_name.as_str();
+        self.authorizer
+            .watch(identity, kind, scope, || {
                 !self.hub.subscriptions_of(caller).is_empty()
             })
-            .await?;
-        self.hub.add_watch(id, grant, tag, planned).await
+            .await
     }
 
     /// A snapshot needs what a system-wide watch of the source needs. `subscription` is

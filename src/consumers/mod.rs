@@ -21,12 +21,16 @@ use std::sync::Arc;
 
 use tokio::task::JoinSet;
 
+#[cfg(doc)]
+use crate::dispatch::ConsumerFeed;
 use crate::dispatch::Hub;
 use crate::event::{Attr, Record};
 
 /// The running consumers, for the supervisor.
 pub struct Consumers {
     tasks: JoinSet<&'static str>,
+    /// Their registrations in the hub ([`ConsumerFeed::id`]).
+    ids: Vec<u64>,
 }
 
 impl Consumers {
@@ -41,10 +45,12 @@ impl Consumers {
         conn: &zbus::Connection,
     ) -> Consumers {
         let mut tasks = JoinSet::new();
+        let mut ids = Vec::new();
         let registry = hub.registry().clone();
         if !units.is_empty() {
             let rules: Arc<[units::UnitRule]> = units.into();
             let feed = hub.add_consumer("unit rules", units::QUEUE);
+            ids.push(feed.id());
             let mut sources: Vec<&'static str> = rules.iter().map(|r| r.source).collect();
             sources.sort_unstable();
             sources.dedup();
@@ -75,6 +81,7 @@ impl Consumers {
         }
         if journal.events {
             let feed = hub.add_consumer("journal records", journal::QUEUE);
+            ids.push(feed.id());
             for source in journal::sources(journal, registry.catalogue()) {
                 match hub.consume(&feed, source, Box::new(Everything)) {
                     Ok(()) => {
@@ -92,7 +99,29 @@ impl Consumers {
                 "journal records"
             });
         }
-        Consumers { tasks }
+        Consumers { tasks, ids }
+    }
+
+    /// Replaces these consumers with those of a reloaded configuration. The new ones are
+    /// registered (and their sources opened) before the old ones go, so a source both
+    /// name runs on without a gap; a source only the old ones named is stopped unless a
+    /// subscriber watches it. The old consumers' queues are closed, not their tasks
+    /// aborted: each handles what was queued for it (an event in between may reach an
+    /// old and a new rule; starting a unit twice is harmless) and ends, and no call on
+    /// the bus connection is cut in the middle.
+    pub async fn replace(
+        &mut self,
+        units: &[units::UnitRule],
+        journal: &journal::JournalConfig,
+        hub: &Arc<Hub>,
+        conn: &zbus::Connection,
+    ) {
+        let new = Consumers::start(units, journal, hub, conn);
+        let mut old = std::mem::replace(self, new);
+        for id in old.ids {
+            hub.remove_consumer(id).await;
+        }
+        old.tasks.detach_all();
     }
 
     /// Waits until a consumer's task ends (which it never should), and names it; pends

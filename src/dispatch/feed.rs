@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use crate::error::Error;
 use crate::source::{Availability, WatchMatcher};
 
-use super::{Hub, Published, State};
+use super::{finish_stopping, Hub, Published, State};
 
 impl State {
     /// Tells every consumer of source `index` that some of its events were missed.
@@ -45,13 +45,19 @@ pub enum Consumed {
 
 /// An internal consumer's end of its queue.
 pub struct ConsumerFeed {
-    index: usize,
+    /// Its slot's id, for [`Hub::consume`] and [`Hub::remove_consumer`].
+    id: u64,
     pub name: &'static str,
     pub receiver: mpsc::Receiver<Consumed>,
     dropped: Arc<AtomicU64>,
 }
 
 impl ConsumerFeed {
+    /// What [`Hub::remove_consumer`] takes.
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
     /// How many entries the hub dropped because the queue was full, since the last call.
     pub fn take_dropped(&self) -> u64 {
         self.dropped.swap(0, Ordering::Relaxed)
@@ -59,6 +65,7 @@ impl ConsumerFeed {
 }
 
 pub(super) struct ConsumerSlot {
+    id: u64,
     sender: mpsc::Sender<Consumed>,
     dropped: Arc<AtomicU64>,
     /// The sources it consumes and which of their records it wants.
@@ -81,13 +88,16 @@ impl Hub {
         let (sender, receiver) = mpsc::channel(capacity.max(1));
         let dropped = Arc::new(AtomicU64::new(0));
         let mut state = self.lock();
+        state.next_consumer += 1;
+        let id = state.next_consumer;
         state.consumers.push(ConsumerSlot {
+            id,
             sender,
             dropped: Arc::clone(&dropped),
             interests: Vec::new(),
         });
         ConsumerFeed {
-            index: state.consumers.len() - 1,
+            id,
             name,
             receiver,
             dropped,
@@ -116,9 +126,39 @@ impl Hub {
                 "{source_name} events are not available: {reason}"
             )));
         }
+        let Some(slot) = state.consumers.iter().position(|c| c.id == feed.id) else {
+            return Err(Error::NotFound(format!(
+                "the {} consumer was removed",
+                feed.name
+            )));
+        };
         self.ensure_running(&mut state, index)?;
         state.sources[index].consumers += 1;
-        state.consumers[feed.index].interests.push((index, matcher));
+        state.consumers[slot].interests.push((index, matcher));
         Ok(())
+    }
+
+    /// Removes a consumer (a reload replaced it): its queue closes, and each source it
+    /// held open is stopped if nothing else holds it. A reload registers the new
+    /// consumers first, so a source both need keeps running without a gap.
+    pub async fn remove_consumer(&self, id: u64) {
+        let stopped: Vec<_> = {
+            let mut state = self.lock();
+            let Some(position) = state.consumers.iter().position(|c| c.id == id) else {
+                return;
+            };
+            let slot = state.consumers.remove(position);
+            slot.interests
+                .iter()
+                .filter_map(|(index, _)| {
+                    let source = &mut state.sources[*index];
+                    source.consumers = source.consumers.saturating_sub(1);
+                    self.stop_if_unused(&mut state, *index)
+                })
+                .collect()
+        };
+        for pump in stopped {
+            finish_stopping(Some(pump)).await;
+        }
     }
 }

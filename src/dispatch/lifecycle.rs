@@ -74,6 +74,13 @@ impl Hub {
     pub(super) fn release_source(&self, state: &mut State, index: usize) -> Option<JoinHandle<()>> {
         let slot = &mut state.sources[index];
         slot.watches = slot.watches.saturating_sub(1);
+        self.stop_if_unused(state, index)
+    }
+
+    /// Stops a source that no watch and no consumer holds; returns its pump as
+    /// [`Hub::release_source`] does.
+    pub(super) fn stop_if_unused(&self, state: &mut State, index: usize) -> Option<JoinHandle<()>> {
+        let slot = &mut state.sources[index];
         if slot.watches > 0 || slot.consumers > 0 {
             return None;
         }

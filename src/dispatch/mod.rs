@@ -48,17 +48,20 @@
 //! `watches.rs` (planning, limits, arming, the per-source index), `lifecycle.rs`
 //! (opening a source with its first user, stopping it with its last, reopening it
 //! under consumers), `feed.rs` (the daemon's own consumers), `tables.rs` (object
-//! tables and snapshots) and `publish.rs` (one message fanned out under the lock).
+//! tables and snapshots), `publish.rs` (one message fanned out under the lock) and
+//! `revoke.rs` (watches whose grant is from an older policy epoch, re-granted or
+//! ended).
 
 mod feed;
 mod lifecycle;
 mod outbox;
 mod publish;
+mod revoke;
 mod tables;
 mod watches;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use tokio::sync::{watch, Notify};
 
@@ -71,6 +74,7 @@ use crate::source::{Availability, Registry};
 
 pub use feed::{Consumed, ConsumerFeed};
 pub use outbox::{Delivery, LossReason, Published};
+pub use revoke::StaleWatch;
 
 use feed::ConsumerSlot;
 use lifecycle::{finish_stopping, SourceSlot, REOPEN_FIRST_DELAY};
@@ -142,6 +146,7 @@ struct State {
     subscriptions: BTreeMap<u64, Subscription>,
     sources: Vec<SourceSlot>,
     consumers: Vec<ConsumerSlot>,
+    next_consumer: u64,
 }
 
 /// A new subscription's handle for whoever delivers its outbox.
@@ -172,8 +177,11 @@ pub struct WatchInfo {
 
 pub struct Hub {
     registry: Registry,
-    delivery: DeliveryConfig,
-    limits: Limits,
+    /// Both replaced by a reload ([`Hub::set_settings`]): a lowered limit refuses new
+    /// subscriptions and watches but takes nothing away; the delivery settings apply to
+    /// subscriptions made afterwards.
+    delivery: RwLock<DeliveryConfig>,
+    limits: RwLock<Limits>,
     state: Mutex<State>,
 }
 
@@ -196,8 +204,8 @@ impl Hub {
             .collect();
         Arc::new(Hub {
             registry,
-            delivery,
-            limits,
+            delivery: RwLock::new(delivery),
+            limits: RwLock::new(limits),
             state: Mutex::new(State {
                 sources,
                 ..State::default()
@@ -209,8 +217,31 @@ impl Hub {
         &self.registry
     }
 
-    pub fn delivery(&self) -> &DeliveryConfig {
-        &self.delivery
+    pub fn delivery(&self) -> DeliveryConfig {
+        self.delivery
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn limits(&self) -> Limits {
+        self.limits
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes new delivery settings and limits (a reload). What exists stays: a
+    /// subscription over a lowered limit keeps its watches but cannot add more.
+    pub fn set_settings(&self, delivery: DeliveryConfig, limits: Limits) {
+        *self
+            .delivery
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = delivery;
+        *self
+            .limits
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = limits;
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -237,16 +268,18 @@ impl Hub {
     }
 
     pub fn subscribe(&self, identity: Identity, depth: Option<usize>) -> Result<Subscribed, Error> {
-        let depth = depth.unwrap_or(self.delivery.default_queue_depth);
+        let delivery = self.delivery();
+        let limits = self.limits();
+        let depth = depth.unwrap_or(delivery.default_queue_depth);
         if depth == 0 {
             return Err(Error::InvalidArgument(
                 "queue-depth must be at least 1, got 0".into(),
             ));
         }
-        if depth > self.delivery.max_queue_depth {
+        if depth > delivery.max_queue_depth {
             return Err(Error::LimitExceeded(format!(
                 "queue-depth may be at most {} (delivery.max_queue_depth), got {depth}",
-                self.delivery.max_queue_depth
+                delivery.max_queue_depth
             )));
         }
         let mut state = self.lock();
@@ -255,10 +288,10 @@ impl Hub {
             .values()
             .filter(|s| s.identity.unique_name == identity.unique_name)
             .count();
-        if per_connection >= self.limits.subscriptions_per_connection {
+        if per_connection >= limits.subscriptions_per_connection {
             return Err(Error::LimitExceeded(format!(
                 "at most {} subscriptions per connection",
-                self.limits.subscriptions_per_connection
+                limits.subscriptions_per_connection
             )));
         }
         let per_uid = state
@@ -266,10 +299,10 @@ impl Hub {
             .values()
             .filter(|s| s.identity.uid == identity.uid)
             .count();
-        if per_uid >= self.limits.subscriptions_per_uid {
+        if per_uid >= limits.subscriptions_per_uid {
             return Err(Error::LimitExceeded(format!(
                 "at most {} subscriptions per user (uid {})",
-                self.limits.subscriptions_per_uid, identity.uid
+                limits.subscriptions_per_uid, identity.uid
             )));
         }
         state.next_id += 1;
@@ -337,10 +370,11 @@ impl Hub {
         caller: &str,
         spec: &[(String, Vec<String>)],
     ) -> Result<(), Error> {
-        if spec.len() > self.limits.filter_entries {
+        let filter_entries = self.limits().filter_entries;
+        if spec.len() > filter_entries {
             return Err(Error::LimitExceeded(format!(
                 "a filter may have at most {} entries, got {}",
-                self.limits.filter_entries,
+                filter_entries,
                 spec.len()
             )));
         }

@@ -18,6 +18,9 @@ pub enum LossReason {
     QueueFull,
     /// The kernel dropped an unknown number of the source's events.
     KernelOverflow,
+    /// Events queued for a watch that policy no longer allows, withheld when it ended
+    /// (`count` exact).
+    PolicyChanged,
 }
 
 impl LossReason {
@@ -25,6 +28,7 @@ impl LossReason {
         match self {
             LossReason::QueueFull => "queue-full",
             LossReason::KernelOverflow => "kernel-overflow",
+            LossReason::PolicyChanged => "policy-changed",
         }
     }
 }
@@ -141,6 +145,55 @@ impl Outbox {
         self.notify.notify_one();
     }
 
+    /// Withholds every queued event of watch `tag`, which policy no longer allows: each
+    /// becomes a `Lost` (`policy-changed`) with its own sequence number, runs of them one
+    /// entry, so the numbering stays contiguous and nothing of the watch is sent. Returns
+    /// how many events were withheld.
+    pub(super) fn withhold(&mut self, tag: u64) -> u64 {
+        let mut withheld = 0;
+        for entry in std::mem::take(&mut self.entries) {
+            let entry = match entry {
+                Delivery::Event {
+                    seq,
+                    tag: of,
+                    record,
+                } if of == tag => {
+                    self.queued_events -= 1;
+                    withheld += 1;
+                    Delivery::Lost {
+                        seq,
+                        count: 1,
+                        source: record.source,
+                        reason: LossReason::PolicyChanged,
+                    }
+                }
+                other => other,
+            };
+            if let (
+                Some(Delivery::Lost {
+                    seq: run_seq,
+                    count: run,
+                    source: run_source,
+                    reason: LossReason::PolicyChanged,
+                }),
+                Delivery::Lost {
+                    seq,
+                    source,
+                    reason: LossReason::PolicyChanged,
+                    ..
+                },
+            ) = (self.entries.back_mut(), &entry)
+            {
+                if *run_seq + *run == *seq && run_source == source {
+                    *run += 1;
+                    continue;
+                }
+            }
+            self.entries.push_back(entry);
+        }
+        withheld
+    }
+
     pub(super) fn pop(&mut self, max: usize, out: &mut Vec<Delivery>) {
         while out.len() < max {
             let Some(entry) = self.entries.pop_front() else {
@@ -175,6 +228,37 @@ mod tests {
         out.clear();
         outbox.pop(usize::MAX, &mut out);
         assert_eq!(seqs(&out), vec![(11, 1)]);
+    }
+
+    /// Withheld events keep their numbers as `Lost` entries (runs merged), the other
+    /// watches' events stay, and the queue's room is given back.
+    #[test]
+    fn withheld_events_become_exact_losses_in_place() {
+        let mut outbox = Outbox::new(8);
+        for tag in [1, 2, 2, 1, 2] {
+            outbox.push_event(tag, record(0));
+        }
+        assert_eq!(outbox.withhold(2), 3);
+        let mut out = Vec::new();
+        outbox.pop(usize::MAX, &mut out);
+        assert_eq!(seqs(&out), vec![(1, 1), (2, 2), (4, 1), (5, 1)]);
+        assert!(matches!(out[0], Delivery::Event { tag: 1, .. }));
+        assert!(matches!(
+            out[1],
+            Delivery::Lost {
+                reason: LossReason::PolicyChanged,
+                ..
+            }
+        ));
+        assert!(matches!(out[2], Delivery::Event { tag: 1, .. }));
+        assert!(matches!(
+            out[3],
+            Delivery::Lost {
+                reason: LossReason::PolicyChanged,
+                ..
+            }
+        ));
+        assert_eq!(outbox.queued_events, 0);
     }
 
     #[test]

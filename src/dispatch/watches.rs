@@ -63,6 +63,11 @@ impl Watches {
         gone
     }
 
+    /// The watch with `tag`, to replace its grant (the index does not depend on it).
+    pub(super) fn get_mut(&mut self, tag: u64) -> Option<&mut Watch> {
+        self.list.iter_mut().find(|w| w.tag == tag)
+    }
+
     fn reindex(&mut self) {
         self.by_source.clear();
         for (position, watch) in self.list.iter().enumerate() {
@@ -135,10 +140,11 @@ impl Hub {
             )));
         }
         let size = spec_size(spec);
-        if size > self.limits.watch_spec_size {
+        let watch_spec_size = self.limits().watch_spec_size;
+        if size > watch_spec_size {
             return Err(Error::LimitExceeded(format!(
                 "a watch spec may have at most {} keys, strings and elements, this one has {size}",
-                self.limits.watch_spec_size
+                watch_spec_size
             )));
         }
         self.registry.all()[index].parse_watch(spec, requester)
@@ -209,6 +215,7 @@ impl Hub {
         index: usize,
         tag: u64,
     ) -> Result<(), Error> {
+        let limits = self.limits();
         let mut state = self.lock();
         let sub = Self::owned(&mut state, id, caller)?;
         if sub.watches.iter().any(|w| w.tag == tag) {
@@ -216,10 +223,10 @@ impl Hub {
                 "tag {tag} is already used by a watch of this subscription"
             )));
         }
-        if sub.watches.len() + sub.watches.reserved >= self.limits.watches_per_subscription {
+        if sub.watches.len() + sub.watches.reserved >= limits.watches_per_subscription {
             return Err(Error::LimitExceeded(format!(
                 "at most {} watches per subscription (limits.watches_per_subscription)",
-                self.limits.watches_per_subscription
+                limits.watches_per_subscription
             )));
         }
         let uid = sub.identity.uid;
@@ -229,11 +236,11 @@ impl Hub {
             .filter(|s| s.identity.uid == uid)
             .map(|s| s.watches.len() + s.watches.reserved)
             .sum();
-        if per_uid >= self.limits.watches_per_uid {
+        if per_uid >= limits.watches_per_uid {
             return Err(Error::LimitExceeded(format!(
                 "at most {} watches per user across all connections (limits.watches_per_uid); \
                  uid {uid} has {per_uid}: remove some or close subscriptions",
-                self.limits.watches_per_uid
+                limits.watches_per_uid
             )));
         }
         self.ensure_running(&mut state, index)?;
@@ -460,6 +467,99 @@ mod tests {
         hub.remove_watch(id, ":1.1", 2).await.expect("remove");
         publish_keyed(&hub, "c");
         assert_eq!(tags(&hub, id), [0u64; 0]);
+    }
+
+    /// Revocation in the hub: a watch whose grant predates a policy change is listed as
+    /// stale; ended, its queued events become one exact `Lost` (policy-changed) in place,
+    /// `WatchRemoved` follows, and later events reach only the other watch, which a
+    /// fresh grant takes off the stale list. Numbering stays contiguous.
+    #[tokio::test]
+    async fn a_revoked_watch_ends_after_its_withheld_events_and_receives_nothing_more() {
+        let hub = keyed_hub(Limits::default());
+        let root = Identity::new(":1.1".into(), 0);
+        let id = hub.subscribe(root.clone(), None).expect("subscribe").id;
+        add_keyed(&hub, id, &root, 1, Some("a"))
+            .await
+            .expect("watch");
+        add_keyed(&hub, id, &root, 2, None).await.expect("watch");
+        publish_keyed(&hub, "a");
+        publish_keyed(&hub, "b");
+        let authorizer = policy::Authorizer::new(Default::default(), Box::new(NoPolkit));
+        let epoch = authorizer.set_config(Default::default());
+        let stale = hub.stale_watches(epoch);
+        assert_eq!(stale.iter().map(|w| w.tag).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(
+            hub.revoke(&stale[1], "policy-changed")
+                .await
+                .expect("revoke"),
+            2
+        );
+        assert!(
+            hub.revoke(&stale[1], "policy-changed").await.is_err(),
+            "ended twice"
+        );
+        let grant = authorizer
+            .watch(&root, "keyed", policy::Scope::System, || true)
+            .await
+            .expect("grant");
+        assert!(hub.regrant(&stale[0], grant));
+        assert!(hub.stale_watches(epoch).is_empty());
+        publish_keyed(&hub, "a");
+        publish_keyed(&hub, "b");
+        let delivered = hub.take(id, usize::MAX).expect("subscription");
+        let described: Vec<String> = delivered
+            .iter()
+            .map(|d| match d {
+                Delivery::Event { seq, tag, .. } => format!("{seq} event {tag}"),
+                Delivery::Lost {
+                    seq, count, reason, ..
+                } => format!("{seq} lost {count} {}", reason.as_str()),
+                Delivery::WatchRemoved { seq, tag, reason } => {
+                    format!("{seq} removed {tag} {reason}")
+                }
+            })
+            .collect();
+        assert_eq!(
+            described,
+            [
+                "1 event 1",
+                "2 lost 2 policy-changed",
+                "4 removed 2 policy-changed",
+                "5 event 1",
+            ]
+        );
+    }
+
+    /// A limit lowered by a reload takes nothing away: the subscription over it keeps
+    /// every watch (and receives through them) but cannot add one until it is under it.
+    #[tokio::test]
+    async fn a_lowered_limit_keeps_what_exists_and_refuses_more() {
+        let hub = keyed_hub(Limits::default());
+        let root = Identity::new(":1.1".into(), 0);
+        let id = hub.subscribe(root.clone(), None).expect("subscribe").id;
+        for tag in 1..=3 {
+            add_keyed(&hub, id, &root, tag, None).await.expect("watch");
+        }
+        hub.set_settings(
+            DeliveryConfig::default(),
+            Limits {
+                watches_per_subscription: 2,
+                ..Limits::default()
+            },
+        );
+        assert_eq!(hub.watches(id).len(), 3, "the reload took watches away");
+        publish_keyed(&hub, "a");
+        assert_eq!(tags(&hub, id), [1, 2, 3]);
+        let refused = add_keyed(&hub, id, &root, 4, None).await;
+        assert!(
+            matches!(&refused, Err(Error::LimitExceeded(m)) if m.contains("limits.watches_per_subscription")),
+            "{refused:?}"
+        );
+        hub.remove_watch(id, ":1.1", 1).await.expect("remove");
+        hub.remove_watch(id, ":1.1", 2).await.expect("remove");
+        add_keyed(&hub, id, &root, 4, None)
+            .await
+            .expect("under the limit again");
     }
 
     /// `limits.watches_per_uid` counts every subscription of every connection of a uid,

@@ -4,13 +4,18 @@
 //! Fails closed: polkitd unreachable, slow (beyond [`Authorizer::TIMEOUT`]), or answering
 //! something unexpected means no. A challenge (`auth_admin` with no agent; watchqd never
 //! asks for interaction) is a refusal. Definite answers are cached per (connection,
-//! action) for the connection's life; failures are not cached, so a polkitd that comes
-//! back is asked again.
+//! action) until the connection leaves or the policy may have changed (a reload, or
+//! polkitd's `Changed` signal: [`Authorizer::set_config`], [`Authorizer::changed`]);
+//! failures are not cached, so a polkitd that comes back is asked again.
+//!
+//! Each such change starts a new *epoch*. Every [`Grant`] records the epoch it was
+//! decided in, an answer is cached only if no change happened while polkit was asked,
+//! and the bus layer re-authorizes every live watch whose grant is from an older epoch.
 
 use std::collections::HashMap;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use zbus::{Connection, Variant};
@@ -82,9 +87,15 @@ impl Authority for Polkit {
 
 /// The policy decisions of one daemon: configuration, polkit, and the cache.
 pub struct Authorizer {
-    config: PolicyConfig,
     authority: Box<dyn Authority>,
-    cache: Mutex<HashMap<(String, &'static str), Answer>>,
+    state: Mutex<State>,
+}
+
+/// What changes together: the configuration, the epoch and the answers of that epoch.
+struct State {
+    config: Arc<PolicyConfig>,
+    epoch: u64,
+    cache: HashMap<(String, &'static str), Answer>,
 }
 
 impl Authorizer {
@@ -93,26 +104,52 @@ impl Authorizer {
 
     pub fn new(config: PolicyConfig, authority: Box<dyn Authority>) -> Authorizer {
         Authorizer {
-            config,
             authority,
-            cache: Mutex::new(HashMap::new()),
+            state: Mutex::new(State {
+                config: Arc::new(config),
+                epoch: 0,
+                cache: HashMap::new(),
+            }),
         }
     }
 
-    pub fn config(&self) -> &PolicyConfig {
-        &self.config
+    pub fn config(&self) -> Arc<PolicyConfig> {
+        Arc::clone(&self.lock().config)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<(String, &'static str), Answer>> {
-        self.cache
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The current policy epoch; grants from older ones are to be re-authorized.
+    pub fn epoch(&self) -> u64 {
+        self.lock().epoch
+    }
+
+    /// Takes a new configuration (a reload): a new epoch, every cached answer dropped.
+    pub fn set_config(&self, config: PolicyConfig) -> u64 {
+        let mut state = self.lock();
+        state.config = Arc::new(config);
+        state.cache.clear();
+        state.epoch += 1;
+        state.epoch
+    }
+
+    /// polkit's rules or actions may have changed: a new epoch, every cached answer
+    /// dropped.
+    pub fn changed(&self) -> u64 {
+        let mut state = self.lock();
+        state.cache.clear();
+        state.epoch += 1;
+        state.epoch
     }
 
     /// May this caller subscribe (or use the Manager's snapshot)?
     pub fn subscribe(&self, caller: &Identity) -> Result<(), Error> {
         let request = Request::Subscribe;
-        match decide(&self.config, caller, request) {
+        match decide(&self.config(), caller, request) {
             Ok(_) => Ok(()),
             Err(denial) => Err(denial_error(caller, request, &denial)),
         }
@@ -129,13 +166,17 @@ impl Authorizer {
         live: impl Fn() -> bool,
     ) -> Result<Grant, Error> {
         let request = Request::Watch { source, scope };
-        let rule = match decide(&self.config, caller, request) {
-            Ok(Decision::Allow) => return Ok(Grant::new(caller, source, scope, true)),
+        let (config, epoch) = {
+            let state = self.lock();
+            (Arc::clone(&state.config), state.epoch)
+        };
+        let rule = match decide(&config, caller, request) {
+            Ok(Decision::Allow) => return Ok(Grant::new(caller, source, scope, true, epoch)),
             Ok(Decision::Ask(rule)) => rule,
             Err(denial) => return Err(denial_error(caller, request, &denial)),
         };
         let key = (caller.unique_name.clone(), rule.action);
-        let cached = self.lock().get(&key).copied();
+        let cached = self.lock().cache.get(&key).copied();
         let answer = match cached {
             Some(answer) => answer,
             None => {
@@ -151,15 +192,17 @@ impl Authorizer {
                         caller.uid, rule.action
                     ))
                 })?;
-                let mut cache = self.lock();
-                if live() {
-                    cache.insert(key, answer);
+                let mut state = self.lock();
+                // An answer from before a change is used for this request (whose grant
+                // carries the old epoch and is checked again) but not remembered.
+                if live() && state.epoch == epoch {
+                    state.cache.insert(key, answer);
                 }
                 answer
             }
         };
         match answer {
-            Answer::Authorized => Ok(Grant::new(caller, source, scope, rule.admin)),
+            Answer::Authorized => Ok(Grant::new(caller, source, scope, rule.admin, epoch)),
             Answer::Challenge => Err(Error::AccessDenied(format!(
                 "watching {source} ({} scope) needs {}, which requires an administrator's \
                  authentication; watchqd does not ask for it: an administrator can grant \
@@ -179,11 +222,11 @@ impl Authorizer {
     /// Forgets a connection's decisions when it leaves the bus. Callers first drop the
     /// connection's state, so that a check still in flight sees `live() == false`.
     pub fn forget(&self, unique_name: &str) {
-        self.lock().retain(|(name, _), _| name != unique_name);
+        self.lock().cache.retain(|(name, _), _| name != unique_name);
     }
 
     /// Cached decisions, for tests and status.
     pub fn cached(&self) -> usize {
-        self.lock().len()
+        self.lock().cache.len()
     }
 }

@@ -255,16 +255,25 @@ pub struct Grant {
     scope: Scope,
     /// Granted to root, or through an administrator action.
     elevated: bool,
+    /// The policy epoch it was decided in ([`Authorizer::epoch`]): a grant from an
+    /// older epoch is re-authorized.
+    epoch: u64,
 }
 
 impl Grant {
-    fn new(caller: &Identity, source: &str, scope: Scope, elevated: bool) -> Grant {
+    fn new(caller: &Identity, source: &str, scope: Scope, elevated: bool, epoch: u64) -> Grant {
         Grant {
             caller: caller.unique_name.clone(),
             source: source.to_owned(),
             scope,
             elevated,
+            epoch,
         }
+    }
+
+    /// The policy epoch the grant was decided in.
+    pub fn epoch(&self) -> u64 {
+        self.epoch
     }
 
     /// The connection it was granted to.
@@ -590,7 +599,7 @@ mod tests {
         for ((scope, elevated), rows) in grid {
             for (audience, expected) in audiences.iter().zip(rows) {
                 let got = [&root, &alice, &bob].map(|who| {
-                    let grant = Grant::new(who, "src", scope, elevated || who.uid == 0);
+                    let grant = Grant::new(who, "src", scope, elevated || who.uid == 0, 0);
                     may_see(who, &grant, "src", *audience)
                 });
                 assert_eq!(got, expected, "{scope:?} elevated={elevated} {audience:?}");
@@ -601,7 +610,7 @@ mod tests {
     #[test]
     fn a_grant_is_bound_to_its_connection_and_source() {
         let alice = caller(1000);
-        let grant = Grant::new(&alice, "devices", Scope::System, false);
+        let grant = Grant::new(&alice, "devices", Scope::System, false, 0);
         assert!(may_see(&alice, &grant, "devices", Audience::Everyone));
         assert!(!may_see(&alice, &grant, "block-errors", Audience::Everyone));
         let other_connection = Identity::new(":1.9999".into(), 1000);
