@@ -267,6 +267,9 @@ fn start_watchqd(
                     return child;
                 }
             }
+            // A receive timeout makes the call fail with EINTR, not restart, when this
+            // process is stopped and continued or catches a signal meanwhile.
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
             Err(e) => {
                 let _ = child.kill();
                 let _ = child.wait();
