@@ -154,6 +154,16 @@ pub enum SourceMsg {
     Overflow {
         objects: Vec<Object>,
     },
+    /// Events of one watched object were dropped (by the kernel, or coalesced by the
+    /// source to bound what one user costs): the part of the table whose ids start
+    /// with `prefix` is now exactly `objects`, and only the subscriptions with a watch
+    /// on `object` ([`crate::source::WatchMatcher::watched_object`]) are told with
+    /// `Lost(kernel-overflow)`.
+    Resync {
+        prefix: String,
+        object: String,
+        objects: Vec<Object>,
+    },
     /// The part of the source's table whose ids start with `prefix` is now exactly
     /// `objects`, and no event is delivered: a watched object (a mount namespace) came
     /// into view with its current contents, or went out of view because nobody watches

@@ -677,3 +677,227 @@ async fn a_user_watches_its_own_namespace_and_not_another() {
     assert_eq!(value["mount_source"], "watchq-alice");
     assert_eq!(value["fs_type"], "tmpfs");
 }
+
+/// Makes `count` bind mounts of one tmpfs below `dir` in the namespace, with one
+/// process (`perl`, mount(2) = 165 on x86_64, MS_BIND = 4096): a large namespace fast.
+fn bind_mounts(ns: &Namespace, dir: &str, count: u64) {
+    ns.run(&format!(
+        "mount -t tmpfs watchq-many {dir}; \
+         perl -e 'for my $i (1..{count}) {{ my $d = \"{dir}/$i\"; \
+         mkdir $d or die \"mkdir: $!\"; \
+         syscall(165, $d, $d, 0, 4096, 0) == 0 or die \"mount: $!\"; }}'"
+    ));
+}
+
+/// Remounts are not reported by fanotify; they come from mountinfo rereads, coalesced
+/// per namespace (one per interval, however many `POLLPRI`). A storm of remounts in a
+/// namespace of 2,000 mounts, each mount remounted read-only once: every remount is
+/// one event, none lost, and snapshot + events = mountinfo afterwards, options included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_remount_of_a_storm_in_a_large_namespace_is_reported() {
+    let daemon = Daemon::start();
+    let ns = Namespace::start();
+    let dir = ns.mkdir("many");
+    bind_mounts(&ns, &dir, 2000);
+    let mut sub = Subscriber::with_options(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(16384u32))]),
+    )
+    .await;
+    sub.watch("mounts", 1, &pid_spec(ns.pid())).await;
+    let (seq, mut mounts, _) = snapshot(&sub).await;
+
+    let remounts = 300;
+    // MS_REMOUNT | MS_BIND | MS_RDONLY = 4129.
+    ns.run(&format!(
+        "perl -e 'for my $i (1..{remounts}) {{ \
+         syscall(165, 0, \"{dir}/$i\", 0, 4129, 0) == 0 or die \"remount: $!\"; }}'"
+    ));
+    let below = format!("{dir}/");
+    sub.until("every remount", |signals| {
+        mount_events(signals, &below).len() >= remounts
+    })
+    .await;
+    // Nothing more may come: no second report of a remount, no loss.
+    sub.receive_for(Duration::from_millis(500)).await;
+    assert_contiguous(&sub.received);
+    let events = mount_events(&sub.received, &below);
+    assert_eq!(events.len(), remounts, "one event per remount");
+    let mut remounted: Vec<u64> = events
+        .iter()
+        .map(|s| {
+            let (change, id, _) = change_of(s);
+            assert_eq!(change, "remount");
+            id
+        })
+        .collect();
+    remounted.sort_unstable();
+    remounted.dedup();
+    assert_eq!(remounted.len(), remounts, "each mount remounted once");
+    assert!(
+        !sub.received
+            .iter()
+            .any(|s| matches!(s, Signal::Lost { .. })),
+        "nothing lost"
+    );
+
+    apply(&mut mounts, &sub.received, seq);
+    assert_eq!(
+        snapshot_view(&mounts),
+        mountinfo_view(&ns),
+        "snapshot + events"
+    );
+    let read_only = |options: &str| options.split(',').any(|o| o == "ro");
+    let info = ns.mountinfo();
+    for mount in mounts
+        .values()
+        .filter(|m| m.mount_point.starts_with(&below))
+    {
+        let line = info
+            .iter()
+            .find(|l| u64::from(l.id) == mount.mountinfo_id)
+            .expect("in mountinfo");
+        assert_eq!(
+            read_only(&mount.options),
+            read_only(&line.mount_options),
+            "{}: options {} against mountinfo's {}",
+            mount.mount_point,
+            mount.options,
+            line.mount_options
+        );
+    }
+    let (_, now, _) = snapshot(&sub).await;
+    assert_eq!(now, mounts, "the daemon's snapshot = snapshot + events");
+}
+
+/// One user's namespaces may take `[sources.mounts] user_cpu_percent` of the daemon's
+/// time (1 here). Alice, unprivileged, watches her own namespace while a storm runs in
+/// it: past her share her events are coalesced into Lost(kernel-overflow) and a resync,
+/// counted in the Manager's Counters (what `watchqctl status` shows); the snapshot of
+/// her namespace is right afterwards. Another namespace's watcher, in the same run,
+/// gets every one of its events and no Lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_past_their_share_is_coalesced_into_lost_and_others_are_not() {
+    let daemon = Daemon::with_polkit("[sources.mounts]\nuser_cpu_percent = 1\n");
+    let alice = common::polkit::user("watchq-alice");
+    let watchqctl = env!("CARGO_BIN_EXE_watchqctl");
+    let mut monitor = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "setpriv"])
+        .arg(format!("--reuid={}", alice.uid))
+        .arg(format!("--regid={}", alice.gid))
+        .args(["--clear-groups", watchqctl, "--address", daemon.address()])
+        .args(["monitor", "--json", "--queue-depth", "16384", "mounts"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watchqctl");
+    let alice_pid = monitor.id();
+    let stderr = common::lines::lines(monitor.stderr.take().expect("stderr"));
+    let first = stderr
+        .recv_timeout(TIMEOUT)
+        .expect("watchqctl's first line");
+    assert!(first.starts_with("watching"), "as alice: {first}");
+    let alice_lines = common::lines::lines(monitor.stdout.take().expect("stdout"));
+
+    // The administrator watches alice's namespace too (sharing its fate: a Lost), and
+    // bob's, which must be untouched.
+    let mut admin = Subscriber::with_options(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(16384u32))]),
+    )
+    .await;
+    admin.watch("mounts", 1, &pid_spec(alice_pid)).await;
+    let bob_ns = Namespace::start();
+    let mut bob = Subscriber::new(&daemon).await;
+    bob.watch("mounts", 2, &pid_spec(bob_ns.pid())).await;
+
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-mnt-")
+        .tempdir()
+        .expect("temporary directory");
+    let storm = dir.path().join("storm");
+    fs::create_dir(&storm).expect("mkdir");
+    let storm = storm.display().to_string();
+    let pairs = 3000;
+    let churn = Command::new("nsenter")
+        .args(["-t", &alice_pid.to_string(), "-m", "perl", "-e"])
+        .arg(format!(
+            "my ($s, $d, $t) = (\"watchq-storm\", \"{storm}\", \"tmpfs\"); \
+             for (1..{pairs}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+             syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}"
+        ))
+        .spawn()
+        .expect("nsenter perl");
+    // Bob's mounts while alice churns.
+    let bob_points: Vec<String> = (0..5).map(|i| bob_ns.mkdir(&format!("b{i}"))).collect();
+    for point in &bob_points {
+        bob_ns.run(&format!("mount -t tmpfs watchq-bob {point}"));
+    }
+    let churn = churn.wait_with_output().expect("the storm");
+    assert!(churn.status.success(), "the storm failed");
+
+    bob.until("bob's mounts", |signals| {
+        mount_events(signals, &bob_ns.path("b")).len() >= bob_points.len()
+    })
+    .await;
+    bob.receive_for(Duration::from_millis(300)).await;
+    assert_eq!(mount_events(&bob.received, &bob_ns.path("b")).len(), 5);
+    assert!(
+        !bob.received
+            .iter()
+            .any(|s| matches!(s, Signal::Lost { .. })),
+        "bob lost nothing: {:?}",
+        bob.received
+    );
+
+    // Alice's monitor says Lost(kernel-overflow); so does the administrator's watch.
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let mut alice_lost = false;
+    while !alice_lost {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        let line = alice_lines.recv_timeout(left).expect("alice's Lost");
+        let value: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        alice_lost = value["signal"] == "Lost"
+            && value["reason"] == "kernel-overflow"
+            && value["source"] == "mounts";
+    }
+    admin
+        .until("Lost(kernel-overflow)", |signals| {
+            signals
+                .iter()
+                .any(|s| matches!(s, Signal::Lost { reason, .. } if reason == "kernel-overflow"))
+        })
+        .await;
+    // The resync left the administrator's view of alice's namespace right.
+    admin.receive_for(Duration::from_millis(500)).await;
+    let (_, now, _) = snapshot(&admin).await;
+    let text = fs::read_to_string(format!("/proc/{alice_pid}/mountinfo")).expect("mountinfo");
+    let mut lines: Vec<_> = watchqd::source::mounts::wire::parse_mountinfo(&text)
+        .expect("parse mountinfo")
+        .into_iter()
+        .map(|l| (u64::from(l.id), l.mount_point, l.fs_type))
+        .collect();
+    lines.sort();
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert_eq!(
+        snapshot_view(&now),
+        lines,
+        "snapshot = mountinfo after the resync"
+    );
+
+    let manager = watchqd::client::ManagerProxy::builder(&admin.conn)
+        .build()
+        .await
+        .expect("manager proxy");
+    let counters = manager.counters().await.expect("Counters");
+    let counter = |name: &str| {
+        counters
+            .iter()
+            .find(|(source, n, _)| source == "mounts" && n == name)
+            .map(|(_, _, v)| *v)
+            .unwrap_or_else(|| panic!("counter {name} in {counters:?}"))
+    };
+    assert!(counter("users-throttled") >= 1, "{counters:?}");
+    assert!(counter("namespaces-resynced") >= 1, "{counters:?}");
+}

@@ -68,11 +68,22 @@ fn describe(e: &zbus::Error) -> String {
 async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
     let version = manager.version().await.map_err(|e| describe(&e))?;
     let sources = manager.sources().await.map_err(|e| describe(&e))?;
+    let counters = manager.counters().await.map_err(|e| describe(&e))?;
+    let counters_of = |source: &str| -> Vec<(&str, u64)> {
+        counters
+            .iter()
+            .filter(|(s, _, _)| s == source)
+            .map(|(_, name, value)| (name.as_str(), *value))
+            .collect()
+    };
     if json {
         let value = serde_json::json!({
             "version": version,
             "sources": sources.iter().map(|s| serde_json::json!({
                 "name": s.name, "available": s.available, "reason": s.reason, "subtypes": s.subtypes,
+                "counters": counters_of(&s.name).into_iter()
+                    .map(|(n, v)| (n.to_owned(), serde_json::Value::from(v)))
+                    .collect::<serde_json::Map<_, _>>(),
             })).collect::<Vec<_>>(),
         });
         println!("{value}");
@@ -88,6 +99,11 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
             );
             if !source.reason.is_empty() {
                 println!("  {:<12} degraded: {}", "", source.reason);
+            }
+            let counted = counters_of(&source.name);
+            if !counted.is_empty() {
+                let list: Vec<String> = counted.iter().map(|(n, v)| format!("{n} {v}")).collect();
+                println!("  {:<12} counted: {}", "", list.join(", "));
             }
         } else {
             println!("  {:<12} unavailable: {}", source.name, source.reason);

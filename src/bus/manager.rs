@@ -75,4 +75,21 @@ impl Manager {
             })
             .collect()
     }
+
+    /// What sources counted that a person may want to know: (source, counter, value),
+    /// for example how often the mounts source coalesced a user's events because their
+    /// namespaces took more than their share of the daemon's time.
+    #[zbus(property(emits_changed_signal = "false"))]
+    fn counters(&self) -> Vec<(String, String, u64)> {
+        self.service
+            .hub
+            .sources()
+            .into_iter()
+            .flat_map(|s| {
+                s.counters
+                    .into_iter()
+                    .map(move |(counter, value)| (s.name.to_owned(), counter.to_owned(), value))
+            })
+            .collect()
+    }
 }

@@ -49,6 +49,9 @@ pub trait Manager {
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn sources(&self) -> zbus::Result<Vec<SourceInfo>>;
+    /// (source, counter, value).
+    #[zbus(property)]
+    fn counters(&self) -> zbus::Result<Vec<(String, String, u64)>>;
 }
 
 #[proxy(

@@ -18,6 +18,7 @@ use crate::filter::Filter;
 use crate::glob::Pattern;
 use crate::policy::{PolicyConfig, Rule, Verdict};
 use crate::source::devices::DevicesConfig;
+use crate::source::mounts::MountsConfig;
 use crate::source::{SourcesConfig, CATALOGUE};
 
 pub const DEFAULT_PATH: &str = "/etc/watchqd/watchqd.toml";
@@ -130,6 +131,13 @@ pub struct RawRule {
 #[serde(deny_unknown_fields, default)]
 pub struct RawSources {
     pub devices: RawDevices,
+    pub mounts: RawMounts,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMounts {
+    pub user_cpu_percent: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -334,6 +342,16 @@ impl Config {
                     1 << 30,
                 )?,
             },
+            mounts: MountsConfig {
+                user_cpu_percent: u8::try_from(ranged(
+                    "sources.mounts.user_cpu_percent",
+                    raw.sources.mounts.user_cpu_percent,
+                    usize::from(defaults.sources.mounts.user_cpu_percent),
+                    1,
+                    100,
+                )?)
+                .map_err(|e| invalid("sources.mounts.user_cpu_percent", e.to_string()))?,
+            },
         };
         let units = raw
             .units
@@ -421,6 +439,26 @@ mod tests {
             err.to_string(),
             "t.toml: delivery.in_flight: must be between 2 and 65536, got 1"
         );
+    }
+
+    /// The mounts source's share per user: a percentage of one CPU, 1 to 100; anything
+    /// else is refused naming the key, and a good value reaches the source's settings.
+    #[test]
+    fn the_share_of_one_users_mount_namespaces_is_checked() {
+        for (value, expected) in [
+            ("0", "must be between 1 and 100, got 0"),
+            ("101", "must be between 1 and 100, got 101"),
+            ("-5", "user_cpu_percent"),
+            ("\"all\"", "user_cpu_percent"),
+        ] {
+            let text = format!("[sources.mounts]\nuser_cpu_percent = {value}\n");
+            let err = Config::from_toml(&text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(expected), "{value}: {err}");
+            assert!(err.contains("t.toml"), "{value}: {err}");
+        }
+        let config =
+            Config::from_toml("[sources.mounts]\nuser_cpu_percent = 25\n", "t.toml").unwrap();
+        assert_eq!(config.sources.mounts.user_cpu_percent, 25);
     }
 
     #[test]

@@ -166,6 +166,7 @@ pub struct SourceStatus {
     pub availability: Availability,
     pub running: bool,
     pub subtypes: &'static [&'static str],
+    pub counters: Vec<(&'static str, u64)>,
 }
 
 /// What a subscription's `Watches` property lists.
@@ -263,6 +264,7 @@ impl Hub {
                 availability: slot.availability.clone(),
                 running: slot.pump.is_some(),
                 subtypes: source.subtypes(),
+                counters: source.counters(),
             })
             .collect()
     }

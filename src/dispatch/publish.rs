@@ -7,6 +7,7 @@ use std::sync::Arc;
 use crate::event::SourceMsg;
 use crate::policy;
 
+use super::tables::relist;
 use super::{apply_to_table, Consumed, Delivery, Hub, LossReason, Published};
 
 impl Hub {
@@ -60,18 +61,39 @@ impl Hub {
             SourceMsg::Overflow { objects } => {
                 if let Some(table) = &mut slot.table {
                     let old = std::mem::take(table);
-                    for mut object in objects {
-                        if let Some(previous) = old.get(&object.id) {
-                            object.changes = previous.changes
-                                + u64::from(previous.attributes != object.attributes);
-                        }
-                        table.insert(object.id.clone(), object);
-                    }
+                    relist(table, &old, objects);
                 }
                 let source = self.registry.all()[index].name();
                 state.tell_consumers_missed(index, source, "kernel-overflow");
                 for sub in state.subscriptions.values_mut() {
                     if sub.watches.iter().any(|w| w.source == index) {
+                        sub.outbox.push_meta(|seq| Delivery::Lost {
+                            seq,
+                            count: 0,
+                            source,
+                            reason: LossReason::KernelOverflow,
+                        });
+                    }
+                }
+            }
+            SourceMsg::Resync {
+                prefix,
+                object,
+                objects,
+            } => {
+                if let Some(table) = &mut slot.table {
+                    let (old, kept) = std::mem::take(table)
+                        .into_iter()
+                        .partition(|(id, _)| id.starts_with(&prefix));
+                    *table = kept;
+                    relist(table, &old, objects);
+                }
+                let source = self.registry.all()[index].name();
+                state.tell_consumers_missed(index, source, "kernel-overflow");
+                for sub in state.subscriptions.values_mut() {
+                    if sub.watches.iter().any(|w| {
+                        w.source == index && w.matcher.watched_object() == Some(object.as_str())
+                    }) {
                         sub.outbox.push_meta(|seq| Delivery::Lost {
                             seq,
                             count: 0,

@@ -94,6 +94,22 @@ impl Hub {
     }
 }
 
+/// Puts `objects`, a source's new listing, into `table` in place of `old` (the entries
+/// it replaces, already taken out), each carrying on its change counter, one more when
+/// its attributes changed.
+pub(super) fn relist(
+    table: &mut BTreeMap<String, Object>,
+    old: &BTreeMap<String, Object>,
+    objects: Vec<Object>,
+) {
+    for mut object in objects {
+        if let Some(previous) = old.get(&object.id) {
+            object.changes = previous.changes + u64::from(previous.attributes != object.attributes);
+        }
+        table.insert(object.id.clone(), object);
+    }
+}
+
 /// Applies a record to its source's object table. A removal carries no attributes (the
 /// object is gone from the kernel); it is completed with the last ones known.
 pub(super) fn apply_to_table(table: &mut BTreeMap<String, Object>, record: &mut Record) {

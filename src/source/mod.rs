@@ -161,6 +161,12 @@ pub trait EventSource: Send + Sync + 'static {
     /// Probes the kernel. Called once at start; must not keep anything open.
     fn probe(&self) -> Availability;
 
+    /// Named counters of what the source did that a person may want to know (shown by
+    /// `watchqctl status`); none by default.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        Vec::new()
+    }
+
     /// Validates a watch specification from `requester` (as the bus identified it; never
     /// from the message body) and says what scope it covers and how to arm it.
     fn parse_watch(&self, spec: &WatchSpec, requester: &Identity) -> Result<PlannedWatch, Error>;
@@ -291,6 +297,7 @@ impl<'a> Catalogue<'a> {
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SourcesConfig {
     pub devices: devices::DevicesConfig,
+    pub mounts: mounts::MountsConfig,
 }
 
 /// Makes [`CATALOGUE`], the constructor behind [`Registry::builtin`] and
@@ -337,7 +344,7 @@ builtin_sources! { ($) config;
     quota, system_wide: true, quota::Quota::new();
     filesystems, system_wide: false, filesystems::Filesystems::new();
     space, system_wide: false, space::Space::new();
-    mounts, system_wide: false, mounts::Mounts::new();
+    mounts, system_wide: false, mounts::Mounts::with_config(&config.mounts);
     keys, system_wide: false, keys::Keys::new();
 }
 

@@ -16,12 +16,31 @@
 //! - Attach: `statmount` at once, and the description is cached, because after a detach
 //!   `statmount` fails with ENOENT. A detach is described from the cache.
 //! - A move is one fanotify event with both bits: one `move` record, re-described.
-//! - Remounts (read-only, options) raise no fanotify event. `/proc/PID/mountinfo` wakes
-//!   pollers with `POLLPRI` on every change of the namespace; its lines are diffed with
-//!   the previous read, and a mount whose options changed is re-described (`remount`).
-//!   Propagation changes wake nobody and are seen only at the next description.
-//! - `FAN_Q_OVERFLOW`: the namespace is listed again (`listmount`) and the whole table
-//!   is handed to the hub ([`SourceMsg::Overflow`]), which tells every watcher with `Lost`.
+//! - Remounts (read-only, options, `mount_setattr`) raise no fanotify event: up to 6.18
+//!   fanotify reports only `FAN_MNT_ATTACH`/`FAN_MNT_DETACH`, `statmount` has no change
+//!   counter and `listmount` lists ids only, so no kernel interface names the mount that
+//!   was remounted, and asking `statmount` about every mount costs more than reading
+//!   mountinfo once. (libmount 2.42's fanotify monitor and systemd's pending fanotify
+//!   work read attach/detach from fanotify too and leave remounts to the mountinfo
+//!   path.) `/proc/PID/mountinfo` wakes pollers with `POLLPRI` on every change of the
+//!   namespace, attach and detach included; its lines are diffed with the previous
+//!   read, and a mount whose options changed is re-described (`remount`). That reread
+//!   costs in proportion to the namespace, so it is coalesced per namespace and bounded
+//!   in time: after a quiet spell it happens at once; otherwise the next waits until
+//!   `max(100 ms, 50 × the last reread's time)` after the last one, and serves every
+//!   `POLLPRI` until then. Rereads thus take at most 2% of the time per namespace
+//!   however fast it changes, attach and detach cost one `statmount` each whatever the
+//!   namespace's size, and a remount is reported within that interval plus one reread
+//!   (at 10,000 mounts a reread takes about 5 ms, so within about 300 ms; the README
+//!   states the bound and `benches/mounts.rs` measures it). A mount remounted and
+//!   remounted back within one interval is not seen. Propagation changes wake nobody
+//!   and are seen only at the next description.
+//! - Each namespace's work is charged to the users watching it, and one user's
+//!   namespaces together may take `[sources.mounts] user_cpu_percent` of the daemon's
+//!   time; past it their events are coalesced into a resync (see `budget`).
+//! - `FAN_Q_OVERFLOW`: the namespace is resynced — listed again (`listmount`), handed to
+//!   the hub ([`SourceMsg::Resync`]), which tells that namespace's watchers (only them)
+//!   with `Lost`.
 //! - A namespace whose last process exited is gone: its watches end with `WatchRemoved`.
 //!   The pidfd of the process it was named by tells when to look; another process in the
 //!   namespace takes its place if there is one.
@@ -38,11 +57,16 @@
 //! the reusable old id), a line gone a detach, a mount with a new mount point or parent
 //! a move. Events carry the same unique ids and descriptions (`statmount`) as with
 //! fanotify; what is lost is a mount attached and detached again between two reads, and
-//! the exact order within one read. Without `statmount`/`listmount` with namespace ids
-//! (6.11) the source is unavailable.
+//! the exact order within one read. There every `POLLPRI` is a reread at once (it is
+//! the only way to see attaches and detaches): each change costs a read, parse and diff
+//! of the whole mountinfo, about 0.5 µs per mount in the namespace (5 ms at 10,000),
+//! plus a `statmount` per mount that changed. Without `statmount`/`listmount` with
+//! namespace ids (6.11) the source is unavailable.
 
+mod budget;
 mod describe;
 mod reader;
+mod resync;
 pub mod signal;
 pub mod wire;
 
@@ -97,14 +121,34 @@ const MOUNTINFO_ONLY: &str = "fanotify mount events (FAN_REPORT_MNT, FAN_MARK_MN
      Linux 6.15; following each namespace by diffing /proc/PID/mountinfo instead: a mount \
      attached and detached again between two reads is not seen";
 
+pub use budget::DEFAULT_USER_CPU_PERCENT;
+
+/// The source's settings (`[sources.mounts]`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MountsConfig {
+    /// The share of one CPU, in percent, that one user's watched namespaces may take
+    /// (see the `budget` module).
+    pub user_cpu_percent: u8,
+}
+
+impl Default for MountsConfig {
+    fn default() -> Self {
+        MountsConfig {
+            user_cpu_percent: DEFAULT_USER_CPU_PERCENT,
+        }
+    }
+}
+
 pub struct Mounts {
     shared: Arc<Shared>,
+    config: MountsConfig,
 }
 
 /// What the arm closures and holds share with the running reader.
 #[derive(Default)]
 struct Shared {
     control: Mutex<Option<mpsc::UnboundedSender<Control>>>,
+    counters: budget::Counters,
 }
 
 impl Shared {
@@ -122,18 +166,26 @@ enum Control {
     Arm {
         ns: OwnedFd,
         pid: u32,
+        /// The user the namespace's work is charged to.
+        uid: u32,
         anchor: OwnedFd,
         reply: std::sync::mpsc::SyncSender<Result<u64, String>>,
     },
     Release {
         namespace: u64,
+        uid: u32,
     },
 }
 
 impl Mounts {
     pub fn new() -> Self {
+        Mounts::with_config(&MountsConfig::default())
+    }
+
+    pub fn with_config(config: &MountsConfig) -> Self {
         Mounts {
             shared: Arc::default(),
+            config: config.clone(),
         }
     }
 }
@@ -155,6 +207,10 @@ impl EventSource for Mounts {
 
     fn signal(&self) -> &'static crate::signal::SignalKind {
         &signal::KIND
+    }
+
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        self.shared.counters.list()
     }
 
     fn probe(&self) -> Availability {
@@ -200,7 +256,10 @@ impl EventSource for Mounts {
             }
         };
         let shared = Arc::clone(&self.shared);
-        Ok(PlannedWatch::armed_by(scope, move || arm(&shared, pid)))
+        let uid = requester.uid;
+        Ok(PlannedWatch::armed_by(scope, move || {
+            arm(&shared, pid, uid)
+        }))
     }
 
     /// The daemon's own namespace.
@@ -219,6 +278,9 @@ impl EventSource for Mounts {
             pending: VecDeque::new(),
             to_acknowledge: None,
             buf: vec![0; READ_BUFFER],
+            budget: budget::Budget::new(self.config.user_cpu_percent),
+            shared: Arc::clone(&self.shared),
+            last_yield: None,
         };
         let ns = open_namespace("/proc/self/ns/mnt")?;
         let (_, seed) = reader.add_namespace(&ns, None, "/proc/self/mountinfo")?;
@@ -256,7 +318,7 @@ fn same_namespace(a: u32, b: u32) -> io::Result<bool> {
 /// Runs after policy allowed the watch: names the namespace by `pid` and has the reader
 /// mark it. The pidfd is opened first and checked after the namespace, so a pid reused
 /// in between is noticed.
-fn arm(shared: &Arc<Shared>, pid: u32) -> Result<ArmedWatch, Error> {
+fn arm(shared: &Arc<Shared>, pid: u32, uid: u32) -> Result<ArmedWatch, Error> {
     let gone = |e: io::Error| {
         Error::NotFound(format!("cannot name the mount namespace of pid {pid}: {e}"))
     };
@@ -269,6 +331,7 @@ fn arm(shared: &Arc<Shared>, pid: u32) -> Result<ArmedWatch, Error> {
     shared.send(Control::Arm {
         ns,
         pid,
+        uid,
         anchor,
         reply,
     })?;
@@ -284,6 +347,7 @@ fn arm(shared: &Arc<Shared>, pid: u32) -> Result<ArmedWatch, Error> {
         hold: Some(Box::new(NamespaceHold {
             shared: Arc::clone(shared),
             namespace,
+            uid,
         })),
     })
 }
@@ -300,6 +364,7 @@ fn object_prefix(namespace: u64) -> String {
 struct NamespaceHold {
     shared: Arc<Shared>,
     namespace: u64,
+    uid: u32,
 }
 
 impl Drop for NamespaceHold {
@@ -307,6 +372,7 @@ impl Drop for NamespaceHold {
         // The source may be stopping already; then the mark goes with it.
         let _ = self.shared.send(Control::Release {
             namespace: self.namespace,
+            uid: self.uid,
         });
     }
 }

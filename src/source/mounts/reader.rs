@@ -2,8 +2,24 @@
 //! per watched namespace, read together with the control requests of arming watches,
 //! and each namespace's mount table diffed against what was last seen.
 
+use super::budget::{thread_cpu, Budget};
 use super::describe::*;
+use super::resync::namespace_of;
 use super::*;
+
+use std::time::Instant;
+
+/// The shortest time between two mountinfo rereads of one namespace while fanotify
+/// reports its topology (rereads serve remounts only).
+pub(super) const REREAD_MIN_INTERVAL: Duration = Duration::from_millis(100);
+/// A reread of a namespace may take at most one part in this many of the time: the next
+/// one waits this many times as long as the last one took.
+pub(super) const REREAD_SHARE_INVERSE: u32 = 50;
+
+/// How long after the last reread of a namespace the next may start, given its cost.
+pub(super) fn reread_interval(last_cost: Duration) -> Duration {
+    (last_cost * REREAD_SHARE_INVERSE).max(REREAD_MIN_INTERVAL)
+}
 
 /// A mountinfo line as two reads compare it (by its old id).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -16,22 +32,36 @@ pub(super) struct Line {
 }
 
 pub(super) struct Namespace {
-    id: u64,
+    pub(super) id: u64,
     inode: (u64, u64),
     /// `None` without fanotify mount events: mountinfo alone follows the namespace.
-    group: Option<AsyncFd<OwnedFd>>,
-    mountinfo: AsyncFd<File>,
+    pub(super) group: Option<AsyncFd<OwnedFd>>,
+    pub(super) mountinfo: AsyncFd<File>,
     /// The process this namespace was named by; `None` for the daemon's own.
     anchor: Option<AsyncFd<OwnedFd>>,
-    mounts: HashMap<u64, StatMount>,
-    lines: HashMap<u32, Line>,
+    pub(super) mounts: HashMap<u64, StatMount>,
+    pub(super) lines: HashMap<u32, Line>,
     watches: usize,
+    /// The users watching it (with how many watches each): its work is charged to them.
+    pub(super) watchers: HashMap<u32, usize>,
+    /// Set while a watcher is over their share: the namespace is not read until then,
+    /// and is resynced then.
+    pub(super) throttled_until: Option<Instant>,
+    /// With fanotify: when the mountinfo reread that `POLLPRI` asked for is due
+    /// (coalesced: one per namespace per [`reread_interval`]).
+    pub(super) reread_due: Option<Instant>,
+    /// When the last reread ended, and what it cost (wall time of read, parse and diff).
+    last_reread: Option<(Instant, Duration)>,
 }
 
 pub(super) enum Wake {
     Control(Option<Control>),
     Group(u64),
     Mountinfo(u64),
+    /// A coalesced mountinfo reread is due.
+    Reread(u64),
+    /// A throttled namespace may be read again: resync it.
+    Resync(u64),
     Anchor(u64),
 }
 
@@ -46,6 +76,12 @@ pub(super) struct Reader {
     pub(super) pending: VecDeque<(SourceMsg, Option<(Acknowledge, u64)>)>,
     pub(super) to_acknowledge: Option<(Acknowledge, u64)>,
     pub(super) buf: Vec<u8>,
+    /// What each user's namespaces may still spend.
+    pub(super) budget: Budget,
+    pub(super) shared: Arc<Shared>,
+    /// The namespace of the message last yielded, and the thread's CPU time then: the
+    /// hub publishes it before polling again, and that is charged too.
+    pub(super) last_yield: Option<(u64, Duration)>,
 }
 
 impl Reader {
@@ -56,9 +92,13 @@ impl Reader {
         if let Some((reply, namespace)) = self.to_acknowledge.take() {
             let _ = reply.send(Ok(namespace));
         }
+        if let Some((id, then)) = self.last_yield.take() {
+            self.charge(id, thread_cpu().saturating_sub(then));
+        }
         loop {
             if let Some((msg, ack)) = self.pending.pop_front() {
                 self.to_acknowledge = ack;
+                self.last_yield = namespace_of(&msg).map(|id| (id, thread_cpu()));
                 return Some(msg);
             }
             let wake = self.wait().await;
@@ -73,9 +113,29 @@ impl Reader {
         let mut waits: Vec<BoxFuture<'_, Wake>> = Vec::new();
         let control = &mut self.control;
         waits.push(async move { Wake::Control(control.recv().await) }.boxed());
+        // The earliest timer: a resync of a throttled namespace, or a coalesced reread.
+        let due = self
+            .namespaces
+            .values()
+            .filter_map(|ns| match ns.throttled_until {
+                Some(at) => Some((at, Wake::Resync(ns.id))),
+                None => Some((ns.reread_due?, Wake::Reread(ns.id))),
+            })
+            .min_by_key(|(at, _)| *at);
+        if let Some((at, wake)) = due {
+            waits.push(
+                async move {
+                    tokio::time::sleep_until(at.into()).await;
+                    wake
+                }
+                .boxed(),
+            );
+        }
         for ns in self.namespaces.values() {
             let id = ns.id;
-            if let Some(group) = &ns.group {
+            // A throttled namespace is not read: the kernel queues what happens in it.
+            let throttled = ns.throttled_until.is_some();
+            if let Some(group) = ns.group.as_ref().filter(|_| !throttled) {
                 waits.push(
                     async move {
                         let _ = group.readable().await;
@@ -84,13 +144,16 @@ impl Reader {
                     .boxed(),
                 );
             }
-            waits.push(
-                async move {
-                    let _ = ns.mountinfo.ready(Interest::PRIORITY).await;
-                    Wake::Mountinfo(id)
-                }
-                .boxed(),
-            );
+            // A reread already due serves every change made before it.
+            if ns.reread_due.is_none() && !throttled {
+                waits.push(
+                    async move {
+                        let _ = ns.mountinfo.ready(Interest::PRIORITY).await;
+                        Wake::Mountinfo(id)
+                    }
+                    .boxed(),
+                );
+            }
             if let Some(anchor) = &ns.anchor {
                 waits.push(
                     async move {
@@ -111,9 +174,26 @@ impl Reader {
                 self.control(control);
                 Ok(())
             }
-            Wake::Group(id) => self.read_group(id).await,
+            Wake::Group(id) => {
+                let started = thread_cpu();
+                let read = self.read_group(id).await;
+                self.charge(id, thread_cpu().saturating_sub(started));
+                read
+            }
             Wake::Mountinfo(id) => {
-                self.reread_mountinfo(id).await;
+                self.mountinfo_changed(id).await;
+                Ok(())
+            }
+            Wake::Reread(id) => {
+                let started = thread_cpu();
+                self.reread_mountinfo(id);
+                self.charge(id, thread_cpu().saturating_sub(started));
+                Ok(())
+            }
+            Wake::Resync(id) => {
+                let started = thread_cpu();
+                self.resync(id);
+                self.charge(id, thread_cpu().saturating_sub(started));
                 Ok(())
             }
             Wake::Anchor(id) => {
@@ -128,6 +208,7 @@ impl Reader {
             Control::Arm {
                 ns,
                 pid,
+                uid,
                 anchor,
                 reply,
             } => {
@@ -137,6 +218,7 @@ impl Reader {
                 if let Some(id) = known {
                     if let Some(entry) = self.namespaces.get_mut(&id) {
                         entry.watches += 1;
+                        *entry.watchers.entry(uid).or_default() += 1;
                     }
                     let _ = reply.send(Ok(id));
                     return;
@@ -149,7 +231,12 @@ impl Reader {
                     }
                 };
                 match self.add_namespace(&ns, Some(anchor), &format!("/proc/{pid}/mountinfo")) {
-                    Ok((id, seed)) => self.pending.push_back((seed, Some((reply, id)))),
+                    Ok((id, seed)) => {
+                        if let Some(entry) = self.namespaces.get_mut(&id) {
+                            entry.watchers.insert(uid, 1);
+                        }
+                        self.pending.push_back((seed, Some((reply, id))));
+                    }
                     Err(e) => {
                         let _ = reply.send(Err(format!(
                             "watching the mount namespace of pid {pid}: {e}"
@@ -157,11 +244,18 @@ impl Reader {
                     }
                 }
             }
-            Control::Release { namespace } => {
+            Control::Release { namespace, uid } => {
+                self.budget.forget_idle(Instant::now());
                 let Some(entry) = self.namespaces.get_mut(&namespace) else {
                     return;
                 };
                 entry.watches = entry.watches.saturating_sub(1);
+                if let Some(count) = entry.watchers.get_mut(&uid) {
+                    *count -= 1;
+                    if *count == 0 {
+                        entry.watchers.remove(&uid);
+                    }
+                }
                 if entry.watches == 0 && entry.anchor.is_some() {
                     self.namespaces.remove(&namespace);
                     self.pending.push_back((
@@ -213,6 +307,10 @@ impl Reader {
                 mounts,
                 lines,
                 watches: 1,
+                watchers: HashMap::new(),
+                throttled_until: None,
+                reread_due: None,
+                last_reread: None,
             },
         );
         let seed = SourceMsg::Replace {
@@ -304,43 +402,63 @@ impl Reader {
         self.pending.push_back((msg, None));
     }
 
-    /// The kernel dropped events of this namespace: list it again and hand the hub the
-    /// whole table (every namespace's mounts), which it diffs and answers with `Lost`.
+    /// The kernel dropped events of this namespace: resync it, which tells its watchers
+    /// (and no one else) with `Lost`.
     fn overflowed(&mut self, id: u64) {
         tracing::warn!(
             source = NAME,
             namespace = id,
             "fanotify queue overflowed; rescanning"
         );
-        if let Some(ns) = self.namespaces.get_mut(&id) {
-            match describe_all(id) {
-                Ok(mounts) => ns.mounts = mounts.into_iter().map(|m| (m.id, m)).collect(),
-                Err(e) => tracing::error!(source = NAME, "rescanning namespace {id}: {e}"),
-            }
-        }
-        let objects = self
-            .namespaces
-            .values()
-            .flat_map(|ns| ns.mounts.values().map(object_of))
-            .collect();
-        self.pending
-            .push_back((SourceMsg::Overflow { objects }, None));
+        self.resync(id);
     }
 
-    /// Rereads a namespace's mountinfo after `POLLPRI` and diffs it with the cache.
-    async fn reread_mountinfo(&mut self, id: u64) {
+    /// `POLLPRI` on a namespace's mountinfo: something in it changed. Without fanotify
+    /// the reread is the only way to know what, so it happens at once. With fanotify,
+    /// attaches, detaches and moves come from the group, and the reread (which costs
+    /// in proportion to the namespace, not to the change) is needed only for remounts:
+    /// it is scheduled, at once after a quiet spell and otherwise [`reread_interval`]
+    /// after the last one, and every `POLLPRI` until then is served by it.
+    async fn mountinfo_changed(&mut self, id: u64) {
+        let fanotify = self.fanotify;
+        let Some(ns) = self.namespaces.get_mut(&id) else {
+            return;
+        };
+        match ns.mountinfo.ready(Interest::PRIORITY).await {
+            // The kernel reports `POLLPRI` once per change of the namespace's event
+            // counter (the poll itself takes it in), so clearing the readiness loses
+            // nothing: the next change wakes us again.
+            Ok(mut guard) => guard.clear_ready_matching(Ready::PRIORITY),
+            Err(e) => {
+                tracing::warn!(source = NAME, namespace = id, "polling mountinfo: {e}");
+                return;
+            }
+        }
+        if !fanotify {
+            self.reread_mountinfo(id);
+            return;
+        }
+        let now = Instant::now();
+        let at = match ns.last_reread {
+            Some((ended, cost)) => (ended + reread_interval(cost)).max(now),
+            None => now,
+        };
+        ns.reread_due = Some(at);
+    }
+
+    /// Rereads a namespace's mountinfo and diffs it with the cache.
+    fn reread_mountinfo(&mut self, id: u64) {
         let follow_topology = !self.fanotify;
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        let lines = match ns.mountinfo.ready(Interest::PRIORITY).await {
-            Ok(mut guard) => {
-                guard.clear_ready_matching(Ready::PRIORITY);
-                read_lines(ns.mountinfo.get_mut())
-            }
-            Err(e) => Err(e),
-        };
-        match lines {
+        let started = Instant::now();
+        ns.reread_due = None;
+        // Changes made from here on wake us again; those made before are in this read.
+        if let Some(Ok(mut guard)) = ns.mountinfo.ready(Interest::PRIORITY).now_or_never() {
+            guard.clear_ready_matching(Ready::PRIORITY);
+        }
+        match read_lines(ns.mountinfo.get_mut()) {
             Ok(lines) => {
                 for record in diff(ns, lines, follow_topology) {
                     self.pending.push_back((SourceMsg::Record(record), None));
@@ -348,6 +466,8 @@ impl Reader {
             }
             Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
         }
+        let ended = Instant::now();
+        ns.last_reread = Some((ended, ended - started));
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or

@@ -1,0 +1,125 @@
+//! Charging a namespace's work to its watchers, throttling a user past their share, and
+//! the resync that ends a throttle or a kernel queue overflow (see the `budget` module).
+
+use super::budget::Counters;
+use super::describe::*;
+use super::reader::{read_lines, Namespace, Reader};
+use super::*;
+
+use std::time::Instant;
+
+impl Reader {
+    /// Charges `cost` of work on namespace `id` to each of its watchers but root, and
+    /// throttles whoever that puts over their share.
+    pub(super) fn charge(&mut self, id: u64, cost: Duration) {
+        let Some(ns) = self.namespaces.get(&id) else {
+            return;
+        };
+        let now = Instant::now();
+        let users: Vec<u32> = ns.watchers.keys().copied().filter(|&u| u != 0).collect();
+        for uid in users {
+            if let Some(until) = self.budget.charge(uid, cost, now) {
+                self.throttle(uid, until);
+            }
+        }
+    }
+
+    /// Stops reading every namespace `uid` watches until `until`.
+    fn throttle(&mut self, uid: u32, until: Instant) {
+        let mut newly = false;
+        for ns in self
+            .namespaces
+            .values_mut()
+            .filter(|ns| ns.watchers.contains_key(&uid))
+        {
+            newly |= ns.throttled_until.is_none();
+            ns.throttled_until = Some(ns.throttled_until.map_or(until, |t| t.max(until)));
+            // The resync rereads everything.
+            ns.reread_due = None;
+        }
+        if newly {
+            Counters::add(&self.shared.counters.throttled, 1);
+            tracing::debug!(
+                source = NAME,
+                uid,
+                "a user's mount namespaces took more than their share; coalescing their \
+                 events until {:?} from now",
+                until.saturating_duration_since(Instant::now())
+            );
+        }
+    }
+
+    /// Brings namespace `id` up to date after a throttle or a kernel queue overflow:
+    /// its fanotify queue drained unread, its mounts listed again and its mountinfo
+    /// reread; the hub replaces the namespace's part of its table and tells the watchers
+    /// of the namespace (only them) `Lost(kernel-overflow)`.
+    pub(super) fn resync(&mut self, id: u64) {
+        let Some(ns) = self.namespaces.get_mut(&id) else {
+            return;
+        };
+        ns.throttled_until = None;
+        ns.reread_due = None;
+        let drained = drain(ns, &mut self.buf);
+        Counters::add(&self.shared.counters.coalesced, drained);
+        Counters::add(&self.shared.counters.resyncs, 1);
+        if let Some(Ok(mut guard)) = ns.mountinfo.ready(Interest::PRIORITY).now_or_never() {
+            guard.clear_ready_matching(Ready::PRIORITY);
+        }
+        match read_lines(ns.mountinfo.get_mut()) {
+            Ok(lines) => ns.lines = lines,
+            Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
+        }
+        match describe_all(id) {
+            Ok(mounts) => ns.mounts = mounts.into_iter().map(|m| (m.id, m)).collect(),
+            Err(e) => tracing::error!(source = NAME, "rescanning namespace {id}: {e}"),
+        }
+        let objects = ns.mounts.values().map(object_of).collect();
+        self.pending.push_back((
+            SourceMsg::Resync {
+                prefix: object_prefix(id),
+                object: namespace_object(id),
+                objects,
+            },
+            None,
+        ));
+    }
+}
+
+/// Reads a namespace's fanotify queue to its end without looking at what it says
+/// (a resync lists the namespace instead); returns how many events that was.
+fn drain(ns: &mut Namespace, buf: &mut [u8]) -> u64 {
+    let Some(group) = &ns.group else {
+        return 0;
+    };
+    let mut events = 0u64;
+    loop {
+        match nix::unistd::read(group.get_ref(), buf) {
+            Ok(n) if n > 0 => {
+                for event in wire::fanotify_events(&buf[..n]).unwrap_or_default() {
+                    events += 1;
+                    if event.fd >= 0 {
+                        // SAFETY: the kernel installed this fd for us; closing it is ours.
+                        drop(unsafe { OwnedFd::from_raw_fd(event.fd) });
+                    }
+                }
+            }
+            // Empty (EAGAIN) or failing: the next read of the group says why, if ever.
+            _ => break,
+        }
+    }
+    if let Some(Ok(mut guard)) = group.readable().now_or_never() {
+        guard.clear_ready();
+    }
+    events
+}
+
+/// The namespace a message of this source is about, to charge its publishing to.
+pub(super) fn namespace_of(msg: &SourceMsg) -> Option<u64> {
+    match msg {
+        SourceMsg::Record(record) => record.attr_u64("namespace"),
+        SourceMsg::Resync { prefix, .. } | SourceMsg::Replace { prefix, .. } => {
+            prefix.strip_suffix('/')?.parse().ok()
+        }
+        _ => None,
+    }
+}
