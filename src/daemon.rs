@@ -10,6 +10,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::bus::{Service, BUS_NAME};
 use crate::config::Config;
+use crate::consumers::metrics;
 use crate::dispatch::Hub;
 use crate::source::{Availability, Registry};
 
@@ -67,12 +68,25 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             }
         }
     }
-    let service = Service::serve(&conn, Arc::clone(&hub), config.policy.clone())
+    // The unit rules and the metrics consumer count into these; Manager.Metrics and
+    // the text file render them with the hub's own figures.
+    let counters = Arc::new(metrics::Counters::default());
+    let render: crate::bus::MetricsText = {
+        let (hub, counters) = (Arc::clone(&hub), Arc::clone(&counters));
+        Box::new(move || metrics::render(&hub.stats(), &counters))
+    };
+    let service = Service::serve(&conn, Arc::clone(&hub), config.policy.clone(), render)
         .await
         .map_err(DaemonError::Serve)?;
     let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());
-    let mut consumers =
-        crate::consumers::Consumers::start(&config.units, &config.journal, &hub, &conn);
+    let mut consumers = crate::consumers::Consumers::start(
+        &config.units,
+        &config.journal,
+        &config.metrics,
+        &counters,
+        &hub,
+        &conn,
+    );
 
     let reply = conn
         .request_name_with_flags(BUS_NAME, RequestNameFlags::DO_NOT_QUEUE)

@@ -8,10 +8,12 @@
 //! variables (for example `WATCHQD_DELIVERY__IN_FLIGHT=32`).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::consumers::journal::JournalConfig;
+use crate::consumers::metrics::MetricsConfig;
 use crate::consumers::units::{system_wide_names, RawUnitRule, UnitRule, UnitRuleError};
 use crate::dispatch::{DeliveryConfig, Limits};
 use crate::filter::Filter;
@@ -81,6 +83,15 @@ pub struct RawConfig {
     pub sources: RawSources,
     pub units: Vec<RawUnitRule>,
     pub journal: RawJournal,
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub textfile: Option<bool>,
+    pub directory: Option<PathBuf>,
+    pub interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -148,6 +159,7 @@ pub struct Config {
     /// Rules that start systemd units on events (`[[units]]`), in file order.
     pub units: Vec<UnitRule>,
     pub journal: JournalConfig,
+    pub metrics: MetricsConfig,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -375,6 +387,30 @@ impl Config {
                 format!("must be an absolute path, got {}", journal.socket.display()),
             ));
         }
+        let metrics = MetricsConfig {
+            textfile: raw.metrics.textfile.unwrap_or(defaults.metrics.textfile),
+            directory: raw.metrics.directory.unwrap_or(defaults.metrics.directory),
+            interval: match raw.metrics.interval_ms {
+                None => defaults.metrics.interval,
+                // Below 100 ms the file would be rewritten faster than anyone scrapes it.
+                Some(ms @ 100..=86_400_000) => Duration::from_millis(ms),
+                Some(ms) => {
+                    return Err(invalid(
+                        "metrics.interval_ms",
+                        format!("must be between 100 and 86400000 (a day), got {ms}"),
+                    ))
+                }
+            },
+        };
+        if !metrics.directory.is_absolute() {
+            return Err(invalid(
+                "metrics.directory",
+                format!(
+                    "must be an absolute path, got {}",
+                    metrics.directory.display()
+                ),
+            ));
+        }
         Ok(Config {
             delivery,
             limits,
@@ -382,6 +418,7 @@ impl Config {
             sources,
             units,
             journal,
+            metrics,
             origin,
         })
     }

@@ -1,6 +1,6 @@
 //! The daemon's own consumers of events, beside D-Bus subscribers: rules that start
-//! systemd units (`[[units]]`, [`units`]) and structured journal records (`[journal]`,
-//! [`journal`]).
+//! systemd units (`[[units]]`, [`units`]), structured journal records (`[journal]`,
+//! [`journal`]) and counters for Prometheus (`[metrics]`, [`metrics`]).
 //!
 //! Each is registered in the [`Hub`] with [`Hub::add_consumer`] and names its sources
 //! with [`Hub::consume`]: those sources are opened at start and stay open for the
@@ -13,6 +13,7 @@
 //! ([`crate::logging::LogLimit`]).
 
 pub mod journal;
+pub mod metrics;
 pub mod unit_name;
 pub mod units;
 
@@ -30,13 +31,15 @@ pub struct Consumers {
 }
 
 impl Consumers {
-    /// Starts every consumer the configuration enables (`[[units]]` rules, `[journal]`)
-    /// and opens its sources. A source that cannot be opened (unavailable on this kernel)
+    /// Starts every consumer the configuration enables (`[[units]]` rules, `[journal]`,
+    /// `[metrics]`) and opens its sources. A source that cannot be opened (unavailable on this kernel)
     /// is logged and leaves the rules or records that need it inactive; the daemon serves
     /// on.
     pub fn start(
         units: &[units::UnitRule],
         journal: &journal::JournalConfig,
+        metrics: &metrics::MetricsConfig,
+        counters: &Arc<metrics::Counters>,
         hub: &Arc<Hub>,
         conn: &zbus::Connection,
     ) -> Consumers {
@@ -68,8 +71,9 @@ impl Consumers {
                 }
             }
             let (registry, conn) = (registry.clone(), conn.clone());
+            let (counters, changed) = (Arc::clone(counters), hub.stats_changed());
             tasks.spawn(async move {
-                units::run(feed, rules, registry, conn).await;
+                units::run(feed, rules, registry, conn, counters, changed).await;
                 "unit rules"
             });
         }
@@ -90,6 +94,32 @@ impl Consumers {
             tasks.spawn(async move {
                 journal::run(feed, socket, registry).await;
                 "journal records"
+            });
+        }
+        if metrics.textfile {
+            let feed = hub.add_consumer("metrics", metrics::QUEUE);
+            let catalogue = registry.catalogue();
+            for source in metrics::SOURCES {
+                // Only sources that report on their own can be counted without a watch.
+                if !catalogue.get(source).is_some_and(|s| s.system_wide) {
+                    continue;
+                }
+                match hub.consume(&feed, source, Box::new(Everything)) {
+                    Ok(()) => tracing::info!(source, "metrics: counting {source} events"),
+                    Err(e) => {
+                        tracing::error!(source, "metrics: {e}; {source} events are not counted")
+                    }
+                }
+            }
+            let (counters_for_records, hub_for_records) = (Arc::clone(counters), Arc::clone(hub));
+            tasks.spawn(async move {
+                metrics::count_records(feed, counters_for_records, hub_for_records).await;
+                "metrics counter"
+            });
+            let (config, counters, hub) = (metrics.clone(), Arc::clone(counters), Arc::clone(hub));
+            tasks.spawn(async move {
+                metrics::write_file(config, counters, hub).await;
+                "metrics file writer"
             });
         }
         Consumers { tasks }

@@ -54,6 +54,7 @@ mod feed;
 mod lifecycle;
 mod outbox;
 mod publish;
+mod stats;
 mod tables;
 mod watches;
 
@@ -71,6 +72,7 @@ use crate::source::{Availability, Registry};
 
 pub use feed::{Consumed, ConsumerFeed};
 pub use outbox::{Delivery, LossReason, Published};
+pub use stats::{HubStats, SourceStats};
 
 use feed::ConsumerSlot;
 use lifecycle::{finish_stopping, SourceSlot, REOPEN_FIRST_DELAY};
@@ -175,6 +177,8 @@ pub struct Hub {
     delivery: DeliveryConfig,
     limits: Limits,
     state: Mutex<State>,
+    /// Woken when a counter may have changed ([`Hub::stats_changed`]).
+    changed: Arc<Notify>,
 }
 
 impl Hub {
@@ -192,6 +196,7 @@ impl Hub {
                 pump: None,
                 table: None,
                 generation: 0,
+                counts: stats::Counts::default(),
             })
             .collect();
         Arc::new(Hub {
@@ -202,6 +207,7 @@ impl Hub {
                 sources,
                 ..State::default()
             }),
+            changed: Arc::new(Notify::new()),
         })
     }
 
@@ -287,6 +293,7 @@ impl Hub {
                 _alive: alive,
             },
         );
+        self.touch_stats();
         Ok(Subscribed { id, notify, closed })
     }
 
@@ -380,6 +387,7 @@ impl Hub {
             let Some(sub) = state.subscriptions.remove(&id) else {
                 return false;
             };
+            self.touch_stats();
             sub.watches
                 .iter()
                 .filter_map(|watch| self.release_source(&mut state, watch.source))
@@ -408,9 +416,11 @@ impl Hub {
     /// Takes up to `max` deliveries, or `None` once the subscription is gone.
     pub fn take(&self, id: u64, max: usize) -> Option<Vec<Delivery>> {
         let mut state = self.lock();
+        let state = &mut *state;
         let sub = state.subscriptions.get_mut(&id)?;
         let mut out = Vec::new();
         sub.outbox.pop(max, &mut out);
+        self.count_taken(&mut state.sources, &out);
         Some(out)
     }
 

@@ -181,6 +181,13 @@ pub trait EventSource: Send + Sync + 'static {
     fn subtype_index(&self, name: &str) -> Option<u8> {
         subtype_number(self.subtypes(), name)
     }
+
+    /// Messages dropped at the edge because they did not come from the kernel (a forged
+    /// netlink message), since the daemon started; 0 for a source that cannot receive
+    /// any. Read by the metrics.
+    fn forged_rejected(&self) -> u64 {
+        0
+    }
 }
 
 /// A subtype's number: its index among the source's subtypes.

@@ -1,0 +1,209 @@
+//! `[metrics]`: the text file for node_exporter's textfile collector, checked with the
+//! real tools — Debian's `prometheus-node-exporter` scraped over loopback, and
+//! `promtool check metrics` — against a real daemon on a private bus, real uevents and
+//! a real stalled client; and the same text from `watchqctl metrics`.
+
+mod common;
+
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::prometheus::{promtool_check, Metrics, NodeExporter};
+use common::*;
+use nix::sys::signal::{kill, Signal as Sig};
+use nix::unistd::Pid;
+use zbus::Variant;
+
+fn metrics_config(directory: &Path, interval_ms: u64) -> String {
+    format!(
+        "[metrics]\ntextfile = true\ndirectory = \"{}\"\ninterval_ms = {interval_ms}\n",
+        directory.display()
+    )
+}
+
+fn watchqctl_metrics(daemon: &Daemon) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_watchqctl"))
+        .args(["--address", daemon.address(), "metrics"])
+        .output()
+        .expect("watchqctl");
+    assert!(
+        out.status.success(),
+        "watchqctl metrics: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).expect("UTF-8")
+}
+
+/// Scrapes until `done` holds for a scrape, failing after [`TIMEOUT`] with the last one.
+fn scrape_until(exporter: &NodeExporter, what: &str, done: impl Fn(&Metrics) -> bool) -> Metrics {
+    let start = Instant::now();
+    loop {
+        let metrics = exporter.scrape();
+        if done(&metrics) {
+            return metrics;
+        }
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "waited {TIMEOUT:?} for {what}; last scrape:\n{}",
+            metrics.text
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const EVENTS: usize = 300;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_exports_exactly_the_events_delivered_and_lost_to_a_stalled_subscriber() {
+    let dir = tempfile::tempdir().expect("directory");
+    let daemon = Daemon::with_config(&metrics_config(dir.path(), 200));
+    let exporter = NodeExporter::start(dir.path());
+    let file = dir.path().join("watchqd.prom");
+    // Written at start, with zeros, so that the series exist before anything happens.
+    let before = scrape_until(&exporter, "the daemon's file", |m| {
+        m.value("watchqd_subscriptions", &[]).is_some()
+    });
+    assert_eq!(
+        before.value(
+            "watchqd_events_lost_total",
+            &[("source", "devices"), ("reason", "queue-full")]
+        ),
+        Some(0.0)
+    );
+    let mode = std::fs::metadata(&file).expect("file").permissions().mode();
+    assert_eq!(mode & 0o777, 0o644, "the file's mode");
+
+    let disk = LoopDevice::attach(4);
+    // Its default queue (1,024 events) holds the whole storm.
+    let mut fast = Subscriber::new(&daemon).await;
+    fast.watch("devices", 1, &[("name", Variant::from(disk.name.as_str()))])
+        .await;
+    // The stalled subscriber: a real client process stopped with SIGSTOP, with a small
+    // queue, so that the daemon drops and counts.
+    let mut stalled = stalled_monitor(&daemon, &disk.name, 10);
+    let stalled_pid = Pid::from_raw(i32::try_from(stalled.id()).expect("pid"));
+
+    let name = disk.name.clone();
+    tokio::task::spawn_blocking(move || {
+        for _ in 0..EVENTS {
+            std::fs::write(format!("/sys/block/{name}/uevent"), "change").expect("uevent");
+        }
+    })
+    .await
+    .expect("uevents");
+    // Every event went through the daemon once the fast subscriber has them all.
+    fast.until("every event", |s| s.len() >= EVENTS).await;
+
+    kill(stalled_pid, Sig::SIGCONT).expect("SIGCONT");
+    let rx = common::lines::lines(stalled.stdout.take().expect("stdout"));
+    let (mut events, mut lost) = (0u64, 0u64);
+    while events + lost < EVENTS as u64 {
+        let line = rx.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
+            panic!("stalled subscriber saw {events} events + {lost} lost of {EVENTS}")
+        });
+        let value: serde_json::Value = serde_json::from_str(&line).expect("JSON");
+        match value["signal"].as_str().expect("signal") {
+            "DeviceChanged" => events += 1,
+            "Lost" => lost += value["count"].as_u64().expect("count"),
+            other => panic!("unexpected {other}"),
+        }
+    }
+    kill(stalled_pid, Sig::SIGINT).expect("SIGINT");
+    let _ = stalled.wait();
+    assert!(lost > 0, "the stalled subscriber must have lost events");
+    assert_eq!(fast.received.len(), EVENTS, "the fast one lost nothing");
+
+    // What node_exporter exports is exactly what the two subscribers saw.
+    let delivered = EVENTS as f64 + events as f64;
+    let lost = lost as f64;
+    let after = scrape_until(&exporter, "the counts of the storm", |m| {
+        m.value(
+            "watchqd_events_lost_total",
+            &[("source", "devices"), ("reason", "queue-full")],
+        ) == Some(lost)
+            && m.value("watchqd_events_delivered_total", &[("source", "devices")])
+                == Some(delivered)
+    });
+    // The stalled one's connection has left: one subscription and its watch remain.
+    let after = if after.value("watchqd_subscriptions", &[]) == Some(1.0) {
+        after
+    } else {
+        scrape_until(&exporter, "one subscription left", |m| {
+            m.value("watchqd_subscriptions", &[]) == Some(1.0)
+        })
+    };
+    assert_eq!(
+        after.value("watchqd_watches", &[("source", "devices")]),
+        Some(1.0)
+    );
+    assert_eq!(
+        after.value("watchqd_source_available", &[("source", "devices")]),
+        Some(1.0)
+    );
+
+    // promtool accepts the file, and watchqctl prints the same text.
+    let text = std::fs::read_to_string(&file).expect("the file");
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    assert_eq!(watchqctl_metrics(&daemon), text);
+    disk.detach();
+}
+
+/// The file's identity: a rewrite is a rename of a new file over it, a new inode.
+fn file_identity(path: &PathBuf) -> Option<(u64, i64, i64)> {
+    std::fs::metadata(path)
+        .ok()
+        .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()))
+}
+
+const IDLE: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_with_metrics_on_no_rewrite_and_no_wakeup_in_a_minute() {
+    let dir = tempfile::tempdir().expect("directory");
+    // A short interval, so that a rewrite the daemon owed would happen within the minute.
+    let daemon = Daemon::with_config(&metrics_config(dir.path(), 1000));
+    let file = dir.path().join("watchqd.prom");
+    let start = Instant::now();
+    while file_identity(&file).is_none() {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "no metrics file within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Past the first interval: whatever start-up changed is written by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    let pid = daemon.pid();
+    let (identity, switches) = (file_identity(&file), context_switches(pid));
+    // Polled far faster than the interval, so no rewrite can hide between two looks.
+    let mut rewrites = 0;
+    let mut last = identity;
+    let end = Instant::now() + IDLE;
+    while Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(100));
+        let now = file_identity(&file);
+        if now != last {
+            rewrites += 1;
+            last = now;
+        }
+    }
+    let wakeups = context_switches(pid) - switches;
+    println!("idle {IDLE:?} with metrics on: {rewrites} rewrites, {wakeups} daemon wakeups");
+    assert_eq!(rewrites, 0, "the file was rewritten while nothing happened");
+    assert_eq!(wakeups, 0, "the daemon woke while nothing happened");
+
+    // The same looks see a change when there is one: a subscription is one rewrite.
+    let _sub = Subscriber::new(&daemon).await;
+    let start = Instant::now();
+    while file_identity(&file) == last {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "a new subscription did not rewrite the file within {TIMEOUT:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let text = std::fs::read_to_string(&file).expect("the file");
+    assert!(text.contains("\nwatchqd_subscriptions 1\n"), "{text}");
+}
