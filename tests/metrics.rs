@@ -207,3 +207,68 @@ async fn idle_with_metrics_on_no_rewrite_and_no_wakeup_in_a_minute() {
     let text = std::fs::read_to_string(&file).expect("the file");
     assert!(text.contains("\nwatchqd_subscriptions 1\n"), "{text}");
 }
+
+/// Waits until the daemon's log says it marked the filesystem on `device` system-wide.
+fn wait_until_marked(daemon: &Daemon, device: &str) {
+    let start = Instant::now();
+    while !daemon.log_text().lines().any(|l| {
+        l.contains("marked filesystem for errors (system-wide)")
+            && l.contains(&format!("\"{device}\""))
+    }) {
+        assert!(
+            start.elapsed() < TIMEOUT,
+            "the daemon did not mark {device} within {TIMEOUT:?}:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_counts_every_filesystem_error_with_no_subscriber() {
+    // One filesystem mounted before the daemon starts, one after: both are marked, the
+    // second when the mount table changes.
+    let before = common::ext4::Ext4::new(16, &[], "");
+    let dir = tempfile::tempdir().expect("directory");
+    let daemon = Daemon::with_config(&metrics_config(dir.path(), 200));
+    let exporter = NodeExporter::start(dir.path());
+    wait_until_marked(&daemon, &before.disk.name);
+    let after = common::ext4::Ext4::new(16, &[], "");
+    wait_until_marked(&daemon, &after.disk.name);
+
+    // The kernel's own trigger, ext4_error() with EFSCORRUPTED (EUCLEAN): 2 and 3
+    // writes. However the kernel merges them, the counts add up.
+    for (fs, writes) in [(&before, 2), (&after, 3)] {
+        for i in 0..writes {
+            fs.trigger_error(&format!("watchq metrics test {i}"));
+        }
+    }
+    let errors = |m: &Metrics, device: &str| {
+        m.value(
+            "watchqd_filesystem_errors_total",
+            &[("device", device), ("fstype", "ext4"), ("errno", "EUCLEAN")],
+        )
+    };
+    scrape_until(&exporter, "2 and 3 filesystem errors", |m| {
+        errors(m, &before.disk.name) == Some(2.0) && errors(m, &after.disk.name) == Some(3.0)
+    });
+    // And not more, once the daemon had time for another write.
+    std::thread::sleep(Duration::from_millis(600));
+    let settled = exporter.scrape();
+    assert_eq!(
+        errors(&settled, &before.disk.name),
+        Some(2.0),
+        "{}",
+        settled.text
+    );
+    assert_eq!(
+        errors(&settled, &after.disk.name),
+        Some(3.0),
+        "{}",
+        settled.text
+    );
+    let text = std::fs::read_to_string(dir.path().join("watchqd.prom")).expect("the file");
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    drop(after);
+    drop(before);
+}

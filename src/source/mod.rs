@@ -326,7 +326,7 @@ builtin_sources! { config;
     devices, system_wide: true, devices::Devices::new(&config.devices);
     blockerr, system_wide: true, blockerr::BlockErrors::new();
     quota, system_wide: true, quota::Quota::new();
-    filesystems, system_wide: false, filesystems::Filesystems::new();
+    filesystems, system_wide: true, filesystems::Filesystems::new();
     space, system_wide: false, space::Space::new();
     mounts, system_wide: false, mounts::Mounts::new();
     keys, system_wide: false, keys::Keys::new();
