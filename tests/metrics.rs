@@ -272,3 +272,36 @@ async fn node_exporter_counts_every_filesystem_error_with_no_subscriber() {
     drop(after);
     drop(before);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_counts_every_block_error_of_a_storm_with_no_subscriber() {
+    let dir = tempfile::tempdir().expect("directory");
+    // No subscriber: only the metrics hold the block-errors source open.
+    let _daemon = Daemon::with_config(&metrics_config(dir.path(), 200));
+    let exporter = NodeExporter::start(dir.path());
+    let disk = shrunk_loop_device();
+    // Real EIO from the block layer, past the end of the shrunk backing file: more than
+    // the source's burst, so that most arrive summarised in counted events.
+    const READS: u64 = 25;
+    let device = disk.device.clone();
+    tokio::task::spawn_blocking(move || {
+        for i in 0..READS {
+            // 2 MiB in, past the 1 MiB the backing file keeps.
+            let err = failing_read(&device, 4096 + 8 * i);
+            assert_eq!(err.raw_os_error(), Some(nix::libc::EIO));
+        }
+    })
+    .await
+    .expect("reads");
+    let errors = |m: &Metrics| m.value("watchqd_block_errors_total", &[("device", &disk.name)]);
+    scrape_until(&exporter, "every block error counted", |m| {
+        errors(m) == Some(READS as f64)
+    });
+    // And not more, once the source's summary interval (1 s) and a write have passed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let settled = exporter.scrape();
+    assert_eq!(errors(&settled), Some(READS as f64), "{}", settled.text);
+    let text = std::fs::read_to_string(dir.path().join("watchqd.prom")).expect("the file");
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    disk.detach();
+}

@@ -548,6 +548,35 @@ mod tests {
     }
 
     #[test]
+    fn the_metrics_section_parses_and_is_checked() {
+        let config = Config::from_toml(
+            "[metrics]\ntextfile = true\ndirectory = \"/srv/prom\"\ninterval_ms = 100\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.metrics,
+            MetricsConfig {
+                textfile: true,
+                directory: PathBuf::from("/srv/prom"),
+                interval: Duration::from_millis(100),
+            }
+        );
+        assert_eq!(
+            Config::from_toml("", "t.toml").unwrap().metrics,
+            MetricsConfig::default()
+        );
+        for (text, key) in [
+            ("[metrics]\ninterval_ms = 0\n", "metrics.interval_ms"),
+            ("[metrics]\ninterval_ms = 99\n", "metrics.interval_ms"),
+            ("[metrics]\ndirectory = \"rel\"\n", "metrics.directory"),
+        ] {
+            let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
+    }
+
+    #[test]
     fn a_bad_unit_rule_is_named_by_its_index() {
         let good = "[[units]]\nsource = \"devices\"\nunit = \"a.service\"\n\n";
         for (rule, problem) in [

@@ -344,6 +344,19 @@ impl Drop for LoopDevice {
     }
 }
 
+/// A loop device whose backing file was truncated from 8 MiB to 1 MiB after attaching:
+/// reads past 1 MiB fail in the block layer with EIO.
+pub fn shrunk_loop_device() -> LoopDevice {
+    let disk = LoopDevice::attach(8);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.backing)
+        .expect("backing file")
+        .set_len(1 << 20)
+        .expect("truncate the backing file");
+    disk
+}
+
 /// One 4 KiB `O_DIRECT` read at `sector` of a block device, which must fail (past the
 /// end of a shrunk loop device's backing file, or at a blkdebug-injected sector);
 /// returns its error.
