@@ -147,6 +147,25 @@ async fn node_exporter_exports_exactly_the_events_delivered_and_lost_to_a_stalle
     let text = std::fs::read_to_string(&file).expect("the file");
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
     assert_eq!(watchqctl_metrics(&daemon), text);
+    // Anyone may read the counters, as anyone may read the file: another user, through
+    // the bus policy's default context, gets the same text, and reading changes none.
+    let bob = common::polkit::user("watchq-bob");
+    let out = Command::new("setpriv")
+        .arg(format!("--reuid={}", bob.uid))
+        .arg(format!("--regid={}", bob.gid))
+        .arg("--clear-groups")
+        .arg(env!("CARGO_BIN_EXE_watchqctl"))
+        .args(["--address", daemon.address(), "metrics"])
+        .output()
+        .expect("setpriv (util-linux)");
+    assert!(
+        out.status.success(),
+        "watchqctl metrics as {}: {}",
+        bob.name,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout), text);
+    assert_eq!(std::fs::read_to_string(&file).expect("the file"), text);
     disk.detach();
 }
 
