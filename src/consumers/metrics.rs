@@ -18,7 +18,8 @@
 //!
 //! Counted from records (this consumer holds those sources open for the daemon's life,
 //! as the journal does, only while `textfile = true`): filesystem errors and read-only
-//! switches (`filesystems`, when it reports on its own), block I/O errors
+//! switches (`filesystems`, whose system-wide marks see every block-backed filesystem),
+//! block I/O errors
 //! (`block-errors`), quota warnings (`quota`). From the unit rules: units started and
 //! failed per rule. From the hub ([`Hub::stats`]): events delivered and lost per source
 //! and reason, kernel overflows, forged messages rejected, subscriptions and watches
@@ -39,7 +40,7 @@ use super::{attr_text, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed, Hub, HubStats};
 use crate::event::Record;
 use crate::logging::LogLimit;
-use crate::source::{Availability, Registry};
+use crate::source::{blockerr, filesystems, quota, Availability, Registry};
 
 /// Records waiting to be counted.
 pub const QUEUE: usize = 1024;
@@ -169,13 +170,13 @@ pub fn count(counters: &Counters, subtypes: &'static [&'static str], record: &Re
     };
     let kind = kind_of(subtypes, record);
     match (record.source, kind) {
-        ("filesystems", "error") => counters.add(
+        (filesystems::NAME, "error") => counters.add(
             &FILESYSTEM_ERRORS,
             vec![text("device"), text("fs-type"), text("errno-name")],
             // The kernel merges errors it has not yet handed over into one event.
             number("count"),
         ),
-        ("filesystems", "read-only") => {
+        (filesystems::NAME, "read-only") => {
             if !matches!(
                 record.attributes.get("read-only"),
                 Some(crate::event::Attr::Bool(true))
@@ -185,19 +186,21 @@ pub fn count(counters: &Counters, subtypes: &'static [&'static str], record: &Re
             counters.add(&FILESYSTEM_READ_ONLY, vec![text("device")], 1);
         }
         // A storm arrives summarised: one record standing for `count` errors.
-        ("block-errors", _) => counters.add(
+        (blockerr::NAME, _) => counters.add(
             &BLOCK_ERRORS,
             vec![text("device"), text("operation")],
             number("count"),
         ),
-        ("quota", kind) => counters.add(&QUOTA_WARNINGS, vec![text("device"), kind.to_owned()], 1),
+        (quota::NAME, kind) => {
+            counters.add(&QUOTA_WARNINGS, vec![text("device"), kind.to_owned()], 1)
+        }
         _ => return false,
     }
     true
 }
 
 /// The sources whose records the counters need.
-pub const SOURCES: [&str; 3] = ["filesystems", "block-errors", "quota"];
+pub const SOURCES: [&str; 3] = [filesystems::NAME, blockerr::NAME, quota::NAME];
 
 /// Counts the records in `feed` until the daemon stops.
 pub async fn count_records(mut feed: ConsumerFeed, counters: Arc<Counters>, hub: Arc<Hub>) {
@@ -432,4 +435,87 @@ pub fn render(stats: &HubStats, counters: &Counters) -> String {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::event::{Attr, Attrs, Audience, Change};
+
+    fn record(source: &'static str, subtype: u8, attributes: &[(&str, Attr)]) -> Record {
+        Record {
+            source,
+            subtype,
+            object_id: "7:0".into(),
+            change: Change::None,
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect::<Attrs>(),
+            properties: Default::default(),
+            audience: Audience::Administrators,
+        }
+    }
+
+    #[test]
+    fn records_count_what_they_stand_for_and_only_switches_to_read_only() {
+        let counters = Counters::default();
+        let fs = filesystems::SUBTYPES;
+        let error = record(
+            filesystems::NAME,
+            0,
+            &[
+                ("device", "loop0".into()),
+                ("fs-type", "ext4".into()),
+                ("errno-name", "EUCLEAN".into()),
+                ("count", Attr::U32(3)),
+            ],
+        );
+        assert!(count(&counters, fs, &error));
+        let back = record(filesystems::NAME, 1, &[("read-only", false.into())]);
+        assert!(!count(&counters, fs, &back));
+        let text = render(
+            &HubStats {
+                subscriptions: 0,
+                sources: Vec::new(),
+            },
+            &counters,
+        );
+        assert!(
+            text.contains(
+                "\nwatchqd_filesystem_errors_total{device=\"loop0\",fstype=\"ext4\",errno=\"EUCLEAN\"} 3\n"
+            ),
+            "{text}"
+        );
+        assert!(
+            !text.contains("watchqd_filesystem_read_only_total{"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn label_values_are_escaped_and_series_are_bounded() {
+        let counters = Counters::default();
+        counters.add(&FILESYSTEM_READ_ONLY, vec!["a\"b\\c\nd".to_owned()], 1);
+        for i in 0..MAX_SERIES + 10 {
+            counters.add(&BLOCK_ERRORS, vec![format!("sd{i}"), "R".to_owned()], 1);
+        }
+        let stats = HubStats {
+            subscriptions: 0,
+            sources: Vec::new(),
+        };
+        let text = render(&stats, &counters);
+        assert!(
+            text.contains("watchqd_filesystem_read_only_total{device=\"a\\\"b\\\\c\\nd\"} 1"),
+            "{text}"
+        );
+        let series = text
+            .lines()
+            .filter(|l| l.starts_with("watchqd_block_errors_total{"))
+            .count();
+        assert_eq!(series, MAX_SERIES + 1, "the cap and one 'other'");
+        assert!(
+            text.contains("watchqd_block_errors_total{device=\"other\",operation=\"other\"} 10\n")
+        );
+    }
 }
