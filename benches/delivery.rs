@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{cpu_ticks, Daemon, LoopDevice, Subscriber};
+use common::{context_switches, cpu_ticks, Daemon, LoopDevice, Subscriber};
 use futures_util::StreamExt;
 use targets::{Bound, Target, Verdicts};
 use zbus::{Connection, MatchRule, MessageStream, Variant};
@@ -155,26 +155,6 @@ fn percentile(sorted: &[Duration], permille: usize) -> Duration {
 
 fn micros(d: Duration) -> f64 {
     d.as_secs_f64() * 1e6
-}
-
-/// Context switches of every thread of a process: each one is a wakeup.
-fn context_switches(pid: u32) -> u64 {
-    let mut total = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-        .expect("tasks")
-        .flatten()
-    {
-        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
-        for line in status.lines() {
-            if let Some(v) = line
-                .strip_prefix("voluntary_ctxt_switches:")
-                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
-            {
-                total += v.trim().parse::<u64>().unwrap_or(0);
-            }
-        }
-    }
-    total
 }
 
 /// The private bus's dbus-daemon: the child of this process that runs it.

@@ -18,6 +18,7 @@ use zbus::fdo::{RequestNameFlags, RequestNameReply};
 
 use crate::bus::{Service, BUS_NAME};
 use crate::config::Config;
+use crate::consumers::metrics;
 use crate::dispatch::Hub;
 use crate::source::{Availability, Registry};
 
@@ -77,13 +78,26 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), DaemonErro
             }
         }
     }
-    let service = Service::serve(&conn, Arc::clone(&hub), config.policy.clone())
+    // The unit rules and the metrics consumer count into these; Manager.Metrics and
+    // the text file render them with the hub's own figures.
+    let counters = Arc::new(metrics::Counters::default());
+    let render: crate::bus::MetricsText = {
+        let (hub, counters) = (Arc::clone(&hub), Arc::clone(&counters));
+        Box::new(move || metrics::render(&hub.stats(), &counters))
+    };
+    let service = Service::serve(&conn, Arc::clone(&hub), config.policy.clone(), render)
         .await
         .map_err(DaemonError::Serve)?;
     let mut reaper = tokio::spawn(Arc::clone(&service).reap_departed());
     let mut reauthorizer = tokio::spawn(Arc::clone(&service).reauthorize_on_changes());
-    let mut consumers =
-        crate::consumers::Consumers::start(&config.units, &config.journal, &hub, &conn);
+    let mut consumers = crate::consumers::Consumers::start(
+        &config.units,
+        &config.journal,
+        &config.metrics,
+        &counters,
+        &hub,
+        &conn,
+    );
 
     // Before READY=1: from then on systemd may send SIGHUP (a reload), whose default
     // action would end the daemon.
@@ -116,6 +130,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), DaemonErro
         hub: Arc::clone(&hub),
         service: Arc::clone(&service),
         conn: conn.clone(),
+        counters,
     };
     let result = loop {
         tokio::select! {
@@ -152,6 +167,8 @@ struct Running {
     hub: Arc<Hub>,
     service: Arc<Service>,
     conn: zbus::Connection,
+    /// What the unit rules and the metrics count into, kept across reloads.
+    counters: Arc<metrics::Counters>,
 }
 
 impl Running {
@@ -182,7 +199,8 @@ impl Running {
         let mut applied = Vec::new();
         if new.sources != old.sources {
             tracing::warn!(
-                "[sources] changed in {}: sources are configured when the daemon starts;                  restart watchqd to apply it (systemctl restart watchqd)",
+                "[sources] changed in {}: sources are configured when the daemon starts; \
+                 restart watchqd to apply it (systemctl restart watchqd)",
                 new.origin
             );
         }
@@ -191,11 +209,18 @@ impl Running {
                 .set_settings(new.delivery.clone(), new.limits.clone());
             applied.push("[delivery] and [limits]");
         }
-        if new.units != old.units || new.journal != old.journal {
+        if new.units != old.units || new.journal != old.journal || new.metrics != old.metrics {
             consumers
-                .replace(&new.units, &new.journal, &self.hub, &self.conn)
+                .replace(
+                    &new.units,
+                    &new.journal,
+                    &new.metrics,
+                    &self.counters,
+                    &self.hub,
+                    &self.conn,
+                )
                 .await;
-            applied.push("[[units]] and [journal]");
+            applied.push("[[units]], [journal] and [metrics]");
         }
         if new.policy != old.policy {
             applied.push("[policy]");

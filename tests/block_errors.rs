@@ -43,19 +43,6 @@ fn monotonic_ns() -> u64 {
     u64::try_from(now.tv_sec).unwrap() * 1_000_000_000 + u64::try_from(now.tv_nsec).unwrap()
 }
 
-/// A loop device whose backing file was truncated from 8 MiB to 1 MiB after attaching:
-/// reads past 1 MiB fail in the block layer with EIO.
-fn shrunk_loop_device() -> LoopDevice {
-    let disk = LoopDevice::attach(8);
-    fs::OpenOptions::new()
-        .write(true)
-        .open(&disk.backing)
-        .expect("backing file")
-        .set_len(1 << 20)
-        .expect("truncate the backing file");
-    disk
-}
-
 fn block_errors(signals: &[Signal]) -> Vec<&Signal> {
     signals
         .iter()

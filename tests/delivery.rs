@@ -9,8 +9,6 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -79,27 +77,8 @@ async fn a_stalled_subscriber_loses_exactly_what_it_missed_and_delays_nobody() {
 
     // The stalled subscriber is a real client process, stopped with SIGSTOP: it reads
     // nothing, answers no Ping, and its socket fills up.
-    let mut stalled = Command::new(env!("CARGO_BIN_EXE_watchqctl"))
-        .args([
-            "--address",
-            daemon.address(),
-            "monitor",
-            "--json",
-            "--queue-depth",
-            "100",
-        ])
-        .arg(format!("--match=name={}", disk.name))
-        .arg("devices")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("watchqctl");
-    let mut stderr = BufReader::new(stalled.stderr.take().unwrap());
-    let mut line = String::new();
-    stderr.read_line(&mut line).unwrap();
-    assert!(line.starts_with("watching"), "watchqctl: {line}");
+    let mut stalled = stalled_monitor(&daemon, &disk.name, 100);
     let stalled_pid = Pid::from_raw(stalled.id() as i32);
-    kill(stalled_pid, Sig::SIGSTOP).unwrap();
 
     let rss_before = daemon.rss_kib();
 

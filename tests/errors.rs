@@ -232,6 +232,12 @@ fn a_broken_configuration_stops_the_daemon_at_start_naming_file_and_key() {
             "units[1]: 'watchq@.service' is a template",
         ),
         ("[journal]\nsources = [\"mounts\"]\n", "journal.sources"),
+        ("[metrics]\ninterval_ms = 99\n", "metrics.interval_ms"),
+        ("[metrics]\ninterval_ms = 86400001\n", "metrics.interval_ms"),
+        ("[metrics]\ninterval_ms = -5\n", "interval_ms"),
+        ("[metrics]\ndirectory = \"prom\"\n", "metrics.directory"),
+        ("[metrics]\ntextfile = \"maybe\"\n", "textfile"),
+        ("[metrics]\ntext_file = true\n", "text_file"),
     ] {
         let path = dir.path().join("broken.toml");
         std::fs::write(&path, text).unwrap();

@@ -198,6 +198,12 @@ fn the_deb_depends_on_the_bus_polkit_and_libc_and_keeps_the_configuration() {
     assert_eq!(conffiles.trim(), "/etc/watchqd/watchqd.toml");
     let control = run("dpkg-deb", &["-I".as_ref(), built().deb.as_os_str()]);
     assert!(control.contains("Package: watchqd"), "{control}");
+    // [metrics] writes for node_exporter's textfile collector.
+    let suggests = run(
+        "dpkg-deb",
+        &["-f".as_ref(), built().deb.as_os_str(), "Suggests".as_ref()],
+    );
+    assert_eq!(suggests.trim(), "prometheus-node-exporter");
 }
 
 /// Debian's behaviour (dh_installsystemd): enable and start on installation, stop on

@@ -31,6 +31,11 @@ async fn run(args: Args) -> Result<(), String> {
     match args.command {
         Command::Status { json } => status(&manager, json).await,
         Command::Devices { json } => devices(&manager, json).await,
+        Command::Metrics => {
+            let text = manager.metrics().await.map_err(|e| describe(&e))?;
+            print!("{text}");
+            Ok(())
+        }
         Command::Monitor {
             json,
             queue_depth,

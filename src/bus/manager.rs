@@ -46,6 +46,14 @@ impl Manager {
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }
 
+    /// The daemon's counters in Prometheus' text format, the text of the file it writes
+    /// for node_exporter's textfile collector (`[metrics]`): events delivered and lost,
+    /// errors seen, subscriptions, sources. Anyone may read it, as anyone may read that
+    /// file.
+    fn metrics(&self) -> String {
+        (self.service.metrics)()
+    }
+
     /// The daemon's version.
     #[zbus(property(emits_changed_signal = "const"))]
     fn version(&self) -> String {

@@ -37,8 +37,13 @@ fn sender<'h>(header: &'h zbus::message::Header<'_>) -> Result<&'h UniqueName<'h
         .ok_or_else(|| BusError::InvalidArgument("message has no sender".into()))
 }
 
+/// What `Manager.Metrics` returns: the daemon's counters as Prometheus text, made by
+/// whoever keeps them (the bus layer knows none of them).
+pub type MetricsText = Box<dyn Fn() -> String + Send + Sync>;
+
 pub struct Service {
     conn: Connection,
+    metrics: MetricsText,
     hub: Arc<Hub>,
     dbus: DBusProxy<'static>,
     /// Every access decision goes through here (see [`crate::policy`]).
@@ -57,9 +62,11 @@ impl Service {
         conn: &Connection,
         hub: Arc<Hub>,
         policy: PolicyConfig,
+        metrics: MetricsText,
     ) -> zbus::Result<Arc<Service>> {
         let service = Arc::new(Service {
             conn: conn.clone(),
+            metrics,
             hub,
             dbus: DBusProxy::new(conn).await?,
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),

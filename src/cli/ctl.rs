@@ -49,4 +49,7 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// The daemon's counters in Prometheus' text format: the text of the file it writes
+    /// for node_exporter's textfile collector ([metrics] in watchqd.toml).
+    Metrics,
 }

@@ -45,6 +45,7 @@ pub trait Manager {
     fn subscribe(&self, options: HashMap<&str, zbus::Variant<'_>>)
         -> zbus::Result<OwnedObjectPath>;
     fn snapshot(&self, source: &str) -> zbus::Result<(u64, Vec<ReceivedObject>)>;
+    fn metrics(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     #[zbus(property)]

@@ -8,10 +8,12 @@
 //! variables (for example `WATCHQD_DELIVERY__IN_FLIGHT=32`).
 
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use serde::Deserialize;
 
 use crate::consumers::journal::JournalConfig;
+use crate::consumers::metrics::MetricsConfig;
 use crate::consumers::units::{system_wide_names, RawUnitRule, UnitRule, UnitRuleError};
 use crate::dispatch::{DeliveryConfig, Limits};
 use crate::filter::Filter;
@@ -82,6 +84,15 @@ pub struct RawConfig {
     pub sources: RawSources,
     pub units: Vec<RawUnitRule>,
     pub journal: RawJournal,
+    pub metrics: RawMetrics,
+}
+
+#[derive(Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawMetrics {
+    pub textfile: Option<bool>,
+    pub directory: Option<PathBuf>,
+    pub interval_ms: Option<u64>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -156,6 +167,7 @@ pub struct Config {
     /// Rules that start systemd units on events (`[[units]]`), in file order.
     pub units: Vec<UnitRule>,
     pub journal: JournalConfig,
+    pub metrics: MetricsConfig,
     /// Where the configuration came from, for messages.
     pub origin: String,
 }
@@ -393,6 +405,30 @@ impl Config {
                 format!("must be an absolute path, got {}", journal.socket.display()),
             ));
         }
+        let metrics = MetricsConfig {
+            textfile: raw.metrics.textfile.unwrap_or(defaults.metrics.textfile),
+            directory: raw.metrics.directory.unwrap_or(defaults.metrics.directory),
+            interval: match raw.metrics.interval_ms {
+                None => defaults.metrics.interval,
+                // Below 100 ms the file would be rewritten faster than anyone scrapes it.
+                Some(ms @ 100..=86_400_000) => Duration::from_millis(ms),
+                Some(ms) => {
+                    return Err(invalid(
+                        "metrics.interval_ms",
+                        format!("must be between 100 and 86400000 (a day), got {ms}"),
+                    ))
+                }
+            },
+        };
+        if !metrics.directory.is_absolute() {
+            return Err(invalid(
+                "metrics.directory",
+                format!(
+                    "must be an absolute path, got {}",
+                    metrics.directory.display()
+                ),
+            ));
+        }
         Ok(Config {
             delivery,
             limits,
@@ -400,6 +436,7 @@ impl Config {
             sources,
             units,
             journal,
+            metrics,
             origin,
         })
     }
@@ -546,6 +583,35 @@ mod tests {
         assert_eq!(config.units[2].instance, None);
         assert!(config.journal.events);
         assert_eq!(config.journal.sources, vec!["devices", "block-errors"]);
+    }
+
+    #[test]
+    fn the_metrics_section_parses_and_is_checked() {
+        let config = Config::from_toml(
+            "[metrics]\ntextfile = true\ndirectory = \"/srv/prom\"\ninterval_ms = 100\n",
+            "t.toml",
+        )
+        .unwrap();
+        assert_eq!(
+            config.metrics,
+            MetricsConfig {
+                textfile: true,
+                directory: PathBuf::from("/srv/prom"),
+                interval: Duration::from_millis(100),
+            }
+        );
+        assert_eq!(
+            Config::from_toml("", "t.toml").unwrap().metrics,
+            MetricsConfig::default()
+        );
+        for (text, key) in [
+            ("[metrics]\ninterval_ms = 0\n", "metrics.interval_ms"),
+            ("[metrics]\ninterval_ms = 99\n", "metrics.interval_ms"),
+            ("[metrics]\ndirectory = \"rel\"\n", "metrics.directory"),
+        ] {
+            let err = Config::from_toml(text, "t.toml").unwrap_err().to_string();
+            assert!(err.contains(key), "{text}: {err}");
+        }
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The daemon's own consumers of events, beside D-Bus subscribers: rules that start
-//! systemd units (`[[units]]`, [`units`]) and structured journal records (`[journal]`,
-//! [`journal`]).
+//! systemd units (`[[units]]`, [`units`]), structured journal records (`[journal]`,
+//! [`journal`]) and counters for Prometheus (`[metrics]`, [`metrics`]).
 //!
 //! Each is registered in the [`Hub`] with [`Hub::add_consumer`] and names its sources
 //! with [`Hub::consume`]: those sources are opened at start and stay open for the
@@ -13,6 +13,7 @@
 //! ([`crate::logging::LogLimit`]).
 
 pub mod journal;
+pub mod metrics;
 pub mod unit_name;
 pub mod units;
 
@@ -34,13 +35,15 @@ pub struct Consumers {
 }
 
 impl Consumers {
-    /// Starts every consumer the configuration enables (`[[units]]` rules, `[journal]`)
-    /// and opens its sources. A source that cannot be opened (unavailable on this kernel)
+    /// Starts every consumer the configuration enables (`[[units]]` rules, `[journal]`,
+    /// `[metrics]`) and opens its sources. A source that cannot be opened (unavailable on this kernel)
     /// is logged and leaves the rules or records that need it inactive; the daemon serves
     /// on.
     pub fn start(
         units: &[units::UnitRule],
         journal: &journal::JournalConfig,
+        metrics: &metrics::MetricsConfig,
+        counters: &Arc<metrics::Counters>,
         hub: &Arc<Hub>,
         conn: &zbus::Connection,
     ) -> Consumers {
@@ -74,8 +77,9 @@ impl Consumers {
                 }
             }
             let (registry, conn) = (registry.clone(), conn.clone());
+            let (counters, changed) = (Arc::clone(counters), hub.stats_changed());
             tasks.spawn(async move {
-                units::run(feed, rules, registry, conn).await;
+                units::run(feed, rules, registry, conn, counters, changed).await;
                 "unit rules"
             });
         }
@@ -99,6 +103,37 @@ impl Consumers {
                 "journal records"
             });
         }
+        if metrics.textfile {
+            let feed = hub.add_consumer("metrics", metrics::QUEUE);
+            ids.push(feed.id());
+            let catalogue = registry.catalogue();
+            for source in metrics::SOURCES {
+                // Only sources that report on their own can be counted without a watch.
+                if !catalogue.get(source).is_some_and(|s| s.system_wide) {
+                    continue;
+                }
+                match hub.consume(&feed, source, Box::new(Everything)) {
+                    Ok(()) => tracing::info!(source, "metrics: counting {source} events"),
+                    Err(e) => {
+                        tracing::error!(source, "metrics: {e}; {source} events are not counted")
+                    }
+                }
+            }
+            let (config, counters, hub) = (metrics.clone(), Arc::clone(counters), Arc::clone(hub));
+            tasks.spawn(async move {
+                // The writer lives as long as the counter: a reload that replaces the
+                // consumers closes the counter's queue, and its writer goes with it (the
+                // counters themselves are the daemon's, so the figures carry on).
+                let writer = tokio::spawn(metrics::write_file(
+                    config,
+                    Arc::clone(&counters),
+                    Arc::clone(&hub),
+                ));
+                metrics::count_records(feed, counters, hub).await;
+                writer.abort();
+                "metrics"
+            });
+        }
         Consumers { tasks, ids }
     }
 
@@ -113,10 +148,12 @@ impl Consumers {
         &mut self,
         units: &[units::UnitRule],
         journal: &journal::JournalConfig,
+        metrics: &metrics::MetricsConfig,
+        counters: &Arc<metrics::Counters>,
         hub: &Arc<Hub>,
         conn: &zbus::Connection,
     ) {
-        let new = Consumers::start(units, journal, hub, conn);
+        let new = Consumers::start(units, journal, metrics, counters, hub, conn);
         let mut old = std::mem::replace(self, new);
         for id in old.ids {
             hub.remove_consumer(id).await;

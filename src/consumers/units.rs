@@ -11,8 +11,10 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tokio::sync::Notify;
 use zbus::OwnedObjectPath;
 
+use super::metrics::{self, Counters};
 use super::unit_name::{UnitName, UnitNameError};
 use super::{event_value, kind_of};
 use crate::dispatch::{Consumed, ConsumerFeed};
@@ -196,6 +198,8 @@ pub async fn run(
     rules: Arc<[UnitRule]>,
     registry: Registry,
     conn: zbus::Connection,
+    counters: Arc<Counters>,
+    changed: Arc<Notify>,
 ) {
     let systemd = match Systemd1ManagerProxy::builder(&conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
@@ -268,6 +272,13 @@ pub async fn run(
                 }
                 Err(e) => Err(format!("no unit to start for {}: {e}", rule.unit)),
             };
+            let family = if result.is_ok() {
+                &metrics::UNIT_STARTS
+            } else {
+                &metrics::UNIT_FAILURES
+            };
+            counters.add(family, vec![index.to_string(), rule.unit.to_string()], 1);
+            changed.notify_one();
             if let Err(message) = result {
                 if let Some(suppressed) = failures[index].allow(Instant::now()) {
                     tracing::warn!(

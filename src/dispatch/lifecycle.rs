@@ -13,6 +13,7 @@ use crate::error::Error;
 use crate::event::Object;
 use crate::source::Availability;
 
+use super::stats::Counts;
 use super::{Delivery, Hub, State};
 
 pub(super) struct SourceSlot {
@@ -30,6 +31,8 @@ pub(super) struct SourceSlot {
     pub(super) table: Option<BTreeMap<String, Object>>,
     /// Records published since the daemon started; the Manager's snapshot sequence.
     pub(super) generation: u64,
+    /// What the metrics report of it ([`Hub::stats`]).
+    pub(super) counts: Counts,
 }
 
 /// The wait before the first attempt to reopen a source that stopped under the daemon's
@@ -74,6 +77,7 @@ impl Hub {
     pub(super) fn release_source(&self, state: &mut State, index: usize) -> Option<JoinHandle<()>> {
         let slot = &mut state.sources[index];
         slot.watches = slot.watches.saturating_sub(1);
+        self.touch_stats();
         self.stop_if_unused(state, index)
     }
 

@@ -57,6 +57,7 @@ mod lifecycle;
 mod outbox;
 mod publish;
 mod revoke;
+mod stats;
 mod tables;
 mod watches;
 
@@ -75,6 +76,7 @@ use crate::source::{Availability, Registry};
 pub use feed::{Consumed, ConsumerFeed};
 pub use outbox::{Delivery, LossReason, Published};
 pub use revoke::StaleWatch;
+pub use stats::{HubStats, SourceStats};
 
 use feed::ConsumerSlot;
 use lifecycle::{finish_stopping, SourceSlot, REOPEN_FIRST_DELAY};
@@ -184,6 +186,8 @@ pub struct Hub {
     delivery: RwLock<DeliveryConfig>,
     limits: RwLock<Limits>,
     state: Mutex<State>,
+    /// Woken when a counter may have changed ([`Hub::stats_changed`]).
+    changed: Arc<Notify>,
 }
 
 impl Hub {
@@ -201,6 +205,7 @@ impl Hub {
                 pump: None,
                 table: None,
                 generation: 0,
+                counts: stats::Counts::default(),
             })
             .collect();
         Arc::new(Hub {
@@ -211,6 +216,7 @@ impl Hub {
                 sources,
                 ..State::default()
             }),
+            changed: Arc::new(Notify::new()),
         })
     }
 
@@ -322,6 +328,7 @@ impl Hub {
                 _alive: alive,
             },
         );
+        self.touch_stats();
         Ok(Subscribed { id, notify, closed })
     }
 
@@ -416,6 +423,7 @@ impl Hub {
             let Some(sub) = state.subscriptions.remove(&id) else {
                 return false;
             };
+            self.touch_stats();
             sub.watches
                 .iter()
                 .filter_map(|watch| self.release_source(&mut state, watch.source))
@@ -444,9 +452,11 @@ impl Hub {
     /// Takes up to `max` deliveries, or `None` once the subscription is gone.
     pub fn take(&self, id: u64, max: usize) -> Option<Vec<Delivery>> {
         let mut state = self.lock();
+        let state = &mut *state;
         let sub = state.subscriptions.get_mut(&id)?;
         let mut out = Vec::new();
         sub.outbox.pop(max, &mut out);
+        self.count_taken(&mut state.sources, &out);
         Some(out)
     }
 

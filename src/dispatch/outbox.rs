@@ -114,9 +114,12 @@ impl Outbox {
         seq
     }
 
-    pub(super) fn push_event(&mut self, tag: u64, record: Arc<Published>) {
+    /// Queues an event; returns `false` when the outbox was full and the event was
+    /// counted as lost instead.
+    pub(super) fn push_event(&mut self, tag: u64, record: Arc<Published>) -> bool {
         let seq = self.take_seq();
-        if self.queued_events < self.depth {
+        let queued = self.queued_events < self.depth;
+        if queued {
             self.queued_events += 1;
             self.entries.push_back(Delivery::Event { seq, tag, record });
         } else if let Some(Delivery::Lost {
@@ -137,6 +140,7 @@ impl Outbox {
             });
         }
         self.notify.notify_one();
+        queued
     }
 
     pub(super) fn push_meta(&mut self, make: impl FnOnce(u64) -> Delivery) {

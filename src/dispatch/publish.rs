@@ -15,6 +15,9 @@ impl Hub {
     /// Breaks when the message ended the source's last watch, which stops the source.
     pub fn publish(&self, index: usize, msg: SourceMsg) -> ControlFlow<()> {
         let mut state = self.lock();
+        let state = &mut *state;
+        // Whatever the message, a counter or gauge may change.
+        self.touch_stats();
         let slot = &mut state.sources[index];
         slot.generation += 1;
         let generation = slot.generation;
@@ -39,6 +42,7 @@ impl Hub {
                 // Watches that name the record's key exactly are looked up by it; only
                 // the others are visited one by one.
                 let key = self.registry.all()[index].index_key(&record);
+                let mut lost = 0;
                 for sub in state.subscriptions.values_mut() {
                     if !sub.filter.passes(record.source, record.subtype) {
                         continue;
@@ -52,17 +56,20 @@ impl Hub {
                             record.source,
                             record.audience,
                         ) && watch.matcher.matches(&record)
+                            && !sub.outbox.push_event(watch.tag, Arc::clone(&record))
                         {
-                            sub.outbox.push_event(watch.tag, Arc::clone(&record));
+                            lost += 1;
                         }
                     }
                 }
+                state.sources[index].counts.lost_queue_full += lost;
             }
             SourceMsg::Overflow { objects } => {
                 if let Some(table) = &mut slot.table {
                     let old = std::mem::take(table);
                     relist(table, &old, objects);
                 }
+                slot.counts.kernel_overflows += 1;
                 let source = self.registry.all()[index].name();
                 state.tell_consumers_missed(index, source, "kernel-overflow");
                 for sub in state.subscriptions.values_mut() {

@@ -245,6 +245,7 @@ impl Hub {
         }
         self.ensure_running(&mut state, index)?;
         state.sources[index].watches += 1;
+        self.touch_stats();
         if let Some(sub) = state.subscriptions.get_mut(&id) {
             sub.watches.reserved += 1;
         }

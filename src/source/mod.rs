@@ -187,6 +187,13 @@ pub trait EventSource: Send + Sync + 'static {
     fn subtype_index(&self, name: &str) -> Option<u8> {
         subtype_number(self.subtypes(), name)
     }
+
+    /// Messages dropped at the edge because they did not come from the kernel (a forged
+    /// netlink message), since the daemon started; 0 for a source that cannot receive
+    /// any. Read by the metrics.
+    fn forged_rejected(&self) -> u64 {
+        0
+    }
 }
 
 /// A subtype's number: its index among the source's subtypes.
@@ -342,7 +349,7 @@ builtin_sources! { ($) config;
     devices, system_wide: true, devices::Devices::new(&config.devices);
     blockerr, system_wide: true, blockerr::BlockErrors::new();
     quota, system_wide: true, quota::Quota::new();
-    filesystems, system_wide: false, filesystems::Filesystems::new();
+    filesystems, system_wide: true, filesystems::Filesystems::new();
     space, system_wide: false, space::Space::new();
     mounts, system_wide: false, mounts::Mounts::with_config(&config.mounts);
     keys, system_wide: false, keys::Keys::new();

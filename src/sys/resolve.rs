@@ -107,6 +107,21 @@ impl Place {
         })
     }
 
+    /// The daemon's own root and mount table: the host's mount namespace (under the
+    /// unit's `PrivateMounts=`, a slave of it, so mounts and unmounts still arrive).
+    pub fn own() -> io::Result<Place> {
+        let root = nix::fcntl::open(
+            "/",
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
+        Ok(Place {
+            root,
+            mountinfo: fs::File::open("/proc/self/mountinfo")?,
+            pid: std::process::id(),
+        })
+    }
+
     /// Looks `path` up from the caller's root, without leaving it.
     pub fn open(&self, path: &Path) -> io::Result<OwnedFd> {
         match nix::fcntl::openat2(self.root.as_fd(), path, in_root()) {
@@ -132,6 +147,54 @@ impl Place {
         let fd = self.open(Path::new(mount_point)).ok()?;
         (fsid_key_of(&fd).ok()? == fsid).then_some(fd)
     }
+}
+
+/// Every filesystem on a block device mounted in `place`, once each (at its first
+/// mount whose mount point still leads to it), with an fd of that mount point.
+/// Filesystems without a block device of their own (tmpfs, proc, overlay, and btrfs,
+/// whose mounts show an anonymous device number) are left out.
+pub fn block_filesystems(place: &Place) -> io::Result<Vec<(FsInfo, OwnedFd)>> {
+    let mut seen = std::collections::HashSet::new();
+    let mut found = Vec::new();
+    for mount in place.mounts()? {
+        if mount.major == 0 || seen.contains(&(mount.major, mount.minor)) {
+            continue;
+        }
+        let Some(device) = super::blockdev::device_name(mount.major, mount.minor) else {
+            continue;
+        };
+        // A mount point covered by a later mount leads elsewhere: the next mount of the
+        // same filesystem may still do.
+        let Ok(fd) = place.open(Path::new(&mount.mount_point)) else {
+            continue;
+        };
+        let Ok(meta) = nix::sys::stat::fstat(&fd) else {
+            continue;
+        };
+        let dev = meta.st_dev;
+        if (nix::sys::stat::major(dev), nix::sys::stat::minor(dev))
+            != (u64::from(mount.major), u64::from(mount.minor))
+        {
+            continue;
+        }
+        let Ok(fsid) = fsid_key_of(&fd) else {
+            continue;
+        };
+        seen.insert((mount.major, mount.minor));
+        found.push((
+            FsInfo {
+                fsid,
+                major: mount.major,
+                minor: mount.minor,
+                device,
+                fs_type: mount.fs_type.clone(),
+                mount_point: mount.mount_point.clone(),
+                source: mount.source.clone(),
+            },
+            fd,
+        ));
+    }
+    Ok(found)
 }
 
 /// An `O_PATH` lookup that stays in the directory it starts from.

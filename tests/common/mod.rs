@@ -8,6 +8,7 @@ pub mod lines;
 pub mod mounts;
 pub mod polkit;
 pub mod private_bus;
+pub mod prometheus;
 pub mod sources;
 
 use std::collections::{BTreeMap, HashMap};
@@ -344,6 +345,19 @@ impl Drop for LoopDevice {
             let _ = Command::new("losetup").arg("-d").arg(&self.device).status();
         }
     }
+}
+
+/// A loop device whose backing file was truncated from 8 MiB to 1 MiB after attaching:
+/// reads past 1 MiB fail in the block layer with EIO.
+pub fn shrunk_loop_device() -> LoopDevice {
+    let disk = LoopDevice::attach(8);
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&disk.backing)
+        .expect("backing file")
+        .set_len(1 << 20)
+        .expect("truncate the backing file");
+    disk
 }
 
 /// One 4 KiB `O_DIRECT` read at `sector` of a block device, which must fail (past the
@@ -893,6 +907,56 @@ pub fn netlink_socket_inodes(pid: u32, protocol: u32) -> std::collections::HashS
                 .flatten()
         })
         .collect()
+}
+
+/// A subscriber that reads nothing: `watchqctl monitor --json` watching the device
+/// `name` with a queue of `depth` events, stopped with SIGSTOP once it watches, so that
+/// it answers no Ping and its socket fills up. Resume it with SIGCONT; its stdout then
+/// gives one JSON object per signal.
+pub fn stalled_monitor(daemon: &Daemon, name: &str, depth: u32) -> Child {
+    use std::io::BufRead;
+    let mut stalled = Command::new(env!("CARGO_BIN_EXE_watchqctl"))
+        .args([
+            "--address",
+            daemon.address(),
+            "monitor",
+            "--json",
+            "--queue-depth",
+        ])
+        .arg(depth.to_string())
+        .arg(format!("--match=name={name}"))
+        .arg("devices")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("watchqctl");
+    let mut stderr = std::io::BufReader::new(stalled.stderr.take().expect("stderr"));
+    let mut line = String::new();
+    stderr.read_line(&mut line).expect("watchqctl's first line");
+    assert!(line.starts_with("watching"), "watchqctl: {line}");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(stalled.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    stalled
+}
+
+/// Context switches of every thread of a process: each one is a wakeup.
+pub fn context_switches(pid: u32) -> u64 {
+    let mut total = 0;
+    for task in fs::read_dir(format!("/proc/{pid}/task"))
+        .expect("tasks")
+        .flatten()
+    {
+        let status = fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        for line in status.lines() {
+            if let Some(v) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                total += v.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+    }
+    total
 }
 
 /// utime + stime of a process, in clock ticks.

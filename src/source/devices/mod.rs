@@ -128,6 +128,10 @@ impl Devices {
 }
 
 impl EventSource for Devices {
+    fn forged_rejected(&self) -> u64 {
+        self.counters.rejected_origin.load(Ordering::Relaxed)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

@@ -35,9 +35,14 @@
 //! still has a mount; when one has none, its watches end with `WatchRemoved`
 //! (`unmounted`). The kernel drops the mark with the superblock.
 //!
-//! The source is idle when nobody watches: no fd, no timer.
+//! System-wide ([`system`]): while the source runs, every block-backed filesystem of the
+//! daemon's mount namespace is marked too, and each one mounted later, so that the
+//! daemon's own consumers (journal, `[[units]]`, metrics) see errors with no watch.
+//!
+//! The source is idle when nobody watches and no consumer holds it: no fd, no timer.
 
 pub mod signal;
+mod system;
 
 use std::collections::{HashMap, VecDeque};
 use std::io;
@@ -63,9 +68,15 @@ pub const NAME: &str = "filesystems";
 /// Never reorder: numbers are part of the interface.
 pub const SUBTYPES: &[&str] = &["error", "read-only"];
 
-/// Reports only what a watch names, so the journal records name no `MESSAGE_ID` for it
-/// (`[journal] sources` may still list it).
-pub const JOURNAL: JournalIds = JournalIds::NONE;
+pub const JOURNAL: JournalIds = JournalIds {
+    message_ids: &[
+        ("error", "0d73bfcd9b594ed39ccaad7941e4894a"),
+        ("read-only", "a8533ff4758d40ad905de5c2b63a3ec5"),
+    ],
+    // A filesystem error is an error; going read-only after one is critical for
+    // whatever writes there.
+    priority: |kind| if kind == "read-only" { 2 } else { 3 },
+};
 const SUBTYPE_ERROR: u8 = 0;
 const SUBTYPE_READ_ONLY: u8 = 1;
 
@@ -74,7 +85,10 @@ const SUBTYPE_READ_ONLY: u8 = 1;
 pub const RECHECK: Duration = Duration::from_millis(200);
 
 struct Marked {
+    /// Watches sharing the mark.
     refs: usize,
+    /// Set by the system-wide marking ([`system`]): kept when its last watch ends.
+    system: bool,
     fs: FsInfo,
     /// Where the filesystem was found: the first watcher's root and mount namespace.
     place: Place,
@@ -122,6 +136,11 @@ impl EventSource for Filesystems {
 
     fn signal(&self) -> &'static crate::signal::SignalKind {
         &signal::KIND
+    }
+
+    /// Every block-backed filesystem of the host is marked while the source runs.
+    fn system_wide(&self) -> bool {
+        true
     }
 
     fn probe(&self) -> Availability {
@@ -214,6 +233,7 @@ fn arm(engine: &Engine<Errors>, path: &Path, requester: &Identity) -> Result<Arm
             fs.fsid,
             Marked {
                 refs: 1,
+                system: false,
                 fs: fs.clone(),
                 place,
                 read_only,
@@ -230,7 +250,7 @@ fn arm(engine: &Engine<Errors>, path: &Path, requester: &Identity) -> Result<Arm
             return; // unmounted: the mark went with the superblock
         };
         marked.refs -= 1;
-        if marked.refs > 0 {
+        if marked.refs > 0 || marked.system {
             return;
         }
         let Some(marked) = running.handler.marks.remove(&fsid) else {
@@ -278,6 +298,10 @@ impl Handler for Errors {
     type Msg = SourceMsg;
     const SOURCE: &'static str = NAME;
 
+    fn started(&mut self, group: &Fanotify) {
+        self.mark_every_filesystem(group);
+    }
+
     fn read(&mut self, _group: &Fanotify, events: Vec<wire::Event>, out: &mut VecDeque<SourceMsg>) {
         for event in &events {
             self.event(event, out);
@@ -287,8 +311,9 @@ impl Handler for Errors {
         self.recheck(Instant::now(), out);
     }
 
-    fn mount_table_changed(&mut self, _group: &Fanotify, out: &mut VecDeque<SourceMsg>) {
+    fn mount_table_changed(&mut self, group: &Fanotify, out: &mut VecDeque<SourceMsg>) {
         self.unmounted_or_remounted(out);
+        self.mark_every_filesystem(group);
     }
 
     fn deadline(&self) -> Option<Instant> {

@@ -125,6 +125,10 @@ impl Quota {
 }
 
 impl EventSource for Quota {
+    fn forged_rejected(&self) -> u64 {
+        self.counters.rejected_origin.load(Ordering::Relaxed)
+    }
+
     fn name(&self) -> &'static str {
         NAME
     }

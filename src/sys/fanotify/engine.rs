@@ -36,6 +36,10 @@ pub trait Handler: Send + 'static {
     /// The source's name, for log lines and errors.
     const SOURCE: &'static str;
 
+    /// The run's group was just made, before anything reads it: for marks the handler
+    /// sets by itself rather than for a watch.
+    fn started(&mut self, _group: &Fanotify) {}
+
     /// The events of one read of the group.
     fn read(&mut self, group: &Fanotify, events: Vec<wire::Event>, out: &mut VecDeque<Self::Msg>);
 
@@ -108,8 +112,9 @@ impl<H: Handler> Engine<H> {
     /// Starts a run with a new group and `handler`: the stream of what the handler
     /// yields. Dropping the stream ends the run and closes the group (every mark with
     /// it).
-    pub fn open(&self, handler: H) -> io::Result<impl Stream<Item = H::Msg> + Send + 'static> {
+    pub fn open(&self, mut handler: H) -> io::Result<impl Stream<Item = H::Msg> + Send + 'static> {
         let group = Arc::new(Fanotify::new()?);
+        handler.started(&group);
         let mountinfo = fs::File::open(MOUNTINFO)
             .map_err(|e| io::Error::new(e.kind(), format!("{MOUNTINFO}: {e}")))?;
         let wake = Arc::new(Notify::new());
