@@ -50,6 +50,6 @@ pub enum Command {
         json: bool,
     },
     /// The daemon's counters in Prometheus' text format: the text of the file it writes
-    /// for node_exporter's textfile collector ([metrics] in watchqd.toml).
+    /// for node_exporter's textfile collector (the metrics section of watchqd.toml).
     Metrics,
 }

@@ -35,7 +35,7 @@
 //! still has a mount; when one has none, its watches end with `WatchRemoved`
 //! (`unmounted`). The kernel drops the mark with the superblock.
 //!
-//! System-wide ([`system`]): while the source runs, every block-backed filesystem of the
+//! System-wide (`system.rs`): while the source runs, every block-backed filesystem of the
 //! daemon's mount namespace is marked too, and each one mounted later, so that the
 //! daemon's own consumers (journal, `[[units]]`, metrics) see errors with no watch.
 //!
