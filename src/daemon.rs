@@ -220,7 +220,13 @@ impl Running {
                     &self.conn,
                 )
                 .await;
-            applied.push("[[units]], [journal] and [metrics]");
+            // The consumers are replaced together; the line names the sections that
+            // replaced them (tests and administrators read it).
+            applied.push(if new.metrics != old.metrics {
+                "[[units]], [journal] and [metrics]"
+            } else {
+                "[[units]] and [journal]"
+            });
         }
         if new.policy != old.policy {
             applied.push("[policy]");
