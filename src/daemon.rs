@@ -159,7 +159,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), DaemonErro
 
 /// What a reload compares with and applies to.
 struct Running {
-    /// The configuration in effect (`sources` as the daemon started with them).
+    /// The configuration in effect.
     config: Config,
     path: Option<PathBuf>,
     /// The `STATUS=` of a daemon serving normally.
@@ -174,10 +174,9 @@ struct Running {
 impl Running {
     /// Reads the configuration again and applies it, each part live: `[delivery]` (for
     /// subscriptions made from now on) and `[limits]`, `[policy]` (every live watch
-    /// re-authorized), `[[units]]` and `[journal]` (consumers replaced, their sources
-    /// opened or closed). `[sources.*]` are read when the daemon starts: a change is
-    /// logged as needing a restart. A configuration that does not validate changes
-    /// nothing.
+    /// re-authorized), `[[units]]`, `[journal]` and `[metrics]` (consumers replaced,
+    /// their sources opened or closed), `[sources.*]` (each source takes its own). A
+    /// configuration that does not validate changes nothing.
     async fn reload(&mut self, consumers: &mut crate::consumers::Consumers) {
         let mut reloading = vec![NotifyState::Reloading];
         reloading.extend(NotifyState::monotonic_usec_now().ok());
@@ -198,16 +197,21 @@ impl Running {
         let old = &self.config;
         let mut applied = Vec::new();
         if new.sources != old.sources {
-            tracing::warn!(
-                "[sources] changed in {}: sources are configured when the daemon starts; \
-                 restart watchqd to apply it (systemctl restart watchqd)",
-                new.origin
-            );
+            self.hub.registry().reconfigure(&new.sources);
+            applied.push("[sources]");
         }
         if new.delivery != old.delivery || new.limits != old.limits {
             self.hub
                 .set_settings(new.delivery.clone(), new.limits.clone());
             applied.push("[delivery] and [limits]");
+        }
+        if new.limits.trim_on_reload {
+            let ended = self.hub.trim_to_limits("limit-lowered").await;
+            if ended > 0 {
+                tracing::info!(
+                    "{ended} watches over the limits ended (limits.trim_on_reload = true)"
+                );
+            }
         }
         if new.units != old.units || new.journal != old.journal || new.metrics != old.metrics {
             consumers
@@ -234,8 +238,7 @@ impl Running {
         // Always: a reload is also how an administrator asks for every grant to be
         // checked again (group memberships, say, which polkit does not signal).
         self.service.set_policy(new.policy.clone());
-        let sources = std::mem::take(&mut self.config.sources);
-        self.config = Config { sources, ..new };
+        self.config = new;
         let changed = if applied.is_empty() {
             "nothing changed but policy is checked again".to_owned()
         } else {

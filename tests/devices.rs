@@ -487,3 +487,98 @@ async fn the_uevent_socket_exists_only_while_devices_are_watched() {
         "closed when the last watch goes"
     );
 }
+
+/// The receive buffer of process `pid`'s one uevent socket, as `SO_RCVBUF` reports it
+/// (twice what was set: the kernel's bookkeeping): the socket is borrowed from the
+/// process with `pidfd_getfd`, so this is the kernel's figure, not the daemon's word.
+fn uevent_receive_buffer(pid: u32) -> usize {
+    use nix::libc;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+    let inodes = netlink_socket_inodes(pid, 15);
+    assert_eq!(inodes.len(), 1, "uevent sockets of pid {pid}: {inodes:?}");
+    let fd: i32 = fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("the daemon's fds")
+        .filter_map(Result::ok)
+        .find(|entry| {
+            fs::read_link(entry.path()).is_ok_and(|link| {
+                inodes
+                    .iter()
+                    .any(|inode| link.to_string_lossy() == format!("socket:[{inode}]"))
+            })
+        })
+        .and_then(|entry| entry.file_name().to_str()?.parse().ok())
+        .expect("the uevent socket's fd");
+    // SAFETY: plain syscalls; each returned descriptor is owned here and closed on drop.
+    let borrowed = unsafe {
+        let pidfd = libc::syscall(libc::SYS_pidfd_open, pid, 0);
+        assert!(
+            pidfd >= 0,
+            "pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+        let pidfd = OwnedFd::from_raw_fd(i32::try_from(pidfd).expect("an fd"));
+        let copy = libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0);
+        assert!(
+            copy >= 0,
+            "pidfd_getfd: {}",
+            std::io::Error::last_os_error()
+        );
+        OwnedFd::from_raw_fd(i32::try_from(copy).expect("an fd"))
+    };
+    nix::sys::socket::getsockopt(&borrowed, nix::sys::socket::sockopt::RcvBuf).expect("SO_RCVBUF")
+}
+
+/// `[sources.devices] receive_buffer` changed by a reload applies to the open socket:
+/// the same socket (same inode) has the new size, and device events go on arriving
+/// across the reload with no gap.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_resizes_the_open_uevent_socket_in_place() {
+    let daemon = Daemon::with_config("[sources.devices]\nreceive_buffer = 1048576\n");
+    let mut sub = Subscriber::new(&daemon).await;
+    sub.watch("devices", 1, &[("name", Variant::from("loop*"))])
+        .await;
+    let socket = daemon.netlink_socket_inodes(15);
+    assert_eq!(socket.len(), 1, "{socket:?}");
+    assert_eq!(uevent_receive_buffer(daemon.pid()), 2 << 20);
+
+    let disk = LoopDevice::attach(4);
+    let path = disk.sys_path();
+    disk.synth_change();
+    let changes_of = |signals: &[Signal]| {
+        signals
+            .iter()
+            .filter(|e| matches!(e, Signal::Device { sys_path, action, .. } if *sys_path == path && action == "change"))
+            .count()
+    };
+    sub.until("a change before the reload", |s| changes_of(s) >= 1)
+        .await;
+    let before = changes_of(&sub.received);
+
+    fs::write(
+        daemon.config_path(),
+        "[sources.devices]\nreceive_buffer = 4194304\n",
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while uevent_receive_buffer(daemon.pid()) != 8 << 20 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the buffer is still {} bytes after the reload:\n{}",
+            uevent_receive_buffer(daemon.pid()),
+            daemon.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        daemon.netlink_socket_inodes(15),
+        socket,
+        "the socket was replaced, not resized"
+    );
+
+    disk.synth_change();
+    sub.until("a change after the reload", |s| changes_of(s) > before)
+        .await;
+    assert_contiguous(&sub.received);
+}

@@ -251,7 +251,9 @@ async fn serve(
                 "SetFilter" => outcome(proxy.set_filter(&[]).await, |()| json!(null)),
                 "Snapshot" => outcome(proxy.snapshot("devices").await, |_| json!(null)),
                 "Close" => outcome(proxy.close().await, |()| json!(null)),
-                "Watches" => outcome(proxy.watches().await, |_| json!(null)),
+                "Watches" => outcome(proxy.watches().await, |watches| {
+                    json!(watches.iter().map(|(tag, _)| *tag).collect::<Vec<u64>>())
+                }),
                 other => panic!("unknown method {other}"),
             }
         }
@@ -1312,4 +1314,87 @@ fn a_rule_turned_to_deny_by_reload_ends_the_matching_live_watches() {
     let after = signals_after(&app_seen, &app_path, |s| s["member"] == "WatchRemoved");
     assert!(after.is_empty(), "{app_seen:?}");
     assert_numbered_without_gap(&app_seen, &app_path);
+}
+
+/// The tags of one of the client's own subscriptions' watches, from its `Watches`.
+fn watch_tags(client: &mut Client, path: &str) -> Value {
+    let answer = client.ask(json!({"op": "call", "path": path, "method": "Watches"}));
+    answer["ok"].clone()
+}
+
+/// Waits until the daemon logged its `n`th finished reload.
+fn wait_for_reloads(daemon: &Daemon, n: usize) {
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while daemon.log_text().matches("configuration reloaded").count() < n {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "reload {n} did not finish:\n{}",
+            daemon.log_text()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Lowered limits: by default a reload keeps the watches a subscription or user already
+/// has over them and refuses new ones; with `limits.trim_on_reload` the administrator
+/// asks for them to be enforced, and exactly the watches over them end, the most
+/// recently added first, each with `WatchRemoved(tag, "limit-lowered")` — another
+/// user's watches within the limits are untouched, and the kept watches still deliver.
+#[test]
+fn a_reload_keeps_watches_over_lowered_limits_unless_asked_to_trim_them() {
+    let daemon = Daemon::with_polkit("");
+    let (alice, bob) = (alice(), bob());
+    let mut a = Client::spawn(&daemon, As::User(&alice));
+    let first = a.subscribe();
+    let second = a.subscribe();
+    for tag in 1..=4 {
+        assert_eq!(a.watch(0, "devices", tag, json!({"name": "loop*"})), "ok");
+    }
+    for tag in 1..=2 {
+        assert_eq!(a.watch(1, "devices", tag, json!({"name": "loop*"})), "ok");
+    }
+    let mut b = Client::spawn(&daemon, As::User(&bob));
+    let bobs = b.subscribe();
+    for tag in 1..=3 {
+        assert_eq!(b.watch(0, "devices", tag, json!({"name": "loop*"})), "ok");
+    }
+
+    let lowered = "[limits]\nwatches_per_subscription = 3\nwatches_per_uid = 4\n";
+    std::fs::write(daemon.config_path(), lowered).unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_reloads(&daemon, 1);
+    assert_eq!(watch_tags(&mut a, &first), json!([1, 2, 3, 4]));
+    assert_eq!(watch_tags(&mut a, &second), json!([1, 2]));
+    assert_eq!(a.watch(1, "devices", 3, json!({})), LIMIT);
+
+    std::fs::write(
+        daemon.config_path(),
+        format!("{lowered}trim_on_reload = true\n"),
+    )
+    .unwrap();
+    daemon.signal(nix::sys::signal::Signal::SIGHUP);
+    wait_for_reloads(&daemon, 2);
+    // Tag 4 is over the subscription limit; of the five left, alice's newest (the
+    // second subscription's tag 2) is over her user limit.
+    let removed = |path: &str, tag: u64| json!({"path": path, "member": "WatchRemoved", "tag": tag, "reason": "limit-lowered"});
+    a.until_all(removed(&first, 4));
+    let seen = a.until_all(removed(&second, 2));
+    assert_eq!(watch_tags(&mut a, &first), json!([1, 2, 3]));
+    assert_eq!(watch_tags(&mut a, &second), json!([1]));
+    assert_eq!(watch_tags(&mut b, &bobs), json!([1, 2, 3]));
+
+    let disk = LoopDevice::attach(4);
+    disk.synth_change();
+    let seen_after = a.until_all(json!({"path": second, "member": "DeviceChanged", "sys_path": disk.sys_path(), "action": "change"}));
+    let bob_seen = b.until_all(json!({"path": bobs, "member": "DeviceChanged", "sys_path": disk.sys_path(), "action": "change"}));
+    let removals = |seen: &[Value]| {
+        seen.iter()
+            .filter(|s| s["member"] == "WatchRemoved")
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(removals(&seen_after).len(), 2, "{seen:?}");
+    assert!(removals(&bob_seen).is_empty(), "{bob_seen:?}");
+    assert_numbered_without_gap(&seen_after, &first);
+    assert_numbered_without_gap(&seen_after, &second);
 }

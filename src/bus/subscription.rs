@@ -179,8 +179,9 @@ macro_rules! subscription_interface {
             reason: &str,
         ) -> zbus::Result<()>;
 
-        /// The watch with this tag ended without being asked to (its object or source went
-        /// away); reason says why.
+        /// The watch with this tag ended without being asked to; reason says why, first
+        /// word first: its object or source went away, `policy-changed` (policy no
+        /// longer allows it), `limit-lowered` (a reload lowered a limit it was over).
         #[zbus(signal)]
         pub async fn watch_removed(
             emitter: &SignalEmitter<'_>,

@@ -120,6 +120,7 @@ pub struct RawLimits {
     pub watches_per_uid: Option<u64>,
     pub filter_entries: Option<u64>,
     pub watch_spec_size: Option<u64>,
+    pub trim_on_reload: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize, PartialEq, Eq)]
@@ -311,6 +312,10 @@ impl Config {
                 16,
                 1 << 20,
             )?,
+            trim_on_reload: raw
+                .limits
+                .trim_on_reload
+                .unwrap_or(defaults.limits.trim_on_reload),
         };
         let mut rules = Vec::with_capacity(raw.policy.rules.len());
         for rule in raw.policy.rules {
@@ -504,6 +509,11 @@ mod tests {
             .unwrap_err();
         let text = err.to_string();
         assert!(text.contains("watches_per_subscription"), "{text}");
+        let err =
+            Config::from_toml("[limits]\ntrim_on_reload = \"maybe\"\n", "t.toml").unwrap_err();
+        assert!(err.to_string().contains("trim_on_reload"), "{err}");
+        let config = Config::from_toml("[limits]\ntrim_on_reload = true\n", "t.toml").unwrap();
+        assert!(config.limits.trim_on_reload);
     }
 
     #[test]

@@ -117,6 +117,10 @@ pub struct Limits {
     pub filter_entries: usize,
     /// Size of one watch's spec: keys, strings and elements, counted recursively.
     pub watch_spec_size: usize,
+    /// Whether a reload that lowers `watches_per_subscription` or `watches_per_uid` ends
+    /// the watches over them ([`Hub::trim_to_limits`]); by default they are kept and
+    /// only adding more is refused.
+    pub trim_on_reload: bool,
 }
 
 impl Default for Limits {
@@ -128,6 +132,7 @@ impl Default for Limits {
             watches_per_uid: 256,
             filter_entries: Filter::MAX_ENTRIES,
             watch_spec_size: 4096,
+            trim_on_reload: false,
         }
     }
 }
@@ -145,6 +150,8 @@ struct Subscription {
 #[derive(Default)]
 struct State {
     next_id: u64,
+    /// Numbers watches in the order they were added, across subscriptions.
+    next_watch: u64,
     subscriptions: BTreeMap<u64, Subscription>,
     sources: Vec<SourceSlot>,
     consumers: Vec<ConsumerSlot>,

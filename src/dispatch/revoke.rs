@@ -1,11 +1,18 @@
-//! The hub's side of re-authorization: which live watches hold a grant from an older
-//! policy epoch ([`crate::policy::Authorizer::epoch`]), and what becomes of each once
-//! policy answered again — a fresh grant, or the end of the watch.
+//! Live watches that a reload or a policy change ends.
 //!
-//! A watch that ends here is taken out under the hub's lock, so no event published
-//! after the decision reaches it; the events of it still queued in the outbox are
-//! withheld (each becomes a `Lost` with reason `policy-changed`, keeping the numbering
-//! contiguous), and `WatchRemoved(tag, reason)` follows them.
+//! Re-authorization: which live watches hold a grant from an older policy epoch
+//! ([`crate::policy::Authorizer::epoch`]), and what becomes of each once policy answered
+//! again — a fresh grant, or the end of the watch. A watch that ends so is taken out
+//! under the hub's lock, so no event published after the decision reaches it; the events
+//! of it still queued in the outbox are withheld (each becomes a `Lost` with reason
+//! `policy-changed`, keeping the numbering contiguous), and `WatchRemoved(tag, reason)`
+//! follows them.
+//!
+//! Lowered limits, when the administrator asks for them to be enforced
+//! (`limits.trim_on_reload`): the watches over them end, the most recently added first;
+//! their queued events were allowed and are delivered before the `WatchRemoved`.
+
+use std::collections::HashMap;
 
 use crate::error::Error;
 use crate::policy::{Grant, Identity, Scope};
@@ -106,5 +113,62 @@ impl Hub {
             finish_stopping(Some(pump)).await;
         }
         Ok(withheld)
+    }
+
+    /// Ends the watches over the current `watches_per_subscription` and `watches_per_uid`
+    /// (see the module doc): in each subscription its most recently added watches over
+    /// the first limit, then per user the most recently added of what is left over the
+    /// second. Each ends with `WatchRemoved(tag, reason)`. Returns how many ended.
+    pub async fn trim_to_limits(&self, reason: &str) -> usize {
+        let limits = self.limits();
+        let (ended, stopped) = {
+            let mut state = self.lock();
+            // (subscription, when added) of every watch to end.
+            let mut over: Vec<(u64, u64)> = Vec::new();
+            let mut kept_by_uid: HashMap<u32, Vec<(u64, u64)>> = HashMap::new();
+            for (id, sub) in &state.subscriptions {
+                // The list is in the order the watches were added.
+                for (position, w) in sub.watches.iter().enumerate() {
+                    if position < limits.watches_per_subscription {
+                        kept_by_uid
+                            .entry(sub.identity.uid)
+                            .or_default()
+                            .push((w.added, *id));
+                    } else {
+                        over.push((*id, w.added));
+                    }
+                }
+            }
+            for mut kept in kept_by_uid.into_values() {
+                if kept.len() > limits.watches_per_uid {
+                    kept.sort_unstable();
+                    let newest = kept.split_off(limits.watches_per_uid);
+                    over.extend(newest.into_iter().map(|(added, id)| (id, added)));
+                }
+            }
+            let mut sources = Vec::new();
+            for (id, added) in &over {
+                let Some(sub) = state.subscriptions.get_mut(id) else {
+                    continue;
+                };
+                for watch in sub.watches.take_where(|w| w.added == *added) {
+                    sub.outbox.push_meta(|seq| Delivery::WatchRemoved {
+                        seq,
+                        tag: watch.tag,
+                        reason: reason.to_owned(),
+                    });
+                    sources.push(watch.source);
+                }
+            }
+            let stopped: Vec<_> = sources
+                .iter()
+                .filter_map(|&source| self.release_source(&mut state, source))
+                .collect();
+            (sources.len(), stopped)
+        };
+        for pump in stopped {
+            finish_stopping(Some(pump)).await;
+        }
+        ended
     }
 }

@@ -15,6 +15,8 @@ use super::{finish_stopping, Hub, WatchInfo};
 /// A watch as the subscription holds it.
 pub(super) struct Watch {
     pub(super) tag: u64,
+    /// When it was added, among every subscription's watches (`State::next_watch`).
+    pub(super) added: u64,
     pub(super) source: usize,
     pub(super) matcher: Box<dyn WatchMatcher>,
     /// What policy allowed; every event is checked against it again at publish.
@@ -180,6 +182,8 @@ impl Hub {
             if let Some(sub) = state.subscriptions.get_mut(&id) {
                 sub.watches.reserved = sub.watches.reserved.saturating_sub(1);
             }
+            state.next_watch += 1;
+            let added = state.next_watch;
             let taken = armed.and_then(|armed| {
                 let sub = Self::owned(&mut state, id, caller)?;
                 if sub.watches.iter().any(|w| w.tag == tag) {
@@ -189,6 +193,7 @@ impl Hub {
                 }
                 sub.watches.push(Watch {
                     tag,
+                    added,
                     source: index,
                     matcher: armed.matcher,
                     grant,

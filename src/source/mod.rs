@@ -188,6 +188,11 @@ pub trait EventSource: Send + Sync + 'static {
         subtype_number(self.subtypes(), name)
     }
 
+    /// Applies `[sources.*]` as a reload found them: each source takes what is its own,
+    /// live (an open kernel socket's buffer resized, a share changed from the next
+    /// charge on). Nothing by default: a source with no settings has nothing to apply.
+    fn reconfigure(&self, _config: &SourcesConfig) {}
+
     /// Messages dropped at the edge because they did not come from the kernel (a forged
     /// netlink message), since the daemon started; 0 for a source that cannot receive
     /// any. Read by the metrics.
@@ -393,6 +398,13 @@ impl Registry {
 
     pub fn index_of(&self, name: &str) -> Option<usize> {
         self.sources.iter().position(|s| s.name() == name)
+    }
+
+    /// Hands every source the `[sources.*]` a reload read ([`EventSource::reconfigure`]).
+    pub fn reconfigure(&self, config: &SourcesConfig) {
+        for source in &self.sources {
+            source.reconfigure(config);
+        }
     }
 
     pub fn all(&self) -> &[Arc<dyn EventSource>] {

@@ -91,6 +91,11 @@ impl KernelSocket {
         })
     }
 
+    /// The socket, for its options.
+    pub fn fd(&self) -> &OwnedFd {
+        self.fd.get_ref()
+    }
+
     /// The bytes of the last [`Datagram::Message`] of length `len`.
     pub fn bytes(&self, len: usize) -> &[u8] {
         &self.buf[..len.min(self.buf.len())]

@@ -27,12 +27,13 @@ use futures_util::stream;
 use nix::sys::socket::{
     self, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
 };
+use tokio::sync::watch;
 
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
 
 use super::{
-    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader, WatchMatcher,
-    WatchSpec,
+    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SourcesConfig, SpecReader,
+    WatchMatcher, WatchSpec,
 };
 use crate::activation;
 use crate::error::Error;
@@ -108,7 +109,8 @@ impl Default for DevicesConfig {
 }
 
 pub struct Devices {
-    config: DevicesConfig,
+    /// The settings; a reload changes them, and the open reader follows at once.
+    config: watch::Sender<DevicesConfig>,
     sysfs: Sysfs,
     counters: Arc<Counters>,
 }
@@ -116,7 +118,7 @@ pub struct Devices {
 impl Devices {
     pub fn new(config: &DevicesConfig) -> Self {
         Devices {
-            config: config.clone(),
+            config: watch::Sender::new(config.clone()),
             sysfs: Sysfs::default(),
             counters: Arc::default(),
         }
@@ -136,6 +138,16 @@ impl EventSource for Devices {
         NAME
     }
 
+    /// A new `receive_buffer` resizes the open socket's buffer (no event lost: the
+    /// socket stays the same) and is the size of any socket opened later.
+    fn reconfigure(&self, config: &SourcesConfig) {
+        self.config.send_if_modified(|current| {
+            let changed = *current != config.devices;
+            *current = config.devices.clone();
+            changed
+        });
+    }
+
     fn system_wide(&self) -> bool {
         true
     }
@@ -153,7 +165,7 @@ impl EventSource for Devices {
             return Availability::Available;
         }
         match open_socket(0) {
-            Ok(_) => Availability::Available,
+            Ok(_socket) => Availability::Available,
             Err(e) => {
                 Availability::Unavailable(format!("cannot open the uevent netlink socket: {e}"))
             }
@@ -176,9 +188,13 @@ impl EventSource for Devices {
     }
 
     fn open(&self) -> io::Result<SourceStream> {
-        let fd = open_socket(self.config.receive_buffer)?;
+        let mut settings = self.config.subscribe();
+        let receive_buffer = settings.borrow_and_update().receive_buffer;
+        let (fd, passed) = open_socket(receive_buffer)?;
         let reader = Reader {
             socket: KernelSocket::new(fd, UEVENT_BUFFER, Arc::clone(&self.counters), LABELS)?,
+            settings,
+            passed,
             known: HashMap::new(),
             sysfs: self.sysfs.clone(),
             counters: Arc::clone(&self.counters),
@@ -191,8 +207,8 @@ impl EventSource for Devices {
 }
 
 /// The socket systemd passed (bound by its `ListenNetlink=kobject-uevent 1`), or one of
-/// our own.
-fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
+/// our own; and whether it was passed.
+fn open_socket(receive_buffer: usize) -> io::Result<(OwnedFd, bool)> {
     let (fd, passed) = match activation::passed_socket(activation::NETLINK_KOBJECT_UEVENT)? {
         Some(fd) => (fd, true),
         None => {
@@ -206,23 +222,30 @@ fn open_socket(receive_buffer: usize) -> io::Result<OwnedFd> {
         }
     };
     if receive_buffer > 0 {
-        let got = if passed {
-            activation::raise_receive_buffer(&fd, receive_buffer)?
-        } else {
-            activation::set_receive_buffer(&fd, receive_buffer)?
-        };
-        if got < receive_buffer {
-            tracing::info!(
-                source = NAME,
-                "uevent socket buffer is {got} bytes, not {receive_buffer}: without CAP_NET_ADMIN the kernel caps it at net.core.rmem_max (ReceiveBuffer= in watchqd.socket sets it under systemd)"
-            );
-        }
+        size_buffer(&fd, receive_buffer, passed)?;
     }
     socket::setsockopt(&fd, sockopt::PassCred, &true)?;
     if !passed {
         socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, UEVENT_GROUP_KERNEL))?;
     }
-    Ok(fd)
+    Ok((fd, passed))
+}
+
+/// Gives the socket `receive_buffer` bytes: exactly, for a socket of our own; at least,
+/// for one systemd passed (its `ReceiveBuffer=` is the administrator's too).
+fn size_buffer(fd: &OwnedFd, receive_buffer: usize, passed: bool) -> io::Result<usize> {
+    let got = if passed {
+        activation::raise_receive_buffer(fd, receive_buffer)?
+    } else {
+        activation::set_receive_buffer(fd, receive_buffer)?
+    };
+    if got < receive_buffer {
+        tracing::info!(
+            source = NAME,
+            "uevent socket buffer is {got} bytes, not {receive_buffer}: without CAP_NET_ADMIN the kernel caps it at net.core.rmem_max (ReceiveBuffer= in watchqd.socket sets it under systemd)"
+        );
+    }
+    Ok(got)
 }
 
 /// How the uevent socket is read ([`crate::sys::netlink`]): credentials must say uid 0.
@@ -237,6 +260,10 @@ const LABELS: Labels = Labels {
 
 struct Reader {
     socket: KernelSocket,
+    /// `[sources.devices]`, as the last reload left it.
+    settings: watch::Receiver<DevicesConfig>,
+    /// Whether systemd passed the socket ([`size_buffer`]).
+    passed: bool,
     /// Devices seen since the source started, by devpath: their static attributes and
     /// their open sysfs directory. Bounded by the devices present: removals drop them,
     /// and an overflow (when removals may have been missed) clears them all.
@@ -249,7 +276,16 @@ impl Reader {
     /// The next record, or `None` when the socket failed for good.
     async fn next(&mut self) -> Option<SourceMsg> {
         loop {
-            match self.socket.next().await? {
+            // Reading a datagram is cancel-safe: a reload's new settings interrupt only
+            // the wait for one.
+            let datagram = tokio::select! {
+                datagram = self.socket.next() => datagram?,
+                Ok(()) = self.settings.changed() => {
+                    self.resize();
+                    continue;
+                }
+            };
+            match datagram {
                 Datagram::Message(len) => {
                     self.counters.received.fetch_add(1, Ordering::Relaxed);
                     let bytes = self.socket.bytes(len);
@@ -279,6 +315,21 @@ impl Reader {
                     return Some(SourceMsg::Overflow { objects });
                 }
             }
+        }
+    }
+
+    /// Applies a reload's `receive_buffer` to the open socket.
+    fn resize(&mut self) {
+        let bytes = self.settings.borrow_and_update().receive_buffer;
+        match size_buffer(self.socket.fd(), bytes, self.passed) {
+            Ok(got) => tracing::info!(
+                source = NAME,
+                "uevent socket buffer after a reload: {got} bytes"
+            ),
+            Err(e) => tracing::warn!(
+                source = NAME,
+                "cannot resize the uevent socket buffer to {bytes} bytes: {e}; it keeps its size"
+            ),
         }
     }
 

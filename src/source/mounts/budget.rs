@@ -71,6 +71,12 @@ impl Budget {
         }
     }
 
+    /// Changes every user's share (a reload): buckets keep their balance, capped at the
+    /// new share's fill at their next charge.
+    pub(super) fn set_share(&mut self, user_cpu_percent: u8) {
+        self.rate = f64::from(user_cpu_percent) / 100.0;
+    }
+
     /// Charges `cost` to `uid` at `now`; returns until when the user is over their
     /// share, if this charge put (or kept) them there.
     pub(super) fn charge(&mut self, uid: u32, cost: Duration, now: Instant) -> Option<Instant> {
@@ -123,5 +129,24 @@ mod tests {
         assert!(budget.charge(1000, ms(1), start + ms(500)).is_some());
         budget.forget_idle(start + ms(10_000));
         assert!(budget.buckets.is_empty());
+    }
+
+    /// A reload's new share applies from the next charge: a larger one refills faster
+    /// and holds more, a smaller one caps what a user had in hand.
+    #[test]
+    fn a_new_share_applies_from_the_next_charge() {
+        let mut budget = Budget::new(10);
+        let start = Instant::now();
+        let ms = Duration::from_millis;
+        let until = budget.charge(1000, ms(150), start).expect("over 10%");
+        assert_eq!(until - start, ms(500));
+        budget.set_share(50);
+        // The 50 ms debt is paid in 100 ms at 50%, and a second later 500 ms are there.
+        assert_eq!(budget.charge(1000, ms(0), start + ms(100)), None);
+        assert_eq!(budget.charge(1000, ms(500), start + ms(1100)), None);
+        assert!(budget.charge(1000, ms(1), start + ms(1100)).is_some());
+        budget.set_share(1);
+        // At 1% a second's worth is 10 ms, whatever the bucket held at 50%.
+        assert!(budget.charge(1000, ms(11), start + ms(10_000)).is_some());
     }
 }

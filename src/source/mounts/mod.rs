@@ -87,8 +87,8 @@ use tokio::sync::mpsc;
 use zbus::OwnedVariant;
 
 use super::{
-    ArmedWatch, Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SpecReader,
-    WatchMatcher, WatchSpec,
+    ArmedWatch, Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SourcesConfig,
+    SpecReader, WatchMatcher, WatchSpec,
 };
 use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
@@ -141,7 +141,8 @@ impl Default for MountsConfig {
 
 pub struct Mounts {
     shared: Arc<Shared>,
-    config: MountsConfig,
+    /// The settings; a reload changes them (see [`EventSource::reconfigure`]).
+    config: Mutex<MountsConfig>,
 }
 
 /// What the arm closures and holds share with the running reader.
@@ -175,6 +176,8 @@ enum Control {
         namespace: u64,
         uid: u32,
     },
+    /// A reload changed `user_cpu_percent`: every user's share from the next charge on.
+    Share(u8),
 }
 
 impl Mounts {
@@ -185,7 +188,7 @@ impl Mounts {
     pub fn with_config(config: &MountsConfig) -> Self {
         Mounts {
             shared: Arc::default(),
-            config: config.clone(),
+            config: Mutex::new(config.clone()),
         }
     }
 }
@@ -199,6 +202,20 @@ impl Default for Mounts {
 impl EventSource for Mounts {
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    /// A new `user_cpu_percent` is every user's share from the running reader's next
+    /// charge on (and the share of a reader opened later).
+    fn reconfigure(&self, config: &SourcesConfig) {
+        let mut current = lock(&self.config);
+        if *current == config.mounts {
+            return;
+        }
+        *current = config.mounts.clone();
+        // Not running is fine: the next open reads the new share.
+        let _ = self
+            .shared
+            .send(Control::Share(config.mounts.user_cpu_percent));
     }
 
     fn subtypes(&self) -> &'static [&'static str] {
@@ -278,7 +295,7 @@ impl EventSource for Mounts {
             pending: VecDeque::new(),
             to_acknowledge: None,
             buf: vec![0; READ_BUFFER],
-            budget: budget::Budget::new(self.config.user_cpu_percent),
+            budget: budget::Budget::new(lock(&self.config).user_cpu_percent),
             shared: Arc::clone(&self.shared),
             last_yield: None,
         };
