@@ -650,7 +650,14 @@ fn no_event_leaks_across_users_under_any_watch_and_filter_combination() {
         .tempdir()
         .expect("mount point");
     let mount_path = mount_point.path().display().to_string();
-    Tmpfs::mount(&mount_path).unmount();
+    // Unmounted only once root saw it attached: a mount gone before the daemon reads its
+    // attach can no longer be described (statmount fails; its records then carry its id
+    // but no mount point), which a loaded machine made of this test now and then.
+    let tmpfs = Tmpfs::mount(&mount_path);
+    let mount_change = |action: &str| json!({"path": root_all, "member": "MountChanged", "object": mount_path, "action": action});
+    clients[ROOT].0.until_all(mount_change("attach"));
+    tmpfs.unmount();
+    clients[ROOT].0.until_all(mount_change("detach"));
     // Everything above has reached every subscription it was pushed to by the time a
     // later device event reaches it: a marker per subscription, on that subscription's
     // own path (a change and an add, so that every filter passes one of them).
