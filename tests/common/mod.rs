@@ -36,7 +36,8 @@ pub fn repo() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// A private dbus-daemon configured like the system bus, with `dbus/org.watchq1.conf`.
+/// A private system bus (dbus-daemon, or dbus-broker with `WATCHQD_TEST_BUS=dbus-broker`)
+/// configured like the system bus, with `dbus/org.watchq1.conf`.
 pub struct PrivateBus {
     child: Child,
     pub address: String,
@@ -44,8 +45,10 @@ pub struct PrivateBus {
 }
 
 impl PrivateBus {
+    /// The process that routes the messages (dbus-daemon, or dbus-broker under its
+    /// launcher).
     pub fn pid(&self) -> u32 {
-        self.child.id()
+        private_bus::server_pid(self.child.id())
     }
 
     pub fn start() -> PrivateBus {
