@@ -487,3 +487,51 @@ async fn a_filter_the_restarted_daemon_refuses_is_reported_and_dropped() {
     let (seq, action, _) = device_event(&next_item(&mut rust).await);
     assert_eq!((seq, action.as_str()), (1, "change"));
 }
+
+/// Match rules `conn` holds on the bus, as dbus-daemon counts them.
+async fn match_rules(look: &Connection, conn: &Connection) -> u32 {
+    let name = conn.unique_name().expect("unique name").to_string();
+    let reply = look
+        .call_method(
+            Some("org.freedesktop.DBus"),
+            "/org/freedesktop/DBus",
+            Some("org.freedesktop.DBus.Debug.Stats"),
+            "GetConnectionStats",
+            &(name.as_str(),),
+        )
+        .await
+        .expect("GetConnectionStats");
+    let stats: HashMap<String, OwnedVariant> = reply.body().deserialize().expect("stats");
+    u32::try_from(&stats["MatchRules"]).expect("MatchRules")
+}
+
+/// `watchqd::client` reads its subscriptions' signals without bus match rules (they are
+/// unicast, and every rule is one more that dbus-daemon walks for each message it
+/// routes): three subscriptions on one connection add one rule between them, the watch
+/// on the daemon's name owner they share (zbus asks the bus once for equal rules) — with
+/// a rule per subscription's signals it was four — and each still gets its event.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscriptions_add_no_match_rule_for_their_signals() {
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let conn = daemon.connect().await;
+    let look = daemon.connect().await;
+    let before = match_rules(&look, &conn).await;
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(
+            Subscription::builder(&conn)
+                .watch("devices", 1, name_spec(&disk))
+                .build()
+                .await
+                .expect("subscription"),
+        );
+    }
+    assert_eq!(match_rules(&look, &conn).await - before, 1);
+    disk.synth_change();
+    for sub in &mut subs {
+        let (seq, action, sys_path) = device_event(&next_item(sub).await);
+        assert_eq!((seq, action.as_str()), (1, "change"));
+        assert_eq!(sys_path, disk.sys_path());
+    }
+}

@@ -120,9 +120,11 @@ impl SubscriptionBuilder {
         self
     }
 
-    /// How many received signals zbus holds for this subscription before it stops
-    /// reading the connection (default 64). Not reading is what makes the daemon's flow
-    /// control hold events back and count them as `Lost`, so this bounds memory.
+    /// How many received messages zbus holds before it stops reading the connection
+    /// (default 64): the connection's own queue, raised to this if it is smaller, which
+    /// every subscription on the connection shares (the signals arrive without a match
+    /// rule). Not reading is what makes the daemon's flow control hold events back and
+    /// count them as `Lost`, so this bounds memory.
     #[must_use]
     pub fn max_queued(mut self, max: NonZeroUsize) -> Self {
         self.max_queued = max;
@@ -327,13 +329,17 @@ async fn establish(
         .to_owned()
         .into();
     let path: OwnedObjectPath = reply.body().deserialize()?;
-    let rule = zbus::MatchRule::builder()
-        .msg_type(zbus::message::Type::Signal)
-        .sender(owner.as_str())
-        .interface(SUBSCRIPTION_INTERFACE)
-        .path(path.clone())
-        .build()?;
-    let signals = MessageStream::for_match_rule(rule, conn, Some(max_queued)).await?;
+    // No match rule: the daemon's signals are unicast to this connection, and the bus
+    // delivers those whatever the connection's rules say, while every rule a client adds
+    // is one more that dbus-daemon walks for every message it routes (at 1,000
+    // subscribers' rules, most of what the bus spends per signal). `Live::accepts`
+    // keeps out what is not this subscription's. The connection's one queue, which this
+    // stream shares with the connection's other unfiltered streams, is raised to hold
+    // `max_queued`.
+    if conn.max_queued() < max_queued {
+        conn.clone().set_max_queued(max_queued);
+    }
+    let signals = MessageStream::from(conn);
     let mut live = Live {
         owner,
         path,
