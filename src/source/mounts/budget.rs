@@ -95,12 +95,7 @@ impl Budget {
     }
 }
 
-/// CPU time of the calling thread.
-pub(super) fn thread_cpu() -> Duration {
-    nix::time::clock_gettime(nix::time::ClockId::CLOCK_THREAD_CPUTIME_ID)
-        .map(Duration::from)
-        .unwrap_or_default()
-}
+pub(super) use crate::sys::clock::thread_cpu;
 
 #[cfg(test)]
 mod tests {

@@ -50,7 +50,10 @@ pub(super) struct Namespace {
     /// With fanotify: when the mountinfo reread that `POLLPRI` asked for is due
     /// (coalesced: one per namespace per [`reread_interval`]).
     pub(super) reread_due: Option<Instant>,
-    /// When the last reread ended, and what it cost (wall time of read, parse and diff).
+    /// When the last reread ended, and what it cost: the reader thread's CPU time for the
+    /// read, parse and diff. CPU time, not wall time, so that a loaded machine (the thread
+    /// preempted mid-reread) does not stretch the next interval: the bound is on the
+    /// work, and the work does not grow with the load.
     last_reread: Option<(Instant, Duration)>,
 }
 
@@ -452,7 +455,7 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        let started = Instant::now();
+        let started = thread_cpu();
         ns.reread_due = None;
         // Changes made from here on wake us again; those made before are in this read.
         if let Some(Ok(mut guard)) = ns.mountinfo.ready(Interest::PRIORITY).now_or_never() {
@@ -466,8 +469,8 @@ impl Reader {
             }
             Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
         }
-        let ended = Instant::now();
-        ns.last_reread = Some((ended, ended - started));
+        // Synchronous from `started` on (no await), so all of it ran on this thread.
+        ns.last_reread = Some((Instant::now(), thread_cpu().saturating_sub(started)));
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or
