@@ -155,6 +155,9 @@ pub struct Mounts {
 struct Shared {
     control: Mutex<Option<mpsc::UnboundedSender<Control>>>,
     counters: budget::Counters,
+    /// CPU time the bus spent sending each namespace's records to subscribers since the
+    /// reader last took it, to be charged to the namespace's watchers.
+    delivered: Mutex<HashMap<u64, Duration>>,
 }
 
 impl Shared {
@@ -217,6 +220,14 @@ impl EventSource for Mounts {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.shared.counters.list()
+    }
+
+    /// Sending a namespace's records is work done for its watchers: counted here, and
+    /// charged to them by the reader at its next message (see `budget`).
+    fn delivered(&self, record: &Record, cost: Duration) {
+        if let Some(namespace) = record.attr_u64("namespace") {
+            *lock(&self.shared.delivered).entry(namespace).or_default() += cost;
+        }
     }
 
     fn probe(&self) -> Availability {

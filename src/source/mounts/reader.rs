@@ -6,6 +6,7 @@ use super::budget::{thread_cpu, Budget};
 use super::describe::*;
 use super::resync::namespace_of;
 use super::*;
+use crate::sys::clock::ThreadCpu;
 
 use std::time::Instant;
 
@@ -84,7 +85,7 @@ pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
     /// The namespace of the message last yielded, and the thread's CPU time then: the
     /// hub publishes it before polling again, and that is charged too.
-    pub(super) last_yield: Option<(u64, Duration)>,
+    pub(super) last_yield: Option<(u64, ThreadCpu)>,
 }
 
 impl Reader {
@@ -95,13 +96,25 @@ impl Reader {
         if let Some((reply, namespace)) = self.to_acknowledge.take() {
             let _ = reply.send(Ok(namespace));
         }
-        if let Some((id, then)) = self.last_yield.take() {
-            self.charge(id, thread_cpu().saturating_sub(then));
+        // The hub's publishing of the last message ran on this thread between its two
+        // polls (the pump publishes before it polls again, within one poll of its task).
+        if let Some((id, cost)) = self
+            .last_yield
+            .take()
+            .and_then(|(id, then)| Some((id, then.since()?)))
+        {
+            self.charge(id, cost);
+        }
+        // What sending this source's records to subscribers cost since (see
+        // `Mounts::delivered`): the fan-out's other half, on the deliverers' tasks.
+        let sent = std::mem::take(&mut *lock(&self.shared.delivered));
+        for (id, cost) in sent {
+            self.charge(id, cost);
         }
         loop {
             if let Some((msg, ack)) = self.pending.pop_front() {
                 self.to_acknowledge = ack;
-                self.last_yield = namespace_of(&msg).map(|id| (id, thread_cpu()));
+                self.last_yield = namespace_of(&msg).map(|id| (id, ThreadCpu::now()));
                 return Some(msg);
             }
             let wake = self.wait().await;
@@ -178,9 +191,14 @@ impl Reader {
                 Ok(())
             }
             Wake::Group(id) => {
-                let started = thread_cpu();
+                // Reading may await (a readiness the runtime had not seen yet), and the
+                // task may then resume on the other worker thread: charged only when
+                // measured on one thread (in practice always: the group is readable).
+                let started = ThreadCpu::now();
                 let read = self.read_group(id).await;
-                self.charge(id, thread_cpu().saturating_sub(started));
+                if let Some(cost) = started.since() {
+                    self.charge(id, cost);
+                }
                 read
             }
             Wake::Mountinfo(id) => {
