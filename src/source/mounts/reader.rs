@@ -35,9 +35,16 @@ pub(super) struct Line {
 pub(super) struct Namespace {
     pub(super) id: u64,
     inode: (u64, u64),
-    /// `None` without fanotify mount events: mountinfo alone follows the namespace.
+    /// `None` without fanotify mount events (mountinfo alone follows the namespace),
+    /// and while parked.
     pub(super) group: Option<AsyncFd<OwnedFd>>,
-    pub(super) mountinfo: AsyncFd<File>,
+    /// `None` while parked.
+    pub(super) mountinfo: Option<AsyncFd<File>>,
+    /// The group and mountinfo while the namespace's watchers are throttled: taken out
+    /// of the runtime's epoll set, because a registered fd wakes the daemon on every
+    /// kernel event even when nobody reads it, and those wakeups (one per change of a
+    /// churning namespace) are work charged to no one. Registered again by the resync.
+    parked: Option<(Option<OwnedFd>, File)>,
     /// The process this namespace was named by; `None` for the daemon's own.
     anchor: Option<AsyncFd<OwnedFd>>,
     pub(super) mounts: HashMap<u64, StatMount>,
@@ -56,6 +63,32 @@ pub(super) struct Namespace {
     /// preempted mid-reread) does not stretch the next interval: the bound is on the
     /// work, and the work does not grow with the load.
     last_reread: Option<(Instant, Duration)>,
+}
+
+impl Namespace {
+    /// Takes the namespace's fds out of the runtime (see [`Namespace::parked`]).
+    pub(super) fn park(&mut self) {
+        if self.parked.is_some() {
+            return;
+        }
+        let Some(mountinfo) = self.mountinfo.take() else {
+            return;
+        };
+        let group = self.group.take().map(AsyncFd::into_inner);
+        self.parked = Some((group, mountinfo.into_inner()));
+    }
+
+    /// Registers the namespace's fds with the runtime again.
+    pub(super) fn unpark(&mut self) -> io::Result<()> {
+        let Some((group, mountinfo)) = self.parked.take() else {
+            return Ok(());
+        };
+        self.group = group
+            .map(|group| register(group, Interest::READABLE))
+            .transpose()?;
+        self.mountinfo = Some(register(mountinfo, Interest::PRIORITY)?);
+        Ok(())
+    }
 }
 
 pub(super) enum Wake {
@@ -161,14 +194,16 @@ impl Reader {
                 );
             }
             // A reread already due serves every change made before it.
-            if ns.reread_due.is_none() && !throttled {
-                waits.push(
-                    async move {
-                        let _ = ns.mountinfo.ready(Interest::PRIORITY).await;
-                        Wake::Mountinfo(id)
-                    }
-                    .boxed(),
-                );
+            if let Some(mountinfo) = ns.mountinfo.as_ref().filter(|_| ns.reread_due.is_none()) {
+                if !throttled {
+                    waits.push(
+                        async move {
+                            let _ = mountinfo.ready(Interest::PRIORITY).await;
+                            Wake::Mountinfo(id)
+                        }
+                        .boxed(),
+                    );
+                }
             }
             if let Some(anchor) = &ns.anchor {
                 waits.push(
@@ -323,7 +358,8 @@ impl Reader {
                 id,
                 inode: (meta.dev(), meta.ino()),
                 group,
-                mountinfo: register(mountinfo, Interest::PRIORITY)?,
+                mountinfo: Some(register(mountinfo, Interest::PRIORITY)?),
+                parked: None,
                 anchor,
                 mounts,
                 lines,
@@ -445,7 +481,10 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        match ns.mountinfo.ready(Interest::PRIORITY).await {
+        let Some(mountinfo) = &ns.mountinfo else {
+            return;
+        };
+        match mountinfo.ready(Interest::PRIORITY).await {
             // The kernel reports `POLLPRI` once per change of the namespace's event
             // counter (the poll itself takes it in), so clearing the readiness loses
             // nothing: the next change wakes us again.
@@ -475,11 +514,14 @@ impl Reader {
         };
         let started = thread_cpu();
         ns.reread_due = None;
+        let Some(mountinfo) = ns.mountinfo.as_mut() else {
+            return;
+        };
         // Changes made from here on wake us again; those made before are in this read.
-        if let Some(Ok(mut guard)) = ns.mountinfo.ready(Interest::PRIORITY).now_or_never() {
+        if let Some(Ok(mut guard)) = mountinfo.ready(Interest::PRIORITY).now_or_never() {
             guard.clear_ready_matching(Ready::PRIORITY);
         }
-        match read_lines(ns.mountinfo.get_mut()) {
+        match read_lines(mountinfo.get_mut()) {
             Ok(lines) => {
                 for record in diff(ns, lines, follow_topology) {
                     self.pending.push_back((SourceMsg::Record(record), None));
