@@ -126,10 +126,12 @@ const TARGETS: &[Target] = &[
         what: "two users: bob's p99 latency during alice's storm as a multiple of alone",
         bound: Bound::AtMost(2.0),
         known_miss: Some(
-            "98x to 276x (271 to 580 ms against 1 to 5 ms): a resync of alice's \
-             10,000-mount namespace (listmount, a statmount per mount, the table replaced) \
-             runs on the source's one reader task, and bob's events wait for it; resyncs \
-             must be split up or moved off that task",
+            "98x to 276x (271 to 580 ms against 1 to 5 ms): bob's events wait behind \
+             alice's work on the source's one reader task, done in batches (a backlog of \
+             her events read at once, each attach described; a resync of her 10,000 \
+             mounts); not pinned down: a resync describing only the mounts that changed \
+             (listmount ids) was tried and gave 275 ms. Next: read a group in bounded \
+             slices, charging and yielding between them, or one reader per user",
         ),
     },
     Target {
