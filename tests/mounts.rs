@@ -770,6 +770,29 @@ async fn every_remount_of_a_storm_in_a_large_namespace_is_reported() {
     assert_eq!(now, mounts, "the daemon's snapshot = snapshot + events");
 }
 
+/// `watchqctl monitor --json mounts` as `user`, alone in a private mount namespace of its
+/// own (root's `unshare -m`): a user watching their own namespace, once it watches. Its
+/// stdout is piped.
+fn own_namespace_monitor(daemon: &Daemon, user: &common::polkit::User) -> std::process::Child {
+    let mut monitor = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "setpriv"])
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .args(["--clear-groups", env!("CARGO_BIN_EXE_watchqctl")])
+        .args(["--address", daemon.address()])
+        .args(["monitor", "--json", "--queue-depth", "16384", "mounts"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watchqctl");
+    let stderr = common::lines::lines(monitor.stderr.take().expect("stderr"));
+    let first = stderr
+        .recv_timeout(TIMEOUT)
+        .expect("watchqctl's first line");
+    assert!(first.starts_with("watching"), "as {}: {first}", user.name);
+    monitor
+}
+
 /// One user's namespaces may take `[sources.mounts] user_cpu_percent` of the daemon's
 /// time (1 here). Alice, unprivileged, watches her own namespace while a storm runs in
 /// it: past her share her events are coalesced into Lost(kernel-overflow) and a resync,
@@ -780,23 +803,8 @@ async fn every_remount_of_a_storm_in_a_large_namespace_is_reported() {
 async fn a_user_past_their_share_is_coalesced_into_lost_and_others_are_not() {
     let daemon = Daemon::with_polkit("[sources.mounts]\nuser_cpu_percent = 1\n");
     let alice = common::polkit::user("watchq-alice");
-    let watchqctl = env!("CARGO_BIN_EXE_watchqctl");
-    let mut monitor = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "setpriv"])
-        .arg(format!("--reuid={}", alice.uid))
-        .arg(format!("--regid={}", alice.gid))
-        .args(["--clear-groups", watchqctl, "--address", daemon.address()])
-        .args(["monitor", "--json", "--queue-depth", "16384", "mounts"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("watchqctl");
+    let mut monitor = own_namespace_monitor(&daemon, &alice);
     let alice_pid = monitor.id();
-    let stderr = common::lines::lines(monitor.stderr.take().expect("stderr"));
-    let first = stderr
-        .recv_timeout(TIMEOUT)
-        .expect("watchqctl's first line");
-    assert!(first.starts_with("watching"), "as alice: {first}");
     let alice_lines = common::lines::lines(monitor.stdout.take().expect("stdout"));
 
     // The administrator watches alice's namespace too (sharing its fate: a Lost), and
@@ -900,4 +908,214 @@ async fn a_user_past_their_share_is_coalesced_into_lost_and_others_are_not() {
     };
     assert!(counter("users-throttled") >= 1, "{counters:?}");
     assert!(counter("namespaces-resynced") >= 1, "{counters:?}");
+}
+
+/// What an unprivileged user may learn of other users' mount namespaces. The mounts
+/// source's counters are aggregates (how often some user went over their share, not
+/// who, nor which namespace), so anyone may read them: through the Manager's `Counters`
+/// property (what `watchqctl status` prints) and `Manager.Metrics`. Bob, hostile, reads
+/// them right after alice was throttled: he sees that a throttle happened, the same
+/// entries root sees, and nothing naming alice, her uid, her namespace or her mounts;
+/// he cannot write the property; and the Manager's `Snapshot` of the mounts table,
+/// which holds every watched namespace's mounts, is refused to him (it needs a
+/// system-wide grant).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_user_reads_aggregate_mount_counters_and_nothing_of_alices() {
+    let daemon = Daemon::with_polkit("[sources.mounts]\nuser_cpu_percent = 1\n");
+    let alice = common::polkit::user("watchq-alice");
+    let bob = common::polkit::user("watchq-bob");
+    let watchqctl = env!("CARGO_BIN_EXE_watchqctl");
+    let mut monitor = own_namespace_monitor(&daemon, &alice);
+    let alice_pid = monitor.id();
+    // Read, so that her monitor keeps up.
+    let _alice_lines = common::lines::lines(monitor.stdout.take().expect("stdout"));
+    let ns = fs::File::open(format!("/proc/{alice_pid}/ns/mnt")).expect("alice's namespace");
+    let alice_namespace = watchqd::sys::mount_api::namespace_id(std::os::fd::AsFd::as_fd(&ns))
+        .expect("NS_GET_MNTNS_ID");
+
+    // Alice's storm, in her namespace only, below a name nobody else should learn.
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-mnt-")
+        .tempdir()
+        .expect("temporary directory");
+    let storm = dir.path().join("alices-secret-storm");
+    fs::create_dir(&storm).expect("mkdir");
+    let storm = storm.display().to_string();
+    let pairs = 3000;
+    run_in(
+        alice_pid,
+        &format!(
+            "perl -e 'my ($s, $d, $t) = (\"watchq-storm\", \"{storm}\", \"tmpfs\"); \
+             for (1..{pairs}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+             syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}'"
+        ),
+    );
+    // Left mounted, so that alice's namespace holds a mount of that name.
+    run_in(alice_pid, &format!("mount -t tmpfs watchq-storm '{storm}'"));
+
+    // Root's view, for comparison.
+    let conn = daemon.connect().await;
+    let manager = watchqd::client::ManagerProxy::builder(&conn)
+        .build()
+        .await
+        .expect("manager proxy");
+    let root_counters = manager.counters().await.expect("Counters");
+    let throttled = root_counters
+        .iter()
+        .find(|(source, name, _)| source == "mounts" && name == "users-throttled")
+        .map(|(_, _, n)| *n);
+    assert!(
+        throttled.is_some_and(|n| n >= 1),
+        "alice was throttled: {root_counters:?}"
+    );
+    let (_, root_table) = manager.snapshot("mounts").await.expect("root's Snapshot");
+    assert!(
+        root_table
+            .iter()
+            .any(|o| o.0.starts_with(&format!("{alice_namespace}/"))),
+        "the mounts table holds alice's namespace (so a snapshot of it would tell)"
+    );
+
+    let as_bob = |program: &str, args: &[&str]| {
+        let out = Command::new("setpriv")
+            .arg(format!("--reuid={}", bob.uid))
+            .arg(format!("--regid={}", bob.gid))
+            .args(["--clear-groups", program])
+            .args(args)
+            .output()
+            .expect("setpriv");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let address = format!("--address={}", daemon.address());
+    // Nothing bob can read names alice, her uid, her namespace or her mounts.
+    let tells = |text: &str| -> Vec<String> {
+        let mut found = Vec::new();
+        for (what, marker) in [
+            ("alice's name", alice.name.clone()),
+            ("her storm's mount point", "alices-secret-storm".to_owned()),
+            ("her namespace's object ids", format!("{alice_namespace}/")),
+            (
+                "her namespace's watch object",
+                format!("mntns:{alice_namespace}"),
+            ),
+            ("a uid", "uid".to_owned()),
+        ] {
+            if text.contains(&marker) {
+                found.push(format!("{what} ({marker})"));
+            }
+        }
+        found
+    };
+
+    let (ok, status, err) = as_bob(
+        watchqctl,
+        &["--address", daemon.address(), "status", "--json"],
+    );
+    assert!(ok, "bob's watchqctl status: {err}");
+    let status: serde_json::Value = serde_json::from_str(&status).expect("status JSON");
+    let mounts = status["sources"]
+        .as_array()
+        .expect("sources")
+        .iter()
+        .find(|s| s["name"] == "mounts")
+        .expect("the mounts source");
+    // The same entries root reads: aggregates, none per user or per namespace.
+    let mut bob_names: Vec<String> = mounts["counters"]
+        .as_object()
+        .expect("counters")
+        .keys()
+        .cloned()
+        .collect();
+    let mut root_names: Vec<String> = root_counters
+        .iter()
+        .filter(|(source, _, _)| source == "mounts")
+        .map(|(_, name, _)| name.clone())
+        .collect();
+    bob_names.sort();
+    root_names.sort();
+    assert_eq!(bob_names, root_names, "bob's counters are root's");
+    assert_eq!(
+        root_names,
+        ["events-coalesced", "namespaces-resynced", "users-throttled"],
+        "the mounts source's counters"
+    );
+    assert!(
+        mounts["counters"]["users-throttled"].as_u64() >= Some(1),
+        "bob sees that a throttle happened: {mounts}"
+    );
+    assert_eq!(
+        tells(&status.to_string()),
+        Vec::<String>::new(),
+        "status as bob"
+    );
+
+    let (ok, counters, err) = as_bob(
+        "busctl",
+        &[
+            &address,
+            "get-property",
+            "org.watchq1",
+            "/org/watchq1",
+            "org.watchq1.Manager",
+            "Counters",
+        ],
+    );
+    assert!(ok, "bob's Counters: {err}");
+    assert_eq!(
+        tells(&counters),
+        Vec::<String>::new(),
+        "Counters as bob: {counters}"
+    );
+
+    let (ok, metrics, err) = as_bob(watchqctl, &["--address", daemon.address(), "metrics"]);
+    assert!(ok, "bob's watchqctl metrics: {err}");
+    assert_eq!(tells(&metrics), Vec::<String>::new(), "Metrics as bob");
+
+    // Hostile writes and reads: the property is not writable, the table needs a grant.
+    let (ok, _, err) = as_bob(
+        "busctl",
+        &[
+            &address,
+            "set-property",
+            "org.watchq1",
+            "/org/watchq1",
+            "org.watchq1.Manager",
+            "Counters",
+            "a(sst)",
+            "0",
+        ],
+    );
+    assert!(!ok, "bob wrote Counters");
+    // The bus policy refuses it before the daemon (which has no setter) would.
+    assert!(
+        ["Access denied", "AccessDenied", "read-only", "ReadOnly"]
+            .iter()
+            .any(|refusal| err.contains(refusal)),
+        "bob's write: {err}"
+    );
+    let (ok, table, err) = as_bob(
+        "busctl",
+        &[
+            &address,
+            "call",
+            "org.watchq1",
+            "/org/watchq1",
+            "org.watchq1.Manager",
+            "Snapshot",
+            "s",
+            "mounts",
+        ],
+    );
+    assert!(!ok, "bob read the mounts table: {table}");
+    assert!(
+        err.contains("allowed to root only"),
+        "bob's Snapshot refused by policy: {err}"
+    );
+    assert_eq!(tells(&table), Vec::<String>::new(), "Snapshot as bob");
+    let _ = monitor.kill();
+    let _ = monitor.wait();
 }

@@ -47,7 +47,8 @@ use zbus::{Connection, Message};
 use super::emit::{emit, event_message};
 use super::subscription;
 use super::Service;
-use crate::dispatch::Subscribed;
+use crate::dispatch::{Delivery, Published, Subscribed};
+use crate::sys::clock::ThreadCpu;
 
 /// Pings outstanding at once, over all subscriptions.
 const MAX_PINGS: usize = 32;
@@ -390,7 +391,12 @@ impl Service {
     ) {
         let object_path = emitter.path().to_owned();
         let mut messages = Vec::with_capacity(batch.len());
+        // The events among `messages`, each with what building its signal cost: told to
+        // their sources with a share of the send, so that a source holding users to a
+        // share of the daemon's time charges them for it.
+        let mut costs = Vec::with_capacity(batch.len());
         for delivery in batch {
+            let started = ThreadCpu::now();
             match event_message(
                 &self.conn,
                 self.hub.registry(),
@@ -398,19 +404,50 @@ impl Service {
                 owner,
                 delivery,
             ) {
-                Some(Ok(message)) => messages.push(message),
+                Some(Ok(message)) => {
+                    messages.push(message);
+                    if let Delivery::Event { record, .. } = delivery {
+                        costs.push((record, started.since().unwrap_or_default()));
+                    }
+                }
                 Some(Err(e)) => {
                     tracing::warn!(subscription = id, "building a signal failed: {e}");
                 }
                 None => {
-                    send_all(&self.conn, id, &mut messages).await;
+                    self.send_all(id, &mut messages, &mut costs).await;
                     if let Err(e) = emit(emitter, delivery).await {
                         tracing::warn!(subscription = id, "sending a signal failed: {e}");
                     }
                 }
             }
         }
-        send_all(&self.conn, id, &mut messages).await;
+        self.send_all(id, &mut messages, &mut costs).await;
+    }
+
+    /// Sends `messages`, then tells each event's source what it cost: its building, and
+    /// an even part of the send when that was measured on one thread (the send may
+    /// await, and the task resume on the other worker; then only the building counts).
+    async fn send_all(
+        &self,
+        id: u64,
+        messages: &mut Vec<Message>,
+        costs: &mut Vec<(&Arc<Published>, Duration)>,
+    ) {
+        let started = ThreadCpu::now();
+        if let Err(e) = self.conn.send_all(messages).await {
+            tracing::warn!(subscription = id, "sending signals failed: {e}");
+        }
+        messages.clear();
+        let share = match (started.since(), u32::try_from(costs.len())) {
+            (Some(sent), Ok(n)) if n > 0 => sent / n,
+            _ => Duration::ZERO,
+        };
+        let registry = self.hub.registry();
+        for (record, built) in costs.drain(..) {
+            if let Some(source) = registry.get(record.source) {
+                source.delivered(record, built + share);
+            }
+        }
     }
 }
 
@@ -419,13 +456,6 @@ async fn sleep_until_some(at: Option<Instant>) {
         Some(at) => tokio::time::sleep_until(at).await,
         None => std::future::pending().await,
     }
-}
-
-async fn send_all(conn: &Connection, id: u64, messages: &mut Vec<Message>) {
-    if let Err(e) = conn.send_all(messages).await {
-        tracing::warn!(subscription = id, "sending signals failed: {e}");
-    }
-    messages.clear();
 }
 
 async fn ping_peer(conn: Connection, owner: UniqueName<'static>) -> PingOutcome {

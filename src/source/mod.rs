@@ -167,6 +167,12 @@ pub trait EventSource: Send + Sync + 'static {
         Vec::new()
     }
 
+    /// The daemon's CPU time spent sending `record` to one subscriber (building its
+    /// signal and writing it to the bus), told by the bus layer after each send. A
+    /// source that holds users to a share of the daemon's time charges it to them;
+    /// others ignore it.
+    fn delivered(&self, _record: &Record, _cost: std::time::Duration) {}
+
     /// Validates a watch specification from `requester` (as the bus identified it; never
     /// from the message body) and says what scope it covers and how to arm it.
     fn parse_watch(&self, spec: &WatchSpec, requester: &Identity) -> Result<PlannedWatch, Error>;

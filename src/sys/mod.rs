@@ -13,10 +13,12 @@
 //! - [`mountinfo`]: the one `/proc/PID/mountinfo` parser (pure, fuzzed).
 //! - [`resolve`]: a path as a caller sees it, in its root and mount namespace.
 //! - [`mount_api`]: `statmount(2)`, `listmount(2)` and mount namespace ids.
+//! - [`clock`]: the calling thread's CPU time (costs charged to a user's share).
 //! - [`pidfd`], [`blockdev`] (block device names), [`errno`] (errno names), and
 //!   [`lock`], the poison-tolerant mutex lock every source uses.
 
 pub mod blockdev;
+pub mod clock;
 pub mod errno;
 pub mod fanotify;
 pub mod mount_api;

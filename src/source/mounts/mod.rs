@@ -27,12 +27,18 @@
 //!   read, and a mount whose options changed is re-described (`remount`). That reread
 //!   costs in proportion to the namespace, so it is coalesced per namespace and bounded
 //!   in time: after a quiet spell it happens at once; otherwise the next waits until
-//!   `max(100 ms, 50 × the last reread's time)` after the last one, and serves every
-//!   `POLLPRI` until then. Rereads thus take at most 2% of the time per namespace
-//!   however fast it changes, attach and detach cost one `statmount` each whatever the
-//!   namespace's size, and a remount is reported within that interval plus one reread
-//!   (at 10,000 mounts a reread takes about 5 ms, so within about 300 ms; the README
-//!   states the bound and `benches/mounts.rs` measures it). A mount remounted and
+//!   `max(100 ms, 50 × the last reread's CPU time)` after the last one, and serves
+//!   every `POLLPRI` until then. The reread's time is the reader thread's CPU time
+//!   (`CLOCK_THREAD_CPUTIME_ID`), not wall time: on a loaded machine a reread is
+//!   preempted and takes longer by the clock, but its work is the same, and timing it
+//!   by the clock would stretch the interval with the load (3.5 s at 10,000 mounts on
+//!   a machine at load 6 on 2 cores). Rereads thus take at most 2% of a CPU per
+//!   namespace however fast it changes, attach and detach cost one `statmount` each
+//!   whatever the namespace's size, and a remount is reported within that interval
+//!   plus one reread (at 10,000 mounts a reread takes about 5 ms of CPU, so within
+//!   about 300 ms on an idle machine; the README states the bound and
+//!   `benches/mounts.rs` measures it, idle and with a busy loop on every core, where it
+//!   is missed today: 1.6 s, against 3.4 s when timed by the clock). A mount remounted and
 //!   remounted back within one interval is not seen. Propagation changes wake nobody
 //!   and are seen only at the next description.
 //! - Each namespace's work is charged to the users watching it, and one user's
@@ -150,6 +156,9 @@ pub struct Mounts {
 struct Shared {
     control: Mutex<Option<mpsc::UnboundedSender<Control>>>,
     counters: budget::Counters,
+    /// CPU time the bus spent sending each namespace's records to subscribers since the
+    /// reader last took it, to be charged to the namespace's watchers.
+    delivered: Mutex<HashMap<u64, Duration>>,
 }
 
 impl Shared {
@@ -228,6 +237,14 @@ impl EventSource for Mounts {
 
     fn counters(&self) -> Vec<(&'static str, u64)> {
         self.shared.counters.list()
+    }
+
+    /// Sending a namespace's records is work done for its watchers: counted here, and
+    /// charged to them by the reader at its next message (see `budget`).
+    fn delivered(&self, record: &Record, cost: Duration) {
+        if let Some(namespace) = record.attr_u64("namespace") {
+            *lock(&self.shared.delivered).entry(namespace).or_default() += cost;
+        }
     }
 
     fn probe(&self) -> Availability {

@@ -6,6 +6,7 @@ use super::budget::{thread_cpu, Budget};
 use super::describe::*;
 use super::resync::namespace_of;
 use super::*;
+use crate::sys::clock::ThreadCpu;
 
 use std::time::Instant;
 
@@ -34,9 +35,16 @@ pub(super) struct Line {
 pub(super) struct Namespace {
     pub(super) id: u64,
     inode: (u64, u64),
-    /// `None` without fanotify mount events: mountinfo alone follows the namespace.
+    /// `None` without fanotify mount events (mountinfo alone follows the namespace),
+    /// and while parked.
     pub(super) group: Option<AsyncFd<OwnedFd>>,
-    pub(super) mountinfo: AsyncFd<File>,
+    /// `None` while parked.
+    pub(super) mountinfo: Option<AsyncFd<File>>,
+    /// The group and mountinfo while the namespace's watchers are throttled: taken out
+    /// of the runtime's epoll set, because a registered fd wakes the daemon on every
+    /// kernel event even when nobody reads it, and those wakeups (one per change of a
+    /// churning namespace) are work charged to no one. Registered again by the resync.
+    parked: Option<(Option<OwnedFd>, File)>,
     /// The process this namespace was named by; `None` for the daemon's own.
     anchor: Option<AsyncFd<OwnedFd>>,
     pub(super) mounts: HashMap<u64, StatMount>,
@@ -50,8 +58,37 @@ pub(super) struct Namespace {
     /// With fanotify: when the mountinfo reread that `POLLPRI` asked for is due
     /// (coalesced: one per namespace per [`reread_interval`]).
     pub(super) reread_due: Option<Instant>,
-    /// When the last reread ended, and what it cost (wall time of read, parse and diff).
+    /// When the last reread ended, and what it cost: the reader thread's CPU time for the
+    /// read, parse and diff. CPU time, not wall time, so that a loaded machine (the thread
+    /// preempted mid-reread) does not stretch the next interval: the bound is on the
+    /// work, and the work does not grow with the load.
     last_reread: Option<(Instant, Duration)>,
+}
+
+impl Namespace {
+    /// Takes the namespace's fds out of the runtime (see [`Namespace::parked`]).
+    pub(super) fn park(&mut self) {
+        if self.parked.is_some() {
+            return;
+        }
+        let Some(mountinfo) = self.mountinfo.take() else {
+            return;
+        };
+        let group = self.group.take().map(AsyncFd::into_inner);
+        self.parked = Some((group, mountinfo.into_inner()));
+    }
+
+    /// Registers the namespace's fds with the runtime again.
+    pub(super) fn unpark(&mut self) -> io::Result<()> {
+        let Some((group, mountinfo)) = self.parked.take() else {
+            return Ok(());
+        };
+        self.group = group
+            .map(|group| register(group, Interest::READABLE))
+            .transpose()?;
+        self.mountinfo = Some(register(mountinfo, Interest::PRIORITY)?);
+        Ok(())
+    }
 }
 
 pub(super) enum Wake {
@@ -81,7 +118,7 @@ pub(super) struct Reader {
     pub(super) shared: Arc<Shared>,
     /// The namespace of the message last yielded, and the thread's CPU time then: the
     /// hub publishes it before polling again, and that is charged too.
-    pub(super) last_yield: Option<(u64, Duration)>,
+    pub(super) last_yield: Option<(u64, ThreadCpu)>,
 }
 
 impl Reader {
@@ -92,13 +129,25 @@ impl Reader {
         if let Some((reply, namespace)) = self.to_acknowledge.take() {
             let _ = reply.send(Ok(namespace));
         }
-        if let Some((id, then)) = self.last_yield.take() {
-            self.charge(id, thread_cpu().saturating_sub(then));
+        // The hub's publishing of the last message ran on this thread between its two
+        // polls (the pump publishes before it polls again, within one poll of its task).
+        if let Some((id, cost)) = self
+            .last_yield
+            .take()
+            .and_then(|(id, then)| Some((id, then.since()?)))
+        {
+            self.charge(id, cost);
+        }
+        // What sending this source's records to subscribers cost since (see
+        // `Mounts::delivered`): the fan-out's other half, on the deliverers' tasks.
+        let sent = std::mem::take(&mut *lock(&self.shared.delivered));
+        for (id, cost) in sent {
+            self.charge(id, cost);
         }
         loop {
             if let Some((msg, ack)) = self.pending.pop_front() {
                 self.to_acknowledge = ack;
-                self.last_yield = namespace_of(&msg).map(|id| (id, thread_cpu()));
+                self.last_yield = namespace_of(&msg).map(|id| (id, ThreadCpu::now()));
                 return Some(msg);
             }
             let wake = self.wait().await;
@@ -145,14 +194,16 @@ impl Reader {
                 );
             }
             // A reread already due serves every change made before it.
-            if ns.reread_due.is_none() && !throttled {
-                waits.push(
-                    async move {
-                        let _ = ns.mountinfo.ready(Interest::PRIORITY).await;
-                        Wake::Mountinfo(id)
-                    }
-                    .boxed(),
-                );
+            if let Some(mountinfo) = ns.mountinfo.as_ref().filter(|_| ns.reread_due.is_none()) {
+                if !throttled {
+                    waits.push(
+                        async move {
+                            let _ = mountinfo.ready(Interest::PRIORITY).await;
+                            Wake::Mountinfo(id)
+                        }
+                        .boxed(),
+                    );
+                }
             }
             if let Some(anchor) = &ns.anchor {
                 waits.push(
@@ -175,9 +226,14 @@ impl Reader {
                 Ok(())
             }
             Wake::Group(id) => {
-                let started = thread_cpu();
+                // Reading may await (a readiness the runtime had not seen yet), and the
+                // task may then resume on the other worker thread: charged only when
+                // measured on one thread (in practice always: the group is readable).
+                let started = ThreadCpu::now();
                 let read = self.read_group(id).await;
-                self.charge(id, thread_cpu().saturating_sub(started));
+                if let Some(cost) = started.since() {
+                    self.charge(id, cost);
+                }
                 read
             }
             Wake::Mountinfo(id) => {
@@ -309,7 +365,8 @@ impl Reader {
                 id,
                 inode: (meta.dev(), meta.ino()),
                 group,
-                mountinfo: register(mountinfo, Interest::PRIORITY)?,
+                mountinfo: Some(register(mountinfo, Interest::PRIORITY)?),
+                parked: None,
                 anchor,
                 mounts,
                 lines,
@@ -431,7 +488,10 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        match ns.mountinfo.ready(Interest::PRIORITY).await {
+        let Some(mountinfo) = &ns.mountinfo else {
+            return;
+        };
+        match mountinfo.ready(Interest::PRIORITY).await {
             // The kernel reports `POLLPRI` once per change of the namespace's event
             // counter (the poll itself takes it in), so clearing the readiness loses
             // nothing: the next change wakes us again.
@@ -459,13 +519,16 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        let started = Instant::now();
+        let started = thread_cpu();
         ns.reread_due = None;
+        let Some(mountinfo) = ns.mountinfo.as_mut() else {
+            return;
+        };
         // Changes made from here on wake us again; those made before are in this read.
-        if let Some(Ok(mut guard)) = ns.mountinfo.ready(Interest::PRIORITY).now_or_never() {
+        if let Some(Ok(mut guard)) = mountinfo.ready(Interest::PRIORITY).now_or_never() {
             guard.clear_ready_matching(Ready::PRIORITY);
         }
-        match read_lines(ns.mountinfo.get_mut()) {
+        match read_lines(mountinfo.get_mut()) {
             Ok(lines) => {
                 for record in diff(ns, lines, follow_topology) {
                     self.pending.push_back((SourceMsg::Record(record), None));
@@ -473,8 +536,8 @@ impl Reader {
             }
             Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
         }
-        let ended = Instant::now();
-        ns.last_reread = Some((ended, ended - started));
+        // Synchronous from `started` on (no await), so all of it ran on this thread.
+        ns.last_reread = Some((Instant::now(), thread_cpu().saturating_sub(started)));
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or

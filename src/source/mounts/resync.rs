@@ -36,6 +36,7 @@ impl Reader {
             ns.throttled_until = Some(ns.throttled_until.map_or(until, |t| t.max(until)));
             // The resync rereads everything.
             ns.reread_due = None;
+            ns.park();
         }
         if newly {
             Counters::add(&self.shared.counters.throttled, 1);
@@ -59,15 +60,29 @@ impl Reader {
         };
         ns.throttled_until = None;
         ns.reread_due = None;
+        if let Err(e) = ns.unpark() {
+            // Unread from now on; its watchers still hear of it when it goes.
+            tracing::error!(
+                source = NAME,
+                namespace = id,
+                "registering its fds again: {e}"
+            );
+            return;
+        }
         let drained = drain(ns, &mut self.buf);
         Counters::add(&self.shared.counters.coalesced, drained);
         Counters::add(&self.shared.counters.resyncs, 1);
-        if let Some(Ok(mut guard)) = ns.mountinfo.ready(Interest::PRIORITY).now_or_never() {
-            guard.clear_ready_matching(Ready::PRIORITY);
+        if let Some(mountinfo) = ns.mountinfo.as_mut() {
+            if let Some(Ok(mut guard)) = mountinfo.ready(Interest::PRIORITY).now_or_never() {
+                guard.clear_ready_matching(Ready::PRIORITY);
+            }
         }
-        match read_lines(ns.mountinfo.get_mut()) {
-            Ok(lines) => ns.lines = lines,
-            Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
+        match ns.mountinfo.as_mut().map(|m| read_lines(m.get_mut())) {
+            None => {}
+            Some(Ok(lines)) => ns.lines = lines,
+            Some(Err(e)) => {
+                tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}")
+            }
         }
         match describe_all(id) {
             Ok(mounts) => ns.mounts = mounts.into_iter().map(|m| (m.id, m)).collect(),
