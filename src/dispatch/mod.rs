@@ -76,7 +76,7 @@ use crate::source::{Availability, Registry};
 pub use feed::{Consumed, ConsumerFeed};
 pub use outbox::{Delivery, LossReason, Published};
 pub use revoke::StaleWatch;
-pub use stats::{HubStats, SourceStats};
+pub use stats::{HubStats, SourceStats, StatsChanged};
 
 use feed::ConsumerSlot;
 use lifecycle::{finish_stopping, SourceSlot, REOPEN_FIRST_DELAY};
@@ -187,7 +187,7 @@ pub struct Hub {
     limits: RwLock<Limits>,
     state: Mutex<State>,
     /// Woken when a counter may have changed ([`Hub::stats_changed`]).
-    changed: Arc<Notify>,
+    changed: Arc<stats::StatsChanged>,
 }
 
 impl Hub {
@@ -216,7 +216,7 @@ impl Hub {
                 sources,
                 ..State::default()
             }),
-            changed: Arc::new(Notify::new()),
+            changed: Arc::default(),
         })
     }
 
