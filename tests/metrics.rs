@@ -266,3 +266,84 @@ async fn node_exporter_counts_every_block_error_of_a_storm_with_no_subscriber() 
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
     disk.detach();
 }
+
+/// The line of a sample as the text format writes it: label values escaped.
+fn sample_line(name: &str, labels: &[(&str, &str)], value: &str) -> String {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{name}{{{}}} {value}", labels.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_counts_every_forged_uevent_and_shows_why_sources_are_unavailable() {
+    let dir = tempfile::tempdir().expect("directory");
+    let daemon = Daemon::with_config(&metrics_config(dir.path(), 200));
+    let exporter = NodeExporter::start(dir.path());
+    // The devices source runs while watched; the file shows the watch before the
+    // forgeries, which then are the only change of this daemon's figures that a real
+    // uevent would not also make (other tests' loop devices run beside this one).
+    let sub = Subscriber::new(&daemon).await;
+    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
+        .await;
+    scrape_until(&exporter, "the devices watch", |m| {
+        m.value("watchqd_watches", &[("source", "devices")]) == Some(1.0)
+    });
+    const FORGED: usize = 7;
+    forge_uevents(FORGED);
+    let forged = |m: &Metrics| {
+        m.value(
+            "watchqd_forged_messages_rejected_total",
+            &[("source", "devices")],
+        )
+    };
+    scrape_until(&exporter, "every forged uevent counted", |m| {
+        forged(m) == Some(FORGED as f64)
+    });
+    // And not more, once the daemon had time for another write.
+    std::thread::sleep(Duration::from_millis(600));
+    let settled = exporter.scrape();
+    assert_eq!(forged(&settled), Some(FORGED as f64), "{}", settled.text);
+
+    // Every source, as Manager.Sources says: available with no reason label, or
+    // unavailable with its reason.
+    let manager = watchqd::client::ManagerProxy::new(&daemon.connect().await)
+        .await
+        .expect("manager proxy");
+    let sources = manager.sources().await.expect("Sources");
+    let text = std::fs::read_to_string(dir.path().join("watchqd.prom")).expect("the file");
+    let mut unavailable = 0;
+    for source in &sources {
+        let line = if source.available {
+            sample_line("watchqd_source_available", &[("source", &source.name)], "1")
+        } else {
+            unavailable += 1;
+            sample_line(
+                "watchqd_source_available",
+                &[("source", &source.name), ("reason", &source.reason)],
+                "0",
+            )
+        };
+        assert_eq!(
+            text.lines().filter(|l| *l == line).count(),
+            1,
+            "no line {line:?}:\n{text}"
+        );
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("watchqd_source_available{"))
+            .count(),
+        sources.len(),
+        "{text}"
+    );
+    println!("{} sources, {unavailable} unavailable here", sources.len());
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+}
