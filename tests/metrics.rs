@@ -347,3 +347,42 @@ async fn node_exporter_counts_every_forged_uevent_and_shows_why_sources_are_unav
     println!("{} sources, {unavailable} unavailable here", sources.len());
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
 }
+
+/// The alert rules of the README's "Metrics for Prometheus", as an administrator would
+/// copy them into a rule file: `promtool check rules` (Debian's `prometheus`) accepts
+/// them, and finds both.
+#[test]
+fn the_readme_alert_rules_pass_promtool_check_rules() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Metrics for Prometheus\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README's section Metrics for Prometheus");
+    let rules = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block in Metrics for Prometheus");
+    assert!(
+        rules.contains("increase(watchqd_filesystem_errors_total"),
+        "the example alerts on filesystem errors increasing:\n{rules}"
+    );
+    let dir = tempfile::tempdir().expect("directory");
+    let file = dir.path().join("watchqd.rules.yml");
+    std::fs::write(&file, rules).expect("write the rule file");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool must be installed (Debian's prometheus; scripts/test installs it)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("SUCCESS: 2 rules found"),
+        "promtool check rules:\n{said}\n{rules}"
+    );
+}
