@@ -386,3 +386,63 @@ fn the_readme_alert_rules_pass_promtool_check_rules() {
         "promtool check rules:\n{said}\n{rules}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_counts_a_switch_to_read_only_once_and_every_failed_unit_start() {
+    let fs = common::ext4::Ext4::new(16, &[], "errors=remount-ro");
+    let dir = tempfile::tempdir().expect("directory");
+    // A rule for change uevents of the filesystem's loop device; no systemd on the
+    // private bus, so every start fails.
+    let daemon = Daemon::with_config(&format!(
+        "{}\n[[units]]\nsource = \"devices\"\nkinds = [\"change\"]\n\
+         properties = {{ name = \"{}\" }}\nunit = \"watchq-metrics@.service\"\ninstance = \"name\"\n",
+        metrics_config(dir.path(), 200),
+        fs.disk.name
+    ));
+    let exporter = NodeExporter::start(dir.path());
+    wait_until_marked(&daemon, &fs.disk.name);
+
+    // One error; errors=remount-ro makes it one switch to read-only.
+    fs.trigger_error("watchq metrics read-only");
+    const CHANGES: usize = 4;
+    for _ in 0..CHANGES {
+        fs.disk.synth_change();
+    }
+    let device = fs.disk.name.as_str();
+    let counts = |m: &Metrics| {
+        (
+            m.value(
+                "watchqd_filesystem_errors_total",
+                &[("device", device), ("fstype", "ext4"), ("errno", "EUCLEAN")],
+            ),
+            m.value("watchqd_filesystem_read_only_total", &[("device", device)]),
+            m.value(
+                "watchqd_unit_start_failures_total",
+                &[("rule", "0"), ("unit", "watchq-metrics@.service")],
+            ),
+        )
+    };
+    let expected = (Some(1.0), Some(1.0), Some(CHANGES as f64));
+    scrape_until(
+        &exporter,
+        "one error, one switch, every failed start",
+        |m| counts(m) == expected,
+    );
+    let err = std::fs::write(fs.path().join("x"), b"x").expect_err("read-only");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+    // And not more, once the daemon had time for another write.
+    std::thread::sleep(Duration::from_millis(600));
+    let settled = exporter.scrape();
+    assert_eq!(counts(&settled), expected, "{}", settled.text);
+    assert_eq!(
+        settled.value(
+            "watchqd_unit_starts_total",
+            &[("rule", "0"), ("unit", "watchq-metrics@.service")]
+        ),
+        None,
+        "no unit started without systemd:\n{}",
+        settled.text
+    );
+    drop(daemon);
+    drop(fs);
+}
