@@ -83,7 +83,7 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), DaemonErro
     let counters = Arc::new(metrics::Counters::default());
     let render: crate::bus::MetricsText = {
         let (hub, counters) = (Arc::clone(&hub), Arc::clone(&counters));
-        Box::new(move || metrics::render(&hub.stats(), &counters))
+        Box::new(move || counters.text(&hub).to_string())
     };
     let service = Service::serve(&conn, Arc::clone(&hub), config.policy.clone(), render)
         .await

@@ -179,4 +179,9 @@ pub enum SourceMsg {
         object: String,
         reason: String,
     },
+    /// Nothing to publish, but a counter the source keeps for the metrics changed (a
+    /// forged message was rejected, [`crate::source::EventSource::forged_rejected`]):
+    /// whoever writes the metrics is told, so that the file does not wait for an
+    /// unrelated change to show it.
+    Counted,
 }

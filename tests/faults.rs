@@ -9,22 +9,8 @@ use std::time::Duration;
 
 use common::*;
 use nix::sys::signal::Signal as Sig;
-use nix::sys::socket::{
-    self, AddressFamily, MsgFlags, NetlinkAddr, SockFlag, SockProtocol, SockType,
-};
+use nix::sys::socket::{self, MsgFlags, NetlinkAddr};
 use zbus::Variant;
-
-fn uevent_socket(groups: u32) -> std::os::fd::OwnedFd {
-    let fd = socket::socket(
-        AddressFamily::Netlink,
-        SockType::Raw,
-        SockFlag::SOCK_CLOEXEC,
-        SockProtocol::NetlinkKObjectUEvent,
-    )
-    .expect("uevent socket");
-    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).expect("bind");
-    fd
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_uevent_from_userspace_is_not_delivered() {
@@ -37,22 +23,9 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
     // Root in the initial network namespace can multicast to the kernel's uevent group;
     // a witness socket proves the forgery really reached every listener.
     let witness = uevent_socket(1);
-    let forger = uevent_socket(0);
-    let forged_path = "/devices/virtual/block/forged0";
-    let forged = format!(
-        "add@{forged_path}\0ACTION=add\0DEVPATH={forged_path}\0SUBSYSTEM=block\0SEQNUM=1\0DEVNAME=forged0\0DEVTYPE=disk\0"
-    );
     // A flood of them: each is dropped and counted, but only a few are logged at warn.
     const FORGED: usize = 50;
-    for _ in 0..FORGED {
-        socket::sendto(
-            forger.as_raw_fd(),
-            forged.as_bytes(),
-            &NetlinkAddr::new(0, 1),
-            MsgFlags::empty(),
-        )
-        .expect("multicast a forged uevent");
-    }
+    forge_uevents(FORGED);
     let mut buf = vec![0u8; 4096];
     let mut iov = [IoSliceMut::new(&mut buf)];
     let msg =
@@ -73,7 +46,7 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
     })
     .await;
     assert!(
-        !sub.about(forged_path).any(|_| true),
+        !sub.about(FORGED_DEVPATH).any(|_| true),
         "the forged uevent was delivered"
     );
     let log = daemon.log_text();

@@ -37,11 +37,7 @@ fn drive_hotplug(guest: &vm::Guest, inside: &vm::GuestProcess<'_>) {
             .wait_for_stdout(&format!("SEEN {what}"), STEP)
             .unwrap_or_else(|e| panic!("waiting for '{what}' in the guest: {e}"));
     };
-    let qmp = |name: &str, args: serde_json::Value| {
-        guest
-            .qmp_execute(name, &args)
-            .unwrap_or_else(|e| panic!("QMP {name} {args}: {e}"));
-    };
+    let qmp = |name: &str, args: serde_json::Value| qmp(guest, name, args);
     inside
         .wait_for_stdout("READY", STEP)
         .unwrap_or_else(|e| panic!("the in-guest subscriber did not start: {e}"));
@@ -65,22 +61,134 @@ fn drive_hotplug(guest: &vm::Guest, inside: &vm::GuestProcess<'_>) {
     qmp("device_del", json!({"id": "stick0"}));
     wait("remove usb-storage");
 
-    let disk = guest.dir().join("disk.img");
-    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("create the virtio disk image");
-    qmp(
-        "blockdev-add",
-        vm::blkdebug_blockdev("bad", &disk, BAD_SECTOR, 5),
-    );
-    qmp(
-        "device_add",
-        json!({"driver": "virtio-blk-pci", "bus": "rp0", "drive": "bad", "id": "vblk0"}),
-    );
+    plug_failing_disk(guest);
     wait("block-error");
     // PCIe unplug needs the guest's cooperation (pciehp waits ~5 s after the button).
     qmp("device_del", json!({"id": "vblk0"}));
     guest
         .qmp_wait_event("DEVICE_DELETED", &json!({"device": "vblk0"}), STEP)
         .unwrap_or_else(|e| panic!("DEVICE_DELETED vblk0: {e}"));
+}
+
+/// Runs a QMP command; fails the test, naming it, when qemu refuses it.
+fn qmp(guest: &vm::Guest, name: &str, args: serde_json::Value) {
+    guest
+        .qmp_execute(name, &args)
+        .unwrap_or_else(|e| panic!("QMP {name} {args}: {e}"));
+}
+
+/// Plugs `vblk0`, an 8 MiB virtio disk on `rp0` whose reads of [`BAD_SECTOR`] fail with
+/// EIO (qemu's blkdebug).
+fn plug_failing_disk(guest: &vm::Guest) {
+    let disk = guest.dir().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 8 << 20]).expect("create the virtio disk image");
+    qmp(
+        guest,
+        "blockdev-add",
+        vm::blkdebug_blockdev("bad", &disk, BAD_SECTOR, 5),
+    );
+    qmp(
+        guest,
+        "device_add",
+        json!({"driver": "virtio-blk-pci", "bus": "rp0", "drive": "bad", "id": "vblk0"}),
+    );
+}
+
+/// Failed reads the metrics test makes: more than the block-errors source's burst (10 per
+/// device per second), so that most arrive summarised in one counted event.
+const FAILED_READS: u64 = 15;
+
+/// Block I/O errors for fleets: the daemon in the guest runs with `[metrics]` and no
+/// subscriber, writes its text file into the directory it shares with the host, and the
+/// host's real node_exporter exports exactly the number of failed reads the guest made
+/// on a blkdebug disk. A guest of its own: a subscriber would hold the block-errors
+/// source open, and here only the metrics may.
+#[test]
+fn node_exporter_on_the_host_counts_every_injected_eio_of_the_guest() {
+    vm::Guest::run_inside(
+        &vm::BootOptions::new().hotplug(),
+        "metrics_block_errors",
+        STEP,
+        drive_metrics,
+    );
+}
+
+fn drive_metrics(guest: &vm::Guest, inside: &vm::GuestProcess<'_>) {
+    use common::prometheus::{promtool_check, NodeExporter};
+    let wait = |what: &str| {
+        inside
+            .wait_for_stdout(what, STEP)
+            .unwrap_or_else(|e| panic!("waiting for '{what}' in the guest: {e}"));
+    };
+    wait("READY");
+    let directory = guest.dir().join(inside::METRICS);
+    let exporter = NodeExporter::start(&directory);
+    // The daemon wrote its file at start; no block error was counted.
+    let first = exporter.scrape();
+    assert_eq!(
+        first.value("watchqd_source_available", &[("source", "block-errors")]),
+        Some(1.0),
+        "{}",
+        first.text
+    );
+    assert!(
+        !first.text.contains("\nwatchqd_block_errors_total{"),
+        "{}",
+        first.text
+    );
+
+    plug_failing_disk(guest);
+    wait("FAILED-READS ");
+    let said = inside.stdout();
+    let device = said
+        .lines()
+        .find_map(|l| l.strip_prefix("FAILED-READS "))
+        .and_then(|rest| rest.split_whitespace().next())
+        .expect("the device the guest read")
+        .to_owned();
+
+    let errors = |m: &common::prometheus::Metrics| {
+        m.value("watchqd_block_errors_total", &[("device", &device)])
+    };
+    let start = std::time::Instant::now();
+    let counted = loop {
+        let m = exporter.scrape();
+        if errors(&m) == Some(FAILED_READS as f64) {
+            break m;
+        }
+        assert!(
+            start.elapsed() < common::TIMEOUT,
+            "node_exporter did not show {FAILED_READS} block errors of {device} within {:?}; last scrape:\n{}",
+            common::TIMEOUT,
+            m.text
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // One series, a read: the kernel's rwbs for the O_DIRECT reads.
+    assert!(
+        counted
+            .text
+            .lines()
+            .filter(|l| l.starts_with("watchqd_block_errors_total{"))
+            .all(|l| l.starts_with(&format!(
+                "watchqd_block_errors_total{{device=\"{device}\",operation=\"R"
+            ))),
+        "{}",
+        counted.text
+    );
+    // And not more, once the source's summary interval (1 s) and a write have passed.
+    std::thread::sleep(Duration::from_millis(1500));
+    let settled = exporter.scrape();
+    assert_eq!(
+        errors(&settled),
+        Some(FAILED_READS as f64),
+        "{}",
+        settled.text
+    );
+    let text = std::fs::read_to_string(directory.join("watchqd.prom")).expect("the file");
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+    // The in-guest half stops its daemon when told.
+    std::fs::write(guest.dir().join(inside::DONE), "").expect("tell the guest");
 }
 
 mod inside {
@@ -257,6 +365,73 @@ mod inside {
             "USBDEVFS_RESET on {node}: {}",
             std::io::Error::last_os_error()
         );
+    }
+
+    /// The metrics directory, in the directory the guest shares with the host.
+    pub const METRICS: &str = "metrics";
+    /// The file the host creates when it has scraped what it needs.
+    pub const DONE: &str = "metrics-done";
+
+    #[test]
+    #[ignore = "runs inside the guest; started by the host test"]
+    fn metrics_block_errors() {
+        super::vm::enter_guest();
+        let shared = super::vm::shared_dir();
+        let directory = shared.join(METRICS);
+        fs::create_dir(&directory).expect("the metrics directory");
+        super::vm::block_on(async {
+            // No subscriber: only the metrics hold the block-errors source open.
+            let _daemon = Daemon::with_config(&format!(
+                "[metrics]\ntextfile = true\ndirectory = \"{}\"\ninterval_ms = 200\n",
+                directory.display()
+            ));
+            // The file exists before the host looks.
+            let file = directory.join("watchqd.prom");
+            let start = std::time::Instant::now();
+            while !file.exists() {
+                assert!(
+                    start.elapsed() < TIMEOUT,
+                    "no {} within {TIMEOUT:?}",
+                    file.display()
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            println!("READY");
+            // The host plugs the blkdebug disk; no udev here, so nothing else reads it.
+            let start = std::time::Instant::now();
+            let name = loop {
+                let vd = fs::read_dir("/sys/block")
+                    .expect("/sys/block")
+                    .flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .find(|n| n.starts_with("vd"));
+                if let Some(vd) = vd {
+                    break vd;
+                }
+                assert!(
+                    start.elapsed() < TIMEOUT,
+                    "no virtio disk within {TIMEOUT:?}"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            let device = format!("/dev/{name}");
+            for _ in 0..super::FAILED_READS {
+                let err = failing_read(&device, BAD_SECTOR);
+                assert_eq!(err.raw_os_error(), Some(nix::libc::EIO), "{err}");
+            }
+            println!("FAILED-READS {name} {}", super::FAILED_READS);
+            // The daemon runs until the host has scraped its counts.
+            let done = shared.join(DONE);
+            let start = std::time::Instant::now();
+            while !done.exists() {
+                assert!(
+                    start.elapsed() < super::STEP,
+                    "the host did not finish within {:?}",
+                    super::STEP
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        });
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! Real quota warnings (the host kernel has no quota format) seen by subscribers of the
 //! real daemon on a real bus with a real polkitd, inside the qemu guest: an ext4 with the
 //! quota feature on a loop device, limits set with `setquota`, and unprivileged users
-//! writing past them with `dd`.
+//! writing past them with `dd`. The daemon runs with `[metrics]`: its quota counters, by
+//! device and kind, add up to what the administrator received, and count the forgery.
 //!
 //! The host test makes sure the test users and the polkit action file exist (the guest
 //! shares the host's root read-only), boots the guest and re-runs
@@ -46,6 +47,7 @@ mod inside {
 
     const IMAGE: &str = "/tmp/watchqd-quota.img";
     const MOUNT: &str = "/tmp/watchqd-quota";
+    const METRICS: &str = "/tmp/watchqd-metrics";
 
     fn sh(cmd: &mut Command) -> std::process::Output {
         let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
@@ -120,7 +122,11 @@ mod inside {
             .into_owned();
         println!("INFO quota filesystem on {device} ({major}:{minor})");
 
-        let daemon = Daemon::with_polkit("");
+        // With [metrics]: its quota counters must add up to what the administrator got.
+        fs::create_dir_all(METRICS).expect("the metrics directory");
+        let daemon = Daemon::with_polkit(&format!(
+            "[metrics]\ntextfile = true\ndirectory = \"{METRICS}\"\n"
+        ));
         let mut admin = Subscriber::new(&daemon).await;
         admin
             .watch("quota", 1, &[("scope", Variant::from("system"))])
@@ -291,6 +297,45 @@ mod inside {
             "the forgery reached the administrator"
         );
         assert_contiguous(&admin.received);
+
+        // The metrics counted every warning the administrator got, by device and kind,
+        // and the forgery as rejected (Manager.Metrics: the file's text).
+        let manager = watchqd::client::ManagerProxy::new(&daemon.connect().await)
+            .await
+            .expect("manager proxy");
+        let mut expected: std::collections::BTreeMap<String, usize> = Default::default();
+        for (warning, _, _) in &seen {
+            *expected.entry(warning.clone()).or_default() += 1;
+        }
+        let lines = |text: &str| -> std::collections::BTreeMap<String, usize> {
+            let prefix = format!("watchqd_quota_warnings_total{{device=\"{device}\",kind=\"");
+            text.lines()
+                .filter_map(|l| l.strip_prefix(&prefix))
+                .filter_map(|rest| rest.split_once("\"} "))
+                .map(|(kind, n)| (kind.to_owned(), n.parse().expect("a count")))
+                .collect()
+        };
+        let forged = "watchqd_forged_messages_rejected_total{source=\"quota\"} 1\n";
+        let start = std::time::Instant::now();
+        let text = loop {
+            let text = manager.metrics().await.expect("Manager.Metrics");
+            if lines(&text) == expected && text.contains(forged) {
+                break text;
+            }
+            assert!(
+                start.elapsed() < TIMEOUT,
+                "the metrics do not count {expected:?} and one forgery within {TIMEOUT:?}:\n{text}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        println!("SEEN metrics: quota warnings {:?}", lines(&text));
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("watchqd_quota_warnings_total{"))
+                .count(),
+            expected.len(),
+            "only this device's warnings:\n{text}"
+        );
 
         // alice got hers only (her user quota, her writes to her group's), bob his only.
         alices.drain(Duration::from_secs(1));

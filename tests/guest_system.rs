@@ -465,6 +465,36 @@ fn installed_package_serves_the_system_bus() {
         failed.contains("NoSuchUnit") && failed.contains("for devices add"),
         "the failure names systemd's reason and the event: {failed}"
     );
+    // The metrics, as any user reads them: one start of rule 1, one failure of rule 0.
+    // Counted once systemd answered, which may come after the unit ran: waited for.
+    let started_line = "watchqd_unit_starts_total{rule=\"1\",unit=\"watchq-usb@.service\"} 1";
+    let metrics = ok(
+        &guest,
+        &format!(
+            "for i in $(seq 100); do \
+               su -l alice -c 'watchqctl metrics' | grep -qxF '{started_line}' && break; \
+               sleep 0.1; \
+             done; su -l alice -c 'watchqctl metrics'"
+        ),
+    );
+    for line in [
+        started_line,
+        "watchqd_unit_start_failures_total{rule=\"0\",unit=\"watchq-absent@.service\"} 1",
+    ] {
+        assert_eq!(
+            metrics.lines().filter(|l| *l == line).count(),
+            1,
+            "no {line} in:\n{metrics}"
+        );
+    }
+    assert_eq!(
+        metrics
+            .lines()
+            .filter(|l| l.starts_with("watchqd_unit_start"))
+            .count(),
+        2,
+        "one series for each rule, nothing else:\n{metrics}"
+    );
     let journal = ok(
         &guest,
         &format!(

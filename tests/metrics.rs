@@ -266,3 +266,183 @@ async fn node_exporter_counts_every_block_error_of_a_storm_with_no_subscriber() 
     promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
     disk.detach();
 }
+
+/// The line of a sample as the text format writes it: label values escaped.
+fn sample_line(name: &str, labels: &[(&str, &str)], value: &str) -> String {
+    let labels: Vec<String> = labels
+        .iter()
+        .map(|(k, v)| {
+            let v = v
+                .replace('\\', "\\\\")
+                .replace('"', "\\\"")
+                .replace('\n', "\\n");
+            format!("{k}=\"{v}\"")
+        })
+        .collect();
+    format!("{name}{{{}}} {value}", labels.join(","))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_counts_every_forged_uevent_and_shows_why_sources_are_unavailable() {
+    let dir = tempfile::tempdir().expect("directory");
+    let daemon = Daemon::with_config(&metrics_config(dir.path(), 200));
+    let exporter = NodeExporter::start(dir.path());
+    // The devices source runs while watched; the file shows the watch before the
+    // forgeries, which then are the only change of this daemon's figures that a real
+    // uevent would not also make (other tests' loop devices run beside this one).
+    let sub = Subscriber::new(&daemon).await;
+    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
+        .await;
+    scrape_until(&exporter, "the devices watch", |m| {
+        m.value("watchqd_watches", &[("source", "devices")]) == Some(1.0)
+    });
+    const FORGED: usize = 7;
+    forge_uevents(FORGED);
+    let forged = |m: &Metrics| {
+        m.value(
+            "watchqd_forged_messages_rejected_total",
+            &[("source", "devices")],
+        )
+    };
+    scrape_until(&exporter, "every forged uevent counted", |m| {
+        forged(m) == Some(FORGED as f64)
+    });
+    // And not more, once the daemon had time for another write.
+    std::thread::sleep(Duration::from_millis(600));
+    let settled = exporter.scrape();
+    assert_eq!(forged(&settled), Some(FORGED as f64), "{}", settled.text);
+
+    // Every source, as Manager.Sources says: available with no reason label, or
+    // unavailable with its reason.
+    let manager = watchqd::client::ManagerProxy::new(&daemon.connect().await)
+        .await
+        .expect("manager proxy");
+    let sources = manager.sources().await.expect("Sources");
+    let text = std::fs::read_to_string(dir.path().join("watchqd.prom")).expect("the file");
+    let mut unavailable = 0;
+    for source in &sources {
+        let line = if source.available {
+            sample_line("watchqd_source_available", &[("source", &source.name)], "1")
+        } else {
+            unavailable += 1;
+            sample_line(
+                "watchqd_source_available",
+                &[("source", &source.name), ("reason", &source.reason)],
+                "0",
+            )
+        };
+        assert_eq!(
+            text.lines().filter(|l| *l == line).count(),
+            1,
+            "no line {line:?}:\n{text}"
+        );
+    }
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with("watchqd_source_available{"))
+            .count(),
+        sources.len(),
+        "{text}"
+    );
+    println!("{} sources, {unavailable} unavailable here", sources.len());
+    promtool_check(&text).unwrap_or_else(|e| panic!("promtool check metrics:\n{e}\n{text}"));
+}
+
+/// The alert rules of the README's "Metrics for Prometheus", as an administrator would
+/// copy them into a rule file: `promtool check rules` (Debian's `prometheus`) accepts
+/// them, and finds both.
+#[test]
+fn the_readme_alert_rules_pass_promtool_check_rules() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).expect("README.md");
+    let section = readme
+        .split("\n## Metrics for Prometheus\n")
+        .nth(1)
+        .and_then(|rest| rest.split("\n## ").next())
+        .expect("the README's section Metrics for Prometheus");
+    let rules = section
+        .split("```yaml\n")
+        .nth(1)
+        .and_then(|rest| rest.split("```").next())
+        .expect("a yaml block in Metrics for Prometheus");
+    assert!(
+        rules.contains("increase(watchqd_filesystem_errors_total"),
+        "the example alerts on filesystem errors increasing:\n{rules}"
+    );
+    let dir = tempfile::tempdir().expect("directory");
+    let file = dir.path().join("watchqd.rules.yml");
+    std::fs::write(&file, rules).expect("write the rule file");
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .expect("promtool must be installed (Debian's prometheus; scripts/test installs it)");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success() && said.contains("SUCCESS: 2 rules found"),
+        "promtool check rules:\n{said}\n{rules}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn node_exporter_counts_a_switch_to_read_only_once_and_every_failed_unit_start() {
+    let fs = common::ext4::Ext4::new(16, &[], "errors=remount-ro");
+    let dir = tempfile::tempdir().expect("directory");
+    // A rule for change uevents of the filesystem's loop device; no systemd on the
+    // private bus, so every start fails.
+    let daemon = Daemon::with_config(&format!(
+        "{}\n[[units]]\nsource = \"devices\"\nkinds = [\"change\"]\n\
+         properties = {{ name = \"{}\" }}\nunit = \"watchq-metrics@.service\"\ninstance = \"name\"\n",
+        metrics_config(dir.path(), 200),
+        fs.disk.name
+    ));
+    let exporter = NodeExporter::start(dir.path());
+    wait_until_marked(&daemon, &fs.disk.name);
+
+    // One error; errors=remount-ro makes it one switch to read-only.
+    fs.trigger_error("watchq metrics read-only");
+    const CHANGES: usize = 4;
+    for _ in 0..CHANGES {
+        fs.disk.synth_change();
+    }
+    let device = fs.disk.name.as_str();
+    let counts = |m: &Metrics| {
+        (
+            m.value(
+                "watchqd_filesystem_errors_total",
+                &[("device", device), ("fstype", "ext4"), ("errno", "EUCLEAN")],
+            ),
+            m.value("watchqd_filesystem_read_only_total", &[("device", device)]),
+            m.value(
+                "watchqd_unit_start_failures_total",
+                &[("rule", "0"), ("unit", "watchq-metrics@.service")],
+            ),
+        )
+    };
+    let expected = (Some(1.0), Some(1.0), Some(CHANGES as f64));
+    scrape_until(
+        &exporter,
+        "one error, one switch, every failed start",
+        |m| counts(m) == expected,
+    );
+    let err = std::fs::write(fs.path().join("x"), b"x").expect_err("read-only");
+    assert_eq!(err.raw_os_error(), Some(nix::libc::EROFS), "{err}");
+    // And not more, once the daemon had time for another write.
+    std::thread::sleep(Duration::from_millis(600));
+    let settled = exporter.scrape();
+    assert_eq!(counts(&settled), expected, "{}", settled.text);
+    assert_eq!(
+        settled.value(
+            "watchqd_unit_starts_total",
+            &[("rule", "0"), ("unit", "watchq-metrics@.service")]
+        ),
+        None,
+        "no unit started without systemd:\n{}",
+        settled.text
+    );
+    drop(daemon);
+    drop(fs);
+}

@@ -8,7 +8,9 @@
 //! whose name does not end in `.prom` so that the collector never reads it half-written,
 //! made mode 0644 and renamed over the old one), at most once per `interval_ms`, and only
 //! when its text changed. The writer waits on the hub's [`Hub::stats_changed`], so it
-//! costs no wakeup while nothing happens.
+//! costs no wakeup while nothing happens. The text is rendered at most once per change
+//! and kept ([`Counters::text`]), for the writer and `Manager.Metrics` alike: anyone may
+//! call that in a loop, and while nothing changes each call costs a copy.
 //!
 //! The text is Prometheus' text exposition format 0.0.4, the one the textfile collector
 //! parses: every family with `# HELP` and `# TYPE`, counters named `…_total`. Labels are
@@ -127,10 +129,15 @@ const FAMILIES: [&Family; 7] = [
     &MISSED,
 ];
 
-/// The counters the daemon's consumers keep, by family and label values.
+/// The counters the daemon's consumers keep, by family and label values; and the text
+/// last rendered from them with the hub's figures.
 #[derive(Debug, Default)]
 pub struct Counters {
     series: Mutex<BTreeMap<&'static str, BTreeMap<Vec<String>, u64>>>,
+    /// The last text and the generation of [`Hub::stats_changed`] it includes. Any local
+    /// user may call `Manager.Metrics` in a loop: while nothing changes, each call costs
+    /// a copy of this, not a render.
+    rendered: Mutex<Option<(u64, Arc<str>)>>,
 }
 
 impl Counters {
@@ -150,6 +157,25 @@ impl Counters {
 
     fn snapshot(&self) -> BTreeMap<&'static str, BTreeMap<Vec<String>, u64>> {
         crate::sys::lock(&self.series).clone()
+    }
+
+    /// The whole text now ([`render`]): rendered again only when a figure changed since
+    /// the last render, that is when the generation of [`Hub::stats_changed`] moved
+    /// (whoever changes a figure touches it, these counters' writers included).
+    pub fn text(&self, hub: &Hub) -> Arc<str> {
+        // Held while rendering, so that callers racing on one change render it once.
+        let mut rendered = crate::sys::lock(&self.rendered);
+        // Read before the figures: a change after this read moves the generation past
+        // what is stored, and the next call renders again.
+        let generation = hub.stats_changed().generation();
+        if let Some((at, text)) = rendered.as_ref() {
+            if *at == generation {
+                return Arc::clone(text);
+            }
+        }
+        let text: Arc<str> = render(&hub.stats(), self).into();
+        *rendered = Some((generation, Arc::clone(&text)));
+        text
     }
 }
 
@@ -222,7 +248,7 @@ pub async fn count_records(mut feed: ConsumerFeed, counters: Arc<Counters>, hub:
                 counters.add(&MISSED, vec![reason.to_owned()], 1);
             }
         }
-        changed.notify_one();
+        changed.touch();
     }
 }
 
@@ -232,18 +258,18 @@ pub async fn count_records(mut feed: ConsumerFeed, counters: Arc<Counters>, hub:
 pub async fn write_file(config: MetricsConfig, counters: Arc<Counters>, hub: Arc<Hub>) {
     let changed = hub.stats_changed();
     let path = config.directory.join(FILE);
-    let mut written: Option<String> = None;
+    let mut written: Option<Arc<str>> = None;
     let mut last_write: Option<Instant> = None;
     let mut failures = LogLimit::default();
     // The first pass writes at once, so node_exporter exports zeros from the start.
-    changed.notify_one();
+    changed.touch();
     loop {
-        changed.notified().await;
+        changed.wait().await;
         if let Some(at) = last_write {
             tokio::time::sleep_until((at + config.interval).into()).await;
         }
-        let text = render(&hub.stats(), &counters);
-        if written.as_deref() == Some(text.as_str()) {
+        let text = counters.text(&hub);
+        if written.as_deref() == Some(&*text) {
             continue;
         }
         last_write = Some(Instant::now());
@@ -491,6 +517,28 @@ mod tests {
             !text.contains("watchqd_filesystem_read_only_total{"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn the_text_is_rendered_again_only_after_a_change() {
+        let hub = Hub::new(
+            Registry::from_sources(Vec::new()),
+            Default::default(),
+            Default::default(),
+        );
+        let counters = Counters::default();
+        let first = counters.text(&hub);
+        // The same allocation: the kept text, not a new render.
+        assert!(Arc::ptr_eq(&first, &counters.text(&hub)));
+        counters.add(&BLOCK_ERRORS, vec!["vda".to_owned(), "R".to_owned()], 2);
+        hub.stats_changed().touch();
+        let second = counters.text(&hub);
+        assert!(!Arc::ptr_eq(&first, &second), "a change renders again");
+        assert!(
+            second.contains("\nwatchqd_block_errors_total{device=\"vda\",operation=\"R\"} 2\n"),
+            "{second}"
+        );
+        assert!(Arc::ptr_eq(&second, &counters.text(&hub)));
     }
 
     #[test]

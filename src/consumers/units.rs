@@ -11,13 +11,12 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::sync::Notify;
 use zbus::OwnedObjectPath;
 
 use super::metrics::{self, Counters};
 use super::unit_name::{UnitName, UnitNameError};
 use super::{event_value, kind_of};
-use crate::dispatch::{Consumed, ConsumerFeed};
+use crate::dispatch::{Consumed, ConsumerFeed, StatsChanged};
 use crate::event::Record;
 use crate::glob::Pattern;
 use crate::logging::{CountLimit, LogLimit};
@@ -199,7 +198,7 @@ pub async fn run(
     registry: Registry,
     conn: zbus::Connection,
     counters: Arc<Counters>,
-    changed: Arc<Notify>,
+    changed: Arc<StatsChanged>,
 ) {
     let systemd = match Systemd1ManagerProxy::builder(&conn)
         .cache_properties(zbus::proxy::CacheProperties::No)
@@ -278,7 +277,7 @@ pub async fn run(
                 &metrics::UNIT_FAILURES
             };
             counters.add(family, vec![index.to_string(), rule.unit.to_string()], 1);
-            changed.notify_one();
+            changed.touch();
             if let Err(message) = result {
                 if let Some(suppressed) = failures[index].allow(Instant::now()) {
                     tracing::warn!(

@@ -117,6 +117,8 @@ impl Hub {
     fn source_failed(&self, index: usize) -> usize {
         let name = self.registry.all()[index].name();
         let mut state = self.lock();
+        // Its watches end: the gauge changes (touched under the lock it changes under).
+        self.touch_stats();
         let consumers = state.sources[index].consumers;
         tracing::error!(
             source = name,

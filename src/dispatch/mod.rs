@@ -76,7 +76,7 @@ use crate::source::{Availability, Registry};
 pub use feed::{Consumed, ConsumerFeed};
 pub use outbox::{Delivery, LossReason, Published};
 pub use revoke::StaleWatch;
-pub use stats::{HubStats, SourceStats};
+pub use stats::{HubStats, SourceStats, StatsChanged};
 
 use feed::ConsumerSlot;
 use lifecycle::{finish_stopping, SourceSlot, REOPEN_FIRST_DELAY};
@@ -194,7 +194,7 @@ pub struct Hub {
     limits: RwLock<Limits>,
     state: Mutex<State>,
     /// Woken when a counter may have changed ([`Hub::stats_changed`]).
-    changed: Arc<Notify>,
+    changed: Arc<stats::StatsChanged>,
 }
 
 impl Hub {
@@ -223,7 +223,7 @@ impl Hub {
                 sources,
                 ..State::default()
             }),
-            changed: Arc::new(Notify::new()),
+            changed: Arc::default(),
         })
     }
 

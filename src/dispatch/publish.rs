@@ -14,6 +14,11 @@ impl Hub {
     /// Fans one source message out to every subscription that watches it and may see it.
     /// Breaks when the message ended the source's last watch, which stops the source.
     pub fn publish(&self, index: usize, msg: SourceMsg) -> ControlFlow<()> {
+        if let SourceMsg::Counted = msg {
+            // The source changed its own counter before yielding this.
+            self.touch_stats();
+            return ControlFlow::Continue(());
+        }
         let mut state = self.lock();
         let state = &mut *state;
         // Whatever the message, a counter or gauge may change.
@@ -116,6 +121,8 @@ impl Hub {
                     table.extend(objects.into_iter().map(|o| (o.id.clone(), o)));
                 }
             }
+            // Handled above, without the lock.
+            SourceMsg::Counted => {}
             SourceMsg::WatchedObjectGone { object, reason } => {
                 let mut ended = 0;
                 for sub in state.subscriptions.values_mut() {

@@ -4,8 +4,11 @@
 //! costs an addition; read by [`Hub::stats`].
 //!
 //! Whoever writes the metrics waits on [`Hub::stats_changed`] instead of polling: it is
-//! woken when a counter or gauge may have changed, never while nothing happens.
+//! woken when a counter or gauge may have changed, never while nothing happens. Its
+//! generation number also tells whoever keeps a rendered text whether that text is still
+//! current, so that reading the metrics costs a copy while nothing changed.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use tokio::sync::Notify;
@@ -48,6 +51,36 @@ pub struct HubStats {
     pub sources: Vec<SourceStats>,
 }
 
+/// That a counter or gauge may have changed: a generation number that grows with every
+/// change, and the wakeup of the one task that waits for changes (the metrics writer).
+#[derive(Debug, Default)]
+pub struct StatsChanged {
+    generation: AtomicU64,
+    notify: Notify,
+}
+
+impl StatsChanged {
+    /// Says that a figure changed. Call it after the change, or under the lock the change
+    /// is made under (what reads the figures takes that lock, so it sees the change).
+    pub fn touch(&self) {
+        // Release: whoever reads the new generation sees the counters written before.
+        self.generation.fetch_add(1, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// The number of changes so far: figures read after reading `n` are at least as new
+    /// as change `n`.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// Waits for a change since the last wait (one stored permit: changes made while
+    /// nobody waited wake the next wait at once).
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
 impl Hub {
     /// The hub's counters and gauges now.
     pub fn stats(&self) -> HubStats {
@@ -73,14 +106,14 @@ impl Hub {
         }
     }
 
-    /// Notified (one stored permit) whenever what [`Hub::stats`] returns may have
-    /// changed; also by the daemon's consumers when their own counters change.
-    pub fn stats_changed(&self) -> Arc<Notify> {
+    /// Touched whenever what [`Hub::stats`] returns may have changed; also by the
+    /// daemon's consumers when their own counters change.
+    pub fn stats_changed(&self) -> Arc<StatsChanged> {
         Arc::clone(&self.changed)
     }
 
     pub(super) fn touch_stats(&self) {
-        self.changed.notify_one();
+        self.changed.touch();
     }
 
     /// Counts deliveries taken from an outbox to be sent.

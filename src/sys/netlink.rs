@@ -56,6 +56,9 @@ pub enum Datagram {
     Message(usize),
     /// The kernel dropped messages (`ENOBUFS`); the count so far.
     Overflow { total: u64 },
+    /// A datagram not sent by the kernel was dropped and counted (`rejected_origin`):
+    /// returned so that the source can say its counter changed.
+    Rejected,
 }
 
 /// A non-blocking netlink socket the kernel multicasts to, read with the origin checks.
@@ -68,8 +71,10 @@ pub struct KernelSocket {
 
 enum Received {
     Message(usize),
-    /// Dropped at the edge; already counted.
+    /// Not sent by the kernel: dropped at the edge, counted in `rejected_origin`.
     Rejected,
+    /// Truncated: dropped, counted in `malformed` (not a figure of the metrics).
+    Truncated,
 }
 
 impl KernelSocket {
@@ -117,7 +122,8 @@ impl KernelSocket {
                 .try_io(|fd| recv_checked(fd.get_ref(), &mut self.buf, &self.counters, &labels));
             match received {
                 Err(_would_block) => continue,
-                Ok(Ok(Received::Rejected)) => continue,
+                Ok(Ok(Received::Rejected)) => return Some(Datagram::Rejected),
+                Ok(Ok(Received::Truncated)) => continue,
                 Ok(Ok(Received::Message(len))) => return Some(Datagram::Message(len)),
                 Ok(Err(e)) if e.raw_os_error() == Some(nix::libc::ENOBUFS) => {
                     let total = self.counters.overflows.fetch_add(1, Ordering::Relaxed) + 1;
@@ -190,7 +196,7 @@ fn recv_checked(
                 labels.message
             );
         }
-        return Ok(Received::Rejected);
+        return Ok(Received::Truncated);
     }
     Ok(Received::Message(msg.bytes))
 }

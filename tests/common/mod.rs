@@ -363,6 +363,46 @@ pub fn shrunk_loop_device() -> LoopDevice {
     disk
 }
 
+/// A kobject-uevent netlink socket bound to `groups` (1: the kernel's uevents; 0: none,
+/// a forger's socket).
+pub fn uevent_socket(groups: u32) -> std::os::fd::OwnedFd {
+    use nix::sys::socket::{self, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType};
+    use std::os::fd::AsRawFd;
+    let fd = socket::socket(
+        AddressFamily::Netlink,
+        SockType::Raw,
+        SockFlag::SOCK_CLOEXEC,
+        SockProtocol::NetlinkKObjectUEvent,
+    )
+    .expect("uevent socket");
+    socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).expect("bind");
+    fd
+}
+
+/// The device path of [`forge_uevents`]' forgeries.
+pub const FORGED_DEVPATH: &str = "/devices/virtual/block/forged0";
+
+/// Multicasts `count` forged `add` uevents of a block device `forged0` from userspace to
+/// the kernel's uevent group, as root in the initial network namespace may.
+pub fn forge_uevents(count: usize) {
+    let path = FORGED_DEVPATH;
+    use nix::sys::socket::{self, MsgFlags, NetlinkAddr};
+    use std::os::fd::AsRawFd;
+    let forger = uevent_socket(0);
+    let forged = format!(
+        "add@{path}\0ACTION=add\0DEVPATH={path}\0SUBSYSTEM=block\0SEQNUM=1\0DEVNAME=forged0\0DEVTYPE=disk\0"
+    );
+    for _ in 0..count {
+        socket::sendto(
+            forger.as_raw_fd(),
+            forged.as_bytes(),
+            &NetlinkAddr::new(0, 1),
+            MsgFlags::empty(),
+        )
+        .expect("multicast a forged uevent");
+    }
+}
+
 /// One 4 KiB `O_DIRECT` read at `sector` of a block device, which must fail (past the
 /// end of a shrunk loop device's backing file, or at a blkdebug-injected sector);
 /// returns its error.

@@ -826,6 +826,19 @@ pub fn enter_guest() {
     std::env::remove_var("WATCHQD_VM_GUEST");
 }
 
+/// Inside the guest: the directory shared with the host (the host's [`Guest::dir`], mounted
+/// at the same path), as `guest-init` finds it: `watchqd.shared=` on the kernel command line.
+/// What an in-guest half writes there, the host reads at once (the share is `cache=none`).
+/// Panics outside the guest, whose command line has no such word.
+pub fn shared_dir() -> PathBuf {
+    let cmdline = fs::read_to_string("/proc/cmdline").expect("read /proc/cmdline");
+    cmdline
+        .split_whitespace()
+        .find_map(|word| word.strip_prefix("watchqd.shared="))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| panic!("no watchqd.shared= on the guest's command line: {cmdline}"))
+}
+
 /// Run an in-guest half's async body on a two-worker tokio runtime.
 pub fn block_on<F: std::future::Future>(test: F) -> F::Output {
     tokio::runtime::Builder::new_multi_thread()

@@ -301,6 +301,7 @@ impl Reader {
                         }
                     }
                 }
+                Datagram::Rejected => return Some(SourceMsg::Counted),
                 Datagram::Overflow { .. } => {
                     tracing::warn!(
                         source = NAME,

@@ -342,6 +342,7 @@ impl Reader {
                         return Some(SourceMsg::Record(record));
                     }
                 }
+                Datagram::Rejected => return Some(SourceMsg::Counted),
                 Datagram::Overflow { total } => {
                     tracing::warn!(
                         source = NAME,
