@@ -99,10 +99,10 @@ const TARGETS: &[Target] = &[
                last event",
         bound: Bound::AtMost(REMOUNT_BOUND_MS),
         known_miss: Some(
-            "the reread interval is 50x the last reread's thread CPU time, no longer its \
-             wall time: 1,637 ms (3,401 ms with wall time, same machine and load) on 2 \
-             cores with other work (load 4); what is left is not yet found (the reread's \
-             CPU time itself growing under contention is the first suspect)",
+            "the reread interval is 50x the last reread's time by the clock, which the \
+             burners stretch: 3,401 ms on 2 cores with other work (load 4); timed in the \
+             thread's CPU time it was 1,637 ms, but that made more rereads under a competing \
+             load and failed flat (CPU per change at 10,000 mounts 2.3-2.6x that at 20)",
         ),
     },
     Target {
@@ -139,7 +139,13 @@ const TARGETS: &[Target] = &[
         what: "two users: daemon CPU during alice's storm as a multiple of the bound \
                (base x T + share x (T + 1 s); see benches/mounts_users)",
         bound: Bound::AtMost(1.0),
-        known_miss: None,
+        // Met in every run on a quiet machine, but without margin (0.93 to 0.98; 1.19
+        // once with another build running): printed, not yet a gate.
+        known_miss: Some(
+            "met without margin: 0.93x to 0.98x of the bound on a quiet 2-core machine, \
+             1.19x once with other work running; where the last few percent go is not \
+             yet measured",
+        ),
     },
 ];
 
@@ -497,8 +503,8 @@ async fn run(daemon: &Daemon, extra: u64, pairs: u64, remounts: Option<u64>) -> 
             let reported = mount_events_below(&sub.received, &below, "remount");
             let daemon_us = (cpu_ns(daemon.pid()) - before) as f64 / 1e3 / made as f64;
             // The same mounts remounted read-write again (MS_REMOUNT | MS_BIND), with
-            // every core busy: the pacing is in the reader's CPU time, so the load must
-            // not stretch it.
+            // every core busy: the pacing is by the clock, which the load stretches (a
+            // known miss of the bound).
             let mut storm = remount_storm(pid, &extra_dir, made, 4128);
             let burners = Burners::start(BURNERS_PER_CORE);
             go(&mut storm);

@@ -27,18 +27,20 @@
 //!   read, and a mount whose options changed is re-described (`remount`). That reread
 //!   costs in proportion to the namespace, so it is coalesced per namespace and bounded
 //!   in time: after a quiet spell it happens at once; otherwise the next waits until
-//!   `max(100 ms, 50 × the last reread's CPU time)` after the last one, and serves
-//!   every `POLLPRI` until then. The reread's time is the reader thread's CPU time
-//!   (`CLOCK_THREAD_CPUTIME_ID`), not wall time: on a loaded machine a reread is
-//!   preempted and takes longer by the clock, but its work is the same, and timing it
-//!   by the clock would stretch the interval with the load (3.5 s at 10,000 mounts on
-//!   a machine at load 6 on 2 cores). Rereads thus take at most 2% of a CPU per
-//!   namespace however fast it changes, attach and detach cost one `statmount` each
-//!   whatever the namespace's size, and a remount is reported within that interval
-//!   plus one reread (at 10,000 mounts a reread takes about 5 ms of CPU, so within
-//!   about 300 ms on an idle machine; the README states the bound and
-//!   `benches/mounts.rs` measures it, idle and with a busy loop on every core, where it
-//!   is missed today: 1.6 s, against 3.4 s when timed by the clock). A mount remounted and
+//!   `max(100 ms, 50 × the last reread's time)` after the last one, and serves every
+//!   `POLLPRI` until then. The reread is timed by the clock: on a loaded machine a
+//!   preempted reread looks longer and the interval stretches with the load, which
+//!   delays remounts (3.4 s at 10,000 mounts with a busy loop on every core) but keeps
+//!   the rereads' share of a busy machine small. Timing it in the thread's CPU time
+//!   was tried: 1.6 s under the same load, but under a competing load (`findmnt --poll`
+//!   beside it in the bench) the more frequent rereads raised the CPU per attach and
+//!   detach at 10,000 mounts to 1.2–1.8× that of the clock, failing `flat`. Rereads
+//!   thus take at most 2% of the time per namespace however fast it changes, attach and
+//!   detach cost one `statmount` each whatever the namespace's size, and a remount is
+//!   reported within that interval plus one reread (at 10,000 mounts a reread takes
+//!   about 5 ms, so within about 300 ms on an idle machine; the README states the bound
+//!   and `benches/mounts.rs` measures it, idle and with a busy loop on every core,
+//!   where it is missed). A mount remounted and
 //!   remounted back within one interval is not seen. Propagation changes wake nobody
 //!   and are seen only at the next description.
 //! - Each namespace's work is charged to the users watching it, and one user's

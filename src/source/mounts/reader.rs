@@ -58,10 +58,10 @@ pub(super) struct Namespace {
     /// With fanotify: when the mountinfo reread that `POLLPRI` asked for is due
     /// (coalesced: one per namespace per [`reread_interval`]).
     pub(super) reread_due: Option<Instant>,
-    /// When the last reread ended, and what it cost: the reader thread's CPU time for the
-    /// read, parse and diff. CPU time, not wall time, so that a loaded machine (the thread
-    /// preempted mid-reread) does not stretch the next interval: the bound is on the
-    /// work, and the work does not grow with the load.
+    /// When the last reread ended, and what it took by the clock (read, parse and diff).
+    /// By the clock, not in the thread's CPU time: a loaded machine stretches it and so
+    /// the next interval, which delays remounts but keeps the rereads from taking more
+    /// of a CPU that others need (see the module doc).
     last_reread: Option<(Instant, Duration)>,
 }
 
@@ -519,7 +519,7 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        let started = thread_cpu();
+        let started = Instant::now();
         ns.reread_due = None;
         let Some(mountinfo) = ns.mountinfo.as_mut() else {
             return;
@@ -536,8 +536,7 @@ impl Reader {
             }
             Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
         }
-        // Synchronous from `started` on (no await), so all of it ran on this thread.
-        ns.last_reread = Some((Instant::now(), thread_cpu().saturating_sub(started)));
+        ns.last_reread = Some((Instant::now(), started.elapsed()));
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or
