@@ -79,6 +79,10 @@ impl Budget {
     /// new share's fill at their next charge.
     pub(super) fn set_share(&mut self, user_cpu_percent: u8) {
         self.rate = f64::from(user_cpu_percent) / 100.0;
+        tracing::info!(
+            source = super::NAME,
+            "each user's mount namespaces may now take {user_cpu_percent}% of one CPU"
+        );
     }
 
     /// Charges `cost` to `uid` at `now`; returns until when the user is over their

@@ -300,13 +300,7 @@ impl Reader {
                     }
                 }
             }
-            Control::Share(percent) => {
-                self.budget.set_share(percent);
-                tracing::info!(
-                    source = super::NAME,
-                    "each user's mount namespaces may now take {percent}% of one CPU"
-                );
-            }
+            Control::Share(percent) => self.budget.set_share(percent),
             Control::Release { namespace, uid } => {
                 self.budget.forget_idle(Instant::now());
                 let Some(entry) = self.namespaces.get_mut(&namespace) else {
