@@ -419,7 +419,12 @@ pub async fn run(extra: u64, bob_changes: u64) -> Figures {
     let counters_after = mounts_counters(&daemon).await;
     // What alice's monitor printed during and just after her storm.
     let (mut alice_events, mut alice_lost) = (0, 0);
-    while let Ok((_, value)) = alice_monitor.lines.recv_timeout(Duration::from_millis(500)) {
+    // Until her monitor is quiet, and 10 s at most: a monitor that never falls quiet
+    // (a daemon that keeps resyncing her) must not hang the bench.
+    let quiet_by = Instant::now() + Duration::from_secs(10);
+    while let Some(Ok((_, value))) = (Instant::now() < quiet_by)
+        .then(|| alice_monitor.lines.recv_timeout(Duration::from_millis(500)))
+    {
         if value["signal"] == "MountChanged" {
             alice_events += 1;
         } else if value["signal"] == "Lost" && value["reason"] == "kernel-overflow" {

@@ -44,7 +44,7 @@ pub(super) struct Namespace {
     /// of the runtime's epoll set, because a registered fd wakes the daemon on every
     /// kernel event even when nobody reads it, and those wakeups (one per change of a
     /// churning namespace) are work charged to no one. Registered again by the resync.
-    parked: Option<(Option<OwnedFd>, File)>,
+    pub(super) parked: Option<(Option<OwnedFd>, File)>,
     /// The process this namespace was named by; `None` for the daemon's own.
     anchor: Option<AsyncFd<OwnedFd>>,
     pub(super) mounts: HashMap<u64, StatMount>,
@@ -58,11 +58,10 @@ pub(super) struct Namespace {
     /// With fanotify: when the mountinfo reread that `POLLPRI` asked for is due
     /// (coalesced: one per namespace per [`reread_interval`]).
     pub(super) reread_due: Option<Instant>,
-    /// When the last reread ended, and what it took by the clock (read, parse and diff).
-    /// By the clock, not in the thread's CPU time: a loaded machine stretches it and so
-    /// the next interval, which delays remounts but keeps the rereads from taking more
-    /// of a CPU that others need (see the module doc).
+    /// When the last reread ended, and what it took by the clock (see the module doc).
     last_reread: Option<(Instant, Duration)>,
+    /// A throttle cancelled a due reread: its resync must relist whatever else says.
+    pub(super) stale: bool,
 }
 
 impl Namespace {
@@ -248,7 +247,7 @@ impl Reader {
             }
             Wake::Resync(id) => {
                 let started = thread_cpu();
-                self.resync(id);
+                self.end_throttle(id);
                 self.charge(id, thread_cpu().saturating_sub(started));
                 Ok(())
             }
@@ -367,6 +366,7 @@ impl Reader {
                 watches: 1,
                 watchers: HashMap::new(),
                 throttled_until: None,
+                stale: false,
                 reread_due: None,
                 last_reread: None,
             },

@@ -8,6 +8,8 @@ use super::*;
 
 use std::time::Instant;
 
+use nix::poll::{PollFd, PollFlags, PollTimeout};
+
 impl Reader {
     /// Charges `cost` of work on namespace `id` to each of its watchers but root, and
     /// throttles whoever that puts over their share.
@@ -35,6 +37,7 @@ impl Reader {
             newly |= ns.throttled_until.is_none();
             ns.throttled_until = Some(ns.throttled_until.map_or(until, |t| t.max(until)));
             // The resync rereads everything.
+            ns.stale |= ns.reread_due.is_some();
             ns.reread_due = None;
             ns.park();
         }
@@ -46,6 +49,43 @@ impl Reader {
                 "a user's mount namespaces took more than their share; coalescing their \
                  events until {:?} from now",
                 until.saturating_duration_since(Instant::now())
+            );
+        }
+    }
+
+    /// Ends the throttle of namespace `id`: resyncs it if anything happened in it
+    /// meanwhile (its fanotify queue holds events, its mountinfo polls as changed, or a
+    /// reread was due), else only reads it again. Without that check, a resync that
+    /// itself put a user over their share would end in a throttle, and that throttle in
+    /// another resync, for as long as the namespace exists.
+    pub(super) fn end_throttle(&mut self, id: u64) {
+        let Some(ns) = self.namespaces.get_mut(&id) else {
+            return;
+        };
+        let queued = ns
+            .group
+            .as_ref()
+            .map(|g| g.get_ref())
+            .or(ns.parked.as_ref().and_then(|(group, _)| group.as_ref()));
+        let events = queued.is_some_and(|fd| has_input(fd, PollFlags::POLLIN));
+        let mountinfo = ns
+            .mountinfo
+            .as_ref()
+            .map(|m| m.get_ref())
+            .or(ns.parked.as_ref().map(|(_, m)| m));
+        // mountinfo polls POLLPRI once per change since it was last polled so.
+        let changed = mountinfo.is_some_and(|fd| has_input(fd, PollFlags::POLLPRI));
+        if events || changed || ns.stale {
+            ns.stale = false;
+            self.resync(id);
+            return;
+        }
+        ns.throttled_until = None;
+        if let Err(e) = ns.unpark() {
+            tracing::error!(
+                source = NAME,
+                namespace = id,
+                "registering its fds again: {e}"
             );
         }
     }
@@ -137,4 +177,11 @@ pub(super) fn namespace_of(msg: &SourceMsg) -> Option<u64> {
         }
         _ => None,
     }
+}
+
+/// Whether `fd` polls with `flags` right now (no wait).
+fn has_input(fd: &impl std::os::fd::AsFd, flags: PollFlags) -> bool {
+    let mut fds = [PollFd::new(fd.as_fd(), flags)];
+    nix::poll::poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
+        && fds[0].revents().is_some_and(|r| r.intersects(flags))
 }
