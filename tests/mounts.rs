@@ -774,23 +774,7 @@ async fn every_remount_of_a_storm_in_a_large_namespace_is_reported() {
 /// own (root's `unshare -m`): a user watching their own namespace, once it watches. Its
 /// stdout is piped.
 fn own_namespace_monitor(daemon: &Daemon, user: &common::polkit::User) -> std::process::Child {
-    let mut monitor = Command::new("unshare")
-        .args(["-m", "--propagation", "private", "setpriv"])
-        .arg(format!("--reuid={}", user.uid))
-        .arg(format!("--regid={}", user.gid))
-        .args(["--clear-groups", env!("CARGO_BIN_EXE_watchqctl")])
-        .args(["--address", daemon.address()])
-        .args(["monitor", "--json", "--queue-depth", "16384", "mounts"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("watchqctl");
-    let stderr = common::lines::lines(monitor.stderr.take().expect("stderr"));
-    let first = stderr
-        .recv_timeout(TIMEOUT)
-        .expect("watchqctl's first line");
-    assert!(first.starts_with("watching"), "as {}: {first}", user.name);
-    monitor
+    common::mounts::monitor_as(daemon, user, &["unshare", "-m", "--propagation", "private"])
 }
 
 /// One user's namespaces may take `[sources.mounts] user_cpu_percent` of the daemon's

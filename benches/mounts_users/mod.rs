@@ -169,22 +169,8 @@ struct Monitor {
 
 impl Monitor {
     fn start(daemon: &Daemon, user: &User, pid: u32) -> Monitor {
-        let mut child = Command::new("nsenter")
-            .args(["-t", &pid.to_string(), "-m", "setpriv"])
-            .arg(format!("--reuid={}", user.uid))
-            .arg(format!("--regid={}", user.gid))
-            .args(["--clear-groups", env!("CARGO_BIN_EXE_watchqctl")])
-            .args(["--address", daemon.address()])
-            .args(["monitor", "--json", "--queue-depth", "16384", "mounts"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("watchqctl");
-        let stderr = common::lines::lines(child.stderr.take().expect("stderr"));
-        let first = stderr
-            .recv_timeout(common::TIMEOUT)
-            .expect("watchqctl's first line");
-        assert!(first.starts_with("watching"), "as {}: {first}", user.name);
+        let pid = pid.to_string();
+        let mut child = common::mounts::monitor_as(daemon, user, &["nsenter", "-t", &pid, "-m"]);
         let stdout = child.stdout.take().expect("stdout");
         let (sender, lines) = mpsc::channel();
         std::thread::spawn(move || {

@@ -166,3 +166,31 @@ pub fn apply(mounts: &mut BTreeMap<u64, Mount>, signals: &[Signal], after: u64) 
         }
     }
 }
+
+/// `watchqctl monitor --json mounts` as `user` (its uid and gid, no other groups), started
+/// behind `enter` (a command that puts it in the mount namespace to watch, ending in the
+/// program it runs: `unshare -m …` for one of its own, `nsenter -t PID -m` for another
+/// process's), once it says it watches. Its stdout is piped.
+pub fn monitor_as(daemon: &super::Daemon, user: &super::polkit::User, enter: &[&str]) -> Child {
+    let (program, args) = enter
+        .split_first()
+        .expect("a command to enter the namespace");
+    let mut monitor = Command::new(program)
+        .args(args)
+        .arg("setpriv")
+        .arg(format!("--reuid={}", user.uid))
+        .arg(format!("--regid={}", user.gid))
+        .args(["--clear-groups", env!("CARGO_BIN_EXE_watchqctl")])
+        .args(["--address", daemon.address()])
+        .args(["monitor", "--json", "--queue-depth", "16384", "mounts"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("watchqctl");
+    let stderr = super::lines::lines(monitor.stderr.take().expect("stderr"));
+    let first = stderr
+        .recv_timeout(TIMEOUT)
+        .expect("watchqctl's first line");
+    assert!(first.starts_with("watching"), "as {}: {first}", user.name);
+    monitor
+}
