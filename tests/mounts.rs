@@ -1024,7 +1024,13 @@ async fn another_user_reads_aggregate_mount_counters_and_nothing_of_alices() {
     assert_eq!(bob_names, root_names, "bob's counters are root's");
     assert_eq!(
         root_names,
-        ["events-coalesced", "namespaces-resynced", "users-throttled"],
+        [
+            "events-coalesced",
+            "mountinfo-reread-us",
+            "mountinfo-rereads",
+            "namespaces-resynced",
+            "users-throttled"
+        ],
         "the mounts source's counters"
     );
     assert!(

@@ -81,8 +81,9 @@ fn monotonic() -> f64 {
         .expect("CLOCK_MONOTONIC")
 }
 
-/// Kills and reaps on drop.
-struct Reaped(Child);
+/// Kills and reaps on drop (a panic included: a namespace holder left behind would keep
+/// the bench's output pipe open).
+pub struct Reaped(pub Child);
 
 impl Drop for Reaped {
     fn drop(&mut self) {
@@ -319,7 +320,8 @@ pub struct Figures {
     pub counters: Vec<(String, u64)>,
 }
 
-async fn mounts_counters(daemon: &Daemon) -> HashMap<String, u64> {
+/// The mounts source's counters, as `watchqctl status` prints them.
+pub async fn mounts_counters(daemon: &Daemon) -> HashMap<String, u64> {
     let conn = daemon.connect().await;
     let manager = watchqd::client::ManagerProxy::builder(&conn)
         .build()

@@ -38,6 +38,11 @@ pub(super) struct Counters {
     pub(super) coalesced: AtomicU64,
     /// Namespaces listed again after a throttle or a kernel queue overflow.
     pub(super) resyncs: AtomicU64,
+    /// Whole-mountinfo rereads (for remounts; with fanotify, coalesced and paced).
+    pub(super) rereads: AtomicU64,
+    /// Their CPU time, in microseconds: what remounts cost the daemon, apart from the
+    /// per-change work of attaches and detaches.
+    pub(super) reread_us: AtomicU64,
 }
 
 impl Counters {
@@ -50,6 +55,11 @@ impl Counters {
             ("users-throttled", self.throttled.load(Ordering::Relaxed)),
             ("events-coalesced", self.coalesced.load(Ordering::Relaxed)),
             ("namespaces-resynced", self.resyncs.load(Ordering::Relaxed)),
+            ("mountinfo-rereads", self.rereads.load(Ordering::Relaxed)),
+            (
+                "mountinfo-reread-us",
+                self.reread_us.load(Ordering::Relaxed),
+            ),
         ]
     }
 }

@@ -2,7 +2,7 @@
 //! per watched namespace, read together with the control requests of arming watches,
 //! and each namespace's mount table diffed against what was last seen.
 
-use super::budget::{thread_cpu, Budget};
+use super::budget::{thread_cpu, Budget, Counters};
 use super::describe::*;
 use super::resync::namespace_of;
 use super::*;
@@ -514,6 +514,7 @@ impl Reader {
             return;
         };
         let started = Instant::now();
+        let cpu = thread_cpu();
         ns.reread_due = None;
         let Some(mountinfo) = ns.mountinfo.as_mut() else {
             return;
@@ -531,6 +532,10 @@ impl Reader {
             Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
         }
         ns.last_reread = Some((Instant::now(), started.elapsed()));
+        let counters = &self.shared.counters;
+        Counters::add(&counters.rereads, 1);
+        let cost = thread_cpu().saturating_sub(cpu).as_micros();
+        Counters::add(&counters.reread_us, u64::try_from(cost).unwrap_or(u64::MAX));
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or
