@@ -230,6 +230,24 @@ fn waiting_perl(pid: u32, body: &str) -> Child {
     child
 }
 
+/// A waiting `perl` that mounts a tmpfs at `point` and unmounts it again, `pairs` times,
+/// pausing `pause_ms` after each pair (none if 0).
+fn pairs_storm(pid: u32, point: &str, pairs: u64, pause_ms: u64) -> Child {
+    let pause = if pause_ms == 0 {
+        String::new()
+    } else {
+        format!("select(undef, undef, undef, {});", pause_ms as f64 / 1e3)
+    };
+    waiting_perl(
+        pid,
+        &format!(
+            "my ($s, $d, $t) = (\"watchq-bench\", \"{point}\", \"tmpfs\"); \
+             for (1..{pairs}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+             syscall(166, $d, 0) == 0 or die \"umount: $!\"; {pause} }}"
+        ),
+    )
+}
+
 /// A waiting `perl` that remounts `{dir}/1` to `{dir}/{count}` with mount(2) `flags`.
 fn remount_storm(pid: u32, dir: &str, count: u64, flags: u32) -> Child {
     waiting_perl(
@@ -507,14 +525,7 @@ async fn run(daemon: &Daemon, extra: u64, pairs: u64, remounts: Option<(u64, u64
     let findmnt = Findmnt::start(pid, &point, &probe);
     let findmnt_pid = findmnt.child.id();
     let changes = 2 * pairs;
-    let mut storm = waiting_perl(
-        pid,
-        &format!(
-            "my ($s, $d, $t) = (\"watchq-bench\", \"{point}\", \"tmpfs\"); \
-             for (1..{pairs}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
-             syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}"
-        ),
-    );
+    let mut storm = pairs_storm(pid, &point, pairs, 0);
 
     // The probe's events are in before the go, so that the storm's are all that follow.
     let probes = findmnt.probes;
@@ -630,16 +641,7 @@ async fn churn(
     pairs: u64,
 ) -> Churn {
     let changes = 2 * pairs;
-    let mut storm = waiting_perl(
-        pid,
-        &format!(
-            "my ($s, $d, $t) = (\"watchq-bench\", \"{point}\", \"tmpfs\"); \
-             for (1..{pairs}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
-             syscall(166, $d, 0) == 0 or die \"umount: $!\"; \
-             select(undef, undef, undef, {}); }}",
-            CHURN_PAUSE_MS as f64 / 1e3
-        ),
-    );
+    let mut storm = pairs_storm(pid, point, pairs, CHURN_PAUSE_MS);
     let before = mounts_users::mounts_counters(daemon).await;
     let started = Instant::now();
     go(&mut storm);

@@ -37,10 +37,14 @@
 //!   detach at 10,000 mounts to 1.2–1.8× that of the clock, failing `flat`. Rereads
 //!   thus take at most 2% of the time per namespace however fast it changes, attach and
 //!   detach cost one `statmount` each whatever the namespace's size, and a remount is
-//!   reported within that interval plus one reread (at 10,000 mounts a reread takes
-//!   about 5 ms, so within about 300 ms on an idle machine; the README states the bound
-//!   and `benches/mounts.rs` measures it, idle and with a busy loop on every core,
-//!   where it is missed). A mount remounted and
+//!   reported within that interval plus one reread. A reread compares each line's text
+//!   with the last read's and decodes nothing: at 10,000 mounts it takes about 20 ms of
+//!   CPU on a 2-core test machine, 13–15 ms of it the kernel writing the text (decoding
+//!   every line, as before, made it about 30 ms). So after a quiet spell a remount is
+//!   reported at once (30–50 ms at 10,000 mounts), and during continuous changes within
+//!   about 1 s; the README states the bound and `benches/mounts.rs` measures it after a
+//!   quiet spell, idle and with a busy loop on every core, where it is missed, and
+//!   holds the rereads to their 2% in a paced churn. A mount remounted and
 //!   remounted back within one interval is not seen. Propagation changes wake nobody
 //!   and are seen only at the next description.
 //! - Each namespace's work is charged to the users watching it, and one user's
@@ -66,8 +70,8 @@
 //! a move. Events carry the same unique ids and descriptions (`statmount`) as with
 //! fanotify; what is lost is a mount attached and detached again between two reads, and
 //! the exact order within one read. There every `POLLPRI` is a reread at once (it is
-//! the only way to see attaches and detaches): each change costs a read, parse and diff
-//! of the whole mountinfo, about 0.5 µs per mount in the namespace (5 ms at 10,000),
+//! the only way to see attaches and detaches): each change costs a read and diff of the
+//! whole mountinfo, about 2 µs per mount in the namespace (20 ms at 10,000),
 //! plus a `statmount` per mount that changed. Without `statmount`/`listmount` with
 //! namespace ids (6.11) the source is unavailable.
 
