@@ -1,0 +1,255 @@
+//! Direct subscriptions (`Manager.SubscribeDirect`): the subscription's signals on a
+//! peer-to-peer connection of its own, handed over as a file descriptor through the bus.
+//! Real bus, real daemon, real kernel uevents from loop devices.
+
+mod common;
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::time::{Duration, Instant};
+
+use common::*;
+use futures_util::StreamExt;
+use watchqd::client::ManagerProxy;
+use zbus::connection::{AuthMechanism, Builder};
+use zbus::{Connection, MessageStream, OwnedObjectPath, Variant};
+
+const INTERFACE: &str = "org.watchq1.Subscription";
+
+/// One direct subscription seen from a zbus client: the bus connection that opened it
+/// (kept: the subscription ends when its opener leaves the bus), the peer-to-peer
+/// connection on the fd, and every signal received on it.
+struct Direct {
+    _bus: Connection,
+    conn: Connection,
+    path: OwnedObjectPath,
+    stream: MessageStream,
+    received: Vec<Signal>,
+}
+
+/// Calls `SubscribeDirect` on `bus`.
+async fn subscribe_direct(
+    bus: &Connection,
+    options: HashMap<&str, Variant<'_>>,
+) -> zbus::Result<(OwnedObjectPath, OwnedFd)> {
+    let (path, fd) = manager(bus).await.subscribe_direct(options).await?;
+    Ok((path, fd.into()))
+}
+
+async fn manager(bus: &Connection) -> ManagerProxy<'static> {
+    ManagerProxy::new(bus).await.expect("manager proxy")
+}
+
+/// A zbus peer-to-peer client on a direct subscription's fd.
+async fn connect_direct(fd: OwnedFd) -> Connection {
+    let stream = std::os::unix::net::UnixStream::from(fd);
+    stream.set_nonblocking(true).expect("non-blocking");
+    Builder::unix_stream(stream)
+        .p2p()
+        .auth_mechanism(AuthMechanism::Anonymous)
+        .build()
+        .await
+        .expect("peer-to-peer handshake on the direct fd")
+}
+
+impl Direct {
+    async fn open(daemon: &Daemon, options: HashMap<&str, Variant<'_>>) -> Direct {
+        let bus = daemon.connect().await;
+        let (path, fd) = subscribe_direct(&bus, options)
+            .await
+            .expect("SubscribeDirect");
+        let conn = connect_direct(fd).await;
+        let stream = MessageStream::from(&conn);
+        Direct {
+            _bus: bus,
+            conn,
+            path,
+            stream,
+            received: Vec::new(),
+        }
+    }
+
+    async fn call(
+        &self,
+        member: &str,
+        body: &(impl serde::Serialize + zbus::zvariant::DynamicType),
+    ) -> zbus::Result<zbus::Message> {
+        self.conn
+            .call_method(None::<&str>, &self.path, Some(INTERFACE), member, body)
+            .await
+    }
+
+    async fn watch(&self, tag: u64, spec: &[(&str, Variant<'_>)]) -> zbus::Result<()> {
+        let spec: HashMap<&str, &Variant<'_>> = spec.iter().map(|(k, v)| (*k, v)).collect();
+        self.call("AddWatch", &("devices", tag, spec))
+            .await
+            .map(drop)
+    }
+
+    /// Receives until `done` holds, failing after [`TIMEOUT`] without a signal.
+    async fn until(&mut self, what: &str, mut done: impl FnMut(&[Signal]) -> bool) {
+        let start = Instant::now();
+        while !done(&self.received) {
+            let message = tokio::time::timeout(TIMEOUT, self.stream.next())
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "waited {:?} for {what}; received {}, last {:?}",
+                        start.elapsed(),
+                        self.received.len(),
+                        self.received.last()
+                    )
+                })
+                .expect("the direct connection ended")
+                .expect("a message");
+            if message.message_type() == zbus::message::Type::Signal {
+                if let Some(signal) = decode(&message) {
+                    self.received.push(signal);
+                }
+            }
+        }
+    }
+}
+
+/// A zbus client opens a direct subscription, watches a loop device and receives its
+/// real uevents on its own connection, numbered without a gap, exactly as many as made.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_zbus_client_receives_a_loop_devices_events_directly() {
+    const EVENTS: usize = 500;
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(1);
+    let mut direct = Direct::open(&daemon, HashMap::new()).await;
+    direct
+        .watch(7, &[("name", Variant::from(disk.name.as_str()))])
+        .await
+        .expect("AddWatch on the direct connection");
+    for _ in 0..EVENTS {
+        disk.synth_change();
+    }
+    direct.until("the events", |s| s.len() >= EVENTS).await;
+    assert_contiguous(&direct.received);
+    assert!(direct.received.iter().all(
+        |s| matches!(s, Signal::Device { tag: 7, sys_path, action, .. } if *sys_path == disk.sys_path() && action == "change")
+    ));
+    // Exactly as many: nothing more comes.
+    let extra = tokio::time::timeout(Duration::from_millis(300), direct.stream.next()).await;
+    assert!(extra.is_err(), "more than {EVENTS} signals: {extra:?}");
+    // The properties are served there too, to the holder of the fd.
+    let reply = direct
+        .conn
+        .call_method(
+            None::<&str>,
+            &direct.path,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(INTERFACE, "Watches"),
+        )
+        .await
+        .expect("Watches");
+    let value: zbus::OwnedVariant = reply.body().deserialize().expect("variant");
+    let watches: Vec<(u64, String)> = value.try_into().expect("a(ts)");
+    assert_eq!(watches, vec![(7, "devices".to_owned())]);
+}
+
+/// `watchqd_subscriptions` from `Manager.Metrics`.
+async fn subscription_count(bus: &Connection) -> u64 {
+    let text = manager(bus).await.metrics().await.expect("Metrics");
+    text.lines()
+        .find_map(|l| l.strip_prefix("watchqd_subscriptions "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no watchqd_subscriptions in {text}"))
+}
+
+/// Waits until `done` holds, for up to [`TIMEOUT`].
+async fn eventually(what: &str, mut done: impl AsyncFnMut() -> bool) {
+    let start = Instant::now();
+    while !done().await {
+        assert!(start.elapsed() < TIMEOUT, "waited {TIMEOUT:?} for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// `SubscribeDirect` is refused where `Subscribe` is, with the same error: bad options,
+/// a queue deeper than allowed, and the per-connection limit, which direct subscriptions
+/// count in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_direct_is_refused_where_subscribe_is() {
+    let daemon = Daemon::with_config(
+        "[delivery]\nmax_queue_depth = 8\ndefault_queue_depth = 8\n\n\
+         [limits]\nsubscriptions_per_connection = 2\n",
+    );
+    let bus = daemon.connect().await;
+    let subscribe = |options: HashMap<&'static str, Variant<'static>>| {
+        let bus = bus.clone();
+        async move { error_name(manager(&bus).await.subscribe(options).await.map(drop)) }
+    };
+    let direct = |options: HashMap<&'static str, Variant<'static>>| {
+        let bus = bus.clone();
+        async move { error_name(subscribe_direct(&bus, options).await.map(drop)) }
+    };
+    for options in [
+        HashMap::from([("queue-depth", Variant::from(9u32))]),
+        HashMap::from([("queue-depth", Variant::from("deep"))]),
+        HashMap::from([("colour", Variant::from(1u32))]),
+    ] {
+        let refused = subscribe(options.clone()).await;
+        assert!(refused.starts_with("org.watchq1.Error."), "{refused}");
+        assert_eq!(direct(options).await, refused);
+    }
+    // One of each fills the connection's two; then both are refused alike.
+    let (_path, fd) = subscribe_direct(&bus, HashMap::new())
+        .await
+        .expect("the first SubscribeDirect");
+    let _direct = connect_direct(fd).await;
+    manager(&bus)
+        .await
+        .subscribe(HashMap::new())
+        .await
+        .expect("Subscribe beside a direct one");
+    let limit = "org.watchq1.Error.LimitExceeded";
+    assert_eq!(subscribe(HashMap::new()).await, limit);
+    assert_eq!(direct(HashMap::new()).await, limit);
+}
+
+/// 1,000 direct subscriptions opened, used and closed by closing the fd leave the
+/// daemon's descriptors and subscriptions where they were.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_direct_open_close_cycles_leak_nothing() {
+    const CYCLES: usize = 1_000;
+    let daemon = Daemon::start();
+    let bus = daemon.connect().await;
+    // One cycle first, so that whatever the first one opens for good is counted before.
+    let cycle = || async {
+        let (path, fd) = subscribe_direct(&bus, HashMap::new())
+            .await
+            .expect("SubscribeDirect");
+        let conn = connect_direct(fd).await;
+        conn.call_method(
+            None::<&str>,
+            &path,
+            Some("org.freedesktop.DBus.Properties"),
+            "Get",
+            &(INTERFACE, "QueueDepth"),
+        )
+        .await
+        .expect("QueueDepth on the direct connection");
+        drop(conn);
+    };
+    cycle().await;
+    eventually("the first one to end", async || {
+        subscription_count(&bus).await == 0
+    })
+    .await;
+    let fds_before = daemon.fd_count();
+    for _ in 0..CYCLES {
+        cycle().await;
+    }
+    eventually("every direct subscription to end", async || {
+        subscription_count(&bus).await == 0
+    })
+    .await;
+    eventually("the daemon's descriptors to return", async || {
+        daemon.fd_count() <= fds_before
+    })
+    .await;
+}
