@@ -102,7 +102,10 @@ impl Direct {
                 })
                 .expect("the direct connection ended")
                 .expect("a message");
-            if message.message_type() == zbus::message::Type::Signal {
+            let header = message.header();
+            if message.message_type() == zbus::message::Type::Signal
+                && header.path().map(|p| p.as_str()) == Some(self.path.as_str())
+            {
                 if let Some(signal) = decode(&message) {
                     self.received.push(signal);
                 }
@@ -252,4 +255,60 @@ async fn a_thousand_direct_open_close_cycles_leak_nothing() {
         daemon.fd_count() <= fds_before
     })
     .await;
+}
+/// A GDBus client (PyGObject, `tests/foreign/subscriber.py --direct`) opens a direct
+/// subscription, makes a `GDBusConnection` on the fd and receives every event of a loop
+/// device there, in order.
+#[test]
+fn a_gdbus_client_receives_a_loop_devices_events_directly() {
+    const EVENTS: u64 = 500;
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(1);
+    let mut child = Killed(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/foreign/subscriber.py"))
+            .args([
+                "--address",
+                daemon.address(),
+                "--library",
+                "gdbus",
+                "--direct",
+            ])
+            .arg("devices")
+            .arg(format!("name={}", disk.name))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with python3-gi"),
+    );
+    let lines = common::lines::lines(child.0.stdout.take().expect("stdout"));
+    let first = lines.recv_timeout(TIMEOUT).expect("the client subscribed");
+    assert!(first.starts_with("subscribed "), "{first}");
+    for _ in 0..EVENTS {
+        disk.synth_change();
+    }
+    let mut seqs = Vec::new();
+    while (seqs.len() as u64) < EVENTS {
+        let line = lines
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|_| panic!("GDBus direct client: {} of {EVENTS} events", seqs.len()));
+        match line.split(' ').collect::<Vec<_>>().as_slice() {
+            ["DeviceChanged", seq, "1"] => seqs.push(seq.parse::<u64>().expect("seq")),
+            _ => panic!("unexpected line {line:?}"),
+        }
+    }
+    assert_eq!(seqs, (1..=EVENTS).collect::<Vec<_>>());
+    assert!(
+        lines.recv_timeout(Duration::from_millis(300)).is_err(),
+        "more than {EVENTS} signals"
+    );
+}
+
+/// A child process killed when the test ends, passed or failed.
+struct Killed(std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
