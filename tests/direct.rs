@@ -264,25 +264,7 @@ fn a_gdbus_client_receives_a_loop_devices_events_directly() {
     const EVENTS: u64 = 500;
     let daemon = Daemon::start();
     let disk = LoopDevice::attach(1);
-    let mut child = Killed(
-        std::process::Command::new("/usr/bin/python3")
-            .arg(repo().join("tests/foreign/subscriber.py"))
-            .args([
-                "--address",
-                daemon.address(),
-                "--library",
-                "gdbus",
-                "--direct",
-            ])
-            .arg("devices")
-            .arg(format!("name={}", disk.name))
-            .stdout(std::process::Stdio::piped())
-            .spawn()
-            .expect("python3 with python3-gi"),
-    );
-    let lines = common::lines::lines(child.0.stdout.take().expect("stdout"));
-    let first = lines.recv_timeout(TIMEOUT).expect("the client subscribed");
-    assert!(first.starts_with("subscribed "), "{first}");
+    let (_child, lines) = gdbus_direct(&daemon, &disk, None);
     for _ in 0..EVENTS {
         disk.synth_change();
     }
@@ -303,6 +285,40 @@ fn a_gdbus_client_receives_a_loop_devices_events_directly() {
     );
 }
 
+/// `tests/foreign/subscriber.py --library gdbus --direct` watching `disk`, once it
+/// watches: the process and its output lines.
+fn gdbus_direct(
+    daemon: &Daemon,
+    disk: &LoopDevice,
+    queue_depth: Option<u32>,
+) -> (Killed, std::sync::mpsc::Receiver<String>) {
+    let mut command = std::process::Command::new("/usr/bin/python3");
+    command
+        .arg(repo().join("tests/foreign/subscriber.py"))
+        .args([
+            "--address",
+            daemon.address(),
+            "--library",
+            "gdbus",
+            "--direct",
+        ]);
+    if let Some(depth) = queue_depth {
+        command.arg(format!("--queue-depth={depth}"));
+    }
+    let mut child = Killed(
+        command
+            .arg("devices")
+            .arg(format!("name={}", disk.name))
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with python3-gi"),
+    );
+    let lines = common::lines::lines(child.0.stdout.take().expect("stdout"));
+    let first = lines.recv_timeout(TIMEOUT).expect("the client subscribed");
+    assert!(first.starts_with("subscribed "), "{first}");
+    (child, lines)
+}
+
 /// A child process killed when the test ends, passed or failed.
 struct Killed(std::process::Child);
 
@@ -311,4 +327,84 @@ impl Drop for Killed {
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
+}
+
+/// A direct subscriber stopped with SIGSTOP while 10,000 real uevents are made fills its
+/// socket, then its queue: once resumed it receives events and `Lost` counts that add up
+/// to all 10,000 exactly, numbered without a gap; a second direct subscriber, reading,
+/// loses nothing meanwhile.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_direct_subscriber_loses_exactly_what_it_missed_and_no_one_else_does() {
+    use nix::sys::signal::{kill, Signal as Sig};
+    const EVENTS: u64 = 10_000;
+    const BATCH: usize = 500;
+    const DEPTH: u32 = 100;
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(4);
+    let mut fast = Direct::open(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(4096u32))]),
+    )
+    .await;
+    fast.watch(1, &[("name", Variant::from(disk.name.as_str()))])
+        .await
+        .expect("AddWatch");
+    let (stalled, lines) = gdbus_direct(&daemon, &disk, Some(DEPTH));
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(stalled.0.id()).expect("pid"));
+    kill(pid, Sig::SIGSTOP).expect("SIGSTOP");
+    // In batches the fast subscriber keeps up with, so that its queue never overflows.
+    for _ in 0..EVENTS / BATCH as u64 {
+        let expected = fast.received.len() + BATCH;
+        let name = disk.name.clone();
+        tokio::task::spawn_blocking(move || {
+            for _ in 0..BATCH {
+                std::fs::write(format!("/sys/block/{name}/uevent"), "change").expect("a uevent");
+            }
+        })
+        .await
+        .expect("writer");
+        fast.until("the batch", |s| s.len() >= expected).await;
+    }
+    assert_eq!(fast.received.len() as u64, EVENTS);
+    assert!(fast
+        .received
+        .iter()
+        .all(|s| matches!(s, Signal::Device { .. })));
+    assert_contiguous(&fast.received);
+
+    kill(pid, Sig::SIGCONT).expect("SIGCONT");
+    let (mut events, mut lost, mut next_seq) = (0u64, 0u64, 1u64);
+    while events + lost < EVENTS {
+        let line = lines.recv_timeout(TIMEOUT).unwrap_or_else(|_| {
+            panic!("stalled direct subscriber: {events} events + {lost} lost of {EVENTS}")
+        });
+        let words: Vec<&str> = line.split(' ').collect();
+        let [member, seq, count] = words.as_slice() else {
+            panic!("unexpected line {line:?}")
+        };
+        let (seq, count) = (
+            seq.parse::<u64>().expect("seq"),
+            count.parse::<u64>().expect("count"),
+        );
+        assert_eq!(seq, next_seq, "gap or repeat at {line}");
+        match *member {
+            "DeviceChanged" => events += 1,
+            "Lost" => lost += count,
+            other => panic!("unexpected {other}"),
+        }
+        next_seq += count;
+    }
+    assert_eq!(events + lost, EVENTS);
+    assert!(
+        lost > 0,
+        "a stopped reader of a {DEPTH}-deep queue must have lost events"
+    );
+    assert!(
+        events >= u64::from(DEPTH),
+        "it keeps at least its queue's worth: {events}"
+    );
+    assert!(
+        lines.recv_timeout(Duration::from_millis(300)).is_err(),
+        "nothing after the count"
+    );
 }
