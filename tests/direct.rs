@@ -408,3 +408,76 @@ async fn a_stalled_direct_subscriber_loses_exactly_what_it_missed_and_no_one_els
         "nothing after the count"
     );
 }
+
+/// `tests/foreign/direct_fd.py MODE ARGS…` as `user`, its output line by line.
+fn direct_fd_as(
+    user: &common::polkit::User,
+    args: &[&str],
+) -> (Killed, std::sync::mpsc::Receiver<String>) {
+    use std::os::unix::process::CommandExt;
+    let mut child = Killed(
+        std::process::Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/foreign/direct_fd.py"))
+            .args(args)
+            .uid(user.uid)
+            .gid(user.gid)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3 with python3-gi"),
+    );
+    let lines = common::lines::lines(child.0.stdout.take().expect("stdout"));
+    (child, lines)
+}
+
+fn line(lines: &std::sync::mpsc::Receiver<String>, what: &str) -> String {
+    lines
+        .recv_timeout(TIMEOUT)
+        .unwrap_or_else(|_| panic!("no line from the {what}"))
+}
+
+/// A direct subscription's fd handed by its opener (alice) to another user's process
+/// (carol, whom polkit lets watch block errors) gives that process nothing more than
+/// alice has: on alice's fd carol's AddWatch of block-errors is refused as alice's would
+/// be, and a device watch (alice may) is allowed; on a direct subscription of her own,
+/// carol may add both. Real polkitd, real users.
+#[test]
+fn a_passed_on_direct_fd_gives_its_holder_nothing_more_than_the_opener_had() {
+    let daemon = Daemon::with_polkit("");
+    let (alice, carol) = (
+        common::polkit::user("watchq-alice"),
+        common::polkit::user("watchq-carol"),
+    );
+    let address = daemon.address();
+    let watches = ["block-errors", "devices"];
+
+    // Carol's own: both allowed (the rule in common::polkit grants her block errors).
+    let (_own, own) = direct_fd_as(
+        &carol,
+        &[&["own", "--address", address][..], &watches].concat(),
+    );
+    assert_eq!(line(&own, "own client"), "block-errors ok");
+    assert_eq!(line(&own, "own client"), "devices ok");
+
+    // Alice's, held by carol.
+    let dir = tempfile::tempdir().expect("temporary directory");
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let socket = dir.path().join("fd.sock");
+    let socket = socket.to_str().expect("a UTF-8 path");
+    let (_holder, held) = direct_fd_as(
+        &carol,
+        &[&["hold", "--listen", socket][..], &watches].concat(),
+    );
+    assert_eq!(line(&held, "holder"), "listening");
+    let (_opener, opened) = direct_fd_as(&alice, &["open", "--address", address, "--send", socket]);
+    assert!(line(&opened, "opener").starts_with("sent /org/watchq1/subscription/"));
+    assert_eq!(
+        line(&held, "holder"),
+        "block-errors org.watchq1.Error.AccessDenied"
+    );
+    assert_eq!(line(&held, "holder"), "devices ok");
+}
