@@ -481,3 +481,43 @@ fn a_passed_on_direct_fd_gives_its_holder_nothing_more_than_the_opener_had() {
     );
     assert_eq!(line(&held, "holder"), "devices ok");
 }
+
+/// `watchqctl monitor` reads a direct subscription by default and the bus with `--bus`;
+/// either way it prints every event of a loop device, numbered without a gap.
+#[test]
+fn watchqctl_monitor_is_direct_by_default_and_on_the_bus_with_a_flag() {
+    const EVENTS: u64 = 200;
+    let daemon = Daemon::start();
+    let disk = LoopDevice::attach(1);
+    for (flags, direct) in [(&[][..], true), (&["--bus"][..], false)] {
+        let mut child = Killed(
+            std::process::Command::new(env!("CARGO_BIN_EXE_watchqctl"))
+                .args(["--address", daemon.address(), "monitor", "--json"])
+                .args(flags)
+                .arg(format!("--match=name={}", disk.name))
+                .arg("devices")
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .expect("watchqctl"),
+        );
+        let errors = common::lines::lines(child.0.stderr.take().expect("stderr"));
+        let lines = common::lines::lines(child.0.stdout.take().expect("stdout"));
+        let watching = line(&errors, "watchqctl's stderr");
+        assert!(watching.starts_with("watching devices"), "{watching}");
+        assert_eq!(
+            watching.contains("on a connection of its own"),
+            direct,
+            "{flags:?}: {watching}"
+        );
+        for _ in 0..EVENTS {
+            disk.synth_change();
+        }
+        for seq in 1..=EVENTS {
+            let event: serde_json::Value =
+                serde_json::from_str(&line(&lines, "watchqctl")).expect("JSON");
+            assert_eq!(event["seq"], seq, "{flags:?}: {event}");
+            assert_eq!(event["signal"], "DeviceChanged", "{flags:?}: {event}");
+        }
+    }
+}

@@ -107,7 +107,9 @@ pub const SUBSCRIPTION_INTERFACE: &str = "org.watchq1.Subscription";
 /// The `Lost` reason under which a restart's gap is reported (see [`Item::Restarted`]).
 pub const DAEMON_RESTARTED: &str = "daemon-restarted";
 
+mod direct;
 mod subscription;
+pub use direct::{direct_unsupported, DirectSubscription};
 pub use subscription::{
     FilterEntry, Item, Restart, Subscription, SubscriptionBuilder, WatchRequest,
 };
