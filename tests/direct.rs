@@ -152,6 +152,35 @@ async fn a_zbus_client_receives_a_loop_devices_events_directly() {
     let value: zbus::OwnedVariant = reply.body().deserialize().expect("variant");
     let watches: Vec<(u64, String)> = value.try_into().expect("a(ts)");
     assert_eq!(watches, vec![(7, "devices".to_owned())]);
+
+    // On the bus the object is not there, for a stranger nor for the opener: only the
+    // fd reaches it.
+    let stranger = daemon.connect().await;
+    for conn in [&stranger, &direct._bus] {
+        let spec: HashMap<&str, Variant<'_>> = HashMap::new();
+        let refused = conn
+            .call_method(
+                Some("org.watchq1"),
+                &direct.path,
+                Some(INTERFACE),
+                "AddWatch",
+                &("devices", 8u64, spec),
+            )
+            .await;
+        assert_eq!(
+            error_name(refused),
+            "org.freedesktop.DBus.Error.UnknownObject"
+        );
+    }
+
+    // Close is answered, and ends the subscription: the connection closes.
+    direct.call("Close", &()).await.expect("Close");
+    let end = tokio::time::timeout(TIMEOUT, async {
+        while let Some(Ok(_)) = direct.stream.next().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the direct connection stayed open after Close");
+    assert_eq!(subscription_count(&stranger).await, 0);
 }
 
 /// `watchqd_subscriptions` from `Manager.Metrics`.

@@ -36,6 +36,10 @@ use crate::dispatch::Subscribed;
 /// How long the peer has to authenticate on its end after the fd was handed over.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a call being answered when the subscription ends may take to get its reply
+/// out before the connection is closed under it.
+const REPLY_GRACE: Duration = Duration::from_secs(5);
+
 /// Deliveries taken from the outbox per write: a full socket takes what it can, and the
 /// rest waits in the batch, so this bounds what is held outside the outbox.
 const BATCH: usize = 256;
@@ -130,13 +134,19 @@ impl Service {
         if let Some(conn) = conn {
             self.deliver_direct(&conn, sub).await;
             self.close(id).await;
-            // The object holds the service and the connection holds the object: removed
-            // explicitly, so that nothing keeps the socket open.
+            // A call being answered (Close, usually) holds the object until its reply is
+            // written: it is let out first, for a bounded time (a stalled peer may never
+            // take it). Then the object goes (it holds the service, and the connection
+            // holds it) so that nothing keeps the socket open.
             let path = subscription::path(id);
-            let _ = conn
-                .object_server()
-                .remove::<SubscriptionObject, _>(path.as_str())
-                .await;
+            let server = conn.object_server();
+            if let Ok(object) = server
+                .interface::<_, SubscriptionObject>(path.as_str())
+                .await
+            {
+                let _ = tokio::time::timeout(REPLY_GRACE, object.get_mut()).await;
+            }
+            let _ = server.remove::<SubscriptionObject, _>(path.as_str()).await;
             if let Err(e) = conn.close().await {
                 tracing::debug!(subscription = id, "closing the direct connection: {e}");
             }
