@@ -550,3 +550,30 @@ fn watchqctl_monitor_is_direct_by_default_and_on_the_bus_with_a_flag() {
         }
     }
 }
+
+/// A direct subscription ends when its opener leaves the bus (its identity, and polkit's
+/// subject for it, are gone), even while its fd is still open: the connection closes and
+/// the subscription is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_direct_subscription_ends_when_its_opener_leaves_the_bus() {
+    let daemon = Daemon::start();
+    let watcher = daemon.connect().await;
+    let Direct {
+        _bus: opener,
+        conn,
+        mut stream,
+        ..
+    } = Direct::open(&daemon, HashMap::new()).await;
+    assert_eq!(subscription_count(&watcher).await, 1);
+    drop(opener);
+    let end = tokio::time::timeout(TIMEOUT, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
+    assert!(end.is_ok(), "the direct connection outlived its opener");
+    eventually("the subscription to end", async || {
+        subscription_count(&watcher).await == 0
+    })
+    .await;
+    drop(conn);
+}
