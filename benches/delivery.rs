@@ -220,6 +220,185 @@ fn write_changes(name: &str, n: u64) {
     }
 }
 
+/// A zbus peer-to-peer connection pair on a socket pair: (server, client).
+async fn p2p_pair() -> (Connection, Connection) {
+    use zbus::connection::{AuthMechanism, Builder};
+    let (a, b) = std::os::unix::net::UnixStream::pair().unwrap();
+    a.set_nonblocking(true).unwrap();
+    b.set_nonblocking(true).unwrap();
+    let server = Builder::unix_stream(a)
+        .server(zbus::Guid::generate())
+        .p2p()
+        .auth_mechanism(AuthMechanism::Anonymous)
+        .build();
+    let client = Builder::unix_stream(b)
+        .p2p()
+        .auth_mechanism(AuthMechanism::Anonymous)
+        .build();
+    let (server, client) = tokio::join!(server, client);
+    (server.unwrap(), client.unwrap())
+}
+
+/// Waits for the next DeviceChanged on `stream`.
+async fn next_device_changed(stream: &mut MessageStream) {
+    loop {
+        let m = stream.next().await.unwrap().unwrap();
+        if m.header().member().map(|m| m.as_str()) == Some("DeviceChanged") {
+            return;
+        }
+    }
+}
+
+/// The raw peer-to-peer ceiling: `body` emitted on a zbus p2p connection, one at a time
+/// `reps` times (latency), then `flood` at once (rate).
+async fn raw_p2p(
+    body: &watchqd::source::devices::signal::DeviceChanged<'_>,
+    flood: u64,
+    reps: usize,
+) -> (f64, Vec<Duration>) {
+    let (emitter, receiver) = p2p_pair().await;
+    let mut stream = signal_stream(&receiver).await;
+    let emit = || {
+        emitter.emit_signal(
+            None::<&str>,
+            "/bench",
+            "org.watchq1.Bench",
+            "DeviceChanged",
+            body,
+        )
+    };
+    let mut latencies = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        emit().await.unwrap();
+        next_device_changed(&mut stream).await;
+        latencies.push(start.elapsed());
+    }
+    let counter = tokio::spawn(count_until(stream, flood, Arc::default()));
+    let start = Instant::now();
+    for _ in 0..flood {
+        emit().await.unwrap();
+    }
+    let end = counter.await.unwrap();
+    (flood as f64 / (end - start).as_secs_f64(), latencies)
+}
+
+/// A direct subscription opened on `bus` (queue 65536) watching the block device `disk`:
+/// its connection, its path and every message on it.
+async fn open_direct(
+    bus: &Connection,
+    disk: &str,
+) -> (Connection, zbus::OwnedObjectPath, MessageStream) {
+    use zbus::connection::{AuthMechanism, Builder};
+    let manager = watchqd::client::ManagerProxy::new(bus).await.unwrap();
+    let (path, fd) = manager
+        .subscribe_direct(HashMap::from([("queue-depth", Variant::from(65536u32))]))
+        .await
+        .unwrap();
+    let socket = std::os::unix::net::UnixStream::from(std::os::fd::OwnedFd::from(fd));
+    socket.set_nonblocking(true).unwrap();
+    let conn = Builder::unix_stream(socket)
+        .p2p()
+        .auth_mechanism(AuthMechanism::Anonymous)
+        .build()
+        .await
+        .unwrap();
+    let stream = signal_stream(&conn).await;
+    let spec = HashMap::from([("name", Variant::from(disk))]);
+    conn.call_method(
+        None::<&str>,
+        &path,
+        Some("org.watchq1.Subscription"),
+        "AddWatch",
+        &("devices", 1u64, spec),
+    )
+    .await
+    .unwrap();
+    (conn, path, stream)
+}
+
+/// One direct subscription watching `disk`: latency from the uevent write, `reps` times,
+/// then the rate of `flood` uevents.
+async fn direct_one(daemon: &Daemon, disk: &str, flood: u64, reps: usize) -> (f64, Vec<Duration>) {
+    use std::io::Write;
+    let bus = watchqd::client::connect(Some(daemon.address()))
+        .await
+        .unwrap();
+    let (conn, _, mut stream) = open_direct(&bus, disk).await;
+    let mut uevent = std::fs::OpenOptions::new()
+        .write(true)
+        .open(format!("/sys/block/{disk}/uevent"))
+        .unwrap();
+    let mut latencies = Vec::with_capacity(reps);
+    for _ in 0..reps {
+        let start = Instant::now();
+        uevent.write_all(b"change").unwrap();
+        next_device_changed(&mut stream).await;
+        latencies.push(start.elapsed());
+    }
+    let counter = tokio::spawn(count_until(stream, flood, Arc::default()));
+    let start = Instant::now();
+    let name = disk.to_owned();
+    tokio::task::spawn_blocking(move || write_changes(&name, flood))
+        .await
+        .unwrap();
+    let end = counter.await.unwrap();
+    drop(conn);
+    (flood as f64 / (end - start).as_secs_f64(), latencies)
+}
+
+/// `subscriptions` direct subscriptions watching `disk` (100 per bus connection, the
+/// configured limit), of which `receivers` let the events through and the rest filter
+/// them out: the aggregate rate of `per_sub` uevents to each receiver.
+async fn direct_many(
+    daemon: &Daemon,
+    disk: &str,
+    subscriptions: usize,
+    receivers: usize,
+    per_sub: u64,
+) -> f64 {
+    let mut buses = Vec::new();
+    let mut links = Vec::new();
+    let mut counters = Vec::new();
+    for i in 0..subscriptions {
+        if i % 100 == 0 {
+            buses.push(
+                watchqd::client::connect(Some(daemon.address()))
+                    .await
+                    .unwrap(),
+            );
+        }
+        let (conn, path, stream) = open_direct(buses.last().unwrap(), disk).await;
+        if i < receivers {
+            counters.push(tokio::spawn(count_until(stream, per_sub, Arc::default())));
+        } else {
+            // Lets nothing of this run through: only additions pass.
+            drop(stream);
+            conn.call_method(
+                None::<&str>,
+                &path,
+                Some("org.watchq1.Subscription"),
+                "SetFilter",
+                &(vec![("devices", vec!["add"])],),
+            )
+            .await
+            .unwrap();
+        }
+        links.push(conn);
+    }
+    let start = Instant::now();
+    let name = disk.to_owned();
+    tokio::task::spawn_blocking(move || write_changes(&name, per_sub))
+        .await
+        .unwrap();
+    let mut end = start;
+    for counter in counters {
+        end = end.max(counter.await.unwrap());
+    }
+    drop((links, buses));
+    (per_sub * receivers as u64) as f64 / (end - start).as_secs_f64()
+}
+
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().collect();
@@ -427,6 +606,43 @@ async fn main() -> std::process::ExitCode {
         added99,
         format!("{:.0} us - {:.0} us", micros(d99), micros(r99)),
     );
+
+    // Direct delivery (SubscribeDirect): the same events on a connection of their own,
+    // against a raw zbus peer-to-peer emitter of the same body. Printed as figures and
+    // ratios; not yet held to targets (issue 17 asks >= 2.0x the bus ceiling, >= 0.9x
+    // raw p2p, added p50 <= 50 us, p99 <= 500 us): to be set once measured here.
+    let (p2p_rate, mut lat_p2p) = raw_p2p(&body, flood, reps).await;
+    let (direct_rate, mut lat_direct) = direct_one(&daemon, &disk.name, flood, reps).await;
+    lat_p2p.sort();
+    lat_direct.sort();
+    let (p50, p99) = (percentile(&lat_p2p, 500), percentile(&lat_p2p, 990));
+    let (x50, x99) = (percentile(&lat_direct, 500), percentile(&lat_direct, 990));
+    out.say(format!(
+        "raw zbus peer-to-peer emitter -> 1 receiver: {p2p_rate:.0} signals/s = {:.2}x ceiling; latency p50 {:.0} us, p99 {:.0} us",
+        p2p_rate / raw_rate,
+        micros(p50),
+        micros(p99)
+    ));
+    out.say(format!(
+        "watchqd direct (SubscribeDirect) -> 1 subscriber: {direct_rate:.0} signals/s = {:.2}x ceiling, {:.2}x raw p2p; latency p50 {:.0} us, p99 {:.0} us (added to raw p2p: p50 {:.0} us, p99 {:.0} us)",
+        direct_rate / raw_rate,
+        direct_rate / p2p_rate,
+        micros(x50),
+        micros(x99),
+        micros(x50) - micros(p50),
+        micros(x99) - micros(p99)
+    ));
+
+    // Many direct subscriptions with per-subscriber filters: the aggregate rate against
+    // the bus ceiling of one subscriber (issue 17 asks >= 1.0x at 1,000).
+    let (many, share) = if quick { (10, 50) } else { (1000, 10) };
+    let receivers = (many * share / 100).max(1);
+    let per_sub = flood.min(200_000 / receivers as u64);
+    let many_rate = direct_many(&daemon, &disk.name, many, receivers, per_sub).await;
+    out.say(format!(
+        "watchqd direct {many} subscriptions ({receivers} let {per_sub} events through, the rest filtered): {many_rate:.0} signals/s aggregate = {:.2}x ceiling",
+        many_rate / raw_rate
+    ));
 
     // Throughput through watchqd at several scales.
     let mut rss_after_runs = Vec::new();

@@ -7,6 +7,7 @@ use clap::Parser;
 use zbus::{OwnedVariant, Variant};
 
 use watchqd::cli::ctl::{Args, Command};
+use watchqd::client::{direct_unsupported, DirectSubscription, FilterEntry};
 use watchqd::client::{Item, Subscription, DAEMON_RESTARTED};
 use watchqd::client::{LostBody, ManagerProxy, ReceivedObject, WatchRemovedBody};
 use watchqd::signal::{attributes_json, attributes_text};
@@ -38,6 +39,7 @@ async fn run(args: Args) -> Result<(), String> {
         }
         Command::Monitor {
             json,
+            bus,
             queue_depth,
             matches,
             subtypes,
@@ -48,6 +50,7 @@ async fn run(args: Args) -> Result<(), String> {
                 &manager,
                 MonitorOptions {
                     json,
+                    bus,
                     queue_depth,
                     matches,
                     subtypes,
@@ -143,6 +146,7 @@ fn object_json(object: &ReceivedObject) -> serde_json::Value {
 
 struct MonitorOptions {
     json: bool,
+    bus: bool,
     queue_depth: Option<u32>,
     matches: Vec<String>,
     subtypes: Vec<String>,
@@ -183,13 +187,7 @@ async fn monitor(
         );
     }
 
-    let mut builder = Subscription::builder(conn);
-    if let Some(depth) = options.queue_depth {
-        builder = builder.queue_depth(depth);
-    }
-    // The subscription object and its signal stream exist before any watch, so no event
-    // can be missed; it accepts only what the daemon holding it sends.
-    let mut subscription = builder.build().await.map_err(|e| describe(&e))?;
+    let mut subscription = Feed::open(conn, &options).await?;
     // Without named sources, every available one the caller is allowed to watch.
     let implicit = options.sources.is_empty();
     let mut refused = Vec::new();
@@ -251,12 +249,13 @@ async fn monitor(
             needs_options.join(", ")
         )
     };
-    let path = subscription
-        .path()
-        .map(ToString::to_string)
-        .unwrap_or_default();
+    let path = subscription.path();
+    let via = match subscription {
+        Feed::Direct(_) => " on a connection of its own",
+        Feed::Bus(_) => "",
+    };
     eprintln!(
-        "watching {}{not_allowed} (subscription {path}); Ctrl-C to stop",
+        "watching {}{not_allowed} (subscription {path}){via}; Ctrl-C to stop",
         sources.join(", ")
     );
 
@@ -274,6 +273,81 @@ async fn monitor(
     }
     let _ = subscription.close().await;
     Ok(())
+}
+
+/// The subscription `monitor` reads: direct by default, on the bus with `--bus` or where
+/// the daemon or the bus cannot hand over a connection.
+enum Feed {
+    Bus(Subscription),
+    Direct(DirectSubscription),
+}
+
+impl Feed {
+    async fn open(conn: &zbus::Connection, options: &MonitorOptions) -> Result<Feed, String> {
+        if !options.bus {
+            let mut direct_options = HashMap::new();
+            if let Some(depth) = options.queue_depth {
+                direct_options.insert("queue-depth".to_owned(), OwnedVariant::from(depth));
+            }
+            match DirectSubscription::open(conn, direct_options).await {
+                Ok(direct) => return Ok(Feed::Direct(direct)),
+                Err(e) if direct_unsupported(&e) => eprintln!(
+                    "watchqctl: no direct subscription here ({}); using the bus",
+                    describe(&e)
+                ),
+                Err(e) => return Err(describe(&e)),
+            }
+        }
+        let mut builder = Subscription::builder(conn);
+        if let Some(depth) = options.queue_depth {
+            builder = builder.queue_depth(depth);
+        }
+        // The subscription object and its signal stream exist before any watch, so no
+        // event can be missed; it accepts only what the daemon holding it sends.
+        Ok(Feed::Bus(builder.build().await.map_err(|e| describe(&e))?))
+    }
+
+    async fn add_watch(
+        &mut self,
+        kind: &str,
+        tag: u64,
+        spec: HashMap<String, OwnedVariant>,
+    ) -> zbus::Result<()> {
+        match self {
+            Feed::Bus(s) => s.add_watch(kind, tag, spec).await,
+            Feed::Direct(s) => s.add_watch(kind, tag, spec).await,
+        }
+    }
+
+    async fn set_filter(&mut self, filter: Vec<FilterEntry>) -> zbus::Result<()> {
+        match self {
+            Feed::Bus(s) => s.set_filter(filter).await,
+            Feed::Direct(s) => s.set_filter(filter).await,
+        }
+    }
+
+    fn path(&self) -> String {
+        match self {
+            Feed::Bus(s) => s.path(),
+            Feed::Direct(s) => s.path(),
+        }
+        .map(ToString::to_string)
+        .unwrap_or_default()
+    }
+
+    async fn next(&mut self) -> Option<zbus::Result<Item>> {
+        match self {
+            Feed::Bus(s) => s.next().await,
+            Feed::Direct(s) => s.next().await,
+        }
+    }
+
+    async fn close(self) -> zbus::Result<()> {
+        match self {
+            Feed::Bus(s) => s.close().await,
+            Feed::Direct(s) => s.close().await,
+        }
+    }
 }
 
 /// Prints what the subscription hands out: events on stdout; the daemon's absence on

@@ -226,7 +226,8 @@ impl Service {
                     return; // closed
                 };
                 if !batch.is_empty() {
-                    self.send_batch(id, &emitter, &owner, &batch).await;
+                    self.send_batch(&self.conn, id, &emitter, Some(&owner), &batch)
+                        .await;
                     window.sent += batch.len() as u64;
                     continue;
                 }
@@ -382,11 +383,14 @@ impl Service {
     }
 
     /// Sends a batch of deliveries, events together in as few writes as the socket takes.
-    async fn send_batch(
+    /// `conn` is the bus with `owner` the destination, or a direct subscription's own
+    /// connection with none.
+    pub(super) async fn send_batch(
         &self,
+        conn: &Connection,
         id: u64,
         emitter: &SignalEmitter<'_>,
-        owner: &UniqueName<'_>,
+        owner: Option<&UniqueName<'_>>,
         batch: &[crate::dispatch::Delivery],
     ) {
         let object_path = emitter.path().to_owned();
@@ -397,13 +401,7 @@ impl Service {
         let mut costs = Vec::with_capacity(batch.len());
         for delivery in batch {
             let started = ThreadCpu::now();
-            match event_message(
-                &self.conn,
-                self.hub.registry(),
-                &object_path,
-                owner,
-                delivery,
-            ) {
+            match event_message(conn, self.hub.registry(), &object_path, owner, delivery) {
                 Some(Ok(message)) => {
                     messages.push(message);
                     if let Delivery::Event { record, .. } = delivery {
@@ -414,14 +412,14 @@ impl Service {
                     tracing::warn!(subscription = id, "building a signal failed: {e}");
                 }
                 None => {
-                    self.send_all(id, &mut messages, &mut costs).await;
+                    self.send_all(conn, id, &mut messages, &mut costs).await;
                     if let Err(e) = emit(emitter, delivery).await {
                         tracing::warn!(subscription = id, "sending a signal failed: {e}");
                     }
                 }
             }
         }
-        self.send_all(id, &mut messages, &mut costs).await;
+        self.send_all(conn, id, &mut messages, &mut costs).await;
     }
 
     /// Sends `messages`, then tells each event's source what it cost: its building, and
@@ -429,12 +427,13 @@ impl Service {
     /// await, and the task resume on the other worker; then only the building counts).
     async fn send_all(
         &self,
+        conn: &Connection,
         id: u64,
         messages: &mut Vec<Message>,
         costs: &mut Vec<(&Arc<Published>, Duration)>,
     ) {
         let started = ThreadCpu::now();
-        if let Err(e) = self.conn.send_all(messages).await {
+        if let Err(e) = conn.send_all(messages).await {
             tracing::warn!(subscription = id, "sending signals failed: {e}");
         }
         messages.clear();

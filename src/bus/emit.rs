@@ -12,12 +12,13 @@ use crate::dispatch::Delivery;
 use crate::source::Registry;
 
 /// The signal for an event delivery from its record's shared encoding; `None` when the
-/// delivery is no event or its record could not be encoded.
+/// delivery is no event or its record could not be encoded. `owner` is the destination
+/// on the bus; a peer-to-peer connection has none.
 pub(super) fn event_message(
     conn: &Connection,
     registry: &Registry,
     path: &ObjectPath<'_>,
-    owner: &UniqueName<'_>,
+    owner: Option<&UniqueName<'_>>,
     delivery: &Delivery,
 ) -> Option<zbus::Result<Message>> {
     let Delivery::Event { seq, tag, record } = delivery else {
@@ -25,8 +26,10 @@ pub(super) fn event_message(
     };
     let encoding = record.encoded(|record| registry.get(record.source)?.signal().encode(record))?;
     let body = encoding.body_for(*seq, *tag);
-    let mut builder =
-        Message::signal(path, subscription::INTERFACE, encoding.member).destination(owner);
+    let mut builder = Message::signal(path, subscription::INTERFACE, encoding.member);
+    if let Some(owner) = owner {
+        builder = builder.destination(owner);
+    }
     if let Some(sender) = conn.unique_name() {
         builder = builder.sender(sender);
     }

@@ -32,6 +32,25 @@ impl Manager {
         self.service.subscribe(sender, &options).await
     }
 
+    /// Like Subscribe, but the subscription's signals travel on a peer-to-peer D-Bus
+    /// connection of its own: returns the subscription's path and one end of a socket on
+    /// which the daemon serves peer-to-peer D-Bus (authentication ANONYMOUS), with the same
+    /// Subscription object at that path. Refused where Subscribe is, and counted in the
+    /// same limits. Calls on that connection act as the caller of SubscribeDirect, whoever
+    /// holds the socket. It ends when the socket is closed, on Close, or when the caller
+    /// leaves the bus. A reader that falls behind fills the socket, then its queue: what
+    /// overflows is counted in Lost.
+    #[zbus(out_args("path", "fd"))]
+    async fn subscribe_direct(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+        options: HashMap<String, OwnedVariant>,
+    ) -> Result<(OwnedObjectPath, zbus::OwnedFd), BusError> {
+        let sender = super::sender(&header)?;
+        let (path, fd) = self.service.subscribe_direct(sender, &options).await?;
+        Ok((path, fd.into()))
+    }
+
     /// Current objects of a source: (the source's generation, [(id, changes, attributes,
     /// properties)]). For a snapshot aligned with a subscription's events, use the
     /// subscription's Snapshot method.

@@ -2,9 +2,11 @@
 //! subscriptions and their end) here; adding watches and snapshots through policy
 //! (`watch.rs`); re-authorizing live watches when policy may have changed
 //! (`reauthorize.rs`); deliveries as signal messages (`emit.rs`), sent with flow control
-//! (`delivery.rs`).
+//! (`delivery.rs`); subscriptions on a peer-to-peer connection of their own, handed over
+//! as a file descriptor (`direct.rs`).
 
 mod delivery;
+mod direct;
 mod emit;
 pub mod error;
 pub mod manager;
@@ -50,6 +52,8 @@ pub struct Service {
     authorizer: Authorizer,
     /// What every subscription's deliverer shares ([`delivery`]).
     delivery: delivery::Shared,
+    /// Which subscriptions are direct ([`direct`]).
+    direct: direct::Directs,
     /// Woken when policy may have changed: live watches are re-authorized
     /// ([`reauthorize`]). Wakes coalesce.
     policy_changed: tokio::sync::Notify,
@@ -71,6 +75,7 @@ impl Service {
             dbus: DBusProxy::new(conn).await?,
             authorizer: Authorizer::new(policy, Box::new(Polkit::new(conn.clone()))),
             delivery: delivery::Shared::new(conn).await,
+            direct: direct::Directs::default(),
             policy_changed: tokio::sync::Notify::new(),
         });
         conn.object_server()
@@ -130,20 +135,7 @@ impl Service {
         sender: &UniqueName<'_>,
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<OwnedObjectPath, BusError> {
-        let depth = subscribe_options(options)?;
-        let identity = self.identity(sender).await?;
-        self.authorizer.subscribe(&identity)?;
-        let uid = identity.uid;
-        tracing::debug!(
-            owner = %sender,
-            uid,
-            pid = ?identity.pid,
-            unit = ?identity.unit,
-            session = ?identity.session,
-            label = ?identity.label,
-            "caller identified"
-        );
-        let subscribed = self.hub.subscribe(identity, depth)?;
+        let (subscribed, uid) = self.open(sender, options).await?;
         let id = subscribed.id;
         let path = subscription::path(id);
         self.conn
@@ -153,13 +145,43 @@ impl Service {
                 SubscriptionObject {
                     id,
                     service: Arc::clone(self),
+                    direct: None,
                 },
             )
             .await?;
         let owner = sender.to_owned();
         let service = Arc::clone(self);
         tokio::spawn(async move { service.deliver(owner, subscribed).await });
-        // The owner may have left before we started watching for that.
+        self.close_if_departed(sender, id).await;
+        tracing::info!(subscription = id, owner = %sender, uid, "subscribed");
+        OwnedObjectPath::try_from(path).map_err(BusError::ZBus)
+    }
+
+    /// What `Subscribe` and `SubscribeDirect` share: the options read, the caller
+    /// identified and allowed by policy, and the hub's subscription (with its limits).
+    async fn open(
+        &self,
+        sender: &UniqueName<'_>,
+        options: &HashMap<String, OwnedVariant>,
+    ) -> Result<(crate::dispatch::Subscribed, u32), BusError> {
+        let depth = subscribe_options(options)?;
+        let identity = self.identity(sender).await?;
+        self.authorizer.subscribe(&identity)?;
+        tracing::debug!(
+            owner = %sender,
+            uid = identity.uid,
+            pid = ?identity.pid,
+            unit = ?identity.unit,
+            session = ?identity.session,
+            label = ?identity.label,
+            "caller identified"
+        );
+        let uid = identity.uid;
+        Ok((self.hub.subscribe(identity, depth)?, uid))
+    }
+
+    /// The owner may have left before [`Service::reap_departed`] could see it go.
+    async fn close_if_departed(&self, sender: &UniqueName<'_>, id: u64) {
         if !self
             .dbus
             .name_has_owner(BusName::Unique(sender.to_owned()))
@@ -168,13 +190,15 @@ impl Service {
         {
             self.close(id).await;
         }
-        tracing::info!(subscription = id, owner = %sender, uid, "subscribed");
-        OwnedObjectPath::try_from(path).map_err(BusError::ZBus)
     }
 
     /// Ends a subscription: state, object and delivery task.
     pub async fn close(&self, id: u64) {
         if self.hub.close(id).await {
+            if self.end_direct(id) {
+                tracing::info!(subscription = id, "direct subscription closed");
+                return;
+            }
             let path = subscription::path(id);
             if let Err(e) = self
                 .conn

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use zbus::message::Header;
+use zbus::names::UniqueName;
 use zbus::object_server::SignalEmitter;
 use zbus::{interface, OwnedVariant};
 
@@ -26,17 +27,28 @@ pub fn path(id: u64) -> String {
 pub struct SubscriptionObject {
     pub(super) id: u64,
     pub(super) service: Arc<Service>,
+    /// For a direct subscription (`Manager.SubscribeDirect`), the unique name of the bus
+    /// connection that opened it. Its object is served only on its own peer-to-peer
+    /// connection, whose messages carry no sender the bus vouches for (a peer may write
+    /// any sender field it likes): every call that reaches it is its holder's, and acts
+    /// as the opener, with the identity fixed when it was opened.
+    pub(super) direct: Option<UniqueName<'static>>,
 }
 
 impl SubscriptionObject {
-    fn caller<'h>(header: &'h Header<'_>) -> Result<&'h str, BusError> {
-        super::sender(header).map(|s| s.as_str())
+    /// Who the call acts for: the bus's sender, or for a direct subscription its opener
+    /// (whatever the message says).
+    fn caller<'a>(&'a self, header: &'a Header<'_>) -> Result<&'a UniqueName<'a>, BusError> {
+        match &self.direct {
+            Some(opener) => Ok(opener),
+            None => super::sender(header),
+        }
     }
 
     fn check_owner(&self, header: Option<&Header<'_>>) -> Result<(), BusError> {
         // Local reads (no header) come from the daemon itself.
         let Some(header) = header else { return Ok(()) };
-        let caller = Self::caller(header)?;
+        let caller = self.caller(header)?.as_str();
         match self.service.hub.owner_of(self.id) {
             Some(owner) if owner == caller => Ok(()),
             Some(_) => Err(BusError::AccessDenied(format!(
@@ -72,7 +84,7 @@ macro_rules! subscription_interface {
             tag: u64,
             spec: HashMap<String, OwnedVariant>,
         ) -> Result<(), BusError> {
-            let caller = Self::caller(&header)?;
+            let caller = self.caller(&header)?.as_str();
             // Whose it is comes first: a stranger learns nothing from argument errors.
             self.check_owner(Some(&header))?;
             Ok(self
@@ -87,7 +99,7 @@ macro_rules! subscription_interface {
             #[zbus(header)] header: Header<'_>,
             tag: u64,
         ) -> Result<(), BusError> {
-            let caller = Self::caller(&header)?;
+            let caller = self.caller(&header)?.as_str();
             // Whose it is comes first: a stranger learns nothing from argument errors.
             self.check_owner(Some(&header))?;
             Ok(self.service.hub.remove_watch(self.id, caller, tag).await?)
@@ -101,7 +113,7 @@ macro_rules! subscription_interface {
             #[zbus(header)] header: Header<'_>,
             filter: Vec<(String, Vec<String>)>,
         ) -> Result<(), BusError> {
-            let caller = Self::caller(&header)?;
+            let caller = self.caller(&header)?.as_str();
             // Whose it is comes first: a stranger learns nothing from argument errors.
             self.check_owner(Some(&header))?;
             Ok(self.service.hub.set_filter(self.id, caller, &filter)?)
@@ -115,7 +127,7 @@ macro_rules! subscription_interface {
             #[zbus(header)] header: Header<'_>,
             source: &str,
         ) -> Result<(u64, Vec<SnapshotObject>), BusError> {
-            let caller = super::sender(&header)?;
+            let caller = self.caller(&header)?;
             self.check_owner(Some(&header))?;
             let (seq, objects) = self.service.snapshot(caller, source, Some(self.id)).await?;
             Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
@@ -123,7 +135,7 @@ macro_rules! subscription_interface {
 
         /// Ends the subscription: its watches are removed and the object disappears.
         async fn close(&self, #[zbus(header)] header: Header<'_>) -> Result<(), BusError> {
-            let caller = Self::caller(&header)?;
+            let caller = self.caller(&header)?.as_str();
             self.check_owner(Some(&header))?;
             tracing::debug!(subscription = self.id, caller, "closed by its owner");
             self.service.close(self.id).await;

@@ -24,11 +24,16 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Print events as they happen, until interrupted.
+    /// Print events as they happen, until interrupted. Events arrive on a connection of
+    /// the subscription's own (SubscribeDirect), or on the bus where the daemon or the
+    /// bus cannot hand one over.
     Monitor {
         /// One JSON object per line instead of text.
         #[arg(long)]
         json: bool,
+        /// Receive events through the bus (Subscribe) rather than on a direct connection.
+        #[arg(long)]
+        bus: bool,
         /// Events the daemon keeps for us if we fall behind.
         #[arg(long, value_name = "N")]
         queue_depth: Option<u32>,

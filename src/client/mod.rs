@@ -44,6 +44,11 @@ pub type ReceivedObject = (
 pub trait Manager {
     fn subscribe(&self, options: HashMap<&str, zbus::Variant<'_>>)
         -> zbus::Result<OwnedObjectPath>;
+    /// The subscription's path and the fd of its own peer-to-peer connection.
+    fn subscribe_direct(
+        &self,
+        options: HashMap<&str, zbus::Variant<'_>>,
+    ) -> zbus::Result<(OwnedObjectPath, zbus::OwnedFd)>;
     fn snapshot(&self, source: &str) -> zbus::Result<(u64, Vec<ReceivedObject>)>;
     fn metrics(&self) -> zbus::Result<String>;
     #[zbus(property)]
@@ -102,7 +107,9 @@ pub const SUBSCRIPTION_INTERFACE: &str = "org.watchq1.Subscription";
 /// The `Lost` reason under which a restart's gap is reported (see [`Item::Restarted`]).
 pub const DAEMON_RESTARTED: &str = "daemon-restarted";
 
+mod direct;
 mod subscription;
+pub use direct::{direct_unsupported, DirectSubscription};
 pub use subscription::{
     FilterEntry, Item, Restart, Subscription, SubscriptionBuilder, WatchRequest,
 };

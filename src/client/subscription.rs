@@ -23,6 +23,24 @@ pub struct WatchRequest {
     pub spec: HashMap<String, OwnedVariant>,
 }
 
+impl WatchRequest {
+    /// Records a granted watch in `watches`, replacing one with the same tag (as the
+    /// daemon would refuse a second).
+    pub(super) fn remember(
+        watches: &mut Vec<WatchRequest>,
+        kind: &str,
+        tag: u64,
+        spec: HashMap<String, OwnedVariant>,
+    ) {
+        watches.retain(|w| w.tag != tag);
+        watches.push(WatchRequest {
+            kind: kind.to_owned(),
+            tag,
+            spec,
+        });
+    }
+}
+
 /// One entry of `SetFilter`: a source and the subtype names it lets through.
 pub type FilterEntry = (String, Vec<String>);
 
@@ -475,12 +493,7 @@ impl Subscription {
         spec: HashMap<String, OwnedVariant>,
     ) -> zbus::Result<()> {
         self.call("AddWatch", &(kind, tag, &spec)).await?;
-        self.watches.retain(|w| w.tag != tag);
-        self.watches.push(WatchRequest {
-            kind: kind.to_owned(),
-            tag,
-            spec,
-        });
+        WatchRequest::remember(&mut self.watches, kind, tag, spec);
         Ok(())
     }
 

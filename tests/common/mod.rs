@@ -952,9 +952,10 @@ pub fn netlink_socket_inodes(pid: u32, protocol: u32) -> std::collections::HashS
         .collect()
 }
 
-/// A subscriber that reads nothing: `watchqctl monitor --json` watching the device
+/// A subscriber that reads nothing: `watchqctl monitor --bus --json` watching the device
 /// `name` with a queue of `depth` events, stopped with SIGSTOP once it watches, so that
-/// it answers no Ping and its socket fills up. Resume it with SIGCONT; its stdout then
+/// it answers no Ping and its socket fills up. On the bus path: the direct path's
+/// stalled reader is `tests/direct.rs`'s. Resume it with SIGCONT; its stdout then
 /// gives one JSON object per signal.
 pub fn stalled_monitor(daemon: &Daemon, name: &str, depth: u32) -> Child {
     use std::io::BufRead;
@@ -963,6 +964,7 @@ pub fn stalled_monitor(daemon: &Daemon, name: &str, depth: u32) -> Child {
             "--address",
             daemon.address(),
             "monitor",
+            "--bus",
             "--json",
             "--queue-depth",
         ])

@@ -2,7 +2,8 @@
 """A watchqd subscriber written with a D-Bus library we did not write, for the tests.
 
     subscriber.py --address ADDR --library jeepney|gdbus|dbus-python
-                  [--ping ignore|unknown-method] [--queue-depth N] KIND KEY=VALUE...
+                  [--ping ignore|unknown-method] [--queue-depth N] [--direct]
+                  KIND KEY=VALUE...
 
 Subscribes, adds one watch (tag 1) of KIND with the string spec KEY=VALUE..., prints
 "subscribed PATH" and then one line per signal from the subscription:
@@ -13,6 +14,10 @@ jeepney never answers org.freedesktop.DBus.Peer.Ping by itself (as measured in t
 wild): with --ping ignore it does not answer at all, with --ping unknown-method it
 answers every method call with org.freedesktop.DBus.Error.UnknownMethod. GDBus and
 libdbus (dbus-python) answer Ping themselves.
+
+--direct (GDBus only): the subscription is opened with SubscribeDirect, and its signals
+are read on the peer-to-peer connection made on the fd it returns
+(g_dbus_connection_new_sync on a socket from the fd), where messages have no sender.
 
 Only signals whose sender is the current owner of org.watchq1 and whose path is our
 subscription are printed, as the README tells client authors to do.
@@ -88,6 +93,9 @@ def run_gdbus(args, spec):
     options = {}
     if args.queue_depth:
         options["queue-depth"] = GLib.Variant("u", args.queue_depth)
+    if args.direct:
+        run_gdbus_direct(args, spec, conn, options)
+        return
     (path,) = conn.call_sync("org.watchq1", "/org/watchq1", "org.watchq1.Manager", "Subscribe",
                              GLib.Variant("(a{sv})", (options,)), GLib.VariantType("(o)"),
                              Gio.DBusCallFlags.NONE, -1, None).unpack()
@@ -100,6 +108,37 @@ def run_gdbus(args, spec):
                           Gio.DBusSignalFlags.NONE, on_signal)
     variant_spec = {k: GLib.Variant("s", v) for k, v in spec.items()}
     conn.call_sync("org.watchq1", path, "org.watchq1.Subscription", "AddWatch",
+                   GLib.Variant("(sta{sv})", (args.kind, 1, variant_spec)), None,
+                   Gio.DBusCallFlags.NONE, -1, None)
+    print(f"subscribed {path}", flush=True)
+    GLib.MainLoop().run()
+
+
+def run_gdbus_direct(args, spec, bus, options):
+    import gi
+
+    gi.require_version("Gio", "2.0")
+    from gi.repository import Gio, GLib
+
+    reply, fds = bus.call_with_unix_fd_list_sync(
+        "org.watchq1", "/org/watchq1", "org.watchq1.Manager", "SubscribeDirect",
+        GLib.Variant("(a{sv})", (options,)), GLib.VariantType("(oh)"),
+        Gio.DBusCallFlags.NONE, -1, None, None)
+    path, index = reply.unpack()
+    socket = Gio.Socket.new_from_fd(fds.get(index))
+    stream = socket.connection_factory_create_connection()
+    # The bus connection stays open: the subscription ends when its opener leaves.
+    conn = Gio.DBusConnection.new_sync(
+        stream, None, Gio.DBusConnectionFlags.AUTHENTICATION_CLIENT, None, None)
+
+    def on_signal(_conn, _sender, _path, _interface, member, params):
+        emit(member, params.unpack())
+
+    # A peer-to-peer connection has one peer, the daemon: no sender to check.
+    conn.signal_subscribe(None, "org.watchq1.Subscription", None, path, None,
+                          Gio.DBusSignalFlags.NONE, on_signal)
+    variant_spec = {k: GLib.Variant("s", v) for k, v in spec.items()}
+    conn.call_sync(None, path, "org.watchq1.Subscription", "AddWatch",
                    GLib.Variant("(sta{sv})", (args.kind, 1, variant_spec)), None,
                    Gio.DBusCallFlags.NONE, -1, None)
     print(f"subscribed {path}", flush=True)
@@ -137,6 +176,7 @@ def main():
     parser.add_argument("--library", required=True, choices=["jeepney", "gdbus", "dbus-python"])
     parser.add_argument("--ping", choices=["ignore", "unknown-method"], default="ignore")
     parser.add_argument("--queue-depth", type=int, default=0)
+    parser.add_argument("--direct", action="store_true")
     parser.add_argument("kind")
     parser.add_argument("spec", nargs="*")
     args = parser.parse_args()
