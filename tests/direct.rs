@@ -285,6 +285,85 @@ async fn a_thousand_direct_open_close_cycles_leak_nothing() {
     })
     .await;
 }
+/// A holder of a direct fd who authenticates and then sends a message header announcing
+/// 100 MiB, and nothing more, costs the daemon nothing: the connection is closed at
+/// once (zbus would otherwise allocate the 100 MiB and wait for them), the subscription
+/// ends, and the daemon's memory does not grow. A subscription on another connection
+/// goes on receiving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_announcing_a_huge_message_is_disconnected_and_costs_nothing() {
+    use std::io::{Read, Write};
+    const HOSTILE: usize = 8;
+    let daemon = Daemon::start();
+    let bus = daemon.connect().await;
+    let mut bystander = Direct::open(&daemon, HashMap::new()).await;
+    let disk = LoopDevice::attach(1);
+    bystander
+        .watch(1, &[("name", Variant::from(disk.name.as_str()))])
+        .await
+        .expect("AddWatch");
+    let rss_before = daemon.rss_kib();
+    let mut sockets = Vec::new();
+    for _ in 0..HOSTILE {
+        let (_, fd) = subscribe_direct(&bus, HashMap::new())
+            .await
+            .expect("SubscribeDirect");
+        let mut socket = std::os::unix::net::UnixStream::from(fd);
+        socket
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("read timeout");
+        // Authenticated as a real client is ("6869" is a trace string, hex), and the
+        // daemon's OK read, so that the header below reaches zbus's message reader.
+        socket
+            .write_all(b"\0AUTH ANONYMOUS 6869\r\n")
+            .expect("authenticate");
+        let mut ok = Vec::new();
+        let mut byte = [0u8];
+        while !ok.ends_with(b"\r\n") {
+            socket.read_exact(&mut byte).expect("the daemon's answer");
+            ok.push(byte[0]);
+        }
+        assert!(ok.starts_with(b"OK "), "{:?}", String::from_utf8_lossy(&ok));
+        socket.write_all(b"BEGIN\r\n").expect("BEGIN");
+        // A method call, little-endian, announcing a body of 100 MiB.
+        let mut header = vec![b'l', 1, 0, 1];
+        header.extend((100u32 << 20).to_le_bytes());
+        header.extend(1u32.to_le_bytes());
+        header.extend(0u32.to_le_bytes());
+        socket.write_all(&header).expect("the header");
+        sockets.push(socket);
+    }
+    for mut socket in sockets {
+        // The end of the stream, or a reset: not the read timeout of a connection left
+        // open.
+        let read = tokio::task::spawn_blocking(move || socket.read_to_end(&mut Vec::new()))
+            .await
+            .expect("reader");
+        assert!(
+            !matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+            "the daemon kept the connection open: {read:?}"
+        );
+    }
+    eventually("the hostile subscriptions to end", async || {
+        subscription_count(&bus).await == 1
+    })
+    .await;
+    let grown = daemon.rss_kib().saturating_sub(rss_before);
+    assert!(
+        grown < 16 * 1024,
+        "the daemon's RSS grew by {grown} KiB for {HOSTILE} peers announcing 100 MiB each"
+    );
+    disk.synth_change();
+    bystander
+        .until("the bystander's event", |signals| !signals.is_empty())
+        .await;
+    assert!(
+        matches!(&bystander.received[..], [Signal::Device { tag: 1, .. }]),
+        "{:?}",
+        bystander.received
+    );
+}
+
 /// A GDBus client (PyGObject, `tests/foreign/subscriber.py --direct`) opens a direct
 /// subscription, makes a `GDBusConnection` on the fd and receives every event of a loop
 /// device there, in order.

@@ -9,6 +9,10 @@
 //! connection acts as that opener whoever holds the fd, so every watch added later is
 //! authorized against the opener's identity ([`super::subscription::SubscriptionObject`]).
 //!
+//! The peer may send no message longer than [`super::peer_socket::MAX_INCOMING`]: zbus
+//! would allocate what a header announces before the rest arrives
+//! ([`super::peer_socket`]).
+//!
 //! Flow control is the socket: signals are written as fast as the peer reads them, and a
 //! deliverer waiting for a full socket leaves the hub's bounded outbox to fill and
 //! overflow into counted `Lost` entries, as a stalled bus subscriber does. No Pings.
@@ -108,7 +112,8 @@ impl Service {
                 service: Arc::clone(&self),
                 direct: Some(opener),
             };
-            Builder::unix_stream(socket)
+            let socket = tokio::net::UnixStream::from_std(socket)?;
+            Builder::socket(super::peer_socket::split(socket))
                 .server(Guid::generate())
                 .p2p()
                 .auth_mechanism(AuthMechanism::Anonymous)

@@ -3,13 +3,15 @@
 //! (`watch.rs`); re-authorizing live watches when policy may have changed
 //! (`reauthorize.rs`); deliveries as signal messages (`emit.rs`), sent with flow control
 //! (`delivery.rs`); subscriptions on a peer-to-peer connection of their own, handed over
-//! as a file descriptor (`direct.rs`).
+//! as a file descriptor (`direct.rs`), whose socket bounds what the peer may send
+//! (`peer_socket.rs`).
 
 mod delivery;
 mod direct;
 mod emit;
 pub mod error;
 pub mod manager;
+mod peer_socket;
 mod reauthorize;
 pub mod subscription;
 pub mod types;
