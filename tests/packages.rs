@@ -359,6 +359,7 @@ fn the_man_pages_render_and_document_the_real_options() {
         "--match",
         "--queue-depth",
         "--json",
+        "--bus",
     ] {
         assert!(ctl.contains(wanted), "watchqctl.1: {wanted}:\n{ctl}");
     }
@@ -445,7 +446,14 @@ fn what_watchqctl_parses() -> (BTreeSet<String>, BTreeSet<String>) {
     for wanted in ["monitor", "status", "devices", "help"] {
         assert!(subcommands.contains(wanted), "{wanted}: {subcommands:?}");
     }
-    for wanted in ["--json", "--match", "--queue-depth", "--address", "--help"] {
+    for wanted in [
+        "--json",
+        "--match",
+        "--queue-depth",
+        "--bus",
+        "--address",
+        "--help",
+    ] {
         assert!(options.contains(wanted), "{wanted}: {options:?}");
     }
     (subcommands, options)
