@@ -184,6 +184,7 @@ impl Hub {
             }
             state.next_watch += 1;
             let added = state.next_watch;
+            let mut installed = None;
             let taken = armed.and_then(|armed| {
                 let sub = Self::owned(&mut state, id, caller)?;
                 if sub.watches.iter().any(|w| w.tag == tag) {
@@ -191,6 +192,7 @@ impl Hub {
                         "tag {tag} is already used by a watch of this subscription"
                     )));
                 }
+                installed = armed.installed;
                 sub.watches.push(Watch {
                     tag,
                     added,
@@ -202,7 +204,13 @@ impl Hub {
                 Ok(())
             });
             match taken {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    drop(state);
+                    if let Some(installed) = installed {
+                        installed();
+                    }
+                    return Ok(());
+                }
                 Err(e) => (e, self.release_source(&mut state, index)),
             }
         };

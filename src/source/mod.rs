@@ -84,7 +84,15 @@ pub type WatchHold = Box<dyn Send + Sync>;
 pub struct ArmedWatch {
     pub matcher: Box<dyn WatchMatcher>,
     pub hold: Option<WatchHold>,
+    /// Called once the hub holds the watch, outside its lock: from then on the watch
+    /// receives what the source publishes. A source that reports a watch's initial
+    /// state does it from here, never from a timer, which a loaded machine lets fire
+    /// while the hub has not taken the watch yet (and the report would reach no one).
+    pub installed: Option<WatchInstalled>,
 }
+
+/// See [`ArmedWatch::installed`].
+pub type WatchInstalled = Box<dyn FnOnce() + Send>;
 
 type Arm = Box<dyn FnOnce() -> Result<ArmedWatch, Error> + Send>;
 
@@ -109,6 +117,7 @@ impl PlannedWatch {
                 Ok(ArmedWatch {
                     matcher,
                     hold: None,
+                    installed: None,
                 })
             }),
         }

@@ -275,6 +275,7 @@ fn arm(engine: &Engine<Errors>, path: &Path, requester: &Identity) -> Result<Arm
             object: fs.object(),
         }),
         hold: Some(Box::new(hold)),
+        installed: None,
     })
 }
 

@@ -426,6 +426,7 @@ fn arm(
             instance,
             changes: request.changes,
         })),
+        installed: None,
     })
 }
 

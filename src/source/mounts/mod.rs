@@ -389,6 +389,7 @@ fn arm(shared: &Arc<Shared>, pid: u32, uid: u32) -> Result<ArmedWatch, Error> {
             namespace,
             uid,
         })),
+        installed: None,
     })
 }
 

@@ -22,8 +22,11 @@
 //! warning goes out only when a watch's state changes: once when a threshold is
 //! crossed, once when it clears. Clearing needs [`HYSTERESIS_PERCENT`] of the size
 //! above the threshold, so a filesystem hovering at the threshold does not flap.
-//! A watch's initial state is evaluated [`SETTLE`] after it is set (so the watch is in
-//! place to receive it): a filesystem already low is reported as crossed then.
+//! A watch's initial state is evaluated once the hub holds the watch
+//! ([`crate::source::ArmedWatch::installed`]), so that it is in place to receive it: a
+//! filesystem already low is reported as crossed then. (It was evaluated a fixed 100 ms
+//! after the watch was set, which a loaded machine outran: the report went out before
+//! the hub had taken the watch, and reached no one.)
 //!
 //! Levels: `low` (available space below the subscriber's `low-percent` of the size or
 //! `low-bytes`) and `full` (at most [`FULL_PERCENT`] of the size available to
@@ -79,7 +82,7 @@ pub const JOURNAL: JournalIds = JournalIds::NONE;
 
 /// At most one `statfs` per filesystem per interval while something writes.
 pub const INTERVAL: Duration = Duration::from_millis(500);
-/// How long after a watch is set its initial state is evaluated.
+/// How long the first coalescing pause of a filesystem lasts, before any `statfs`.
 pub const SETTLE: Duration = Duration::from_millis(100);
 /// At most this share of the size (in percent) left for unprivileged users is "full":
 /// ext4 refuses writes with some space still counted available (its reserved clusters
@@ -209,15 +212,10 @@ fn arm(
     requester: &Identity,
 ) -> Result<ArmedWatch, Error> {
     let (fs, place) = resolve::resolve(&spec.path, &requester.caller(), requester.uid != 0)?;
-    let now = Instant::now();
     let (id, generation) = engine.with_running(|running, generation| {
         let writes = &mut running.handler;
         match writes.filesystems.get_mut(&fs.fsid) {
-            Some(watched) => {
-                watched.refs += 1;
-                let settle = now + SETTLE;
-                watched.due = Some(watched.due.map_or(settle, |d| d.min(settle)));
-            }
+            Some(watched) => watched.refs += 1,
             None => {
                 let at = place.open_fs(&fs.mount_point, fs.fsid).ok_or_else(|| {
                     Error::NotFound(format!(
@@ -242,7 +240,7 @@ fn arm(
                         refs: 1,
                         armed: true,
                         last_statfs: None,
-                        due: Some(now + SETTLE),
+                        due: None,
                     },
                 );
             }
@@ -258,11 +256,32 @@ fn arm(
                 threshold: spec.threshold,
                 uid: requester.uid,
                 levels: Levels::default(),
+                installed: false,
             },
         );
-        running.wake();
         Ok((id, generation))
     })?;
+    // Once the hub holds the watch: its initial state, at the filesystem's next
+    // evaluation, now (with the filesystem's others if one is due).
+    let installed_engine = engine.clone();
+    let installed = move || {
+        let _ = installed_engine.with_running(|running, now_running| {
+            if now_running != generation {
+                return Ok(());
+            }
+            let writes = &mut running.handler;
+            let Some(watch) = writes.watches.get_mut(&id) else {
+                return Ok(());
+            };
+            watch.installed = true;
+            if let Some(watched) = writes.filesystems.get_mut(&watch.fsid) {
+                let now = Instant::now();
+                watched.due = Some(watched.due.map_or(now, |d| d.min(now)));
+            }
+            running.wake();
+            Ok(())
+        });
+    };
     let hold = engine.hold(generation, move |running| {
         let writes = &mut running.handler;
         let Some(watch) = writes.watches.remove(&id) else {
@@ -287,6 +306,7 @@ fn arm(
             object: fs.object(),
         }),
         hold: Some(Box::new(hold)),
+        installed: Some(Box::new(installed)),
     })
 }
 

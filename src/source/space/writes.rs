@@ -20,6 +20,10 @@ pub(super) struct WatchState {
     pub threshold: Threshold,
     pub uid: u32,
     pub levels: Levels,
+    /// Whether the hub holds the watch ([`crate::source::ArmedWatch::installed`]):
+    /// until then its state is not evaluated, so that its first report (a filesystem
+    /// already low) cannot go out before the watch can receive it.
+    pub installed: bool,
 }
 
 pub(super) struct Watched {
@@ -174,7 +178,11 @@ impl Writes {
         let Some(usage) = statfs(&fs, &watched.place) else {
             return;
         };
-        for (id, watch) in self.watches.iter_mut().filter(|(_, w)| w.fsid == fsid) {
+        for (id, watch) in self
+            .watches
+            .iter_mut()
+            .filter(|(_, w)| w.fsid == fsid && w.installed)
+        {
             let (levels, transitions) = evaluate(watch.threshold, watch.levels, usage);
             watch.levels = levels;
             for transition in transitions {
@@ -217,4 +225,58 @@ fn statfs(fs: &FsInfo, place: &Place) -> Option<Usage> {
         free: bfree.saturating_mul(unit),
         total: blocks.saturating_mul(unit),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::sys::resolve::{resolve, Caller};
+    use std::path::Path;
+
+    /// A watch the hub does not hold yet is left out of its filesystem's evaluation: a
+    /// filesystem already past the watch's threshold is reported to it once the hub has
+    /// it (installed), and then only once.
+    #[test]
+    fn a_watch_is_evaluated_only_once_the_hub_holds_it() {
+        let caller = Caller {
+            unique_name: ":1.0",
+            uid: 0,
+            gids: &[],
+            pid: Some(std::process::id()),
+        };
+        let (fs, place) = resolve(Path::new("/"), &caller, false).expect("resolve /");
+        let fsid = fs.fsid;
+        let mut writes = Writes::default();
+        writes.filesystems.insert(
+            fsid,
+            Watched {
+                fs,
+                place,
+                refs: 1,
+                armed: false,
+                last_statfs: None,
+                due: None,
+            },
+        );
+        // Low below 100% of the size available: crossed on any filesystem not empty.
+        writes.watches.insert(
+            1,
+            WatchState {
+                fsid,
+                path: "/".into(),
+                threshold: Threshold::Percent(100),
+                uid: 0,
+                levels: Levels::default(),
+                installed: false,
+            },
+        );
+        let mut out = VecDeque::new();
+        writes.evaluate(fsid, Instant::now(), &mut out);
+        assert_eq!(out.len(), 0, "reported before the hub held the watch");
+        writes.watches.get_mut(&1).expect("the watch").installed = true;
+        writes.evaluate(fsid, Instant::now(), &mut out);
+        assert_eq!(out.len(), 1, "the initial state once held");
+        writes.evaluate(fsid, Instant::now(), &mut out);
+        assert_eq!(out.len(), 1, "no change, no second report");
+    }
 }
