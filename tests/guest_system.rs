@@ -341,8 +341,10 @@ fn installed_package_serves_the_system_bus() {
         "exposure {exposure} above 2.0:\n{security}"
     );
 
-    // A subscriber (alice) and a bus monitor (root) see a loop device arrive, through the
-    // uevent socket systemd opened (the daemon has a network namespace of its own).
+    // Two subscribers (alice: a direct subscription, watchqctl's default, and one on the
+    // bus with --bus) and a bus monitor (root) see a loop device arrive, through the
+    // uevent socket systemd opened (the daemon has a network namespace of its own). The
+    // monitor sees the bus subscriber's signals; the direct one's never cross the bus.
     let monitor = spawn_killable(
         &guest,
         "/run/monitor.pid",
@@ -353,9 +355,17 @@ fn installed_package_serves_the_system_bus() {
         "/run/subscriber.pid",
         "su -l alice -c 'exec watchqctl monitor --json devices 2>&1'",
     );
+    let bus_subscriber = spawn_killable(
+        &guest,
+        "/run/bus-subscriber.pid",
+        "su -l alice -c 'exec watchqctl monitor --bus --json devices 2>&1'",
+    );
     subscriber
         .wait_for_stdout("watching devices", STEP)
         .expect("watchqctl monitor subscribed");
+    bus_subscriber
+        .wait_for_stdout("watching devices", STEP)
+        .expect("watchqctl monitor --bus subscribed");
     let loop_device = ok(
         &guest,
         "truncate -s 16M /var/tmp/watched.img && losetup -f --show /var/tmp/watched.img",
@@ -364,13 +374,31 @@ fn installed_package_serves_the_system_bus() {
     subscriber
         .wait_for_stdout("\"signal\":\"DeviceChanged\"", STEP)
         .expect("DeviceChanged at the subscriber");
+    bus_subscriber
+        .wait_for_stdout("\"signal\":\"DeviceChanged\"", STEP)
+        .expect("DeviceChanged at the bus subscriber");
     monitor
         .wait_for_stdout("Member=DeviceChanged", STEP)
         .expect("DeviceChanged in busctl monitor");
-    ok(&guest, "kill $(cat /run/monitor.pid /run/subscriber.pid)");
+    ok(
+        &guest,
+        "kill $(cat /run/monitor.pid /run/subscriber.pid /run/bus-subscriber.pid)",
+    );
     let monitor = monitor.wait(STEP).expect("busctl monitor ends");
     let subscriber = subscriber.wait(STEP).expect("watchqctl monitor ends");
+    let bus_subscriber = bus_subscriber
+        .wait(STEP)
+        .expect("watchqctl monitor --bus ends");
     println!("watchqctl monitor as alice:\n{}", subscriber.stdout);
+    println!(
+        "watchqctl monitor --bus as alice:\n{}",
+        bus_subscriber.stdout
+    );
+    assert!(
+        bus_subscriber.stdout.contains(loop_device),
+        "no {loop_device} among the bus subscriber's events:\n{}",
+        bus_subscriber.stdout
+    );
     let signal = monitor
         .stdout
         .split("\n\n")
