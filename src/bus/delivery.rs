@@ -395,16 +395,24 @@ impl Service {
     ) {
         let object_path = emitter.path().to_owned();
         let mut messages = Vec::with_capacity(batch.len());
-        // The events among `messages`, each with what building its signal cost: told to
-        // their sources with a share of the send, so that a source holding users to a
-        // share of the daemon's time charges them for it.
-        let mut costs = Vec::with_capacity(batch.len());
+        // The events among `messages` whose sources charge deliveries, each with what
+        // building its signal cost: told to their sources with a share of the send, so
+        // that a source holding users to a share of the daemon's time charges them for
+        // it. Others are not timed.
+        let mut costs = Vec::new();
+        let registry = self.hub.registry();
         for delivery in batch {
-            let started = ThreadCpu::now();
-            match event_message(conn, self.hub.registry(), &object_path, owner, delivery) {
+            let charged = match delivery {
+                Delivery::Event { record, .. } => registry
+                    .get(record.source)
+                    .is_some_and(|source| source.charges_deliveries()),
+                _ => false,
+            };
+            let started = charged.then(ThreadCpu::now);
+            match event_message(conn, registry, &object_path, owner, delivery) {
                 Some(Ok(message)) => {
                     messages.push(message);
-                    if let Delivery::Event { record, .. } = delivery {
+                    if let (Some(started), Delivery::Event { record, .. }) = (started, delivery) {
                         costs.push((record, started.since().unwrap_or_default()));
                     }
                 }
@@ -432,12 +440,15 @@ impl Service {
         messages: &mut Vec<Message>,
         costs: &mut Vec<(&Arc<Published>, Duration)>,
     ) {
-        let started = ThreadCpu::now();
+        let started = (!costs.is_empty()).then(ThreadCpu::now);
         if let Err(e) = conn.send_all(messages).await {
             tracing::warn!(subscription = id, "sending signals failed: {e}");
         }
         messages.clear();
-        let share = match (started.since(), u32::try_from(costs.len())) {
+        let share = match (
+            started.and_then(ThreadCpu::since),
+            u32::try_from(costs.len()),
+        ) {
             (Some(sent), Ok(n)) if n > 0 => sent / n,
             _ => Duration::ZERO,
         };

@@ -21,16 +21,26 @@ pub struct ThreadCpu {
     at: Duration,
 }
 
+thread_local! {
+    /// The calling thread's id, asked of the kernel once per thread rather than per
+    /// reading (`gettid` is a syscall).
+    static THREAD: nix::unistd::Pid = nix::unistd::gettid();
+}
+
+fn thread() -> nix::unistd::Pid {
+    THREAD.with(|thread| *thread)
+}
+
 impl ThreadCpu {
     pub fn now() -> ThreadCpu {
         ThreadCpu {
-            thread: nix::unistd::gettid(),
+            thread: thread(),
             at: thread_cpu(),
         }
     }
 
     /// The CPU time used since `self`, or `None` if the caller is now on another thread.
     pub fn since(self) -> Option<Duration> {
-        (nix::unistd::gettid() == self.thread).then(|| thread_cpu().saturating_sub(self.at))
+        (thread() == self.thread).then(|| thread_cpu().saturating_sub(self.at))
     }
 }

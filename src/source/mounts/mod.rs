@@ -247,6 +247,10 @@ impl EventSource for Mounts {
 
     /// Sending a namespace's records is work done for its watchers: counted here, and
     /// charged to them by the reader at its next message (see `budget`).
+    fn charges_deliveries(&self) -> bool {
+        true
+    }
+
     fn delivered(&self, record: &Record, cost: Duration) {
         if let Some(namespace) = record.attr_u64("namespace") {
             *lock(&self.shared.delivered).entry(namespace).or_default() += cost;
