@@ -118,13 +118,13 @@ const TARGETS: &[Target] = &[
         what: "1 direct subscriber (SubscribeDirect), signals/s as a multiple of the bus ceiling",
         bound: Bound::AtLeast(2.0),
         known_miss: Some(
-            "0.73x-0.92x in three runs (58,574/s against 80,076/s): at one subscriber each \
-             signal is one uevent, \
-             and the CPU per signal is the writer's write and the kernel's uevent, the \
-             daemon's reading of it and of the device's attributes (17 us per delivered \
-             signal at 1 subscriber, 4.5 us at 1,000) and the receiver: two cores allow \
-             about what is measured. The direct row is 1.9x the bus row from the same \
-             uevents (30,803/s), and 1,000 direct subscriptions reach 5.1x the ceiling",
+            "0.98x-1.11x in two runs (78,901/s against 70,940/s): at one subscriber each \
+             signal is one uevent, and the CPU per signal is the writer's write and the \
+             kernel's uevent, the daemon's reading of it and of the device's attributes \
+             and its encoding (12 us of daemon CPU per signal at 1 subscriber, 2.5-3.3 us \
+             at 1,000; a third of it zbus serializing the signal) and the receiver: two \
+             cores allow about what is measured. 1,000 direct subscriptions reach 9.4x \
+             the ceiling",
         ),
     },
     Target {
@@ -132,9 +132,8 @@ const TARGETS: &[Target] = &[
         what: "1 direct subscriber, signals/s as a multiple of a raw zbus peer-to-peer emitter's",
         bound: Bound::AtLeast(0.9),
         known_miss: Some(
-            "0.28x-0.31x in three runs (58,574/s against 191,714/s): the raw emitter sends \
-             one prepared body \
-             and reads no kernel; the direct row pays for a uevent per signal (see \
+            "0.31x-0.35x in two runs (78,901/s against 226,785/s): the raw emitter sends \
+             one prepared body and reads no kernel; the direct row pays for a uevent per signal (see \
              direct-rate-1)",
         ),
     },
@@ -142,7 +141,7 @@ const TARGETS: &[Target] = &[
         id: "direct-rate-1000",
         what: "1,000 direct subscriptions with per-subscriber filters, aggregate signals/s \
                as a multiple of the bus ceiling of one subscriber",
-        // 5.13x measured: one uevent serves 100 signals, and no bus is crossed.
+        // 9.37x-9.43x measured: one uevent serves 100 signals, and no bus is crossed.
         bound: Bound::AtLeast(1.0),
         known_miss: None,
     },
@@ -152,10 +151,11 @@ const TARGETS: &[Target] = &[
                emitter's, p50, us",
         bound: Bound::AtMost(50.0),
         known_miss: Some(
-            "19 us to 59 us in three runs (71 us against 12 us): the figure includes the \
-             kernel's uevent and the \
-             daemon's reading of the device (the raw emitter's has neither), about 50 us \
-             of CPU as on the bus path (added-p50)",
+            "19 us to 59 us in three runs before deliveries stopped being timed for every \
+             source, -12 us and 14 us in two after: the figure includes the kernel's \
+             uevent and the daemon's reading of the device (the raw emitter's has \
+             neither), and the raw p2p baseline it is taken from moves between 12 us and \
+             43 us from run to run",
         ),
     },
     Target {

@@ -183,9 +183,9 @@ pub trait EventSource: Send + Sync + 'static {
     fn delivered(&self, _record: &Record, _cost: std::time::Duration) {}
 
     /// Whether this source wants [`EventSource::delivered`] told what each delivery
-    /// cost. Timing one takes four syscalls (the thread's CPU clock read on both sides),
-    /// more than a tenth of what a signal costs the daemon; a source that charges no one
-    /// spares every delivery of its records that.
+    /// cost. Timing one reads the thread's CPU clock on both sides (a syscall each; with
+    /// a `gettid` each too, it was a tenth of what a signal cost the daemon); a source
+    /// that charges no one spares every delivery of its records that.
     fn charges_deliveries(&self) -> bool {
         false
     }
