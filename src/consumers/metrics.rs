@@ -237,18 +237,23 @@ pub async fn count_records(mut feed: ConsumerFeed, counters: Arc<Counters>, hub:
         if dropped > 0 {
             counters.add(&MISSED, vec!["queue-full".to_owned()], dropped);
         }
-        match entry {
+        let counted = match entry {
             Consumed::Event { record, .. } => {
                 let subtypes = registry
                     .get(record.source)
                     .map_or(&[][..], |s| s.subtypes());
-                count(&counters, subtypes, &record);
+                count(&counters, subtypes, &record)
             }
             Consumed::Missed { reason, .. } => {
                 counters.add(&MISSED, vec![reason.to_owned()], 1);
+                true
             }
+        };
+        // A record that counts nothing (a filesystem back to read-write, say) wakes no
+        // writer: the text would be the same.
+        if counted || dropped > 0 {
+            changed.touch();
         }
-        changed.touch();
     }
 }
 
@@ -363,15 +368,20 @@ pub fn render(stats: &HubStats, counters: &Counters) -> String {
             s.delivered,
         );
     }
-    header(&mut out, "watchqd_events_lost_total", "counter", "Events dropped because a subscriber's queue was full (each reported to it in a Lost signal), by source and reason.");
+    header(&mut out, "watchqd_events_lost_total", "counter", "Events not delivered, each reported to its subscriber in a Lost signal, by source and reason: queue-full (the subscriber's queue was full), policy-changed (withheld when policy ended the watch).");
     for s in sources {
-        sample(
-            &mut out,
-            "watchqd_events_lost_total",
-            &["source", "reason"],
-            &[s.name, "queue-full"],
-            s.lost_queue_full,
-        );
+        for (reason, n) in [
+            ("queue-full", s.lost_queue_full),
+            ("policy-changed", s.lost_policy_changed),
+        ] {
+            sample(
+                &mut out,
+                "watchqd_events_lost_total",
+                &["source", "reason"],
+                &[s.name, reason],
+                n,
+            );
+        }
     }
     header(&mut out, "watchqd_kernel_overflows_total", "counter", "Times the kernel dropped an unknown number of a source's events (ENOBUFS, FAN_Q_OVERFLOW, watch queue loss), by source.");
     for s in sources {

@@ -103,6 +103,9 @@ impl Hub {
                 tag: watch.tag,
                 reason: reason.to_owned(),
             });
+            for w in &ended {
+                state.sources[w.source].counts.lost_policy_changed += withheld;
+            }
             let stopped: Vec<_> = ended
                 .iter()
                 .filter_map(|w| self.release_source(&mut state, w.source))

@@ -23,6 +23,7 @@ use super::{Delivery, Hub};
 pub(super) struct Counts {
     pub(super) delivered: u64,
     pub(super) lost_queue_full: u64,
+    pub(super) lost_policy_changed: u64,
     pub(super) kernel_overflows: u64,
 }
 
@@ -36,6 +37,9 @@ pub struct SourceStats {
     /// Events dropped because a subscriber's queue was full (each was reported to it in
     /// a `Lost` signal).
     pub lost_queue_full: u64,
+    /// Events withheld from subscribers because policy no longer allowed the watch that
+    /// matched them (each reported in a `Lost` signal, reason `policy-changed`).
+    pub lost_policy_changed: u64,
     /// Times the kernel dropped an unknown number of the source's events.
     pub kernel_overflows: u64,
     /// Messages rejected at the edge as not sent by the kernel.
@@ -95,6 +99,7 @@ impl Hub {
                 availability: slot.availability.clone(),
                 delivered: slot.counts.delivered,
                 lost_queue_full: slot.counts.lost_queue_full,
+                lost_policy_changed: slot.counts.lost_policy_changed,
                 kernel_overflows: slot.counts.kernel_overflows,
                 forged_rejected: source.forged_rejected(),
                 watches: slot.watches,

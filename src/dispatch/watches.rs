@@ -512,6 +512,10 @@ mod tests {
             hub.revoke(&stale[1], "policy-changed").await.is_err(),
             "ended twice"
         );
+        // The metrics count exactly what was withheld, under its reason.
+        let stats = hub.stats();
+        let keyed = stats.sources.iter().find(|s| s.name == "keyed");
+        assert_eq!(keyed.map(|s| s.lost_policy_changed), Some(2));
         let grant = authorizer
             .watch(&root, "keyed", policy::Scope::System, || true)
             .await
