@@ -155,14 +155,18 @@ pub enum SourceMsg {
         objects: Vec<Object>,
     },
     /// Events of one watched object were dropped (by the kernel, or coalesced by the
-    /// source to bound what one user costs): the part of the table whose ids start
-    /// with `prefix` is now exactly `objects`, and only the subscriptions with a watch
-    /// on `object` ([`crate::source::WatchMatcher::watched_object`]) are told with
-    /// `Lost(kernel-overflow)`.
+    /// source to bound what one user costs): the source listed it again, and the table
+    /// changes by `upserted` (objects new or changed) and `removed` (ids gone); only the
+    /// subscriptions with a watch on `object`
+    /// ([`crate::source::WatchMatcher::watched_object`]) are told with
+    /// `Lost(kernel-overflow)`. A difference, not the whole list: the hub applies it
+    /// under the lock every subscriber's delivery waits on, so its cost must follow
+    /// what changed, not the object's size (10,000 mounts took the hub 60 ms). So only
+    /// a source whose own cache is what its records made of the table may send it.
     Resync {
-        prefix: String,
         object: String,
-        objects: Vec<Object>,
+        upserted: Vec<Object>,
+        removed: Vec<String>,
     },
     /// The part of the source's table whose ids start with `prefix` is now exactly
     /// `objects`, and no event is delivered: a watched object (a mount namespace) came

@@ -810,13 +810,30 @@ async fn a_user_past_their_share_is_coalesced_into_lost_and_others_are_not() {
     let storm = dir.path().join("storm");
     fs::create_dir(&storm).expect("mkdir");
     let storm = storm.display().to_string();
+    // The storm ends by unmounting one mount made before it and making another that
+    // stays, in all likelihood while alice is still throttled: so the resync's
+    // difference must remove and add, not only find the namespace as it was.
+    let (gone, stays) = (dir.path().join("gone"), dir.path().join("stays"));
+    for point in [&gone, &stays] {
+        fs::create_dir(point).expect("mkdir");
+    }
+    let (gone, stays) = (gone.display().to_string(), stays.display().to_string());
+    let made = Command::new("nsenter")
+        .args(["-t", &alice_pid.to_string(), "-m", "mount", "-t", "tmpfs"])
+        .args(["watchq-gone", &gone])
+        .status()
+        .expect("nsenter mount");
+    assert!(made.success(), "mount {gone} in alice's namespace");
     let pairs = 3000;
     let churn = Command::new("nsenter")
         .args(["-t", &alice_pid.to_string(), "-m", "perl", "-e"])
         .arg(format!(
             "my ($s, $d, $t) = (\"watchq-storm\", \"{storm}\", \"tmpfs\"); \
+             my ($g, $k) = (\"{gone}\", \"{stays}\"); \
              for (1..{pairs}) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
-             syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}"
+             syscall(166, $d, 0) == 0 or die \"umount: $!\"; }} \
+             syscall(166, $g, 0) == 0 or die \"umount: $!\"; \
+             syscall(165, $s, $k, $t, 0, 0) == 0 or die \"mount: $!\";"
         ))
         .spawn()
         .expect("nsenter perl");
@@ -876,6 +893,11 @@ async fn a_user_past_their_share_is_coalesced_into_lost_and_others_are_not() {
         snapshot_view(&now),
         lines,
         "snapshot = mountinfo after the resync"
+    );
+    let points: Vec<&str> = lines.iter().map(|(_, point, _)| point.as_str()).collect();
+    assert!(
+        points.contains(&stays.as_str()) && !points.contains(&gone.as_str()),
+        "the storm's last changes are in mountinfo: {points:?}"
     );
 
     let manager = watchqd::client::ManagerProxy::builder(&admin.conn)

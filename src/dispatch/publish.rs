@@ -7,7 +7,7 @@ use std::sync::Arc;
 use crate::event::SourceMsg;
 use crate::policy;
 
-use super::tables::relist;
+use super::tables::{relist, upsert_listed};
 use super::{apply_to_table, Consumed, Delivery, Hub, LossReason, Published};
 
 impl Hub {
@@ -89,16 +89,15 @@ impl Hub {
                 }
             }
             SourceMsg::Resync {
-                prefix,
                 object,
-                objects,
+                upserted,
+                removed,
             } => {
                 if let Some(table) = &mut slot.table {
-                    let (old, kept) = std::mem::take(table)
-                        .into_iter()
-                        .partition(|(id, _)| id.starts_with(&prefix));
-                    *table = kept;
-                    relist(table, &old, objects);
+                    for id in &removed {
+                        table.remove(id);
+                    }
+                    upsert_listed(table, upserted);
                 }
                 let source = self.registry.all()[index].name();
                 state.tell_consumers_missed(index, source, "kernel-overflow");

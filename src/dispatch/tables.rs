@@ -103,10 +103,24 @@ pub(super) fn relist(
     objects: Vec<Object>,
 ) {
     for mut object in objects {
-        if let Some(previous) = old.get(&object.id) {
-            object.changes = previous.changes + u64::from(previous.attributes != object.attributes);
-        }
+        carry_changes(old.get(&object.id), &mut object);
         table.insert(object.id.clone(), object);
+    }
+}
+
+/// Puts `objects`, new or changed since the source last said, into `table`, each
+/// carrying on the change counter of the entry it replaces.
+pub(super) fn upsert_listed(table: &mut BTreeMap<String, Object>, objects: Vec<Object>) {
+    for mut object in objects {
+        carry_changes(table.get(&object.id), &mut object);
+        table.insert(object.id.clone(), object);
+    }
+}
+
+/// An object listed again keeps its change counter, one more when its attributes changed.
+fn carry_changes(previous: Option<&Object>, object: &mut Object) {
+    if let Some(previous) = previous {
+        object.changes = previous.changes + u64::from(previous.attributes != object.attributes);
     }
 }
 
@@ -156,5 +170,28 @@ mod tests {
         apply_to_table(&mut table, &mut remove);
         assert!(table.is_empty());
         assert_eq!(remove.attributes["size"], 512u64.into());
+    }
+
+    /// A resync's difference: objects listed again keep their change counters (one more
+    /// only when their attributes changed); objects it does not name stay as they were.
+    #[test]
+    fn objects_listed_again_carry_their_change_counters() {
+        let object = |id: &str, size: u64, changes: u64| Object {
+            id: id.to_owned(),
+            changes,
+            attributes: [("size".to_owned(), size.into())].into_iter().collect(),
+            properties: Default::default(),
+        };
+        let mut table: BTreeMap<String, Object> = ["a", "b", "c"]
+            .into_iter()
+            .map(|id| (id.to_owned(), object(id, 1, 5)))
+            .collect();
+        upsert_listed(
+            &mut table,
+            vec![object("a", 1, 0), object("b", 2, 0), object("d", 1, 0)],
+        );
+        let changes: Vec<(&str, u64)> =
+            table.values().map(|o| (o.id.as_str(), o.changes)).collect();
+        assert_eq!(changes, [("a", 5), ("b", 6), ("c", 5), ("d", 0)]);
     }
 }

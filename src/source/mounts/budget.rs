@@ -15,7 +15,8 @@
 //! not: 85,765 wakeups in 9 s of one user's storm, uncharged, before this): the kernel
 //! keeps their events queued (and drops them past its queue's 16,384), and when the user may run again each namespace
 //! is resynced — its queue drained unread, its mounts listed again, the hub's table
-//! replaced and its watchers told `Lost(kernel-overflow)`. The resync is charged too,
+//! brought up to date and its watchers told `Lost(kernel-overflow)`, on a blocking
+//! thread while the other namespaces are read (see `job`). The resync is charged too,
 //! so a user who churns without pause is resynced about as often as the share pays for
 //! one, and no more. Other users' namespaces are read meanwhile as before.
 

@@ -4,6 +4,7 @@
 
 use super::budget::{thread_cpu, Budget, Counters};
 use super::describe::*;
+use super::lines::{diff, read_lines, Line};
 use super::resync::namespace_of;
 use super::*;
 use crate::sys::clock::ThreadCpu;
@@ -21,14 +22,6 @@ pub(super) const REREAD_SHARE_INVERSE: u32 = 50;
 pub(super) fn reread_interval(last_cost: Duration) -> Duration {
     (last_cost * REREAD_SHARE_INVERSE).max(REREAD_MIN_INTERVAL)
 }
-
-/// A mountinfo line as two reads compare it (by its old id): the text after the id
-/// (parent, mount point, options, type, source, super options, propagation), undecoded.
-/// Only a line whose text changed needs a look (`statmount` describes its mount), so a
-/// reread decodes nothing: at 10,000 mounts, decoding every line took about as long as
-/// the kernel takes to write them.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(super) struct Line(Box<str>);
 
 pub(super) struct Namespace {
     pub(super) id: u64,
@@ -60,6 +53,11 @@ pub(super) struct Namespace {
     last_reread: Option<(Instant, Duration)>,
     /// A throttle cancelled a due reread: its resync must relist whatever else says.
     pub(super) stale: bool,
+    /// A resync has its fds and cache (see `job`): not read, no timer, until it is done.
+    pub(super) resyncing: bool,
+    /// The reader's turn at which its group was last read: of the namespaces ready, the
+    /// one read longest ago goes first.
+    served: u64,
 }
 
 impl Namespace {
@@ -97,6 +95,8 @@ pub(super) enum Wake {
     /// A throttled namespace may be read again: resync it.
     Resync(u64),
     Anchor(u64),
+    /// A resync is done.
+    Resynced(Box<job::Resynced>),
 }
 
 pub(super) type Acknowledge = std::sync::mpsc::SyncSender<Result<u64, String>>;
@@ -116,6 +116,13 @@ pub(super) struct Reader {
     /// The namespace of the message last yielded, and the thread's CPU time then: the
     /// hub publishes it before polling again, and that is charged too.
     pub(super) last_yield: Option<(u64, ThreadCpu)>,
+    /// Counts the turns at which groups are read ([`Namespace::served`]).
+    pub(super) turn: u64,
+    /// Resyncs hand their results back here.
+    pub(super) resynced: (
+        mpsc::UnboundedSender<job::Resynced>,
+        mpsc::UnboundedReceiver<job::Resynced>,
+    ),
 }
 
 impl Reader {
@@ -159,10 +166,22 @@ impl Reader {
         let mut waits: Vec<BoxFuture<'_, Wake>> = Vec::new();
         let control = &mut self.control;
         waits.push(async move { Wake::Control(control.recv().await) }.boxed());
+        let resynced = &mut self.resynced.1;
+        waits.push(
+            async move {
+                match resynced.recv().await {
+                    Some(done) => Wake::Resynced(Box::new(done)),
+                    // Never: the reader holds a sender.
+                    None => std::future::pending().await,
+                }
+            }
+            .boxed(),
+        );
         // The earliest timer: a resync of a throttled namespace, or a coalesced reread.
         let due = self
             .namespaces
             .values()
+            .filter(|ns| !ns.resyncing)
             .filter_map(|ns| match ns.throttled_until {
                 Some(at) => Some((at, Wake::Resync(ns.id))),
                 None => Some((ns.reread_due?, Wake::Reread(ns.id))),
@@ -177,7 +196,11 @@ impl Reader {
                 .boxed(),
             );
         }
-        for ns in self.namespaces.values() {
+        // `select_all` takes the first ready in this order: the least recently served
+        // first, so that a namespace always ready does not keep the others waiting.
+        let mut namespaces: Vec<&Namespace> = self.namespaces.values().collect();
+        namespaces.sort_unstable_by_key(|ns| ns.served);
+        for ns in namespaces {
             let id = ns.id;
             // A throttled namespace is not read: the kernel queues what happens in it.
             let throttled = ns.throttled_until.is_some();
@@ -251,6 +274,10 @@ impl Reader {
             }
             Wake::Anchor(id) => {
                 self.anchor_exited(id);
+                Ok(())
+            }
+            Wake::Resynced(done) => {
+                self.resynced(*done);
                 Ok(())
             }
         }
@@ -365,6 +392,8 @@ impl Reader {
                 watchers: HashMap::new(),
                 throttled_until: None,
                 stale: false,
+                resyncing: false,
+                served: 0,
                 reread_due: None,
                 last_reread: None,
             },
@@ -377,26 +406,33 @@ impl Reader {
     }
 
     async fn read_group(&mut self, id: u64) -> Result<(), String> {
-        let Some(group) = self.namespaces.get(&id).and_then(|ns| ns.group.as_ref()) else {
+        self.turn += 1;
+        let Some(ns) = self.namespaces.get_mut(&id) else {
             return Ok(());
         };
-        let mut events = Vec::new();
-        loop {
-            let mut guard = group
-                .readable()
-                .await
-                .map_err(|e| format!("fanotify group of namespace {id}: {e}"))?;
-            let buf = &mut self.buf;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from)) {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => match wire::fanotify_events(&buf[..n]) {
-                    Ok(parsed) => events.extend(parsed),
-                    Err(e) => tracing::warn!(source = NAME, "malformed fanotify record: {e}"),
-                },
-                Ok(Err(e)) => return Err(format!("reading the fanotify group of {id}: {e}")),
-                Err(_would_block) => break,
-            }
-        }
+        ns.served = self.turn;
+        let Some(group) = ns.group.as_ref() else {
+            return Ok(());
+        };
+        // One slice per turn (see `GROUP_SLICE`); the rest stays readable for the next.
+        let mut guard = group
+            .readable()
+            .await
+            .map_err(|e| format!("fanotify group of namespace {id}: {e}"))?;
+        let buf = &mut self.buf;
+        let events = match guard
+            .try_io(|fd| nix::unistd::read(fd.get_ref(), buf).map_err(io::Error::from))
+        {
+            Ok(Ok(n)) => match wire::fanotify_events(&buf[..n]) {
+                Ok(parsed) => parsed,
+                Err(e) => {
+                    tracing::warn!(source = NAME, "malformed fanotify record: {e}");
+                    Vec::new()
+                }
+            },
+            Ok(Err(e)) => return Err(format!("reading the fanotify group of {id}: {e}")),
+            Err(_would_block) => Vec::new(),
+        };
         for event in events {
             if event.fd >= 0 {
                 // SAFETY: the kernel installed this fd for us; closing it is ours to do.
@@ -408,6 +444,10 @@ impl Reader {
     }
 
     fn apply(&mut self, id: u64, notice: MountNotice) {
+        // The rest of a batch read before an overflow: the resync lists it all.
+        if self.namespaces.get(&id).is_none_or(|ns| ns.resyncing) {
+            return;
+        }
         if notice == MountNotice::Overflow {
             self.overflowed(id);
             return;
@@ -426,10 +466,12 @@ impl Reader {
                 Err(e) => {
                     // Already gone again: its detach follows. Say what is known.
                     tracing::debug!(source = NAME, mount, "statmount: {e}");
+                    // Not in the cache, so not in the hub's table either: the table
+                    // holds what the cache holds, which a resync's difference needs.
                     let mut attrs = Attrs::new();
                     attrs.insert("namespace".into(), id.into());
                     attrs.insert("mount-id".into(), mount.into());
-                    record(subtype, Change::Upsert, id, mount, attrs)
+                    record(subtype, Change::None, id, mount, attrs)
                 }
             }
         };
@@ -564,126 +606,6 @@ impl Reader {
             None,
         ));
     }
-}
-
-/// The one diff of a namespace's mounts: the lines of a new mountinfo read that differ
-/// from the previous read name the mounts to look at; `statmount` says what each is now,
-/// and comparing that with the cached description says what happened to it (the cache
-/// is updated). With `follow_topology` false, fanotify reports attaches, detaches and
-/// moves, so only remounts are taken from here.
-pub(super) fn diff(
-    ns: &mut Namespace,
-    lines: HashMap<u32, Line>,
-    follow_topology: bool,
-) -> Vec<Record> {
-    let id = ns.id;
-    let by_old_id: HashMap<u32, u64> = ns.mounts.values().map(|m| (m.old_id, m.id)).collect();
-    let mut look_at = Vec::new();
-    let mut appeared = false;
-    for (old_id, line) in &lines {
-        if ns.lines.get(old_id) == Some(line) {
-            continue;
-        }
-        match by_old_id.get(old_id) {
-            Some(&mount) => look_at.push(mount),
-            None => appeared = true,
-        }
-    }
-    if follow_topology {
-        look_at.extend(
-            ns.lines
-                .keys()
-                .filter(|old_id| !lines.contains_key(old_id))
-                .filter_map(|old_id| by_old_id.get(old_id)),
-        );
-    }
-    ns.lines = lines;
-    // Newest first, so that of a tree detached at once, children go before parents.
-    look_at.sort_unstable_by(|a, b| b.cmp(a));
-    look_at.dedup();
-
-    let mut buf = vec![0u64; 512];
-    let mut records = Vec::new();
-    for mount in look_at {
-        let Some(before) = ns.mounts.get(&mount) else {
-            continue;
-        };
-        match statmount(mount, id, &mut buf) {
-            Ok(now) => {
-                let moved =
-                    now.mount_point != before.mount_point || now.parent_id != before.parent_id;
-                let remounted = now.attr != before.attr
-                    || now.sb_flags != before.sb_flags
-                    || now.fs_options != before.fs_options;
-                let attrs = attributes(&now);
-                ns.mounts.insert(mount, now);
-                if moved && follow_topology {
-                    records.push(record(MOVE, Change::Upsert, id, mount, attrs.clone()));
-                }
-                if remounted {
-                    records.push(record(REMOUNT, Change::Upsert, id, mount, attrs));
-                }
-            }
-            // Gone (its old id may be another mount's now): fanotify's detach follows.
-            Err(e) if !follow_topology => {
-                tracing::debug!(
-                    source = NAME,
-                    mount,
-                    "statmount after a mountinfo change: {e}"
-                );
-            }
-            Err(e) => {
-                if e.raw_os_error() != Some(libc::ENOENT) {
-                    tracing::warn!(source = NAME, mount, "statmount: {e}; taken as detached");
-                }
-                appeared = true;
-                if let Some(known) = ns.mounts.remove(&mount) {
-                    let attrs = attributes(&known);
-                    records.push(record(DETACH, Change::Remove, id, mount, attrs));
-                }
-            }
-        }
-    }
-    if follow_topology && appeared {
-        match list_mounts(id) {
-            Ok(mut listed) => {
-                listed.retain(|mount| !ns.mounts.contains_key(mount));
-                listed.sort_unstable();
-                for mount in listed {
-                    match statmount(mount, id, &mut buf) {
-                        Ok(now) => {
-                            let attrs = attributes(&now);
-                            ns.mounts.insert(mount, now);
-                            records.push(record(ATTACH, Change::Upsert, id, mount, attrs));
-                        }
-                        // Gone again before it could be described: nothing to report.
-                        Err(e) => tracing::debug!(source = NAME, mount, "statmount: {e}"),
-                    }
-                }
-            }
-            Err(e) => tracing::warn!(source = NAME, namespace = id, "listmount: {e}"),
-        }
-    }
-    records
-}
-
-pub(super) fn read_lines(file: &mut File) -> io::Result<HashMap<u32, Line>> {
-    file.rewind()?;
-    let mut text = String::new();
-    file.read_to_string(&mut text)?;
-    text.lines()
-        .filter(|line| !line.is_empty())
-        .map(|line| {
-            line.split_once(' ')
-                .and_then(|(id, rest)| Some((id.parse().ok()?, Line(rest.into()))))
-                .ok_or_else(|| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("mountinfo line {line:?}"),
-                    )
-                })
-        })
-        .collect()
 }
 
 /// Some live process whose mount namespace is `inode`, by walking /proc.

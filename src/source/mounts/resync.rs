@@ -2,13 +2,14 @@
 //! the resync that ends a throttle or a kernel queue overflow (see the `budget` module).
 
 use super::budget::Counters;
-use super::describe::*;
-use super::reader::{read_lines, Namespace, Reader};
+use super::reader::Reader;
 use super::*;
 
 use std::time::Instant;
 
-use nix::poll::{PollFd, PollFlags, PollTimeout};
+use nix::poll::PollFlags;
+
+use super::job::{self, has_input};
 
 impl Reader {
     /// Charges `cost` of work on namespace `id` to each of its watchers but root, and
@@ -59,7 +60,7 @@ impl Reader {
     /// itself put a user over their share would end in a throttle, and that throttle in
     /// another resync, for as long as the namespace exists.
     pub(super) fn end_throttle(&mut self, id: u64) {
-        let Some(ns) = self.namespaces.get_mut(&id) else {
+        let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| !ns.resyncing) else {
             return;
         };
         let queued = ns
@@ -91,97 +92,87 @@ impl Reader {
     }
 
     /// Brings namespace `id` up to date after a throttle or a kernel queue overflow:
-    /// its fanotify queue drained unread, its mounts listed again and its mountinfo
-    /// reread; the hub replaces the namespace's part of its table and tells the watchers
-    /// of the namespace (only them) `Lost(kernel-overflow)`.
+    /// hands its fds and cache to a resync on a blocking thread ([`job`]), so that the
+    /// other namespaces are read meanwhile; [`Reader::resynced`] takes the result.
     pub(super) fn resync(&mut self, id: u64) {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        ns.throttled_until = None;
-        ns.reread_due = None;
-        if let Err(e) = ns.unpark() {
-            // Unread from now on; its watchers still hear of it when it goes.
-            tracing::error!(
-                source = NAME,
-                namespace = id,
-                "registering its fds again: {e}"
-            );
+        if ns.resyncing {
             return;
         }
-        let drained = drain(ns, &mut self.buf);
-        Counters::add(&self.shared.counters.coalesced, drained);
+        ns.throttled_until = None;
+        ns.reread_due = None;
+        ns.stale = false;
+        ns.park();
+        let Some((group, mountinfo)) = ns.parked.take() else {
+            return;
+        };
+        ns.resyncing = true;
+        let resync = job::Resync {
+            id,
+            group,
+            mountinfo,
+            mounts: std::mem::take(&mut ns.mounts),
+            lines: std::mem::take(&mut ns.lines),
+        };
+        let done = self.resynced.0.clone();
+        tokio::task::spawn_blocking(move || {
+            // The receiver lives as long as the reader; gone, nobody needs the result.
+            let _ = done.send(resync.run());
+        });
+    }
+
+    /// Takes a resync's result: the namespace's cache and fds back (read again unless a
+    /// throttle came meanwhile, whose end looks again), the hub told what changed and
+    /// the namespace's watchers `Lost(kernel-overflow)`, and the work charged to them.
+    pub(super) fn resynced(&mut self, done: job::Resynced) {
+        let job::Resync {
+            id,
+            group,
+            mountinfo,
+            mounts,
+            lines,
+        } = done.namespace;
+        // Gone meanwhile (its last watch ended, its last process exited), perhaps
+        // watched again since (a new entry, not resyncing): the fds close here.
+        let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| ns.resyncing) else {
+            return;
+        };
+        ns.resyncing = false;
+        ns.mounts = mounts;
+        ns.lines = lines;
+        ns.parked = Some((group, mountinfo));
+        if ns.throttled_until.is_none() {
+            if let Err(e) = ns.unpark() {
+                // Unread from now on; its watchers still hear of it when it goes.
+                tracing::error!(
+                    source = NAME,
+                    namespace = id,
+                    "registering its fds again: {e}"
+                );
+            }
+        }
+        Counters::add(&self.shared.counters.coalesced, done.drained);
         Counters::add(&self.shared.counters.resyncs, 1);
-        if let Some(mountinfo) = ns.mountinfo.as_mut() {
-            if let Some(Ok(mut guard)) = mountinfo.ready(Interest::PRIORITY).now_or_never() {
-                guard.clear_ready_matching(Ready::PRIORITY);
-            }
-        }
-        match ns.mountinfo.as_mut().map(|m| read_lines(m.get_mut())) {
-            None => {}
-            Some(Ok(lines)) => ns.lines = lines,
-            Some(Err(e)) => {
-                tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}")
-            }
-        }
-        match describe_all(id) {
-            Ok(mounts) => ns.mounts = mounts.into_iter().map(|m| (m.id, m)).collect(),
-            Err(e) => tracing::error!(source = NAME, "rescanning namespace {id}: {e}"),
-        }
-        let objects = ns.mounts.values().map(object_of).collect();
         self.pending.push_back((
             SourceMsg::Resync {
-                prefix: object_prefix(id),
                 object: namespace_object(id),
-                objects,
+                upserted: done.upserted,
+                removed: done.removed,
             },
             None,
         ));
+        self.charge(id, done.cost);
     }
-}
-
-/// Reads a namespace's fanotify queue to its end without looking at what it says
-/// (a resync lists the namespace instead); returns how many events that was.
-fn drain(ns: &mut Namespace, buf: &mut [u8]) -> u64 {
-    let Some(group) = &ns.group else {
-        return 0;
-    };
-    let mut events = 0u64;
-    loop {
-        match nix::unistd::read(group.get_ref(), buf) {
-            Ok(n) if n > 0 => {
-                for event in wire::fanotify_events(&buf[..n]).unwrap_or_default() {
-                    events += 1;
-                    if event.fd >= 0 {
-                        // SAFETY: the kernel installed this fd for us; closing it is ours.
-                        drop(unsafe { OwnedFd::from_raw_fd(event.fd) });
-                    }
-                }
-            }
-            // Empty (EAGAIN) or failing: the next read of the group says why, if ever.
-            _ => break,
-        }
-    }
-    if let Some(Ok(mut guard)) = group.readable().now_or_never() {
-        guard.clear_ready();
-    }
-    events
 }
 
 /// The namespace a message of this source is about, to charge its publishing to.
 pub(super) fn namespace_of(msg: &SourceMsg) -> Option<u64> {
     match msg {
         SourceMsg::Record(record) => record.attr_u64("namespace"),
-        SourceMsg::Resync { prefix, .. } | SourceMsg::Replace { prefix, .. } => {
-            prefix.strip_suffix('/')?.parse().ok()
-        }
+        SourceMsg::Resync { object, .. } => object.strip_prefix("mntns:")?.parse().ok(),
+        SourceMsg::Replace { prefix, .. } => prefix.strip_suffix('/')?.parse().ok(),
         _ => None,
     }
-}
-
-/// Whether `fd` polls with `flags` right now (no wait).
-fn has_input(fd: &impl std::os::fd::AsFd, flags: PollFlags) -> bool {
-    let mut fds = [PollFd::new(fd.as_fd(), flags)];
-    nix::poll::poll(&mut fds, PollTimeout::ZERO).is_ok_and(|n| n > 0)
-        && fds[0].revents().is_some_and(|r| r.intersects(flags))
 }
