@@ -1,4 +1,5 @@
-//! A resync's work, done on a blocking thread rather than the reader's task.
+//! A namespace's whole-table work, done on a blocking thread rather than the reader's
+//! task: a resync, and a mountinfo reread of a large namespace.
 //!
 //! A resync (after a throttle or a kernel queue overflow) drains the namespace's
 //! fanotify queue, lists its mounts and reads its whole mountinfo: 20-25 ms of CPU at
@@ -18,15 +19,16 @@
 
 use super::budget::thread_cpu;
 use super::describe::*;
-use super::lines::{read_lines_with, Line};
+use super::lines::{diff, read_lines_with, Line};
 use super::*;
 
 use std::collections::HashSet;
+use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-/// A namespace handed to a resync: its fds and what was last known of it.
-pub(super) struct Resync {
+/// A namespace handed to a job: its fds and what was last known of it.
+pub(super) struct Held {
     pub(super) id: u64,
     pub(super) group: Option<OwnedFd>,
     pub(super) mountinfo: File,
@@ -34,30 +36,80 @@ pub(super) struct Resync {
     pub(super) lines: HashMap<u32, Line>,
 }
 
-/// What a resync hands back: the namespace's fds and cache, up to date, and how the
-/// hub's table must change to match.
-pub(super) struct Resynced {
-    /// The namespace handed back.
-    pub(super) namespace: Resync,
-    /// Kernel events read unparsed.
-    pub(super) drained: u64,
-    pub(super) upserted: Vec<Object>,
-    pub(super) removed: Vec<String>,
-    /// The job's CPU time, charged to the namespace's watchers.
-    pub(super) cost: Duration,
+/// What a job does with the namespace.
+pub(super) enum Work {
+    /// After a throttle or a kernel queue overflow: see [`Held::resync`].
+    Resync,
+    /// A mountinfo reread of a large namespace (remounts; everything without fanotify):
+    /// [`diff`] of the new read against the cached one.
+    Reread { follow_topology: bool },
 }
 
-impl Resync {
+/// What a job found.
+pub(super) enum Outcome {
+    Resynced {
+        /// Kernel events read unparsed.
+        drained: u64,
+        upserted: Vec<Object>,
+        removed: Vec<String>,
+    },
+    /// The records of what the reread found changed.
+    Reread(Vec<Record>),
+}
+
+/// What a job hands back: the namespace's fds and cache, up to date, and what it found.
+pub(super) struct Done {
+    pub(super) held: Held,
+    pub(super) outcome: Outcome,
+    /// The job's CPU time, charged to the namespace's watchers.
+    pub(super) cost: Duration,
+    /// Its time by the clock (a reread's pacing is by the clock: see the module doc of
+    /// `mounts`).
+    pub(super) took: Duration,
+}
+
+impl Held {
+    /// Does `work` (on a blocking thread).
+    pub(super) fn run(mut self, work: Work) -> Done {
+        let (started, cpu) = (Instant::now(), thread_cpu());
+        let outcome = match work {
+            Work::Resync => self.resync(),
+            Work::Reread { follow_topology } => Outcome::Reread(self.reread(follow_topology)),
+        };
+        Done {
+            cost: thread_cpu().saturating_sub(cpu),
+            took: started.elapsed(),
+            held: self,
+            outcome,
+        }
+    }
+
+    fn reread(&mut self, follow_topology: bool) -> Vec<Record> {
+        // Takes in the POLLPRI of the changes so far, which the read below sees: the
+        // reader is woken only by later ones.
+        has_input(&self.mountinfo, PollFlags::POLLPRI);
+        match read_lines_with(&mut self.mountinfo, std::thread::yield_now) {
+            Ok(lines) => diff(
+                self.id,
+                &mut self.mounts,
+                &mut self.lines,
+                lines,
+                follow_topology,
+            ),
+            Err(e) => {
+                tracing::warn!(source = NAME, namespace = self.id, "reading mountinfo: {e}");
+                Vec::new()
+            }
+        }
+    }
+
     /// Drains the namespace's fanotify queue unread, then lists its mounts and reads
     /// its mountinfo: a mount listed and not cached is new, one cached and not listed is
     /// gone, and one whose mountinfo line differs from the last read is described again
     /// (a remount, a move); every other mount is as cached. Drained first, so that what
     /// happens after the listing is read as events once the reader has the fds back.
-    pub(super) fn run(mut self) -> Resynced {
-        let started = thread_cpu();
+    fn resync(&mut self) -> Outcome {
         let drained = self.group.as_ref().map_or(0, drain);
-        // Takes in the POLLPRI of the changes so far, which the read below sees: the
-        // reader is woken only by later ones.
         has_input(&self.mountinfo, PollFlags::POLLPRI);
         let (mut upserted, mut removed) = (Vec::new(), Vec::new());
         match list_mounts(self.id).and_then(|listed| {
@@ -70,13 +122,10 @@ impl Resync {
             // The cache stays as it was; the watchers still hear `Lost`.
             Err(e) => tracing::error!(source = NAME, "rescanning namespace {}: {e}", self.id),
         }
-        let cost = thread_cpu().saturating_sub(started);
-        Resynced {
-            namespace: self,
+        Outcome::Resynced {
             drained,
             upserted,
             removed,
-            cost,
         }
     }
 

@@ -2,7 +2,6 @@
 //! one diff that turns changed lines into records.
 
 use super::describe::*;
-use super::reader::Namespace;
 use super::*;
 
 /// A mountinfo line as two reads compare it (by its old id): the text after the id
@@ -19,16 +18,17 @@ pub(super) struct Line(Box<str>);
 /// is updated). With `follow_topology` false, fanotify reports attaches, detaches and
 /// moves, so only remounts are taken from here.
 pub(super) fn diff(
-    ns: &mut Namespace,
+    id: u64,
+    mounts: &mut HashMap<u64, StatMount>,
+    cached: &mut HashMap<u32, Line>,
     lines: HashMap<u32, Line>,
     follow_topology: bool,
 ) -> Vec<Record> {
-    let id = ns.id;
-    let by_old_id: HashMap<u32, u64> = ns.mounts.values().map(|m| (m.old_id, m.id)).collect();
+    let by_old_id: HashMap<u32, u64> = mounts.values().map(|m| (m.old_id, m.id)).collect();
     let mut look_at = Vec::new();
     let mut appeared = false;
     for (old_id, line) in &lines {
-        if ns.lines.get(old_id) == Some(line) {
+        if cached.get(old_id) == Some(line) {
             continue;
         }
         match by_old_id.get(old_id) {
@@ -38,13 +38,13 @@ pub(super) fn diff(
     }
     if follow_topology {
         look_at.extend(
-            ns.lines
+            cached
                 .keys()
                 .filter(|old_id| !lines.contains_key(old_id))
                 .filter_map(|old_id| by_old_id.get(old_id)),
         );
     }
-    ns.lines = lines;
+    *cached = lines;
     // Newest first, so that of a tree detached at once, children go before parents.
     look_at.sort_unstable_by(|a, b| b.cmp(a));
     look_at.dedup();
@@ -52,7 +52,7 @@ pub(super) fn diff(
     let mut buf = vec![0u64; 512];
     let mut records = Vec::new();
     for mount in look_at {
-        let Some(before) = ns.mounts.get(&mount) else {
+        let Some(before) = mounts.get(&mount) else {
             continue;
         };
         match statmount(mount, id, &mut buf) {
@@ -63,7 +63,7 @@ pub(super) fn diff(
                     || now.sb_flags != before.sb_flags
                     || now.fs_options != before.fs_options;
                 let attrs = attributes(&now);
-                ns.mounts.insert(mount, now);
+                mounts.insert(mount, now);
                 if moved && follow_topology {
                     records.push(record(MOVE, Change::Upsert, id, mount, attrs.clone()));
                 }
@@ -84,7 +84,7 @@ pub(super) fn diff(
                     tracing::warn!(source = NAME, mount, "statmount: {e}; taken as detached");
                 }
                 appeared = true;
-                if let Some(known) = ns.mounts.remove(&mount) {
+                if let Some(known) = mounts.remove(&mount) {
                     let attrs = attributes(&known);
                     records.push(record(DETACH, Change::Remove, id, mount, attrs));
                 }
@@ -94,13 +94,13 @@ pub(super) fn diff(
     if follow_topology && appeared {
         match list_mounts(id) {
             Ok(mut listed) => {
-                listed.retain(|mount| !ns.mounts.contains_key(mount));
+                listed.retain(|mount| !mounts.contains_key(mount));
                 listed.sort_unstable();
                 for mount in listed {
                     match statmount(mount, id, &mut buf) {
                         Ok(now) => {
                             let attrs = attributes(&now);
-                            ns.mounts.insert(mount, now);
+                            mounts.insert(mount, now);
                             records.push(record(ATTACH, Change::Upsert, id, mount, attrs));
                         }
                         // Gone again before it could be described: nothing to report.

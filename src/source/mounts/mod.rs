@@ -339,7 +339,7 @@ impl EventSource for Mounts {
             shared: Arc::clone(&self.shared),
             last_yield: None,
             turn: 0,
-            resynced: mpsc::unbounded_channel(),
+            jobs_done: mpsc::unbounded_channel(),
         };
         let ns = open_namespace("/proc/self/ns/mnt")?;
         let (_, seed) = reader.add_namespace(&ns, None, "/proc/self/mountinfo")?;

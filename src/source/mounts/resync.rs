@@ -60,7 +60,7 @@ impl Reader {
     /// itself put a user over their share would end in a throttle, and that throttle in
     /// another resync, for as long as the namespace exists.
     pub(super) fn end_throttle(&mut self, id: u64) {
-        let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| !ns.resyncing) else {
+        let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| !ns.busy) else {
             return;
         };
         let queued = ns
@@ -92,54 +92,63 @@ impl Reader {
     }
 
     /// Brings namespace `id` up to date after a throttle or a kernel queue overflow:
-    /// hands its fds and cache to a resync on a blocking thread ([`job`]), so that the
-    /// other namespaces are read meanwhile; [`Reader::resynced`] takes the result.
+    /// hands it to a resync on a blocking thread ([`job`]), so that the other
+    /// namespaces are read meanwhile; [`Reader::done`] takes the result.
     pub(super) fn resync(&mut self, id: u64) {
+        if let Some(ns) = self.namespaces.get_mut(&id) {
+            ns.throttled_until = None;
+            ns.reread_due = None;
+            ns.stale = false;
+        }
+        self.hand_off(id, job::Work::Resync);
+    }
+
+    /// Hands namespace `id`'s fds and cache to `work` on a blocking thread; until it
+    /// is done the namespace is not read (the kernel queues what happens in it).
+    pub(super) fn hand_off(&mut self, id: u64, work: job::Work) {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
-        if ns.resyncing {
+        if ns.busy {
             return;
         }
-        ns.throttled_until = None;
-        ns.reread_due = None;
-        ns.stale = false;
         ns.park();
         let Some((group, mountinfo)) = ns.parked.take() else {
             return;
         };
-        ns.resyncing = true;
-        let resync = job::Resync {
+        ns.busy = true;
+        let held = job::Held {
             id,
             group,
             mountinfo,
             mounts: std::mem::take(&mut ns.mounts),
             lines: std::mem::take(&mut ns.lines),
         };
-        let done = self.resynced.0.clone();
+        let done = self.jobs_done.0.clone();
         tokio::task::spawn_blocking(move || {
             // The receiver lives as long as the reader; gone, nobody needs the result.
-            let _ = done.send(resync.run());
+            let _ = done.send(held.run(work));
         });
     }
 
-    /// Takes a resync's result: the namespace's cache and fds back (read again unless a
-    /// throttle came meanwhile, whose end looks again), the hub told what changed and
-    /// the namespace's watchers `Lost(kernel-overflow)`, and the work charged to them.
-    pub(super) fn resynced(&mut self, done: job::Resynced) {
-        let job::Resync {
+    /// Takes a job's result: the namespace's cache and fds back (read again unless a
+    /// throttle came meanwhile, whose end looks again), what it found published (a
+    /// resync's difference, with `Lost(kernel-overflow)` to the namespace's watchers;
+    /// a reread's records), and the work charged to the watchers.
+    pub(super) fn done(&mut self, done: job::Done) {
+        let job::Held {
             id,
             group,
             mountinfo,
             mounts,
             lines,
-        } = done.namespace;
+        } = done.held;
         // Gone meanwhile (its last watch ended, its last process exited), perhaps
-        // watched again since (a new entry, not resyncing): the fds close here.
-        let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| ns.resyncing) else {
+        // watched again since (a new entry, not busy): the fds close here.
+        let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| ns.busy) else {
             return;
         };
-        ns.resyncing = false;
+        ns.busy = false;
         ns.mounts = mounts;
         ns.lines = lines;
         ns.parked = Some((group, mountinfo));
@@ -153,16 +162,33 @@ impl Reader {
                 );
             }
         }
-        Counters::add(&self.shared.counters.coalesced, done.drained);
-        Counters::add(&self.shared.counters.resyncs, 1);
-        self.pending.push_back((
-            SourceMsg::Resync {
-                object: namespace_object(id),
-                upserted: done.upserted,
-                removed: done.removed,
-            },
-            None,
-        ));
+        let counters = &self.shared.counters;
+        match done.outcome {
+            job::Outcome::Resynced {
+                drained,
+                upserted,
+                removed,
+            } => {
+                Counters::add(&counters.coalesced, drained);
+                Counters::add(&counters.resyncs, 1);
+                self.pending.push_back((
+                    SourceMsg::Resync {
+                        object: namespace_object(id),
+                        upserted,
+                        removed,
+                    },
+                    None,
+                ));
+            }
+            job::Outcome::Reread(records) => {
+                ns.last_reread = Some((Instant::now(), done.took));
+                Counters::add(&counters.rereads, 1);
+                let cost = u64::try_from(done.cost.as_micros()).unwrap_or(u64::MAX);
+                Counters::add(&counters.reread_us, cost);
+                self.pending
+                    .extend(records.into_iter().map(|r| (SourceMsg::Record(r), None)));
+            }
+        }
         self.charge(id, done.cost);
     }
 }
