@@ -689,6 +689,35 @@ fn bind_mounts(ns: &Namespace, dir: &str, count: u64) {
     ));
 }
 
+/// A namespace's first listing is a job off the reader's task; watches that name the
+/// namespace while it runs are answered only once the hub holds its mounts. Four
+/// subscribers add a watch on one 2,000-mount namespace at once: each one's snapshot
+/// right after holds every mount mountinfo shows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn watches_added_at_once_on_a_large_namespace_each_see_all_of_it() {
+    let daemon = Daemon::start();
+    let ns = Namespace::start();
+    let dir = ns.mkdir("many");
+    bind_mounts(&ns, &dir, 2000);
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        subs.push(Subscriber::new(&daemon).await);
+    }
+    let spec = pid_spec(ns.pid());
+    // Each asks for its snapshot as soon as its own AddWatch returned.
+    let seen = futures_util::future::join_all(subs.iter().map(|sub| async {
+        sub.watch("mounts", 1, &spec).await;
+        snapshot(sub).await.1.len()
+    }))
+    .await;
+    let text = fs::read_to_string(format!("/proc/{}/mountinfo", ns.pid())).expect("mountinfo");
+    let mountinfo = watchqd::source::mounts::wire::parse_mountinfo(&text)
+        .expect("parse mountinfo")
+        .len();
+    assert!(mountinfo > 2000, "{mountinfo} lines");
+    assert_eq!(seen, [mountinfo; 4], "snapshots right after AddWatch");
+}
+
 /// Remounts are not reported by fanotify; they come from mountinfo rereads, coalesced
 /// per namespace (one per interval, however many `POLLPRI`). A storm of remounts in a
 /// namespace of 2,000 mounts, each mount remounted read-only once: every remount is

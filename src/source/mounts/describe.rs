@@ -10,9 +10,24 @@ pub(super) fn statmount(id: u64, namespace: u64, buf: &mut Vec<u64>) -> io::Resu
 
 /// Every mount of a namespace, described; mounts that vanish while listing are skipped.
 pub(super) fn describe_all(namespace: u64) -> io::Result<Vec<StatMount>> {
+    describe_all_with(namespace, || {})
+}
+
+/// Mounts described between two calls of [`describe_all_with`]'s `between`.
+const DESCRIBED_BETWEEN: usize = 64;
+
+/// [`describe_all`], calling `between` every [`DESCRIBED_BETWEEN`] mounts (a job yields
+/// the CPU there: see `job`).
+pub(super) fn describe_all_with(
+    namespace: u64,
+    mut between: impl FnMut(),
+) -> io::Result<Vec<StatMount>> {
     let mut buf = vec![0u64; 512];
     let mut mounts = Vec::new();
-    for id in list_mounts(namespace)? {
+    for (n, id) in list_mounts(namespace)?.into_iter().enumerate() {
+        if n % DESCRIBED_BETWEEN == 0 {
+            between();
+        }
         match statmount(id, namespace, &mut buf) {
             Ok(mount) => mounts.push(mount),
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}

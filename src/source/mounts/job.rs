@@ -22,6 +22,7 @@ use super::describe::*;
 use super::lines::{diff, read_lines_with, Line};
 use super::*;
 
+use std::cell::Cell;
 use std::collections::HashSet;
 use std::time::Instant;
 
@@ -40,6 +41,8 @@ pub(super) struct Held {
 pub(super) enum Work {
     /// After a throttle or a kernel queue overflow: see [`Held::resync`].
     Resync,
+    /// A namespace's first listing, when a watch names it.
+    List,
     /// A mountinfo reread of a large namespace (remounts; everything without fanotify):
     /// [`diff`] of the new read against the cached one.
     Reread { follow_topology: bool },
@@ -55,6 +58,8 @@ pub(super) enum Outcome {
     },
     /// The records of what the reread found changed.
     Reread(Vec<Record>),
+    /// The namespace's mounts, or why they could not be listed.
+    Listed(Result<Vec<Object>, String>),
 }
 
 /// What a job hands back: the namespace's fds and cache, up to date, and what it found.
@@ -63,8 +68,9 @@ pub(super) struct Done {
     pub(super) outcome: Outcome,
     /// The job's CPU time, charged to the namespace's watchers.
     pub(super) cost: Duration,
-    /// Its time by the clock (a reread's pacing is by the clock: see the module doc of
-    /// `mounts`).
+    /// Its time by the clock, less what it gave other threads when it yielded (a
+    /// reread's pacing is by the clock: see the module doc of `mounts`; counting the
+    /// yields, a loaded machine stretched a 20 ms reread to seconds between rereads).
     pub(super) took: Duration,
 }
 
@@ -72,23 +78,43 @@ impl Held {
     /// Does `work` (on a blocking thread).
     pub(super) fn run(mut self, work: Work) -> Done {
         let (started, cpu) = (Instant::now(), thread_cpu());
+        let yielded = Cell::new(Duration::ZERO);
+        let pause = || {
+            let at = Instant::now();
+            std::thread::yield_now();
+            yielded.set(yielded.get() + at.elapsed());
+        };
         let outcome = match work {
-            Work::Resync => self.resync(),
-            Work::Reread { follow_topology } => Outcome::Reread(self.reread(follow_topology)),
+            Work::Resync => self.resync(&pause),
+            Work::Reread { follow_topology } => {
+                Outcome::Reread(self.reread(follow_topology, &pause))
+            }
+            Work::List => Outcome::Listed(self.list(&pause).map_err(|e| e.to_string())),
         };
         Done {
             cost: thread_cpu().saturating_sub(cpu),
-            took: started.elapsed(),
+            took: started.elapsed().saturating_sub(yielded.get()),
             held: self,
             outcome,
         }
     }
 
-    fn reread(&mut self, follow_topology: bool) -> Vec<Record> {
+    /// Reads the mountinfo and describes every mount.
+    fn list(&mut self, pause: &dyn Fn()) -> io::Result<Vec<Object>> {
+        has_input(&self.mountinfo, PollFlags::POLLPRI);
+        self.lines = read_lines_with(&mut self.mountinfo, pause)?;
+        self.mounts = describe_all_with(self.id, pause)?
+            .into_iter()
+            .map(|m| (m.id, m))
+            .collect();
+        Ok(self.mounts.values().map(object_of).collect())
+    }
+
+    fn reread(&mut self, follow_topology: bool, pause: &dyn Fn()) -> Vec<Record> {
         // Takes in the POLLPRI of the changes so far, which the read below sees: the
         // reader is woken only by later ones.
         has_input(&self.mountinfo, PollFlags::POLLPRI);
-        match read_lines_with(&mut self.mountinfo, std::thread::yield_now) {
+        match read_lines_with(&mut self.mountinfo, pause) {
             Ok(lines) => diff(
                 self.id,
                 &mut self.mounts,
@@ -108,12 +134,12 @@ impl Held {
     /// gone, and one whose mountinfo line differs from the last read is described again
     /// (a remount, a move); every other mount is as cached. Drained first, so that what
     /// happens after the listing is read as events once the reader has the fds back.
-    fn resync(&mut self) -> Outcome {
-        let drained = self.group.as_ref().map_or(0, drain);
+    fn resync(&mut self, pause: &dyn Fn()) -> Outcome {
+        let drained = self.group.as_ref().map_or(0, |group| drain(group, pause));
         has_input(&self.mountinfo, PollFlags::POLLPRI);
         let (mut upserted, mut removed) = (Vec::new(), Vec::new());
         match list_mounts(self.id).and_then(|listed| {
-            let lines = read_lines_with(&mut self.mountinfo, std::thread::yield_now)?;
+            let lines = read_lines_with(&mut self.mountinfo, pause)?;
             Ok((listed, lines))
         }) {
             Ok((listed, lines)) => {
@@ -181,11 +207,11 @@ impl Held {
 
 /// Reads a fanotify queue to its end without looking at what it says (a resync lists
 /// the namespace instead); returns how many events that was.
-fn drain(group: &OwnedFd) -> u64 {
+fn drain(group: &OwnedFd, pause: &dyn Fn()) -> u64 {
     let mut buf = vec![0u8; READ_BUFFER];
     let mut events = 0u64;
     loop {
-        std::thread::yield_now();
+        pause();
         match nix::unistd::read(group, &mut buf) {
             Ok(n) if n > 0 => {
                 for event in wire::fanotify_events(&buf[..n]).unwrap_or_default() {

@@ -342,8 +342,7 @@ impl EventSource for Mounts {
             jobs_done: mpsc::unbounded_channel(),
         };
         let ns = open_namespace("/proc/self/ns/mnt")?;
-        let (_, seed) = reader.add_namespace(&ns, None, "/proc/self/mountinfo")?;
-        reader.pending.push_back((seed, None));
+        reader.add_namespace(&ns, "/proc/self/mountinfo")?;
         *lock(&self.shared.control) = Some(sender);
         Ok(Box::pin(stream::unfold(reader, |mut reader| async move {
             let msg = reader.next().await?;

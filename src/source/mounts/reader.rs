@@ -62,6 +62,9 @@ pub(super) struct Namespace {
     /// The reader's turn at which its group was last read: of the namespaces ready, the
     /// one read longest ago goes first.
     served: u64,
+    /// Arm requests waiting for the namespace's first listing (a job): answered once
+    /// the hub holds its mounts.
+    pub(super) arming: Vec<Acknowledge>,
 }
 
 impl Namespace {
@@ -104,6 +107,8 @@ pub(super) enum Wake {
 }
 
 pub(super) type Acknowledge = std::sync::mpsc::SyncSender<Result<u64, String>>;
+/// Arm requests to answer once the hub applied a message, with their namespace.
+pub(super) type Acks = Option<(Vec<Acknowledge>, u64)>;
 
 pub(super) struct Reader {
     /// Whether fanotify reports attaches, detaches and moves (else the mountinfo diff).
@@ -111,8 +116,8 @@ pub(super) struct Reader {
     pub(super) namespaces: HashMap<u64, Namespace>,
     pub(super) control: mpsc::UnboundedReceiver<Control>,
     /// Messages to yield, each with the arm request to answer once the hub applied it.
-    pub(super) pending: VecDeque<(SourceMsg, Option<(Acknowledge, u64)>)>,
-    pub(super) to_acknowledge: Option<(Acknowledge, u64)>,
+    pub(super) pending: VecDeque<(SourceMsg, Acks)>,
+    pub(super) to_acknowledge: Acks,
     pub(super) buf: Vec<u8>,
     /// What each user's namespaces may still spend.
     pub(super) budget: Budget,
@@ -134,8 +139,10 @@ impl Reader {
     pub(super) async fn next(&mut self) -> Option<SourceMsg> {
         // The hub polls again only after publishing what it got: the namespace's mounts
         // are in its table now, so the watch can be taken and snapshots include them.
-        if let Some((reply, namespace)) = self.to_acknowledge.take() {
-            let _ = reply.send(Ok(namespace));
+        if let Some((replies, namespace)) = self.to_acknowledge.take() {
+            for reply in replies {
+                let _ = reply.send(Ok(namespace));
+            }
         }
         // The hub's publishing of the last message ran on this thread between its two
         // polls (the pump publishes before it polls again, within one poll of its task).
@@ -303,6 +310,11 @@ impl Reader {
                     if let Some(entry) = self.namespaces.get_mut(&id) {
                         entry.watches += 1;
                         *entry.watchers.entry(uid).or_default() += 1;
+                        // Still being listed: answered with the first request.
+                        if !entry.arming.is_empty() {
+                            entry.arming.push(reply);
+                            return;
+                        }
                     }
                     let _ = reply.send(Ok(id));
                     return;
@@ -314,12 +326,17 @@ impl Reader {
                         return;
                     }
                 };
-                match self.add_namespace(&ns, Some(anchor), &format!("/proc/{pid}/mountinfo")) {
-                    Ok((id, seed)) => {
+                // Listing a namespace costs in proportion to it (100 ms at 10,000
+                // mounts), and any user may ask for one, again and again: a job, charged
+                // to the one who asked.
+                match self.enter_namespace(&ns, Some(anchor), &format!("/proc/{pid}/mountinfo")) {
+                    Ok(held) => {
+                        let id = held.id;
                         if let Some(entry) = self.namespaces.get_mut(&id) {
                             entry.watchers.insert(uid, 1);
+                            entry.arming.push(reply);
                         }
-                        self.pending.push_back((seed, Some((reply, id))));
+                        self.spawn(held, job::Work::List);
                     }
                     Err(e) => {
                         let _ = reply.send(Err(format!(
@@ -355,15 +372,15 @@ impl Reader {
         }
     }
 
-    /// Marks a namespace, lists its mounts and reads its mountinfo; returns the message
-    /// that puts its mounts in the hub's table. Marked first so nothing falls between
-    /// the listing and the first event.
-    pub(super) fn add_namespace(
+    /// Marks a namespace and opens its mountinfo, and enters it busy: its fds and an
+    /// empty cache are returned for its first listing (`job::Work::List`). Marked
+    /// first, so that nothing falls between the listing and the first event.
+    pub(super) fn enter_namespace(
         &mut self,
         ns: &OwnedFd,
         anchor: Option<AsyncFd<OwnedFd>>,
         mountinfo_path: &str,
-    ) -> io::Result<(u64, SourceMsg)> {
+    ) -> io::Result<job::Held> {
         let id = namespace_id(ns)?;
         let meta = File::from(ns.try_clone()?).metadata()?;
         let group = if self.fanotify {
@@ -371,42 +388,55 @@ impl Reader {
             mark(&group, ns, true).map_err(|e| {
                 io::Error::new(e.kind(), format!("fanotify_mark(FAN_MARK_MNTNS): {e}"))
             })?;
-            Some(register(group, Interest::READABLE)?)
+            Some(group)
         } else {
             None
         };
-        let mut mountinfo = File::open(mountinfo_path)
+        let mountinfo = File::open(mountinfo_path)
             .map_err(|e| io::Error::new(e.kind(), format!("{mountinfo_path}: {e}")))?;
-        let lines = read_lines(&mut mountinfo)?;
-        let mounts: HashMap<u64, StatMount> =
-            describe_all(id)?.into_iter().map(|m| (m.id, m)).collect();
-        let objects = mounts.values().map(object_of).collect();
         self.namespaces.insert(
             id,
             Namespace {
                 id,
                 inode: (meta.dev(), meta.ino()),
-                group,
-                mountinfo: Some(register(mountinfo, Interest::PRIORITY)?),
+                group: None,
+                mountinfo: None,
                 parked: None,
                 anchor,
-                mounts,
-                lines,
+                mounts: HashMap::new(),
+                lines: HashMap::new(),
                 watches: 1,
                 watchers: HashMap::new(),
                 throttled_until: None,
                 stale: false,
-                busy: false,
+                busy: true,
                 served: 0,
+                arming: Vec::new(),
                 reread_due: None,
                 last_reread: None,
             },
         );
-        let seed = SourceMsg::Replace {
-            prefix: object_prefix(id),
-            objects,
-        };
-        Ok((id, seed))
+        Ok(job::Held {
+            id,
+            group,
+            mountinfo,
+            mounts: HashMap::new(),
+            lines: HashMap::new(),
+        })
+    }
+
+    /// [`Reader::enter_namespace`] with the listing done here: the daemon's own
+    /// namespace, when the source opens.
+    pub(super) fn add_namespace(&mut self, ns: &OwnedFd, mountinfo_path: &str) -> io::Result<()> {
+        let held = self.enter_namespace(ns, None, mountinfo_path)?;
+        let id = held.id;
+        let done = held.run(job::Work::List);
+        if let job::Outcome::Listed(Err(e)) = &done.outcome {
+            self.namespaces.remove(&id);
+            return Err(io::Error::other(e.clone()));
+        }
+        self.done(done);
+        Ok(())
     }
 
     async fn read_group(&mut self, id: u64) -> Result<(), String> {

@@ -124,6 +124,11 @@ impl Reader {
             mounts: std::mem::take(&mut ns.mounts),
             lines: std::mem::take(&mut ns.lines),
         };
+        self.spawn(held, work);
+    }
+
+    /// Runs `work` on a blocking thread; [`Reader::done`] takes the result.
+    pub(super) fn spawn(&self, held: job::Held, work: job::Work) {
         let done = self.jobs_done.0.clone();
         tokio::task::spawn_blocking(move || {
             // The receiver lives as long as the reader; gone, nobody needs the result.
@@ -148,6 +153,14 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id).filter(|ns| ns.busy) else {
             return;
         };
+        if let job::Outcome::Listed(Err(e)) = &done.outcome {
+            // Never listed: nobody watches it yet.
+            for reply in std::mem::take(&mut ns.arming) {
+                let _ = reply.send(Err(format!("listing mount namespace {id}: {e}")));
+            }
+            self.namespaces.remove(&id);
+            return;
+        }
         ns.busy = false;
         ns.mounts = mounts;
         ns.lines = lines;
@@ -178,6 +191,16 @@ impl Reader {
                         removed,
                     },
                     None,
+                ));
+            }
+            job::Outcome::Listed(listed) => {
+                let arming = std::mem::take(&mut ns.arming);
+                self.pending.push_back((
+                    SourceMsg::Replace {
+                        prefix: object_prefix(id),
+                        objects: listed.unwrap_or_default(),
+                    },
+                    Some((arming, id)),
                 ));
             }
             job::Outcome::Reread(records) => {
