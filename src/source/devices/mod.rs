@@ -15,6 +15,7 @@
 
 pub mod signal;
 mod sysfs;
+pub mod udev_wire;
 pub mod wire;
 
 use std::collections::HashMap;
