@@ -41,6 +41,9 @@ pub type SourceStream = Pin<Box<dyn Stream<Item = SourceMsg> + Send>>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Availability {
     Available,
+    /// Works fully, by one of the means the source can use; the note says which and
+    /// why (devices: udev's group because udevd runs), and `Sources` shows it.
+    Via(String),
     /// Works, by a weaker means than the source's own interface (which this kernel
     /// lacks); the note says what is missing and what is lost, and `Sources` shows it.
     Degraded(String),

@@ -16,7 +16,9 @@ event_signal! {
     /// A block or USB device changed. action is the subtype name (add, remove, change,
     /// move, online, offline, bind, unbind, media-change, resize, over-current); sys_path the device's
     /// path below /sys; attributes are typed (name, devname, major, minor, size, ...);
-    /// properties are the kernel's uevent environment.
+    /// properties are the uevent environment: udev's where udevd runs (the kernel's keys
+    /// and udev's: ID_*, DEVLINKS, TAGS, DEVNAME as a path, ...; sent once its rules ran),
+    /// the kernel's elsewhere (Sources says which).
     pub struct DeviceChanged(record, fields) {
         /// The subtype name (add, remove, change, …).
         pub action: String = fields.subtype(super::SUBTYPES, "change"),
@@ -24,7 +26,7 @@ event_signal! {
         /// The device's path below /sys.
         pub sys_path: String = record.object_id.as_str().into(),
         pub attributes: crate::signal::Attributes<'static> = Attributes::of(record),
-        /// The kernel's uevent environment.
+        /// The uevent environment, udev's or the kernel's.
         pub properties: std::collections::BTreeMap<String, String> = std::borrow::Cow::Borrowed(&record.properties),
     }
 }

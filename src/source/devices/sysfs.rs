@@ -124,6 +124,8 @@ impl Sysfs {
             attrs.insert("devtype".into(), devtype.as_str().into());
         }
         if let Some(devname) = properties.get("DEVNAME") {
+            // The kernel names the node below /dev; udev gives its whole path.
+            let devname = devname.strip_prefix("/dev/").unwrap_or(devname);
             attrs.insert("devname".into(), format!("/dev/{devname}").into());
         }
         for (key, prop) in [("major", "MAJOR"), ("minor", "MINOR")] {
