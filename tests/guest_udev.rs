@@ -3,6 +3,8 @@
 //! monitor group. One boot covers every step (TCG boots cost seconds of CPU):
 //!
 //! - `Sources` says the source follows udev, and why;
+//! - a snapshot's block devices carry what udev's database holds of them, as
+//!   `udevadm info` shows it;
 //! - a udev-format message multicast to group 2 by a non-root process (uid 1000 holding
 //!   `CAP_NET_ADMIN`, which sending on this protocol needs) and one unicast by root to the
 //!   daemon's port are rejected, counted, and reach no subscriber; one multicast by root
@@ -323,6 +325,56 @@ mod inside {
                 rejected,
                 Some(2),
                 "both forgeries rejected and counted:\n{log}"
+            );
+
+            // The devices present before the source opened, from the snapshot: what udev
+            // recorded of each (its database), as `udevadm info` reads it too.
+            let (_, objects) = sub.proxy.snapshot("devices").await.expect("Snapshot");
+            let mut with_links = 0;
+            for (id, _, _, properties) in objects
+                .iter()
+                .filter(|(_, _, _, p)| p.get("SUBSYSTEM").map(String::as_str) == Some("block"))
+            {
+                let info = Command::new("udevadm")
+                    .args(["info", "--query=property", "--path"])
+                    .arg(id)
+                    .output()
+                    .expect("udevadm info");
+                let udev: BTreeMap<String, String> = String::from_utf8_lossy(&info.stdout)
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                for (key, value) in &udev {
+                    if key.starts_with("ID_") || key == "DEVNAME" || key == "USEC_INITIALIZED" {
+                        assert_eq!(
+                            properties.get(key),
+                            Some(value),
+                            "{key} of {}: the snapshot and udevadm info disagree",
+                            id
+                        );
+                    }
+                }
+                if let Some(links) = udev.get("DEVLINKS") {
+                    with_links += 1;
+                    let set = |v: Option<&String>| {
+                        let mut items: Vec<String> = v
+                            .map(|v| v.split(' ').map(str::to_owned).collect())
+                            .unwrap_or_default();
+                        items.sort_unstable();
+                        items
+                    };
+                    assert_eq!(
+                        set(properties.get("DEVLINKS")),
+                        set(Some(links)),
+                        "DEVLINKS of {}",
+                        id
+                    );
+                }
+            }
+            assert!(
+                with_links > 0,
+                "no block device with udev links in the snapshot: {objects:?}"
             );
 
             // The host plugs the stick now.

@@ -27,6 +27,7 @@
 
 pub mod signal;
 mod sysfs;
+mod udev_db;
 pub mod udev_wire;
 mod watch_spec;
 pub mod wire;
@@ -57,6 +58,7 @@ use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
 pub use crate::sys::netlink::Counters;
 use crate::sys::netlink::{Datagram, KernelSocket, Labels, Sender};
+use udev_db::UdevDb;
 use wire::Action;
 
 pub const NAME: &str = "devices";
@@ -209,8 +211,11 @@ impl EventSource for Devices {
         Ok(PlannedWatch::ready(Scope::System, Box::new(watch)))
     }
 
+    /// With udev's database while the source follows udev, so that a snapshot's
+    /// devices carry the properties their events carry.
     fn scan(&self) -> io::Result<Vec<Object>> {
-        self.sysfs.scan()
+        let (monitor, _) = Monitor::choose(Path::new(UDEV_CONTROL));
+        self.sysfs.scan_with(monitor.udev_db().as_ref())
     }
 
     fn open(&self) -> io::Result<SourceStream> {
@@ -284,6 +289,11 @@ impl Monitor {
             Monitor::Udev,
             format!("udev: {shown} present; events as udevd finished them, with its properties and links"),
         )
+    }
+
+    /// The database to read snapshots' properties from with this group.
+    fn udev_db(self) -> Option<UdevDb> {
+        (self == Monitor::Udev).then(UdevDb::default)
     }
 
     /// The multicast group bitmask of the socket.
@@ -428,7 +438,8 @@ impl Reader {
                     );
                     // Removals may be among what was lost.
                     self.known.clear();
-                    let objects = self.sysfs.scan().unwrap_or_else(|e| {
+                    let udev = self.monitor.udev_db();
+                    let objects = self.sysfs.scan_with(udev.as_ref()).unwrap_or_else(|e| {
                         tracing::error!(source = NAME, "sysfs rescan failed: {e}");
                         Vec::new()
                     });
