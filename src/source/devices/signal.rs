@@ -10,8 +10,10 @@ event_signal! {
     source: super::NAME,
     member_fn: device_changed,
     add_watch_doc: {
-        /// devices: "subsystem" (s: block or usb), "devtype" (s), "name" (s, with * and ?
-        /// wildcards), "properties" (a{ss}, uevent properties that must be equal).
+        /// devices: "subsystem" (s: block or usb), "devtype" (s), "name" (s), "properties"
+        /// (a{ss}, uevent properties that must match: udev's too where the source follows
+        /// udev, such as ID_FS_TYPE or TAGS); devtype, name and property values take * and
+        /// ? wildcards.
     },
     /// A block or USB device changed. action is the subtype name (add, remove, change,
     /// move, online, offline, bind, unbind, media-change, resize, over-current); sys_path the device's

@@ -3,20 +3,22 @@
 use super::{NAME, SUBSYSTEMS};
 use crate::error::Error;
 use crate::event::Record;
-use crate::glob::Pattern;
+use crate::glob::{Pattern, MAX_NAME_PATTERN};
 use crate::source::{SpecReader, WatchMatcher, WatchSpec};
 
 /// A device watch: every given condition must hold.
 ///
 /// Keys: `subsystem` (`block` or `usb`), `devtype` (`disk`, `partition`, `usb_device`,
-/// `usb_interface`, …), `name` (the kernel name, `*` and `?` wildcards, compiled once
-/// here), `properties` (`a{ss}` of uevent properties that must be equal).
+/// `usb_interface`, …), `name` (the kernel name), `properties` (`a{ss}` of uevent
+/// properties that must match: the kernel's, and udev's where the source follows udev,
+/// `ID_FS_TYPE=ext4`, `TAGS=*:uaccess:*`). `name`, `devtype` and property values take
+/// `*` and `?` wildcards, compiled once here, as `[[units]]` rules' do.
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct DeviceWatch {
-    /// Uevent properties that must be equal, `SUBSYSTEM` and `DEVTYPE` from their keys
+    /// Uevent properties that must match, `SUBSYSTEM` and `DEVTYPE` from their keys
     /// included, sorted by key: one walk along the record's (sorted) properties checks
     /// them all, whatever their number, as every watch is checked for every event.
-    required: Vec<(String, String)>,
+    required: Vec<(String, Pattern)>,
     name: Option<Pattern>,
 }
 
@@ -48,6 +50,13 @@ impl DeviceWatch {
         required.extend(devtype.map(|d| ("DEVTYPE".to_owned(), d)));
         // By key, then value: equal specs compile to equal watches.
         required.sort_unstable();
+        let required = required
+            .into_iter()
+            .map(|(key, value)| {
+                let pattern = property_pattern(&key, &value)?;
+                Ok((key, pattern))
+            })
+            .collect::<Result<_, Error>>()?;
         Ok(DeviceWatch {
             required,
             name: spec
@@ -56,6 +65,20 @@ impl DeviceWatch {
                 .transpose()?,
         })
     }
+}
+
+/// A property's pattern: a value without wildcards is compared whole, whatever its
+/// length (a `DEVLINKS` list may be long); one with wildcards is bounded as a name
+/// pattern is, since the cost of matching grows with it.
+fn property_pattern(key: &str, value: &str) -> Result<Pattern, Error> {
+    if value.contains(['*', '?']) && value.len() > MAX_NAME_PATTERN {
+        return Err(Error::LimitExceeded(format!(
+            "the pattern for property {key} may be at most {MAX_NAME_PATTERN} bytes when it \
+             has wildcards, got {}",
+            value.len()
+        )));
+    }
+    Ok(Pattern::new(value))
 }
 
 /// A device's kernel name: the last component of its sysfs path (its object id).
@@ -80,9 +103,10 @@ impl WatchMatcher for DeviceWatch {
     }
 }
 
-/// Whether `properties` has every (key, value) of `required` (sorted by key), in one walk
-/// along both: at most one key comparison per property and per requirement.
-fn has_all(properties: &crate::event::Properties, required: &[(String, String)]) -> bool {
+/// Whether `properties` has every key of `required` (sorted by key) with a value its
+/// pattern matches, in one walk along both: at most one key comparison per property and
+/// per requirement.
+fn has_all(properties: &crate::event::Properties, required: &[(String, Pattern)]) -> bool {
     let mut properties = properties.iter().peekable();
     'required: for (key, value) in required {
         while let Some((k, v)) = properties.peek() {
@@ -92,7 +116,7 @@ fn has_all(properties: &crate::event::Properties, required: &[(String, String)])
                 }
                 // Not advanced: a key may be required twice (`subsystem` and
                 // `properties`), with the same value or never matching.
-                std::cmp::Ordering::Equal if *v == value => continue 'required,
+                std::cmp::Ordering::Equal if value.matches(v) => continue 'required,
                 _ => return false,
             }
         }
@@ -204,5 +228,62 @@ mod tests {
             DeviceWatch::parse(&spec(&[("subsystem", 7u32.into())])),
             Err(Error::InvalidArgument(m)) if m.contains("'u'")
         ));
+    }
+
+    /// udev's properties, matched with the wildcards `[[units]]` rules take: the
+    /// filesystem a watch names and no other; a tag inside TAGS's `:a:b:` list.
+    #[test]
+    fn watch_matches_udev_properties_with_wildcards() {
+        let stick = |fs: &str| {
+            record(
+                "/devices/pci/usb2/2-1/2-1:1.0/host0/target0:0:0/0:0:0:0/block/sda",
+                &[
+                    (
+                        "DEVLINKS",
+                        "/dev/disk/by-id/usb-QEMU_QEMU_HARDDISK_1-0:0 /dev/disk/by-label/x",
+                    ),
+                    ("DEVTYPE", "disk"),
+                    ("ID_FS_TYPE", fs),
+                    ("SUBSYSTEM", "block"),
+                    ("TAGS", ":systemd:uaccess:"),
+                ],
+            )
+        };
+        let props = |pairs: &[(&str, &str)]| {
+            let map: HashMap<String, String> = pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect();
+            DeviceWatch::parse(&spec(&[("properties", zbus::Variant::from(map))])).unwrap()
+        };
+        let ext4 = props(&[("ID_FS_TYPE", "ext4")]);
+        assert!(ext4.matches(&stick("ext4")));
+        assert!(!ext4.matches(&stick("vfat")));
+        assert!(!ext4.matches(&record(
+            "/devices/virtual/block/loop0",
+            &[("SUBSYSTEM", "block")]
+        )));
+        let ext = props(&[("ID_FS_TYPE", "ext?")]);
+        assert!(ext.matches(&stick("ext4")) && ext.matches(&stick("ext2")));
+        assert!(!ext.matches(&stick("exfat")));
+        assert!(props(&[("TAGS", "*:uaccess:*")]).matches(&stick("ext4")));
+        assert!(!props(&[("TAGS", "*:seat:*")]).matches(&stick("ext4")));
+        assert!(props(&[
+            ("DEVLINKS", "*/dev/disk/by-id/usb-*"),
+            ("ID_FS_TYPE", "ext4")
+        ])
+        .matches(&stick("ext4")));
+        let devtype = DeviceWatch::parse(&spec(&[("devtype", "usb_*".into())])).unwrap();
+        assert!(!devtype.matches(&stick("ext4")));
+
+        // A wildcard pattern is bounded; a whole value is not.
+        let long = format!("{}*", "x".repeat(MAX_NAME_PATTERN));
+        let map: HashMap<String, String> = [("DEVLINKS".to_owned(), long)].into();
+        assert!(matches!(
+            DeviceWatch::parse(&spec(&[("properties", zbus::Variant::from(map))])),
+            Err(Error::LimitExceeded(m)) if m.contains("DEVLINKS")
+        ));
+        let map: HashMap<String, String> = [("DEVLINKS".to_owned(), "x".repeat(1000))].into();
+        assert!(DeviceWatch::parse(&spec(&[("properties", zbus::Variant::from(map))])).is_ok());
     }
 }
