@@ -9,6 +9,10 @@
 //!   `CAP_NET_ADMIN`, which sending on this protocol needs) and one unicast by root to the
 //!   daemon's port are rejected, counted, and reach no subscriber; one multicast by root
 //!   is taken: the trust boundary sd-device uses (root can forge as udevd itself does);
+//! - udevd stopped, then started again, under the subscription: each switch between
+//!   udev's group and the kernel's is a `Lost(kernel-overflow)` with a rescan, `Sources`
+//!   follows, and the events after it are the kernel's, then udev's again (this runs
+//!   last, after the stick below);
 //! - a USB stick holding ext4, hot-plugged through QMP, arrives with `ID_SERIAL`,
 //!   `ID_FS_TYPE` and a `/dev/disk/by-id/` link in `DEVLINKS`, which the subscriber opens
 //!   the moment it receives the event; the same events, compared with what
@@ -521,6 +525,78 @@ mod inside {
                 positions.iter().all(Option::is_some) && positions.windows(2).all(|w| w[0] < w[1]),
                 "udevadm printed {printed:?}; the subscriber received {received:?}"
             );
+
+            // udevd stopped, then started, under the running subscription: each switch of
+            // group is a loss with a rescan, never silent, and Sources follows.
+            let losses = |s: &[Signal]| {
+                s.iter()
+                    .filter(|e| {
+                        matches!(e, Signal::Lost { source, reason, .. }
+                            if source == "devices" && reason == "kernel-overflow")
+                    })
+                    .count()
+            };
+            let sda = sys_path.clone();
+            let changes_of_sda = |s: &[Signal], udev: bool| {
+                s.iter()
+                    .filter(|e| {
+                        matches!(e, Signal::Device { sys_path, properties, .. }
+                            if *sys_path == sda
+                                && properties.get("ACTION").map(String::as_str) == Some("change")
+                                && properties.contains_key("USEC_INITIALIZED") == udev)
+                    })
+                    .count()
+            };
+            let before = losses(&sub.received);
+            systemctl(&[
+                "stop",
+                "systemd-udevd.service",
+                "systemd-udevd-control.socket",
+                "systemd-udevd-kernel.socket",
+            ]);
+            sub.until("a loss when udevd stopped", |s| losses(s) > before)
+                .await;
+            let devices = source_info(&sub.conn, "devices").await;
+            assert!(
+                devices
+                    .reason
+                    .starts_with("kernel: no udevd (/run/udev/control absent)"),
+                "Sources after udevd stopped: {devices:?}"
+            );
+            let uevent = format!("/sys{sys_path}/uevent");
+            std::fs::write(&uevent, "change").expect("synthesize a change");
+            sub.until("the kernel's change, without udev", |s| {
+                changes_of_sda(s, false) > 0
+            })
+            .await;
+
+            systemctl(&["start", "systemd-udevd.service"]);
+            sub.until("a loss when udevd started", |s| losses(s) > before + 1)
+                .await;
+            let devices = source_info(&sub.conn, "devices").await;
+            assert!(
+                devices
+                    .reason
+                    .starts_with("udev: /run/udev/control present"),
+                "Sources after udevd started: {devices:?}"
+            );
+            let udev_changes = changes_of_sda(&sub.received, true);
+            std::fs::write(&uevent, "change").expect("synthesize a change");
+            sub.until("udev's change", |s| changes_of_sda(s, true) > udev_changes)
+                .await;
+            println!("SWITCHED kernel and back");
         });
+    }
+
+    fn systemctl(args: &[&str]) {
+        let out = Command::new("systemctl")
+            .args(args)
+            .output()
+            .expect("systemctl");
+        assert!(
+            out.status.success(),
+            "systemctl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
 }

@@ -173,6 +173,13 @@ pub trait EventSource: Send + Sync + 'static {
     /// Probes the kernel. Called once at start; must not keep anything open.
     fn probe(&self) -> Availability;
 
+    /// The source's availability now, given what [`EventSource::probe`] said at start:
+    /// the same, unless the means it works by can change while it runs (devices: udev's
+    /// group or the kernel's, as udevd starts or stops).
+    fn availability(&self, probed: &Availability) -> Availability {
+        probed.clone()
+    }
+
     /// Named counters of what the source did that a person may want to know (shown by
     /// `watchqctl status`); none by default.
     fn counters(&self) -> Vec<(&'static str, u64)> {

@@ -25,6 +25,7 @@
 //! read. `ENOBUFS` means the kernel dropped events for us: the source rescans sysfs and
 //! yields [`SourceMsg::Overflow`] so that every subscriber is told.
 
+mod presence;
 pub mod signal;
 mod sysfs;
 mod udev_db;
@@ -37,7 +38,7 @@ use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::stream;
 use nix::sys::socket::{
@@ -56,8 +57,10 @@ use crate::activation;
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
+use crate::sys::lock;
 pub use crate::sys::netlink::Counters;
 use crate::sys::netlink::{Datagram, KernelSocket, Labels, Sender};
+use presence::UdevPresence;
 use udev_db::UdevDb;
 use wire::Action;
 
@@ -135,7 +138,12 @@ pub struct Devices {
     config: watch::Sender<DevicesConfig>,
     sysfs: Sysfs,
     counters: Arc<Counters>,
+    /// The group the open reader follows and why, for `Sources`; `None` while closed.
+    following: Following,
 }
+
+/// See [`Devices::following`].
+type Following = Arc<Mutex<Option<(Monitor, String)>>>;
 
 impl Devices {
     pub fn new(config: &DevicesConfig) -> Self {
@@ -143,6 +151,7 @@ impl Devices {
             config: watch::Sender::new(config.clone()),
             sysfs: Sysfs::default(),
             counters: Arc::default(),
+            following: Following::default(),
         }
     }
 
@@ -182,13 +191,11 @@ impl EventSource for Devices {
         &signal::KIND
     }
 
-    /// Which group the source follows (decided again at each open) and why.
+    /// Which group the source follows (decided again at each open, and when udevd
+    /// starts or stops) and why.
     fn probe(&self) -> Availability {
         let (monitor, why) = Monitor::choose(Path::new(UDEV_CONTROL));
-        let note = || match monitor {
-            Monitor::Udev => Availability::Via(why.clone()),
-            Monitor::Kernel => Availability::Degraded(why.clone()),
-        };
+        let note = || monitor.availability(why.clone());
         if activation::has_passed(activation::NETLINK_KOBJECT_UEVENT, monitor.group()) {
             return note();
         }
@@ -218,19 +225,42 @@ impl EventSource for Devices {
         self.sysfs.scan_with(monitor.udev_db().as_ref())
     }
 
+    /// What the open reader follows now (udevd may have started or stopped since the
+    /// probe); what it would follow when closed.
+    fn availability(&self, probed: &Availability) -> Availability {
+        if matches!(probed, Availability::Unavailable(_)) {
+            return probed.clone();
+        }
+        let following = lock(&self.following).clone();
+        let (monitor, why) = following.unwrap_or_else(|| Monitor::choose(Path::new(UDEV_CONTROL)));
+        monitor.availability(why)
+    }
+
     fn open(&self) -> io::Result<SourceStream> {
         let mut settings = self.config.subscribe();
         let receive_buffer = settings.borrow_and_update().receive_buffer;
         let (monitor, why) = Monitor::choose(Path::new(UDEV_CONTROL));
         let (fd, passed) = open_socket(monitor, receive_buffer)?;
         tracing::info!(source = NAME, "following {why}");
-        let labels = match monitor {
-            Monitor::Udev => UDEV_LABELS,
-            Monitor::Kernel => LABELS,
-        };
+        let presence = UdevPresence::new(Path::new(UDEV_CONTROL))
+            .inspect_err(|e| {
+                tracing::warn!(
+                    source = NAME,
+                    "cannot follow udevd starting or stopping ({e}): the group chosen now stays until the source reopens"
+                );
+            })
+            .ok();
+        *lock(&self.following) = Some((monitor, why));
         let reader = Reader {
-            socket: KernelSocket::new(fd, UEVENT_BUFFER, Arc::clone(&self.counters), labels)?,
+            socket: KernelSocket::new(
+                fd,
+                UEVENT_BUFFER,
+                Arc::clone(&self.counters),
+                monitor.labels(),
+            )?,
             monitor,
+            presence,
+            following: Arc::clone(&self.following),
             wanted_hashes: SUBSYSTEMS
                 .iter()
                 .map(|s| udev_wire::string_hash32(s))
@@ -289,6 +319,22 @@ impl Monitor {
             Monitor::Udev,
             format!("udev: {shown} present; events as udevd finished them, with its properties and links"),
         )
+    }
+
+    /// How `Sources` shows this group, with the reason it was chosen.
+    fn availability(self, why: String) -> Availability {
+        match self {
+            Monitor::Udev => Availability::Via(why),
+            Monitor::Kernel => Availability::Degraded(why),
+        }
+    }
+
+    /// How the socket of this group is read.
+    fn labels(self) -> Labels {
+        match self {
+            Monitor::Udev => UDEV_LABELS,
+            Monitor::Kernel => LABELS,
+        }
     }
 
     /// The database to read snapshots' properties from with this group.
@@ -374,6 +420,11 @@ struct Reader {
     socket: KernelSocket,
     /// The group `socket` listens to.
     monitor: Monitor,
+    /// Wakes the reader when udevd may have started or stopped; `None` when inotify
+    /// failed (logged at open).
+    presence: Option<UdevPresence>,
+    /// Shared with [`Devices`] for `Sources`; cleared when the reader goes.
+    following: Following,
     /// `string_hash32` of each of [`SUBSYSTEMS`]: a udev message whose header names
     /// another subsystem is dropped before its properties are read.
     wanted_hashes: Vec<u32>,
@@ -400,6 +451,12 @@ impl Reader {
                 Ok(()) = self.settings.changed() => {
                     self.resize();
                     continue;
+                }
+                () = presence_changed(&mut self.presence) => {
+                    match self.switch() {
+                        Some(msg) => return Some(msg),
+                        None => continue,
+                    }
                 }
             };
             match datagram {
@@ -447,6 +504,54 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Moves to the other group when udevd started or stopped. Events around the switch
+    /// may be missed (between the two sockets) or seen twice (on both): rather than
+    /// match them up, the switch is reported as a loss, with a rescan of the devices,
+    /// to every subscriber (`Lost(kernel-overflow)`), never silently.
+    fn switch(&mut self) -> Option<SourceMsg> {
+        let (monitor, why) = Monitor::choose(Path::new(UDEV_CONTROL));
+        if monitor == self.monitor {
+            return None;
+        }
+        let receive_buffer = self.settings.borrow().receive_buffer;
+        // The new socket is bound before the old one closes: nothing falls between them
+        // but what the rescan below covers.
+        let opened = open_socket(monitor, receive_buffer).and_then(|(fd, passed)| {
+            let socket = KernelSocket::new(
+                fd,
+                UEVENT_BUFFER,
+                Arc::clone(&self.counters),
+                monitor.labels(),
+            )?;
+            Ok((socket, passed))
+        });
+        let (socket, passed) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::error!(
+                    source = NAME,
+                    "cannot open the socket for {why}: {e}; staying on the group followed so far"
+                );
+                return None;
+            }
+        };
+        tracing::warn!(
+            source = NAME,
+            "switching to {why}: events around the switch are reported as lost, and the devices rescanned"
+        );
+        self.socket = socket;
+        self.passed = passed;
+        self.monitor = monitor;
+        *lock(&self.following) = Some((monitor, why));
+        self.known.clear();
+        let udev = monitor.udev_db();
+        let objects = self.sysfs.scan_with(udev.as_ref()).unwrap_or_else(|e| {
+            tracing::error!(source = NAME, "sysfs rescan failed: {e}");
+            Vec::new()
+        });
+        Some(SourceMsg::Overflow { objects })
     }
 
     /// Applies a reload's `receive_buffer` to the open socket.
@@ -524,6 +629,26 @@ impl Reader {
             properties: event.properties,
             audience: Audience::Everyone,
         })
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        *lock(&self.following) = None;
+    }
+}
+
+/// Resolves when udevd may have started or stopped; never without a follower.
+async fn presence_changed(presence: &mut Option<UdevPresence>) {
+    let Some(follower) = presence else {
+        return std::future::pending().await;
+    };
+    if let Err(e) = follower.changed().await {
+        tracing::warn!(
+            source = NAME,
+            "stopped following udevd starting or stopping: {e}"
+        );
+        *presence = None;
     }
 }
 
