@@ -13,6 +13,9 @@
 //!   udev's group and the kernel's is a `Lost(kernel-overflow)` with a rescan, `Sources`
 //!   follows, and the events after it are the kernel's, then udev's again (this runs
 //!   last, after the stick below);
+//! - a `[[units]]` rule on `ID_FS_TYPE=ext4`, in a second daemon on the guest's own
+//!   system bus, makes systemd start its unit for an ext4 stick and not for an ext2 one
+//!   plugged before it (this runs last);
 //! - a USB stick holding ext4, hot-plugged through QMP, arrives with `ID_SERIAL`,
 //!   `ID_FS_TYPE` and a `/dev/disk/by-id/` link in `DEVLINKS`, which the subscriber opens
 //!   the moment it receives the event; the same events, compared with what
@@ -52,31 +55,45 @@ fn usb_storage_arrives_as_udev_finished_it_and_forgeries_do_not() {
 
     // A stick holding an ext4 filesystem (no partition table: udev's blkid finds it on
     // the disk itself).
-    let stick = guest.dir().join("stick.img");
-    fs::write(&stick, vec![0u8; 16 << 20]).expect("create the usb-storage image");
-    let mkfs = std::process::Command::new("mkfs.ext4")
+    plug_stick(&guest, "ext4", 0);
+    wait("SEEN usb-disk");
+
+    // Two more sticks for the [[units]] rule: ext2 first, then ext4 once the guest saw the
+    // first (so that the rule had its chance at ext2 before ext4's unit starts).
+    wait("READY units");
+    plug_stick(&guest, "ext2", 2);
+    wait("SEEN ext2");
+    plug_stick(&guest, "ext4", 3);
+    let out = inside
+        .wait(STEP)
+        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
+    out.assert_inside_passed();
+    guest.shutdown().expect("guest shutdown");
+}
+
+/// Hot-plugs USB stick number `n` holding a filesystem of `fs_type` labelled
+/// `watchqstick` (`mkfs.<fs_type>` from e2fsprogs on the host).
+fn plug_stick(guest: &vm::Guest, fs_type: &str, n: u32) {
+    let image = guest.dir().join(format!("stick{n}.img"));
+    fs::write(&image, vec![0u8; 16 << 20]).expect("create the usb-storage image");
+    let mkfs = std::process::Command::new(format!("mkfs.{fs_type}"))
         .args(["-q", "-F", "-L", "watchqstick"])
-        .arg(&stick)
+        .arg(&image)
         .status()
-        .expect("mkfs.ext4 (e2fsprogs)");
-    assert!(mkfs.success(), "mkfs.ext4: {mkfs}");
+        .unwrap_or_else(|e| panic!("mkfs.{fs_type} (e2fsprogs): {e}"));
+    assert!(mkfs.success(), "mkfs.{fs_type}: {mkfs}");
+    let node = format!("stick{n}");
     for (name, args) in [
-        ("blockdev-add", vm::raw_blockdev("stick", &stick)),
+        ("blockdev-add", vm::raw_blockdev(&node, &image)),
         (
             "device_add",
-            json!({"driver": "usb-storage", "bus": "xhci.0", "drive": "stick", "id": "stick0"}),
+            json!({"driver": "usb-storage", "bus": "xhci.0", "drive": node, "id": format!("{node}dev")}),
         ),
     ] {
         guest
             .qmp_execute(name, &args)
             .unwrap_or_else(|e| panic!("QMP {name} {args}: {e}"));
     }
-    wait("SEEN usb-disk");
-    let out = inside
-        .wait(STEP)
-        .unwrap_or_else(|e| panic!("the in-guest test: {e}"));
-    out.assert_inside_passed();
-    guest.shutdown().expect("guest shutdown");
 }
 
 /// Puts this build where the harness looks for it, in a guest whose root is not the
@@ -585,7 +602,98 @@ mod inside {
             sub.until("udev's change", |s| changes_of_sda(s, true) > udev_changes)
                 .await;
             println!("SWITCHED kernel and back");
+
+            // A [[units]] rule on udev's ID_FS_TYPE, in a second daemon on the guest's own
+            // system bus, where systemd starts what it asks for.
+            units_start_only_for_the_filesystem_named(&mut sub, is_stick).await;
         });
+    }
+
+    /// The rule's unit records the instance it was started for.
+    const FS_TEMPLATE: &str = "[Unit]\nDescription=watchqd test: an ext4 stick, %I\n\n\
+        [Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo \"%f\" >>/run/watchq-fs-started'\n";
+    const FS_RULE: &str = "[[units]]\nsource = \"devices\"\nkinds = [\"add\"]\n\
+        properties = { ID_FS_TYPE = \"ext4\", DEVTYPE = \"disk\" }\n\
+        unit = \"watchq-fs@.service\"\ninstance = \"devname\"\n";
+
+    async fn units_start_only_for_the_filesystem_named(
+        sub: &mut Subscriber,
+        is_stick: impl Fn(&Signal) -> bool,
+    ) {
+        let repo = repo();
+        std::fs::copy(
+            repo.join("dbus/org.watchq1.conf"),
+            "/etc/dbus-1/system.d/org.watchq1.conf",
+        )
+        .expect("install the bus policy");
+        std::fs::write("/etc/systemd/system/watchq-fs@.service", FS_TEMPLATE)
+            .expect("write the unit template");
+        systemctl(&["daemon-reload"]);
+        systemctl(&["reload", "dbus"]);
+        let dir = tempfile::tempdir().expect("a directory for the second daemon");
+        let config = dir.path().join("watchqd.toml");
+        std::fs::write(&config, FS_RULE).expect("write the rule");
+        let log = dir.path().join("watchqd.log");
+        let mut daemon = Command::new(env!("CARGO_BIN_EXE_watchqd"))
+            .arg("--config")
+            .arg(&config)
+            .env_remove("DBUS_SYSTEM_BUS_ADDRESS")
+            .env_remove("NOTIFY_SOCKET")
+            .stderr(std::fs::File::create(&log).expect("the log"))
+            .spawn()
+            .expect("watchqd on the system bus");
+        let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !read_log().contains("Serving org.watchq1") {
+            assert!(
+                Instant::now() < deadline,
+                "the second daemon did not start:\n{}",
+                read_log()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let sticks = |s: &[Signal]| s.iter().filter(|e| is_stick(e)).count();
+        let before = sticks(&sub.received);
+        println!("READY units");
+        sub.until("the ext2 stick", |s| sticks(s) > before).await;
+        println!("SEEN ext2");
+        sub.until("the ext4 stick", |s| sticks(s) > before + 1)
+            .await;
+        let last = sub
+            .received
+            .iter()
+            .rev()
+            .find(|e| is_stick(e))
+            .cloned()
+            .expect("until() saw it");
+        let Signal::Device { properties, .. } = &last else {
+            unreachable!("is_stick matches device events only");
+        };
+        assert_eq!(
+            properties.get("ID_FS_TYPE").map(String::as_str),
+            Some("ext4"),
+            "{last:?}"
+        );
+        let devname = properties.get("DEVNAME").cloned().unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let started = loop {
+            let started = std::fs::read_to_string("/run/watchq-fs-started").unwrap_or_default();
+            if !started.is_empty() || Instant::now() > deadline {
+                break started;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let _ = daemon.kill();
+        let _ = daemon.wait();
+        println!("started for: {started}\nsecond daemon:\n{}", read_log());
+        // %f is the instance unescaped as a path: the ext4 stick's node, and nothing for
+        // the ext2 one (whose event reached the daemon before the ext4 one was plugged).
+        assert_eq!(
+            started.lines().collect::<Vec<_>>(),
+            [devname.as_str()],
+            "{}",
+            read_log()
+        );
     }
 
     fn systemctl(args: &[&str]) {
