@@ -5,16 +5,16 @@
 //! re-broadcast by udevd once its rules ran, with its properties and links) when udevd
 //! runs, else group 1 (the kernel's: containers, initrds, the minimal test guest);
 //! `SO_RCVBUFFORCE` (CAP_NET_ADMIN; falls back to `SO_RCVBUF`), `SO_PASSCRED`, reads
-//! below `/sys`, and the existence of `/run/udev/control`. Works on any kernel with
-//! `CONFIG_NET`; no other capability. Under systemd the socket is one `watchqd.socket`
-//! passes (`ListenNetlink=kobject-uevent 1` and `2`), in the host's network namespace,
-//! with the buffer systemd sized ([`crate::activation`]); otherwise it exists only while
-//! some subscription watches devices.
+//! below `/sys` and `/run/udev/data`, inotify on `/run` and `/run/udev` (`presence.rs`).
+//! Works on any kernel with `CONFIG_NET`; no other capability. Under systemd the socket is
+//! one `watchqd.socket` passes (`ListenNetlink=kobject-uevent 1` and `2`), in the host's
+//! network namespace, with the buffer systemd sized ([`crate::activation`]); otherwise it
+//! exists only while some subscription watches devices.
 //!
 //! "udevd runs" is decided as sd-device decides it (`device_monitor_new_full`):
-//! `/run/udev/control` exists. The choice is made each time the source opens, and
-//! `Sources` says which group and why ([`Availability::Via`] for udev's,
-//! [`Availability::Degraded`] for the kernel's, whose events come before udev is done).
+//! `/run/udev/control` exists, at each open and whenever it comes or goes (a switch is a
+//! loss with a rescan); `Sources` says which group and why ([`Availability::Via`] for
+//! udev's, [`Availability::Degraded`] for the kernel's, whose events come before udev).
 //!
 //! Origin is checked at the edge: on group 1 a message counts as the kernel's only when
 //! the sender's netlink port id is 0 and its credentials say uid 0 (root in the initial
