@@ -19,19 +19,22 @@ use std::sync::OnceLock;
 
 use nix::errno::Errno;
 use nix::libc;
-use nix::sys::socket::{self, sockopt, AddressFamily, MsgFlags, SockaddrLike, SockaddrStorage};
+use nix::sys::socket::{self, sockopt, MsgFlags, SockaddrLike, SockaddrStorage};
 
 /// Netlink protocols a source may be handed (`NETLINK_KOBJECT_UEVENT`, `NETLINK_GENERIC`).
 pub const NETLINK_KOBJECT_UEVENT: i32 = libc::NETLINK_KOBJECT_UEVENT;
 pub const NETLINK_GENERIC: i32 = libc::NETLINK_GENERIC;
 
-static PASSED: OnceLock<HashMap<i32, OwnedFd>> = OnceLock::new();
+/// The passed sockets by netlink protocol and the multicast groups they were bound to
+/// (`nl_groups`: `ListenNetlink=kobject-uevent 1` and `… 2` are the kernel's and udev's).
+static PASSED: OnceLock<HashMap<(i32, u32), OwnedFd>> = OnceLock::new();
 
-/// Takes the sockets systemd passed (`LISTEN_FDS`), keyed by netlink protocol, and clears
+/// Takes the sockets systemd passed (`LISTEN_FDS`), keyed by netlink protocol and bound
+/// groups, and clears
 /// the activation variables so that no child (the key watch helper) sees them.
 ///
 /// Must run before any thread starts: it changes the environment. A passed descriptor
-/// that is not a netlink socket, or a second one of a protocol, is refused: the unit
+/// that is not a netlink socket, or a second one of a protocol and groups, is refused: the unit
 /// and the daemon disagree, and guessing would read the wrong events.
 pub fn take_passed_sockets() -> io::Result<()> {
     let mut passed = HashMap::new();
@@ -40,16 +43,17 @@ pub fn take_passed_sockets() -> io::Result<()> {
         // (sd_listen_fds(3)); listen_fds() returns each number once and nothing else
         // in the process has used them yet.
         let owned = unsafe { OwnedFd::from_raw_fd(fd) };
-        let protocol = netlink_protocol(owned.as_fd()).map_err(|e| {
+        let key = netlink_protocol(owned.as_fd()).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("passed descriptor {fd} is not a netlink socket: {e}"),
             )
         })?;
-        if passed.insert(protocol, owned).is_some() {
+        if passed.insert(key, owned).is_some() {
+            let (protocol, groups) = key;
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("two passed netlink sockets of protocol {protocol}"),
+                format!("two passed netlink sockets of protocol {protocol} on groups {groups:#x}"),
             ));
         }
     }
@@ -63,17 +67,27 @@ pub fn take_passed_sockets() -> io::Result<()> {
     Ok(())
 }
 
-/// Whether systemd passed a socket of this netlink `protocol`.
-pub fn has_passed(protocol: i32) -> bool {
+/// Whether systemd passed a socket of this netlink `protocol` bound to `groups` (a
+/// bitmask: 1 is group 1, 2 group 2; 0 for none).
+pub fn has_passed(protocol: i32, groups: u32) -> bool {
     PASSED
         .get()
-        .is_some_and(|passed| passed.contains_key(&protocol))
+        .is_some_and(|passed| passed.contains_key(&(protocol, groups)))
+}
+
+/// Whether systemd passed any socket at all: the daemon then runs in a network namespace
+/// of its own, where a socket it opens hears nothing from the host's.
+pub fn any_passed() -> bool {
+    PASSED.get().is_some_and(|passed| !passed.is_empty())
 }
 
 /// A fresh descriptor for the passed socket of `protocol`, drained of what it queued
 /// before, or `None` when systemd passed none (the source then opens its own).
-pub fn passed_socket(protocol: i32) -> io::Result<Option<OwnedFd>> {
-    let Some(socket) = PASSED.get().and_then(|passed| passed.get(&protocol)) else {
+pub fn passed_socket(protocol: i32, groups: u32) -> io::Result<Option<OwnedFd>> {
+    let Some(socket) = PASSED
+        .get()
+        .and_then(|passed| passed.get(&(protocol, groups)))
+    else {
         return Ok(None);
     };
     let fd = socket.try_clone()?;
@@ -81,14 +95,16 @@ pub fn passed_socket(protocol: i32) -> io::Result<Option<OwnedFd>> {
     Ok(Some(fd))
 }
 
-fn netlink_protocol(fd: BorrowedFd<'_>) -> io::Result<i32> {
+/// A passed socket's netlink protocol and the groups it is bound to.
+fn netlink_protocol(fd: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
     let address: SockaddrStorage = socket::getsockname(fd.as_raw_fd())?;
-    if address.family() != Some(AddressFamily::Netlink) {
+    let Some(netlink) = address.as_netlink_addr() else {
         return Err(io::Error::new(
             io::ErrorKind::InvalidInput,
             format!("address family {:?}", address.family()),
         ));
-    }
+    };
+    let groups = netlink.groups();
     let mut protocol: libc::c_int = 0;
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
     // SAFETY: SO_PROTOCOL writes one c_int into the live `protocol`, whose size is `len`;
@@ -105,7 +121,7 @@ fn netlink_protocol(fd: BorrowedFd<'_>) -> io::Result<i32> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(protocol)
+    Ok((protocol, groups))
 }
 
 /// Reads and drops everything queued, including a pending `ENOBUFS` (an overflow while

@@ -70,6 +70,9 @@ pub async fn run(config: Config, path: Option<PathBuf>) -> Result<(), DaemonErro
         let name = source.name;
         match &source.availability {
             Availability::Available => tracing::info!(source = name, "source {name} available"),
+            Availability::Via(note) => {
+                tracing::info!(source = name, "source {name} available: {note}");
+            }
             Availability::Degraded(note) => {
                 tracing::warn!(source = name, "source {name} available, degraded: {note}");
             }

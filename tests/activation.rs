@@ -42,10 +42,12 @@ fn inode(fd: &OwnedFd) -> u64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn passed_netlink_sockets_are_the_only_ones_used_and_survive_the_source_closing() {
+    // As watchqd.socket has it: the kernel's uevent group, udev's, and generic netlink.
     let uevent = listen_netlink(SockProtocol::NetlinkKObjectUEvent, 1);
+    let udev = listen_netlink(SockProtocol::NetlinkKObjectUEvent, 2);
     let generic = listen_netlink(SockProtocol::NetlinkGeneric, 0);
-    let (uevent_inode, generic_inode) = (inode(&uevent), inode(&generic));
-    let daemon = Daemon::with_passed_sockets("", vec![uevent, generic]);
+    let (uevent_inode, udev_inode, generic_inode) = (inode(&uevent), inode(&udev), inode(&generic));
+    let daemon = Daemon::with_passed_sockets("", vec![uevent, udev, generic]);
     assert!(
         daemon.log_text().contains("passed by systemd"),
         "the daemon did not say it uses the passed sockets:\n{}",
@@ -59,6 +61,16 @@ async fn passed_netlink_sockets_are_the_only_ones_used_and_survive_the_source_cl
         let source = sources.iter().find(|s| s.name == name).expect(name);
         assert!(source.available, "{name}: {}", source.reason);
     }
+    // No udevd on this host: the kernel's group, whose socket was passed too.
+    let devices = sources
+        .iter()
+        .find(|s| s.name == "devices")
+        .expect("devices");
+    assert!(
+        devices.reason.starts_with("kernel: no udevd"),
+        "{}",
+        devices.reason
+    );
 
     // Events from before anyone watched are stale: a device attached now must not come
     // back as news to the first watcher.
@@ -73,8 +85,8 @@ async fn passed_netlink_sockets_are_the_only_ones_used_and_survive_the_source_cl
             .await;
         assert_eq!(
             daemon.netlink_socket_inodes(UEVENT),
-            [uevent_inode].into(),
-            "round {round}: the daemon must read uevents from the passed socket only"
+            [uevent_inode, udev_inode].into(),
+            "round {round}: the daemon must read uevents from the passed sockets only"
         );
         assert_eq!(
             daemon.netlink_socket_inodes(GENERIC),
@@ -128,8 +140,8 @@ async fn passed_netlink_sockets_are_the_only_ones_used_and_survive_the_source_cl
         }
         assert_eq!(
             daemon.netlink_socket_inodes(UEVENT),
-            [uevent_inode].into(),
-            "round {round}: the passed socket was closed with the source"
+            [uevent_inode, udev_inode].into(),
+            "round {round}: the passed sockets were closed with the source"
         );
         stale.synth_change();
     }

@@ -582,3 +582,60 @@ async fn a_reload_resizes_the_open_uevent_socket_in_place() {
         .await;
     assert_contiguous(&sub.received);
 }
+
+/// Where no udevd runs (this host: no `/run/udev/control`), the source follows the
+/// kernel's group, says so and why in `Sources` (as `watchqctl status` prints it), and
+/// its events are the kernel's, without udev's properties.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_udevd_the_kernel_group_is_followed_and_the_reason_shown() {
+    assert!(
+        !std::path::Path::new("/run/udev/control").exists(),
+        "this test needs a host without udevd"
+    );
+    let daemon = Daemon::start();
+    let mut sub = Subscriber::new(&daemon).await;
+    let devices = sources::source_info(&sub.conn, "devices").await;
+    assert!(devices.available, "{devices:?}");
+    assert!(
+        devices
+            .reason
+            .starts_with("kernel: no udevd (/run/udev/control absent)"),
+        "Sources does not say which group and why: {:?}",
+        devices.reason
+    );
+    let status = std::process::Command::new(env!("CARGO_BIN_EXE_watchqctl"))
+        .args(["--address", daemon.address(), "status"])
+        .output()
+        .expect("watchqctl status");
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains("note: kernel: no udevd (/run/udev/control absent)"),
+        "watchqctl status:\n{status}"
+    );
+
+    sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
+        .await;
+    let disk = LoopDevice::attach(4);
+    let path = disk.sys_path();
+    disk.synth_change();
+    sub.until("the kernel's event", |s| {
+        s.iter()
+            .any(|e| matches!(e, Signal::Device { sys_path, .. } if *sys_path == path))
+    })
+    .await;
+    let event = sub.about(&path).next().expect("an event about the disk");
+    let Signal::Device { properties, .. } = event else {
+        unreachable!("about() returned a device event")
+    };
+    assert!(
+        !properties.contains_key("USEC_INITIALIZED"),
+        "a kernel event carries udev's properties: {properties:?}"
+    );
+    assert!(
+        daemon
+            .log_text()
+            .contains("following kernel: no udevd (/run/udev/control absent)"),
+        "{}",
+        daemon.log_text()
+    );
+}

@@ -305,7 +305,7 @@ fn the_source_is_unavailable_where_the_family_does_not_resolve() {
                 "unclear reason: {reason}"
             );
         }
-        Availability::Available | Availability::Degraded(_) => {
+        Availability::Available | Availability::Via(_) | Availability::Degraded(_) => {
             panic!("VFS_DQUOT resolved in a new network namespace")
         }
     }

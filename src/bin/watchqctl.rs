@@ -106,7 +106,8 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
                 source.subtypes.join(", ")
             );
             if !source.reason.is_empty() {
-                println!("  {:<12} degraded: {}", "", source.reason);
+                // How it works, or how it is degraded: the note says which.
+                println!("  {:<12} note: {}", "", source.reason);
             }
             let counted = counters_of(&source.name);
             if !counted.is_empty() {

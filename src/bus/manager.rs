@@ -79,8 +79,8 @@ impl Manager {
         env!("CARGO_PKG_VERSION").to_owned()
     }
 
-    /// Every source: (name, available on this kernel, why not or how it is degraded,
-    /// subtype names in number order).
+    /// Every source: (name, available on this kernel, why not, how it is degraded or by
+    /// which means it works, subtype names in number order).
     #[zbus(property(emits_changed_signal = "false"))]
     fn sources(&self) -> Vec<SourceInfo> {
         self.service
@@ -90,7 +90,7 @@ impl Manager {
             .map(|s| {
                 let (available, reason) = match s.availability {
                     Availability::Available => (true, String::new()),
-                    Availability::Degraded(note) => (true, note),
+                    Availability::Via(note) | Availability::Degraded(note) => (true, note),
                     Availability::Unavailable(reason) => (false, reason),
                 };
                 SourceInfo {

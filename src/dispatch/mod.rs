@@ -274,7 +274,7 @@ impl Hub {
             .zip(&state.sources)
             .map(|(source, slot)| SourceStatus {
                 name: source.name(),
-                availability: slot.availability.clone(),
+                availability: source.availability(&slot.availability),
                 running: slot.pump.is_some(),
                 subtypes: source.subtypes(),
                 counters: source.counters(),

@@ -96,7 +96,7 @@ impl Hub {
             .zip(&state.sources)
             .map(|(source, slot)| SourceStats {
                 name: source.name(),
-                availability: slot.availability.clone(),
+                availability: source.availability(&slot.availability),
                 delivered: slot.counts.delivered,
                 lost_queue_full: slot.counts.lost_queue_full,
                 lost_policy_changed: slot.counts.lost_policy_changed,

@@ -41,6 +41,9 @@ pub type SourceStream = Pin<Box<dyn Stream<Item = SourceMsg> + Send>>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Availability {
     Available,
+    /// Works fully, by one of the means the source can use; the note says which and
+    /// why (devices: udev's group because udevd runs), and `Sources` shows it.
+    Via(String),
     /// Works, by a weaker means than the source's own interface (which this kernel
     /// lacks); the note says what is missing and what is lost, and `Sources` shows it.
     Degraded(String),
@@ -169,6 +172,13 @@ pub trait EventSource: Send + Sync + 'static {
 
     /// Probes the kernel. Called once at start; must not keep anything open.
     fn probe(&self) -> Availability;
+
+    /// The source's availability now, given what [`EventSource::probe`] said at start:
+    /// the same, unless the means it works by can change while it runs (devices: udev's
+    /// group or the kernel's, as udevd starts or stops).
+    fn availability(&self, probed: &Availability) -> Availability {
+        probed.clone()
+    }
 
     /// Named counters of what the source did that a person may want to know (shown by
     /// `watchqctl status`); none by default.

@@ -5,7 +5,11 @@
 //! where the socket passes credentials (`SO_PASSCRED`), they say uid 0. Root in the
 //! initial network namespace can multicast forged messages from userspace; those carry
 //! its own port id, and are counted, logged (at warn a few times per interval, then
-//! counted: root can forge as fast as it likes) and dropped. A truncated datagram is
+//! counted: root can forge as fast as it likes) and dropped. A socket that listens to a
+//! group userspace multicasts to ([`Sender::RootMulticast`]: udev's group 2) accepts
+//! what was multicast by uid 0 instead, the trust boundary sd-device draws: anything
+//! else (another uid, even with `CAP_NET_ADMIN`; a unicast to our port) is dropped and
+//! counted the same way. A truncated datagram is
 //! dropped too. `ENOBUFS` means the kernel dropped messages for us: it is counted and
 //! handed to the source as [`Datagram::Overflow`], for it to tell its subscribers.
 
@@ -47,6 +51,30 @@ pub struct Labels {
     pub warn_truncated: bool,
     /// Whether the socket passes credentials (`SO_PASSCRED`) that must say uid 0.
     pub check_credentials: bool,
+    /// Who the socket's messages must come from.
+    pub sender: Sender,
+}
+
+/// Who may send what a socket accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Sender {
+    /// The kernel: port id 0.
+    Kernel,
+    /// A root process multicasting from userspace (udevd on `NETLINK_KOBJECT_UEVENT`
+    /// group 2): any port id, a multicast group, credentials that say uid 0 (the socket
+    /// must pass them, `check_credentials`). sd-device also takes unicasts from one
+    /// trusted port; nobody is trusted so here.
+    RootMulticast,
+}
+
+impl Sender {
+    /// What a rejected datagram was not, for the log line.
+    fn expected(self) -> &'static str {
+        match self {
+            Sender::Kernel => "sent by the kernel",
+            Sender::RootMulticast => "multicast by root",
+        }
+    }
 }
 
 /// What [`KernelSocket::next`] received.
@@ -159,6 +187,7 @@ fn recv_checked(
     )
     .map_err(io::Error::from)?;
     let sender_port = msg.address.map(|a| a.pid());
+    let multicast = msg.address.is_some_and(|a| a.groups() != 0);
     if let Some(datagram) = labels.datagram {
         tracing::debug!(
             source = labels.source,
@@ -177,7 +206,11 @@ fn recv_checked(
     } else {
         None
     };
-    if sender_port != Some(0) || (labels.check_credentials && sender_uid != Some(0)) {
+    let origin_ok = match labels.sender {
+        Sender::Kernel => sender_port == Some(0),
+        Sender::RootMulticast => multicast && labels.check_credentials,
+    };
+    if !origin_ok || (labels.check_credentials && sender_uid != Some(0)) {
         reject(counters, labels, sender_port, sender_uid);
         return Ok(Received::Rejected);
     }
@@ -204,14 +237,14 @@ fn recv_checked(
 /// Counts and logs a datagram not sent by the kernel.
 fn reject(counters: &Counters, labels: &Labels, sender_port: Option<u32>, sender_uid: Option<u32>) {
     let total = counters.rejected_origin.fetch_add(1, Ordering::Relaxed) + 1;
-    let (source, message) = (labels.source, labels.message);
+    let (source, message, expected) = (labels.source, labels.message, labels.sender.expected());
     match LogLimit::allow_shared(&counters.rejected_log) {
         Some(suppressed) => tracing::warn!(
             source,
             ?sender_port,
             ?sender_uid,
             rejected = total,
-            "dropped a {message} not sent by the kernel (spoofing attempt?){}",
+            "dropped a {message} not {expected} (spoofing attempt?){}",
             LogLimit::note(suppressed)
         ),
         None => tracing::debug!(
@@ -219,7 +252,66 @@ fn reject(counters: &Counters, labels: &Labels, sender_port: Option<u32>, sender
             ?sender_port,
             ?sender_uid,
             rejected = total,
-            "dropped a {message} not sent by the kernel (spoofing attempt?)"
+            "dropped a {message} not {expected} (spoofing attempt?)"
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nix::sys::socket::{sockopt, AddressFamily, SockFlag, SockProtocol, SockType};
+
+    use super::*;
+
+    const ROOT_MULTICAST: Labels = Labels {
+        source: "test",
+        socket: "test socket",
+        message: "test message",
+        datagram: None,
+        warn_truncated: false,
+        check_credentials: true,
+        sender: Sender::RootMulticast,
+    };
+
+    fn uevent_socket(flags: SockFlag, groups: u32) -> OwnedFd {
+        let fd = socket::socket(
+            AddressFamily::Netlink,
+            SockType::Raw,
+            SockFlag::SOCK_CLOEXEC | flags,
+            SockProtocol::NetlinkKObjectUEvent,
+        )
+        .expect("uevent socket");
+        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, groups)).expect("bind");
+        fd
+    }
+
+    /// udev's group as sd-device reads it: root's multicast is taken, a unicast to our
+    /// port refused and counted even from root (no sender is trusted with unicasts).
+    /// Needs root (as the suite does): only root may send on this protocol. Nothing on
+    /// this host listens to group 2 (no udevd), so the multicast disturbs no one.
+    #[tokio::test]
+    async fn on_udevs_group_root_multicast_is_taken_and_a_unicast_refused() {
+        let receiver = uevent_socket(SockFlag::SOCK_NONBLOCK, 2);
+        socket::setsockopt(&receiver, sockopt::PassCred, &true).expect("SO_PASSCRED");
+        let port = socket::getsockname::<NetlinkAddr>(receiver.as_raw_fd())
+            .expect("getsockname")
+            .pid();
+        let counters = Arc::new(Counters::default());
+        let mut socket =
+            KernelSocket::new(receiver, 4096, Arc::clone(&counters), ROOT_MULTICAST).unwrap();
+        let sender = uevent_socket(SockFlag::empty(), 0);
+        for (payload, to) in [
+            (&b"unicast"[..], NetlinkAddr::new(port, 0)),
+            (&b"libudev\0multicast"[..], NetlinkAddr::new(0, 2)),
+        ] {
+            socket::sendto(sender.as_raw_fd(), payload, &to, MsgFlags::empty()).expect("send");
+        }
+        assert_eq!(socket.next().await, Some(Datagram::Rejected));
+        assert_eq!(counters.rejected_origin.load(Ordering::Relaxed), 1);
+        let Some(Datagram::Message(len)) = socket.next().await else {
+            panic!("root's multicast was not taken");
+        };
+        assert_eq!(socket.bytes(len), b"libudev\0multicast");
+        assert_eq!(counters.rejected_origin.load(Ordering::Relaxed), 1);
     }
 }

@@ -1,27 +1,44 @@
-//! Block and USB devices, from kernel uevents.
+//! Block and USB devices, as udev finished them where udevd runs, from kernel uevents
+//! elsewhere.
 //!
-//! Touches: a `NETLINK_KOBJECT_UEVENT` socket bound to multicast group 1 (the kernel's,
-//! not udev's), `SO_RCVBUFFORCE` (CAP_NET_ADMIN; falls back to `SO_RCVBUF`),
-//! `SO_PASSCRED`, and reads below `/sys`. Works on any kernel with `CONFIG_NET`; no
-//! other capability. Under systemd the socket is the one `watchqd.socket` passes, in the
-//! host's network namespace, with the buffer systemd sized ([`crate::activation`]);
-//! otherwise it exists only while some subscription watches devices.
+//! Touches: a `NETLINK_KOBJECT_UEVENT` socket bound to multicast group 2 (udev's: events
+//! re-broadcast by udevd once its rules ran, with its properties and links) when udevd
+//! runs, else group 1 (the kernel's: containers, initrds, the minimal test guest);
+//! `SO_RCVBUFFORCE` (CAP_NET_ADMIN; falls back to `SO_RCVBUF`), `SO_PASSCRED`, reads
+//! below `/sys` and `/run/udev/data`, inotify on `/run` and `/run/udev` (`presence.rs`).
+//! Works on any kernel with `CONFIG_NET`; no other capability. Under systemd the socket is
+//! one `watchqd.socket` passes (`ListenNetlink=kobject-uevent 1` and `2`), in the host's
+//! network namespace, with the buffer systemd sized ([`crate::activation`]); otherwise it
+//! exists only while some subscription watches devices.
 //!
-//! Origin is checked at the edge: a message counts as the kernel's only when the sender's
-//! netlink port id is 0 and its credentials say uid 0. Root in the initial network
-//! namespace can multicast forged uevents from userspace; those carry its own port id.
-//! `ENOBUFS` means the kernel dropped events for us: the source rescans sysfs and yields
-//! [`SourceMsg::Overflow`] so that every subscriber is told.
+//! "udevd runs" is decided as sd-device decides it (`device_monitor_new_full`):
+//! `/run/udev/control` exists, at each open and whenever it comes or goes (a switch is a
+//! loss with a rescan); `Sources` says which group and why ([`Availability::Via`] for
+//! udev's, [`Availability::Degraded`] for the kernel's, whose events come before udev).
+//!
+//! Origin is checked at the edge: on group 1 a message counts as the kernel's only when
+//! the sender's netlink port id is 0 and its credentials say uid 0 (root in the initial
+//! network namespace can multicast forged uevents from userspace; those carry its own
+//! port id); on group 2 only what was multicast with credentials of uid 0 is taken, the
+//! trust boundary sd-device uses (root can forge there as udevd itself does). On group 2
+//! the header's subsystem hash drops what is not block or usb before the properties are
+//! read. `ENOBUFS` means the kernel dropped events for us: the source rescans sysfs and
+//! yields [`SourceMsg::Overflow`] so that every subscriber is told.
 
+mod presence;
 pub mod signal;
 mod sysfs;
+mod udev_db;
+pub mod udev_wire;
+mod watch_spec;
 pub mod wire;
 
 use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::Path;
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use futures_util::stream;
 use nix::sys::socket::{
@@ -30,18 +47,21 @@ use nix::sys::socket::{
 use tokio::sync::watch;
 
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
+use watch_spec::kernel_name;
+pub use watch_spec::DeviceWatch;
 
 use super::{
-    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SourcesConfig, SpecReader,
-    WatchMatcher, WatchSpec,
+    Availability, EventSource, JournalIds, PlannedWatch, SourceStream, SourcesConfig, WatchSpec,
 };
 use crate::activation;
 use crate::error::Error;
 use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
-use crate::glob::Pattern;
 use crate::policy::{Identity, Scope};
+use crate::sys::lock;
 pub use crate::sys::netlink::Counters;
-use crate::sys::netlink::{Datagram, KernelSocket, Labels};
+use crate::sys::netlink::{Datagram, KernelSocket, Labels, Sender};
+use presence::UdevPresence;
+use udev_db::UdevDb;
 use wire::Action;
 
 pub const NAME: &str = "devices";
@@ -86,12 +106,17 @@ pub const JOURNAL: JournalIds = JournalIds {
 };
 
 const UEVENT_GROUP_KERNEL: u32 = 1;
+/// udev's monitor group (a bitmask, as group 1's is 1): what udevd re-broadcasts.
+const UEVENT_GROUP_UDEV: u32 = 2;
+/// What sd-device takes for "udevd runs": its control socket exists.
+const UDEV_CONTROL: &str = "/run/udev/control";
 /// Devices whose changing attribute files the reader holds open (three each), so that a
 /// storm on them costs one read per attribute; the others reopen the files each event.
 /// Bounds the fds a machine with thousands of devices makes the daemon hold.
 const DEVICES_HOLDING_FILES: usize = 64;
-/// Largest uevent the kernel sends (`UEVENT_BUFFER_SIZE`) plus the header.
-const UEVENT_BUFFER: usize = 2048 + 512;
+/// Largest uevent the kernel sends (`UEVENT_BUFFER_SIZE`) plus the header, and the
+/// largest udev message sd-device reads (8 KiB: udev adds its properties and links).
+const UEVENT_BUFFER: usize = 8192;
 
 /// Settings for the device source (`[sources.devices]`).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -113,7 +138,12 @@ pub struct Devices {
     config: watch::Sender<DevicesConfig>,
     sysfs: Sysfs,
     counters: Arc<Counters>,
+    /// The group the open reader follows and why, for `Sources`; `None` while closed.
+    following: Following,
 }
+
+/// See [`Devices::following`].
+type Following = Arc<Mutex<Option<(Monitor, String)>>>;
 
 impl Devices {
     pub fn new(config: &DevicesConfig) -> Self {
@@ -121,6 +151,7 @@ impl Devices {
             config: watch::Sender::new(config.clone()),
             sysfs: Sysfs::default(),
             counters: Arc::default(),
+            following: Following::default(),
         }
     }
 
@@ -160,12 +191,16 @@ impl EventSource for Devices {
         &signal::KIND
     }
 
+    /// Which group the source follows (decided again at each open, and when udevd
+    /// starts or stops) and why.
     fn probe(&self) -> Availability {
-        if activation::has_passed(activation::NETLINK_KOBJECT_UEVENT) {
-            return Availability::Available;
+        let (monitor, why) = Monitor::choose(Path::new(UDEV_CONTROL));
+        let note = || monitor.availability(why.clone());
+        if activation::has_passed(activation::NETLINK_KOBJECT_UEVENT, monitor.group()) {
+            return note();
         }
-        match open_socket(0) {
-            Ok(_socket) => Availability::Available,
+        match open_socket(monitor, 0) {
+            Ok(_socket) => note(),
             Err(e) => {
                 Availability::Unavailable(format!("cannot open the uevent netlink socket: {e}"))
             }
@@ -183,16 +218,53 @@ impl EventSource for Devices {
         Ok(PlannedWatch::ready(Scope::System, Box::new(watch)))
     }
 
+    /// With udev's database while the source follows udev, so that a snapshot's
+    /// devices carry the properties their events carry.
     fn scan(&self) -> io::Result<Vec<Object>> {
-        self.sysfs.scan()
+        let (monitor, _) = Monitor::choose(Path::new(UDEV_CONTROL));
+        self.sysfs.scan_with(monitor.udev_db().as_ref())
+    }
+
+    /// What the open reader follows now (udevd may have started or stopped since the
+    /// probe); what it would follow when closed.
+    fn availability(&self, probed: &Availability) -> Availability {
+        if matches!(probed, Availability::Unavailable(_)) {
+            return probed.clone();
+        }
+        let following = lock(&self.following).clone();
+        let (monitor, why) = following.unwrap_or_else(|| Monitor::choose(Path::new(UDEV_CONTROL)));
+        monitor.availability(why)
     }
 
     fn open(&self) -> io::Result<SourceStream> {
         let mut settings = self.config.subscribe();
         let receive_buffer = settings.borrow_and_update().receive_buffer;
-        let (fd, passed) = open_socket(receive_buffer)?;
+        let (monitor, why) = Monitor::choose(Path::new(UDEV_CONTROL));
+        let (fd, passed) = open_socket(monitor, receive_buffer)?;
+        tracing::info!(source = NAME, "following {why}");
+        let presence = UdevPresence::new(Path::new(UDEV_CONTROL))
+            .inspect_err(|e| {
+                tracing::warn!(
+                    source = NAME,
+                    "cannot follow udevd starting or stopping ({e}): the group chosen now stays until the source reopens"
+                );
+            })
+            .ok();
+        *lock(&self.following) = Some((monitor, why));
         let reader = Reader {
-            socket: KernelSocket::new(fd, UEVENT_BUFFER, Arc::clone(&self.counters), LABELS)?,
+            socket: KernelSocket::new(
+                fd,
+                UEVENT_BUFFER,
+                Arc::clone(&self.counters),
+                monitor.labels(),
+            )?,
+            monitor,
+            presence,
+            following: Arc::clone(&self.following),
+            wanted_hashes: SUBSYSTEMS
+                .iter()
+                .map(|s| udev_wire::string_hash32(s))
+                .collect(),
             settings,
             passed,
             known: HashMap::new(),
@@ -206,27 +278,101 @@ impl EventSource for Devices {
     }
 }
 
-/// The socket systemd passed (bound by its `ListenNetlink=kobject-uevent 1`), or one of
-/// our own; and whether it was passed.
-fn open_socket(receive_buffer: usize) -> io::Result<(OwnedFd, bool)> {
-    let (fd, passed) = match activation::passed_socket(activation::NETLINK_KOBJECT_UEVENT)? {
-        Some(fd) => (fd, true),
-        None => {
-            let fd = socket::socket(
-                AddressFamily::Netlink,
-                SockType::Raw,
-                SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                SockProtocol::NetlinkKObjectUEvent,
-            )?;
-            (fd, false)
+/// Which uevent group the source follows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Monitor {
+    /// udev's group 2: events once udevd is done with the device.
+    Udev,
+    /// The kernel's group 1.
+    Kernel,
+}
+
+impl Monitor {
+    /// udev's group when udevd runs (`control` exists) and a socket on it can hear it;
+    /// the kernel's otherwise. With the reason, as `Sources` shows it.
+    fn choose(control: &Path) -> (Monitor, String) {
+        let shown = control.display();
+        if !control.exists() {
+            return (
+                Monitor::Kernel,
+                format!(
+                    "kernel: no udevd ({shown} absent); events come before udev's rules \
+                     ran, without its properties and links"
+                ),
+            );
         }
-    };
+        // Under systemd the daemon has a network namespace of its own, where a socket it
+        // opens would hear nothing udevd multicasts: only a passed one will do.
+        if activation::any_passed()
+            && !activation::has_passed(activation::NETLINK_KOBJECT_UEVENT, UEVENT_GROUP_UDEV)
+        {
+            return (
+                Monitor::Kernel,
+                format!(
+                    "kernel: udevd runs ({shown} present) but systemd passed no socket on \
+                     udev's group (ListenNetlink=kobject-uevent 2 in watchqd.socket); events \
+                     come before udev's rules ran"
+                ),
+            );
+        }
+        (
+            Monitor::Udev,
+            format!("udev: {shown} present; events as udevd finished them, with its properties and links"),
+        )
+    }
+
+    /// How `Sources` shows this group, with the reason it was chosen.
+    fn availability(self, why: String) -> Availability {
+        match self {
+            Monitor::Udev => Availability::Via(why),
+            Monitor::Kernel => Availability::Degraded(why),
+        }
+    }
+
+    /// How the socket of this group is read.
+    fn labels(self) -> Labels {
+        match self {
+            Monitor::Udev => UDEV_LABELS,
+            Monitor::Kernel => LABELS,
+        }
+    }
+
+    /// The database to read snapshots' properties from with this group.
+    fn udev_db(self) -> Option<UdevDb> {
+        (self == Monitor::Udev).then(UdevDb::default)
+    }
+
+    /// The multicast group bitmask of the socket.
+    fn group(self) -> u32 {
+        match self {
+            Monitor::Udev => UEVENT_GROUP_UDEV,
+            Monitor::Kernel => UEVENT_GROUP_KERNEL,
+        }
+    }
+}
+
+/// The socket systemd passed for `monitor`'s group (bound by its
+/// `ListenNetlink=kobject-uevent 1` or `2`), or one of our own; and whether it was passed.
+fn open_socket(monitor: Monitor, receive_buffer: usize) -> io::Result<(OwnedFd, bool)> {
+    let (fd, passed) =
+        match activation::passed_socket(activation::NETLINK_KOBJECT_UEVENT, monitor.group())? {
+            Some(fd) => (fd, true),
+            None => {
+                let fd = socket::socket(
+                    AddressFamily::Netlink,
+                    SockType::Raw,
+                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
+                    SockProtocol::NetlinkKObjectUEvent,
+                )?;
+                (fd, false)
+            }
+        };
     if receive_buffer > 0 {
         size_buffer(&fd, receive_buffer, passed)?;
     }
     socket::setsockopt(&fd, sockopt::PassCred, &true)?;
     if !passed {
-        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, UEVENT_GROUP_KERNEL))?;
+        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, monitor.group()))?;
     }
     Ok((fd, passed))
 }
@@ -256,10 +402,32 @@ const LABELS: Labels = Labels {
     datagram: None,
     warn_truncated: false,
     check_credentials: true,
+    sender: Sender::Kernel,
+};
+
+/// How udev's group is read: multicast by uid 0, as sd-device accepts it.
+const UDEV_LABELS: Labels = Labels {
+    source: NAME,
+    socket: "udev monitor socket",
+    message: "udev message",
+    datagram: None,
+    warn_truncated: false,
+    check_credentials: true,
+    sender: Sender::RootMulticast,
 };
 
 struct Reader {
     socket: KernelSocket,
+    /// The group `socket` listens to.
+    monitor: Monitor,
+    /// Wakes the reader when udevd may have started or stopped; `None` when inotify
+    /// failed (logged at open).
+    presence: Option<UdevPresence>,
+    /// Shared with [`Devices`] for `Sources`; cleared when the reader goes.
+    following: Following,
+    /// `string_hash32` of each of [`SUBSYSTEMS`]: a udev message whose header names
+    /// another subsystem is dropped before its properties are read.
+    wanted_hashes: Vec<u32>,
     /// `[sources.devices]`, as the last reload left it.
     settings: watch::Receiver<DevicesConfig>,
     /// Whether systemd passed the socket ([`size_buffer`]).
@@ -284,17 +452,35 @@ impl Reader {
                     self.resize();
                     continue;
                 }
+                () = presence_changed(&mut self.presence) => {
+                    match self.switch() {
+                        Some(msg) => return Some(msg),
+                        None => continue,
+                    }
+                }
             };
             match datagram {
                 Datagram::Message(len) => {
                     self.counters.received.fetch_add(1, Ordering::Relaxed);
                     let bytes = self.socket.bytes(len);
-                    match wire::parse(bytes) {
-                        Ok(event) => {
+                    let decoded = match self.monitor {
+                        Monitor::Kernel => wire::parse(bytes).map(Some).map_err(|e| e.to_string()),
+                        Monitor::Udev => match udev_wire::header(bytes) {
+                            Ok(header) if !self.wanted_hashes.contains(&header.subsystem_hash) => {
+                                Ok(None)
+                            }
+                            Ok(header) => udev_wire::event(bytes, &header).map(Some),
+                            Err(e) => Err(e),
+                        }
+                        .map_err(|e| e.to_string()),
+                    };
+                    match decoded {
+                        Ok(Some(event)) => {
                             if let Some(record) = self.record(event) {
                                 return Some(SourceMsg::Record(record));
                             }
                         }
+                        Ok(None) => {}
                         Err(e) => {
                             self.counters.malformed.fetch_add(1, Ordering::Relaxed);
                             tracing::debug!(source = NAME, raw = ?String::from_utf8_lossy(bytes), "dropped malformed uevent: {e}");
@@ -309,7 +495,8 @@ impl Reader {
                     );
                     // Removals may be among what was lost.
                     self.known.clear();
-                    let objects = self.sysfs.scan().unwrap_or_else(|e| {
+                    let udev = self.monitor.udev_db();
+                    let objects = self.sysfs.scan_with(udev.as_ref()).unwrap_or_else(|e| {
                         tracing::error!(source = NAME, "sysfs rescan failed: {e}");
                         Vec::new()
                     });
@@ -317,6 +504,54 @@ impl Reader {
                 }
             }
         }
+    }
+
+    /// Moves to the other group when udevd started or stopped. Events around the switch
+    /// may be missed (between the two sockets) or seen twice (on both): rather than
+    /// match them up, the switch is reported as a loss, with a rescan of the devices,
+    /// to every subscriber (`Lost(kernel-overflow)`), never silently.
+    fn switch(&mut self) -> Option<SourceMsg> {
+        let (monitor, why) = Monitor::choose(Path::new(UDEV_CONTROL));
+        if monitor == self.monitor {
+            return None;
+        }
+        let receive_buffer = self.settings.borrow().receive_buffer;
+        // The new socket is bound before the old one closes: nothing falls between them
+        // but what the rescan below covers.
+        let opened = open_socket(monitor, receive_buffer).and_then(|(fd, passed)| {
+            let socket = KernelSocket::new(
+                fd,
+                UEVENT_BUFFER,
+                Arc::clone(&self.counters),
+                monitor.labels(),
+            )?;
+            Ok((socket, passed))
+        });
+        let (socket, passed) = match opened {
+            Ok(opened) => opened,
+            Err(e) => {
+                tracing::error!(
+                    source = NAME,
+                    "cannot open the socket for {why}: {e}; staying on the group followed so far"
+                );
+                return None;
+            }
+        };
+        tracing::warn!(
+            source = NAME,
+            "switching to {why}: events around the switch are reported as lost, and the devices rescanned"
+        );
+        self.socket = socket;
+        self.passed = passed;
+        self.monitor = monitor;
+        *lock(&self.following) = Some((monitor, why));
+        self.known.clear();
+        let udev = monitor.udev_db();
+        let objects = self.sysfs.scan_with(udev.as_ref()).unwrap_or_else(|e| {
+            tracing::error!(source = NAME, "sysfs rescan failed: {e}");
+            Vec::new()
+        });
+        Some(SourceMsg::Overflow { objects })
     }
 
     /// Applies a reload's `receive_buffer` to the open socket.
@@ -397,6 +632,26 @@ impl Reader {
     }
 }
 
+impl Drop for Reader {
+    fn drop(&mut self) {
+        *lock(&self.following) = None;
+    }
+}
+
+/// Resolves when udevd may have started or stopped; never without a follower.
+async fn presence_changed(presence: &mut Option<UdevPresence>) {
+    let Some(follower) = presence else {
+        return std::future::pending().await;
+    };
+    if let Err(e) = follower.changed().await {
+        tracing::warn!(
+            source = NAME,
+            "stopped following udevd starting or stopping: {e}"
+        );
+        *presence = None;
+    }
+}
+
 fn subtype_of(event: &wire::UEvent) -> u8 {
     let name = match event.action {
         Action::Change
@@ -418,202 +673,9 @@ fn subtype_of(event: &wire::UEvent) -> u8 {
         .unwrap_or(2)
 }
 
-/// A device watch: every given condition must hold.
-///
-/// Keys: `subsystem` (`block` or `usb`), `devtype` (`disk`, `partition`, `usb_device`,
-/// `usb_interface`, …), `name` (the kernel name, `*` and `?` wildcards, compiled once
-/// here), `properties` (`a{ss}` of uevent properties that must be equal).
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct DeviceWatch {
-    /// Uevent properties that must be equal, `SUBSYSTEM` and `DEVTYPE` from their keys
-    /// included, sorted by key: one walk along the record's (sorted) properties checks
-    /// them all, whatever their number, as every watch is checked for every event.
-    required: Vec<(String, String)>,
-    name: Option<Pattern>,
-}
-
-impl DeviceWatch {
-    const KEYS: &'static [&'static str] = &["subsystem", "devtype", "name", "properties"];
-    const MAX_PROPERTIES: usize = 16;
-
-    pub fn parse(spec: &WatchSpec) -> Result<Self, Error> {
-        let spec = SpecReader::new(spec, NAME, Self::KEYS)?;
-        let subsystem = spec.str("subsystem")?;
-        if let Some(subsystem) = &subsystem {
-            if !SUBSYSTEMS.contains(&subsystem.as_str()) {
-                return Err(Error::InvalidArgument(format!(
-                    "device watches cover the subsystems {}; '{subsystem}' is not one of them",
-                    SUBSYSTEMS.join(", ")
-                )));
-            }
-        }
-        let properties = spec.str_map("properties")?.unwrap_or_default();
-        if properties.len() > Self::MAX_PROPERTIES {
-            return Err(Error::LimitExceeded(format!(
-                "a device watch may match at most {} properties",
-                Self::MAX_PROPERTIES
-            )));
-        }
-        let devtype = spec.str("devtype")?;
-        let mut required: Vec<(String, String)> = properties.into_iter().collect();
-        required.extend(subsystem.map(|s| ("SUBSYSTEM".to_owned(), s)));
-        required.extend(devtype.map(|d| ("DEVTYPE".to_owned(), d)));
-        // By key, then value: equal specs compile to equal watches.
-        required.sort_unstable();
-        Ok(DeviceWatch {
-            required,
-            name: spec
-                .str("name")?
-                .map(|name| Pattern::for_name("name", &name))
-                .transpose()?,
-        })
-    }
-}
-
-/// A device's kernel name: the last component of its sysfs path (its object id).
-fn kernel_name(record: &Record) -> Option<&str> {
-    record.object_id.rsplit('/').next()
-}
-
-impl WatchMatcher for DeviceWatch {
-    /// A name without wildcards: the hub looks the watch up by the event's kernel name
-    /// ([`EventSource::index_key`]) instead of visiting it for every device.
-    fn index_key(&self) -> Option<&str> {
-        self.name.as_ref().and_then(Pattern::exact)
-    }
-
-    fn matches(&self, record: &Record) -> bool {
-        record.source == NAME
-            && has_all(&record.properties, &self.required)
-            && self
-                .name
-                .as_ref()
-                .is_none_or(|pattern| kernel_name(record).is_some_and(|name| pattern.matches(name)))
-    }
-}
-
-/// Whether `properties` has every (key, value) of `required` (sorted by key), in one walk
-/// along both: at most one key comparison per property and per requirement.
-fn has_all(properties: &crate::event::Properties, required: &[(String, String)]) -> bool {
-    let mut properties = properties.iter().peekable();
-    'required: for (key, value) in required {
-        while let Some((k, v)) = properties.peek() {
-            match k.as_str().cmp(key.as_str()) {
-                std::cmp::Ordering::Less => {
-                    properties.next();
-                }
-                // Not advanced: a key may be required twice (`subsystem` and
-                // `properties`), with the same value or never matching.
-                std::cmp::Ordering::Equal if *v == value => continue 'required,
-                _ => return false,
-            }
-        }
-        return false;
-    }
-    true
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::source::spec::spec;
-
-    fn record(devpath: &str, props: &[(&str, &str)]) -> Record {
-        Record {
-            source: NAME,
-            subtype: 0,
-            object_id: devpath.into(),
-            change: Change::Upsert,
-            attributes: Attrs::new(),
-            properties: props
-                .iter()
-                .map(|(k, v)| ((*k).into(), (*v).into()))
-                .collect(),
-            audience: Audience::Everyone,
-        }
-    }
-
-    #[test]
-    fn watch_matches_subsystem_name_and_properties() {
-        let watch = DeviceWatch::parse(&spec(&[
-            ("subsystem", "block".into()),
-            ("name", "loop*".into()),
-        ]))
-        .unwrap();
-        let loop0 = record("/devices/virtual/block/loop0", &[("SUBSYSTEM", "block")]);
-        let vda = record("/devices/pci/virtio/block/vda", &[("SUBSYSTEM", "block")]);
-        assert!(watch.matches(&loop0));
-        assert!(!watch.matches(&vda));
-    }
-
-    /// Subsystem, devtype and properties are one sorted list checked in one walk; it
-    /// answers as lookups one by one would.
-    #[test]
-    fn watch_requires_every_property_given_and_nothing_else() {
-        let props = [
-            ("DEVNAME", "loop0"),
-            ("DEVTYPE", "disk"),
-            ("MAJOR", "7"),
-            ("SUBSYSTEM", "block"),
-        ];
-        let loop0 = record("/devices/virtual/block/loop0", &props);
-        let watch = |pairs: &[(&str, zbus::Variant<'_>)]| DeviceWatch::parse(&spec(pairs)).unwrap();
-        let properties = |pairs: &[(&str, &str)]| {
-            let map: HashMap<String, String> = pairs
-                .iter()
-                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
-                .collect();
-            zbus::Variant::from(map)
-        };
-        assert!(watch(&[]).matches(&loop0));
-        assert!(watch(&[("devtype", "disk".into())]).matches(&loop0));
-        assert!(watch(&[
-            ("subsystem", "block".into()),
-            ("devtype", "disk".into()),
-            (
-                "properties",
-                properties(&[("MAJOR", "7"), ("DEVNAME", "loop0")])
-            ),
-        ])
-        .matches(&loop0));
-        // The first key, the last key, a key between two, a key past the end.
-        for missing in ["A", "ZZZ", "DEVPATH", "MINOR"] {
-            assert!(
-                !watch(&[("properties", properties(&[("MAJOR", "7"), (missing, "x")]))])
-                    .matches(&loop0),
-                "{missing}"
-            );
-        }
-        assert!(!watch(&[("properties", properties(&[("MAJOR", "8")]))]).matches(&loop0));
-        assert!(!watch(&[("devtype", "partition".into())]).matches(&loop0));
-        // A key given twice: both values must be the one the event has.
-        assert!(watch(&[
-            ("subsystem", "block".into()),
-            ("properties", properties(&[("SUBSYSTEM", "block")])),
-        ])
-        .matches(&loop0));
-        assert!(!watch(&[
-            ("subsystem", "usb".into()),
-            ("properties", properties(&[("SUBSYSTEM", "block")])),
-        ])
-        .matches(&loop0));
-    }
-
-    #[test]
-    fn watch_rejects_unknown_keys_subsystems_and_types() {
-        assert!(matches!(
-            DeviceWatch::parse(&spec(&[("subsytem", "block".into())])),
-            Err(Error::InvalidArgument(m)) if m.contains("subsytem")
-        ));
-        assert!(matches!(
-            DeviceWatch::parse(&spec(&[("subsystem", "net".into())])),
-            Err(Error::InvalidArgument(_))
-        ));
-        assert!(matches!(
-            DeviceWatch::parse(&spec(&[("subsystem", 7u32.into())])),
-            Err(Error::InvalidArgument(m)) if m.contains("'u'")
-        ));
-    }
 
     #[test]
     fn media_change_and_resize_are_their_own_subtypes() {

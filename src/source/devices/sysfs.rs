@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use nix::fcntl::OFlag;
 use nix::sys::stat::Mode;
 
+use super::udev_db::UdevDb;
 use crate::event::{Attr, Attrs, Object, Properties};
 
 /// The subsystems this source reports.
@@ -41,6 +42,12 @@ impl Sysfs {
 
     /// Every block and USB device present now.
     pub fn scan(&self) -> io::Result<Vec<Object>> {
+        self.scan_with(None)
+    }
+
+    /// Every block and USB device present now, with what `udev` recorded of each when
+    /// given (the source follows udev: snapshot and events then carry the same keys).
+    pub fn scan_with(&self, udev: Option<&UdevDb>) -> io::Result<Vec<Object>> {
         let mut objects = Vec::new();
         for (subsystem, listing) in [("block", "class/block"), ("usb", "bus/usb/devices")] {
             let dir = self.root.join(listing);
@@ -63,6 +70,9 @@ impl Sysfs {
                 properties
                     .entry("SUBSYSTEM".to_owned())
                     .or_insert_with(|| subsystem.to_owned());
+                if let Some(udev) = udev {
+                    udev.merge(subsystem, &devpath, &mut properties);
+                }
                 let attributes = self.attributes(&devpath, subsystem, &properties);
                 objects.push(Object {
                     id: devpath,
@@ -124,6 +134,8 @@ impl Sysfs {
             attrs.insert("devtype".into(), devtype.as_str().into());
         }
         if let Some(devname) = properties.get("DEVNAME") {
+            // The kernel names the node below /dev; udev gives its whole path.
+            let devname = devname.strip_prefix("/dev/").unwrap_or(devname);
             attrs.insert("devname".into(), format!("/dev/{devname}").into());
         }
         for (key, prop) in [("major", "MAJOR"), ("minor", "MINOR")] {

@@ -114,12 +114,26 @@ pub fn parse(buf: &[u8]) -> Result<UEvent, DecodeError> {
         return Err(DecodeError::Libudev);
     }
     let text = std::str::from_utf8(buf).map_err(|_| DecodeError::NotUtf8)?;
-    let mut fields = text.split('\0').filter(|f| !f.is_empty());
-    let header = fields.next().ok_or(DecodeError::Empty)?;
+    let (header, environment) = text.split_once('\0').unwrap_or((text, ""));
     let (header_action, header_devpath) = header.split_once('@').ok_or(DecodeError::BadHeader)?;
+    let event = decode_environment(environment)?;
+    if event.action.as_str() != header_action || event.devpath != header_devpath {
+        return Err(DecodeError::HeaderMismatch);
+    }
+    Ok(event)
+}
 
+/// An event from its environment alone (`KEY=VALUE` entries separated by NULs, without
+/// the kernel's `ACTION@DEVPATH` header): how udev sends it (`udev_wire`), checked as
+/// the kernel's is.
+pub fn from_environment(buf: &[u8]) -> Result<UEvent, DecodeError> {
+    let text = std::str::from_utf8(buf).map_err(|_| DecodeError::NotUtf8)?;
+    decode_environment(text)
+}
+
+fn decode_environment(text: &str) -> Result<UEvent, DecodeError> {
     let mut properties = BTreeMap::new();
-    for field in fields {
+    for field in text.split('\0').filter(|f| !f.is_empty()) {
         let (key, value) = field
             .split_once('=')
             .ok_or_else(|| DecodeError::BadEntry(field.to_owned()))?;
@@ -136,9 +150,6 @@ pub fn parse(buf: &[u8]) -> Result<UEvent, DecodeError> {
     let devpath = get("DEVPATH")?;
     let subsystem = get("SUBSYSTEM")?;
     let seqnum_text = get("SEQNUM")?;
-    if action_text != header_action || devpath != header_devpath {
-        return Err(DecodeError::HeaderMismatch);
-    }
     let action = Action::parse(action_text)
         .ok_or_else(|| DecodeError::UnknownAction(action_text.to_owned()))?;
     let seqnum = seqnum_text

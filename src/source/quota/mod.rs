@@ -56,7 +56,7 @@ use crate::error::Error;
 use crate::event::{Attr, Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
 pub use crate::sys::netlink::Counters;
-use crate::sys::netlink::{Datagram, KernelSocket, Labels};
+use crate::sys::netlink::{Datagram, KernelSocket, Labels, Sender};
 use wire::{Family, QuotaType, Warning};
 
 pub const NAME: &str = "quota";
@@ -206,7 +206,7 @@ impl EventSource for Quota {
 /// The socket systemd passed (`ListenNetlink=generic`, in the host's network namespace
 /// where the family lives), or one of our own.
 fn open_socket() -> io::Result<OwnedFd> {
-    if let Some(fd) = activation::passed_socket(activation::NETLINK_GENERIC)? {
+    if let Some(fd) = activation::passed_socket(activation::NETLINK_GENERIC, 0)? {
         // systemd passes it non-blocking; resolve() waits for the controller's answer.
         set_blocking(&fd)?;
         return Ok(fd);
@@ -324,6 +324,7 @@ const LABELS: Labels = Labels {
     datagram: Some("quota netlink datagram"),
     warn_truncated: true,
     check_credentials: false,
+    sender: Sender::Kernel,
 };
 
 struct Reader {
