@@ -13,8 +13,8 @@
 //!
 //! "udevd runs" is decided as sd-device decides it (`device_monitor_new_full`):
 //! `/run/udev/control` exists, at each open and whenever it comes or goes (a switch is a
-//! loss with a rescan); `Sources` says which group and why ([`Availability::Via`] for
-//! udev's, [`Availability::Degraded`] for the kernel's, whose events come before udev).
+//! loss with a rescan); `Sources` says which group and why ([`Availability::Via`], or
+//! [`Availability::Degraded`] for the kernel's where udevd runs but cannot be heard).
 //!
 //! Origin is checked at the edge: on group 1 a message counts as the kernel's only when
 //! the sender's netlink port id is 0 and its credentials say uid 0 (root in the initial
@@ -321,11 +321,13 @@ impl Monitor {
         )
     }
 
-    /// How `Sources` shows this group, with the reason it was chosen.
+    /// How `Sources` shows this group and why: the kernel's is degraded only where
+    /// udevd runs; without udevd (containers, initrds) it is all there is.
     fn availability(self, why: String) -> Availability {
         match self {
             Monitor::Udev => Availability::Via(why),
-            Monitor::Kernel => Availability::Degraded(why),
+            Monitor::Kernel if Path::new(UDEV_CONTROL).exists() => Availability::Degraded(why),
+            Monitor::Kernel => Availability::Via(why),
         }
     }
 
