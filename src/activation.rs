@@ -104,6 +104,9 @@ fn netlink_protocol(fd: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
             format!("address family {:?}", address.family()),
         ));
     };
+    // Only uevent sockets are told apart by group (the kernel's, udev's). A generic
+    // netlink socket is joined to its family's group at run time, and systemd keeps it
+    // across restarts: the next daemon would find it bound to that group.
     let groups = netlink.groups();
     let mut protocol: libc::c_int = 0;
     let mut len = libc::socklen_t::try_from(std::mem::size_of::<libc::c_int>()).unwrap_or(4);
@@ -121,7 +124,7 @@ fn netlink_protocol(fd: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((protocol, groups))
+    Ok((protocol, if protocol == NETLINK_KOBJECT_UEVENT { groups } else { 0 }))
 }
 
 /// Reads and drops everything queued, including a pending `ENOBUFS` (an overflow while
