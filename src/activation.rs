@@ -124,7 +124,12 @@ fn netlink_protocol(fd: BorrowedFd<'_>) -> io::Result<(i32, u32)> {
     if rc != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((protocol, if protocol == NETLINK_KOBJECT_UEVENT { groups } else { 0 }))
+    let groups = if protocol == NETLINK_KOBJECT_UEVENT {
+        groups
+    } else {
+        0
+    };
+    Ok((protocol, groups))
 }
 
 /// Reads and drops everything queued, including a pending `ENOBUFS` (an overflow while
