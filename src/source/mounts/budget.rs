@@ -51,6 +51,15 @@ impl Counters {
         counter.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// Counts a mountinfo reread and the CPU time it took.
+    pub(super) fn reread(&self, cost: Duration) {
+        Self::add(&self.rereads, 1);
+        Self::add(
+            &self.reread_us,
+            u64::try_from(cost.as_micros()).unwrap_or(u64::MAX),
+        );
+    }
+
     pub(super) fn list(&self) -> Vec<(&'static str, u64)> {
         vec![
             ("users-throttled", self.throttled.load(Ordering::Relaxed)),

@@ -19,7 +19,7 @@
 
 use super::budget::thread_cpu;
 use super::describe::*;
-use super::lines::{diff, read_lines_with, Line};
+use super::lines::{read_lines, reread, Line};
 use super::*;
 
 use std::cell::Cell;
@@ -44,7 +44,7 @@ pub(super) enum Work {
     /// A namespace's first listing, when a watch names it.
     List,
     /// A mountinfo reread of a large namespace (remounts; everything without fanotify):
-    /// [`diff`] of the new read against the cached one.
+    /// the new read diffed with the cached one ([`reread`]).
     Reread { follow_topology: bool },
 }
 
@@ -78,6 +78,9 @@ impl Held {
     /// Does `work` (on a blocking thread).
     pub(super) fn run(mut self, work: Work) -> Done {
         let (started, cpu) = (Instant::now(), thread_cpu());
+        // Takes in the POLLPRI of the changes so far, which the job's read sees: the
+        // reader is woken only by later ones.
+        has_input(&self.mountinfo, PollFlags::POLLPRI);
         let yielded = Cell::new(Duration::ZERO);
         let pause = || {
             let at = Instant::now();
@@ -101,8 +104,7 @@ impl Held {
 
     /// Reads the mountinfo and describes every mount.
     fn list(&mut self, pause: &dyn Fn()) -> io::Result<Vec<Object>> {
-        has_input(&self.mountinfo, PollFlags::POLLPRI);
-        self.lines = read_lines_with(&mut self.mountinfo, pause)?;
+        self.lines = read_lines(&mut self.mountinfo, pause)?;
         self.mounts = describe_all_with(self.id, pause)?
             .into_iter()
             .map(|m| (m.id, m))
@@ -111,22 +113,14 @@ impl Held {
     }
 
     fn reread(&mut self, follow_topology: bool, pause: &dyn Fn()) -> Vec<Record> {
-        // Takes in the POLLPRI of the changes so far, which the read below sees: the
-        // reader is woken only by later ones.
-        has_input(&self.mountinfo, PollFlags::POLLPRI);
-        match read_lines_with(&mut self.mountinfo, pause) {
-            Ok(lines) => diff(
-                self.id,
-                &mut self.mounts,
-                &mut self.lines,
-                lines,
-                follow_topology,
-            ),
-            Err(e) => {
-                tracing::warn!(source = NAME, namespace = self.id, "reading mountinfo: {e}");
-                Vec::new()
-            }
-        }
+        reread(
+            self.id,
+            &mut self.mountinfo,
+            &mut self.mounts,
+            &mut self.lines,
+            follow_topology,
+            pause,
+        )
     }
 
     /// Drains the namespace's fanotify queue unread, then lists its mounts and reads
@@ -136,10 +130,9 @@ impl Held {
     /// happens after the listing is read as events once the reader has the fds back.
     fn resync(&mut self, pause: &dyn Fn()) -> Outcome {
         let drained = self.group.as_ref().map_or(0, |group| drain(group, pause));
-        has_input(&self.mountinfo, PollFlags::POLLPRI);
         let (mut upserted, mut removed) = (Vec::new(), Vec::new());
         match list_mounts(self.id).and_then(|listed| {
-            let lines = read_lines_with(&mut self.mountinfo, pause)?;
+            let lines = read_lines(&mut self.mountinfo, pause)?;
             Ok((listed, lines))
         }) {
             Ok((listed, lines)) => {

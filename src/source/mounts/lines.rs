@@ -17,7 +17,7 @@ pub(super) struct Line(Box<str>);
 /// and comparing that with the cached description says what happened to it (the cache
 /// is updated). With `follow_topology` false, fanotify reports attaches, detaches and
 /// moves, so only remounts are taken from here.
-pub(super) fn diff(
+fn diff(
     id: u64,
     mounts: &mut HashMap<u64, StatMount>,
     cached: &mut HashMap<u32, Line>,
@@ -114,6 +114,26 @@ pub(super) fn diff(
     records
 }
 
+/// Reads the mountinfo again and [`diff`]s it with the cache (the reader's own for a
+/// small namespace, a job's for a large one); a failed read is logged and changes
+/// nothing.
+pub(super) fn reread(
+    id: u64,
+    file: &mut File,
+    mounts: &mut HashMap<u64, StatMount>,
+    cached: &mut HashMap<u32, Line>,
+    follow_topology: bool,
+    between: impl FnMut(),
+) -> Vec<Record> {
+    match read_lines(file, between) {
+        Ok(lines) => diff(id, mounts, cached, lines, follow_topology),
+        Err(e) => {
+            tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}");
+            Vec::new()
+        }
+    }
+}
+
 /// Bytes asked of mountinfo per `read`: the kernel holds the mount namespace lock
 /// (`namespace_sem`) while it writes one read's lines, and every mount, unmount and
 /// `statmount` in any namespace waits for it. Left to grow (as `read_to_string` does),
@@ -121,13 +141,9 @@ pub(super) fn diff(
 /// mount changes waited out.
 const MOUNTINFO_CHUNK: usize = 4 * 1024;
 
-pub(super) fn read_lines(file: &mut File) -> io::Result<HashMap<u32, Line>> {
-    read_lines_with(file, || {})
-}
-
-/// [`read_lines`], calling `between` before each read (a resync yields the CPU there:
-/// see `job`).
-pub(super) fn read_lines_with(
+/// A namespace's mountinfo by line, calling `between` before each read (a job yields
+/// the CPU there: see `job`).
+pub(super) fn read_lines(
     file: &mut File,
     mut between: impl FnMut(),
 ) -> io::Result<HashMap<u32, Line>> {

@@ -412,8 +412,16 @@ fn arm(shared: &Arc<Shared>, pid: u32, uid: u32) -> Result<ArmedWatch, Error> {
 }
 
 fn namespace_object(namespace: u64) -> String {
-    format!("mntns:{namespace}")
+    format!("{NAMESPACE_OBJECT}{namespace}")
 }
+
+/// The namespace [`namespace_object`] names.
+fn namespace_of_object(object: &str) -> Option<u64> {
+    object.strip_prefix(NAMESPACE_OBJECT)?.parse().ok()
+}
+
+/// How a watched namespace is named as a watch's object.
+const NAMESPACE_OBJECT: &str = "mntns:";
 
 fn object_prefix(namespace: u64) -> String {
     format!("{namespace}/")

@@ -2,9 +2,9 @@
 //! per watched namespace, read together with the control requests of arming watches,
 //! and each namespace's mount table diffed against what was last seen.
 
-use super::budget::{thread_cpu, Budget, Counters};
+use super::budget::{thread_cpu, Budget};
 use super::describe::*;
-use super::lines::{diff, read_lines, Line};
+use super::lines::{reread, Line};
 use super::resync::namespace_of;
 use super::*;
 use crate::sys::clock::ThreadCpu;
@@ -603,19 +603,20 @@ impl Reader {
         if let Some(Ok(mut guard)) = mountinfo.ready(Interest::PRIORITY).now_or_never() {
             guard.clear_ready_matching(Ready::PRIORITY);
         }
-        match read_lines(mountinfo.get_mut()) {
-            Ok(lines) => {
-                for record in diff(id, &mut ns.mounts, &mut ns.lines, lines, follow_topology) {
-                    self.pending.push_back((SourceMsg::Record(record), None));
-                }
-            }
-            Err(e) => tracing::warn!(source = NAME, namespace = id, "reading mountinfo: {e}"),
-        }
+        let records = reread(
+            id,
+            mountinfo.get_mut(),
+            &mut ns.mounts,
+            &mut ns.lines,
+            follow_topology,
+            || {},
+        );
+        self.pending
+            .extend(records.into_iter().map(|r| (SourceMsg::Record(r), None)));
         ns.last_reread = Some((Instant::now(), started.elapsed()));
-        let counters = &self.shared.counters;
-        Counters::add(&counters.rereads, 1);
-        let cost = thread_cpu().saturating_sub(cpu).as_micros();
-        Counters::add(&counters.reread_us, u64::try_from(cost).unwrap_or(u64::MAX));
+        self.shared
+            .counters
+            .reread(thread_cpu().saturating_sub(cpu));
     }
 
     /// The process a namespace was named by exited: another process in it takes over, or

@@ -205,9 +205,7 @@ impl Reader {
             }
             job::Outcome::Reread(records) => {
                 ns.last_reread = Some((Instant::now(), done.took));
-                Counters::add(&counters.rereads, 1);
-                let cost = u64::try_from(done.cost.as_micros()).unwrap_or(u64::MAX);
-                Counters::add(&counters.reread_us, cost);
+                counters.reread(done.cost);
                 self.pending
                     .extend(records.into_iter().map(|r| (SourceMsg::Record(r), None)));
             }
@@ -220,7 +218,7 @@ impl Reader {
 pub(super) fn namespace_of(msg: &SourceMsg) -> Option<u64> {
     match msg {
         SourceMsg::Record(record) => record.attr_u64("namespace"),
-        SourceMsg::Resync { object, .. } => object.strip_prefix("mntns:")?.parse().ok(),
+        SourceMsg::Resync { object, .. } => namespace_of_object(object),
         SourceMsg::Replace { prefix, .. } => prefix.strip_suffix('/')?.parse().ok(),
         _ => None,
     }
