@@ -638,4 +638,12 @@ async fn without_udevd_the_kernel_group_is_followed_and_the_reason_shown() {
         "{}",
         daemon.log_text()
     );
+    // Without udevd the kernel's group is simply the means, not a degraded source: the
+    // start says so at info, with no warning (containers would log one at every start).
+    let log = daemon.log_text();
+    assert!(
+        log.contains("source devices available: kernel: no udevd")
+            && !log.contains("source devices available, degraded"),
+        "{log}"
+    );
 }
