@@ -185,6 +185,26 @@ fn boot_run_poweroff_cycle() {
     assert_eq!(fast.stdout, "fast\n", "{fast}");
     let slow = slow.wait(STEP).expect("wait for the slow command");
     assert_eq!(slow.stdout, "slow\n", "{slow}");
+    // A command that ends before printing what a test waits for fails the wait at once,
+    // with its status, instead of at the timeout; its status stays there for `wait`.
+    let quitter = guest
+        .spawn(&["sh", "-c", "echo partial; exit 3"], &[])
+        .expect("spawn a command that quits early");
+    let early = quitter
+        .wait_for_stdout("READY", STEP)
+        .expect_err("it never prints READY");
+    assert!(
+        early
+            .to_string()
+            .contains("ended with status 3 without printing 'READY'"),
+        "{early}"
+    );
+    let quitter = quitter.wait(STEP).expect("its status, still on record");
+    assert_eq!(
+        (quitter.status, quitter.stdout.as_str()),
+        (3, "partial\n"),
+        "{quitter}"
+    );
     guest.shutdown().expect("guest shutdown");
     println!(
         "boot to ready {booted:?}, first command done {ran:?}, powered off {:?}",

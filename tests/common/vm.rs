@@ -566,26 +566,43 @@ impl Guest {
     fn wait_done(&self, id: u64, argv: &[String], timeout: Duration) -> Result<i32> {
         let deadline = Instant::now() + timeout;
         loop {
-            let mut ctl = lock(&self.ctl);
-            if let Some(status) = ctl.finished.remove(&id) {
+            if let Some(status) = self.take_done(id, argv, deadline.min(Instant::now() + SLICE))? {
                 return Ok(status);
             }
-            let slice = deadline.min(Instant::now() + SLICE);
-            let line = match ctl.reader.next_line(slice) {
+            if Instant::now() >= deadline {
+                return Err(self.fail(format!(
+                    "guest command {argv:?} did not finish within {}s (its output: {})",
+                    timeout.as_secs(),
+                    self.dir.join("req").join(id.to_string()).display()
+                )));
+            }
+        }
+    }
+
+    /// Command `id`'s exit status if it has ended, taken off the record: reads what
+    /// the control channel says until `until` (the statuses of other commands are kept
+    /// for their own waiters).
+    fn take_done(&self, id: u64, argv: &[String], until: Instant) -> Result<Option<i32>> {
+        let status = self.done_status(id, argv, until)?;
+        if status.is_some() {
+            lock(&self.ctl).finished.remove(&id);
+        }
+        Ok(status)
+    }
+
+    /// Command `id`'s exit status if it has ended by `until`, left on the record.
+    fn done_status(&self, id: u64, argv: &[String], until: Instant) -> Result<Option<i32>> {
+        loop {
+            let mut ctl = lock(&self.ctl);
+            if let Some(&status) = ctl.finished.get(&id) {
+                return Ok(Some(status));
+            }
+            let line = match ctl.reader.next_line(until) {
                 Ok(Some(line)) => line,
                 Ok(None) => {
                     return Err(self.fail(format!("the guest ended while running {argv:?}")))
                 }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut && Instant::now() < deadline => {
-                    continue; // let other waiters look at `finished`
-                }
-                Err(e) if e.kind() == io::ErrorKind::TimedOut => {
-                    return Err(self.fail(format!(
-                        "guest command {argv:?} did not finish within {}s (its output: {})",
-                        timeout.as_secs(),
-                        self.dir.join("req").join(id.to_string()).display()
-                    )))
-                }
+                Err(e) if e.kind() == io::ErrorKind::TimedOut => return Ok(None),
                 Err(e) => return Err(self.fail(format!("reading the guest control channel: {e}"))),
             };
             let mut words = line.split_whitespace();
@@ -875,6 +892,23 @@ impl GuestProcess<'_> {
             if self.stdout().contains(needle) {
                 return Ok(());
             }
+            // Ended without printing it: no use waiting out the timeout (its output
+            // may have come between the look above and its end, so look once more).
+            let ended = self.guest.done_status(
+                self.id,
+                &self.argv,
+                Instant::now() + Duration::from_millis(20),
+            )?;
+            if let Some(status) = ended.filter(|_| !self.stdout().contains(needle)) {
+                // Not the guest's failure: a test that panics on it keeps the guest's
+                // directory anyway.
+                return Err(error(format!(
+                    "guest command {:?} ended with status {status} without printing '{needle}'\n--- stdout ---\n{}\n--- stderr ---\n{}",
+                    self.argv,
+                    self.stdout(),
+                    self.stderr()
+                )));
+            }
             if Instant::now() >= deadline {
                 return Err(self.guest.fail(format!(
                     "guest command {:?} did not print '{needle}' within {}s\n--- stdout ---\n{}\n--- stderr ---\n{}",
@@ -884,7 +918,6 @@ impl GuestProcess<'_> {
                     self.stderr()
                 )));
             }
-            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
