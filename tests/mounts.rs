@@ -718,6 +718,77 @@ async fn watches_added_at_once_on_a_large_namespace_each_see_all_of_it() {
     assert_eq!(seen, [mountinfo; 4], "snapshots right after AddWatch");
 }
 
+/// Remounts made while a namespace's first listing runs (a job reading a duplicate of
+/// its mountinfo) are not lost. The kernel's `POLLPRI` on mountinfo is taken in by the
+/// poll that reports it, and epoll polls an fd twice (when it is added, when it
+/// delivers): a mountinfo added to the epoll set after the listing, as it was, lost
+/// every change made between the listing's read and that moment. Here the listing of
+/// 5,000 mounts takes hundreds of milliseconds, and four remounts land 100-250 ms after
+/// AddWatch is sent, the last before AddWatch returns; no later change rescues them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remounts_while_a_large_namespace_is_first_listed_are_reported() {
+    let daemon = Daemon::start();
+    let ns = Namespace::start();
+    let dir = ns.mkdir("many");
+    bind_mounts(&ns, &dir, 5000);
+    let mut sub = Subscriber::with_options(
+        &daemon,
+        HashMap::from([("queue-depth", Variant::from(16384u32))]),
+    )
+    .await;
+    let pid = ns.pid();
+    // MS_REMOUNT | MS_BIND | MS_RDONLY = 4129.
+    let script = format!(
+        "perl -e 'for my $i (1..4) {{ select(undef, undef, undef, $i == 1 ? 0.1 : 0.05); \
+         syscall(165, 0, \"{dir}/$i\", 0, 4129, 0) == 0 or die \"remount: $!\"; }}'"
+    );
+    let remounts = std::thread::spawn(move || run_in(pid, &script));
+    let sent = std::time::Instant::now();
+    sub.watch("mounts", 1, &pid_spec(pid)).await;
+    let listed = sent.elapsed();
+    remounts.join().expect("the remounts");
+    assert!(
+        listed > Duration::from_millis(250),
+        "AddWatch returned after {listed:?}, before the last remount: a later change could \
+         have rescued a lost one (the test proves nothing then)"
+    );
+    let (seq, mut mounts, _) = snapshot(&sub).await;
+    let below = format!("{dir}/");
+    let read_only = |mounts: &BTreeMap<u64, Mount>| {
+        let mut ro: Vec<String> = mounts
+            .values()
+            .filter(|m| m.mount_point.starts_with(&below))
+            .filter(|m| m.options.split(',').any(|o| o == "ro"))
+            .map(|m| m.mount_point.clone())
+            .collect();
+        ro.sort();
+        ro
+    };
+    let expected: Vec<String> = (1..=4).map(|i| format!("{dir}/{i}")).collect();
+    // The snapshot has those the listing read; the rest come as events.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut view = mounts.clone();
+        apply(&mut view, &sub.received, seq);
+        if read_only(&view) == expected {
+            mounts = view;
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "30 s after AddWatch returned, snapshot + events show read-only {:?}, not {expected:?}",
+            read_only(&view)
+        );
+        sub.receive_for(Duration::from_millis(100)).await;
+    }
+    assert_contiguous(&sub.received);
+    assert_eq!(
+        snapshot_view(&mounts),
+        mountinfo_view(&ns),
+        "snapshot + events = mountinfo"
+    );
+}
+
 /// Remounts are not reported by fanotify; they come from mountinfo rereads, coalesced
 /// per namespace (one per interval, however many `POLLPRI`). A storm of remounts in a
 /// namespace of 2,000 mounts, each mount remounted read-only once: every remount is

@@ -8,8 +8,9 @@
 //! namespace's events waited behind it, another user's included: in `benches/mounts`
 //! bob's p99 latency during alice's storm was 150 ms, against 0.5 ms without it.
 //!
-//! Now the job takes the namespace's fds and cache while it runs (the namespace is not
-//! read meanwhile: the kernel queues what happens in it), the reader serves the other
+//! Now the job takes the namespace's group, a duplicate of its mountinfo and its cache
+//! while it runs (the namespace is not read meanwhile: the kernel queues what happens in
+//! it, and a `POLLPRI` schedules a reread after the job), the reader serves the other
 //! namespaces, and the job hands back the cache and the difference the hub applies, in
 //! proportion to what changed. The job yields the CPU between reads (`sched_yield`):
 //! on a 2-core machine where alice's own churn takes one core, bob's event otherwise
@@ -28,7 +29,8 @@ use std::time::Instant;
 
 use nix::poll::{PollFd, PollFlags, PollTimeout};
 
-/// A namespace handed to a job: its fds and what was last known of it.
+/// A namespace handed to a job: its group, a duplicate of its mountinfo (the reader
+/// still hears its `POLLPRI`) and what was last known of it.
 pub(super) struct Held {
     pub(super) id: u64,
     pub(super) group: Option<OwnedFd>,
@@ -79,7 +81,7 @@ impl Held {
     pub(super) fn run(mut self, work: Work) -> Done {
         let (started, cpu) = (Instant::now(), thread_cpu());
         // Takes in the POLLPRI of the changes so far, which the job's read sees: the
-        // reader is woken only by later ones.
+        // reader, whose epoll set holds the same open file, is woken only by later ones.
         has_input(&self.mountinfo, PollFlags::POLLPRI);
         let yielded = Cell::new(Duration::ZERO);
         let pause = || {

@@ -33,12 +33,19 @@ pub(super) struct Namespace {
     /// `None` without fanotify mount events (mountinfo alone follows the namespace),
     /// and while parked.
     pub(super) group: Option<AsyncFd<OwnedFd>>,
-    /// `None` while parked.
+    /// `None` while parked. Registered before its first read and kept registered while
+    /// a job reads a duplicate of it: the kernel's `POLLPRI` on mountinfo is taken in
+    /// by the poll that reports it (one event counter per open file), and epoll polls
+    /// an fd once when it is added and again when it delivers, so a change made while
+    /// the fd was out of the epoll set is taken in by the first poll and dropped by the
+    /// second: never reported. (A remount storm that began during a reread job went
+    /// unreported that way until the next change.)
     pub(super) mountinfo: Option<AsyncFd<File>>,
     /// The group and mountinfo while the namespace's watchers are throttled: taken out
     /// of the runtime's epoll set, because a registered fd wakes the daemon on every
     /// kernel event even when nobody reads it, and those wakeups (one per change of a
-    /// churning namespace) are work charged to no one. Registered again by the resync.
+    /// churning namespace) are work charged to no one. Registered again when the
+    /// throttle ends, which looks for changes first (see `Reader::end_throttle`).
     pub(super) parked: Option<(Option<OwnedFd>, File)>,
     /// The process this namespace was named by; `None` for the daemon's own.
     anchor: Option<AsyncFd<OwnedFd>>,
@@ -57,7 +64,8 @@ pub(super) struct Namespace {
     pub(super) last_reread: Option<(Instant, Duration)>,
     /// A throttle cancelled a due reread: its resync must relist whatever else says.
     pub(super) stale: bool,
-    /// A job has its fds and cache (see `job`): not read, no timer, until it is done.
+    /// A job has its group, a duplicate of its mountinfo and its cache (see `job`): not
+    /// read, no timer, until it is done; a `POLLPRI` meanwhile schedules a reread.
     pub(super) busy: bool,
     /// The reader's turn at which its group was last read: of the namespaces ready, the
     /// one read longest ago goes first.
@@ -68,7 +76,8 @@ pub(super) struct Namespace {
 }
 
 impl Namespace {
-    /// Takes the namespace's fds out of the runtime (see [`Namespace::parked`]).
+    /// Takes the namespace's fds out of the runtime (see [`Namespace::parked`]); a job's
+    /// group is parked when it comes back.
     pub(super) fn park(&mut self) {
         if self.parked.is_some() {
             return;
@@ -78,6 +87,38 @@ impl Namespace {
         };
         let group = self.group.take().map(AsyncFd::into_inner);
         self.parked = Some((group, mountinfo.into_inner()));
+    }
+
+    /// Takes the group out for a job (out of the runtime, or out of the parked pair).
+    pub(super) fn take_group(&mut self) -> Option<OwnedFd> {
+        match self.group.take() {
+            Some(group) => Some(group.into_inner()),
+            None => self.parked.as_mut().and_then(|(group, _)| group.take()),
+        }
+    }
+
+    /// Puts back the group a job had: parked if the namespace is, else registered.
+    pub(super) fn put_group(&mut self, group: Option<OwnedFd>) -> io::Result<()> {
+        match &mut self.parked {
+            Some((parked, _)) => *parked = group,
+            None => {
+                self.group = group
+                    .map(|group| register(group, Interest::READABLE))
+                    .transpose()?
+            }
+        }
+        Ok(())
+    }
+
+    /// A duplicate of its mountinfo for a job to read (the same open file: reading it
+    /// takes in no `POLLPRI`).
+    pub(super) fn mountinfo_for_job(&self) -> io::Result<File> {
+        let file = match (&self.mountinfo, &self.parked) {
+            (Some(registered), _) => registered.get_ref(),
+            (None, Some((_, parked))) => parked,
+            (None, None) => return Err(io::Error::other("the namespace has no mountinfo")),
+        };
+        file.try_clone()
     }
 
     /// Registers the namespace's fds with the runtime again.
@@ -394,13 +435,16 @@ impl Reader {
         };
         let mountinfo = File::open(mountinfo_path)
             .map_err(|e| io::Error::new(e.kind(), format!("{mountinfo_path}: {e}")))?;
+        // Registered before the listing reads it (see `Namespace::mountinfo`).
+        let for_job = mountinfo.try_clone()?;
+        let mountinfo = register(mountinfo, Interest::PRIORITY)?;
         self.namespaces.insert(
             id,
             Namespace {
                 id,
                 inode: (meta.dev(), meta.ino()),
                 group: None,
-                mountinfo: None,
+                mountinfo: Some(mountinfo),
                 parked: None,
                 anchor,
                 mounts: HashMap::new(),
@@ -419,7 +463,7 @@ impl Reader {
         Ok(job::Held {
             id,
             group,
-            mountinfo,
+            mountinfo: for_job,
             mounts: HashMap::new(),
             lines: HashMap::new(),
         })
@@ -589,6 +633,11 @@ impl Reader {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
         };
+        if ns.busy {
+            // A job reads the same open file (one file offset): the reread follows it.
+            ns.reread_due = Some(Instant::now());
+            return;
+        }
         ns.reread_due = None;
         if ns.lines.len() > LARGE_NAMESPACE {
             self.hand_off(id, job::Work::Reread { follow_topology });

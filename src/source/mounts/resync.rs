@@ -82,6 +82,9 @@ impl Reader {
             return;
         }
         ns.throttled_until = None;
+        // Registered right after the look: a change between the two syscalls would be
+        // taken in by epoll's first poll and never reported (see `Namespace::mountinfo`),
+        // a window of microseconds where a job's was its whole run.
         if let Err(e) = ns.unpark() {
             tracing::error!(
                 source = NAME,
@@ -103,8 +106,10 @@ impl Reader {
         self.hand_off(id, job::Work::Resync);
     }
 
-    /// Hands namespace `id`'s fds and cache to `work` on a blocking thread; until it
-    /// is done the namespace is not read (the kernel queues what happens in it).
+    /// Hands namespace `id`'s group, a duplicate of its mountinfo and its cache to
+    /// `work` on a blocking thread; until it is done the namespace is not read (the
+    /// kernel queues what happens in it), and a `POLLPRI` on its mountinfo meanwhile
+    /// schedules the reread that follows the job.
     pub(super) fn hand_off(&mut self, id: u64, work: job::Work) {
         let Some(ns) = self.namespaces.get_mut(&id) else {
             return;
@@ -112,10 +117,17 @@ impl Reader {
         if ns.busy {
             return;
         }
-        ns.park();
-        let Some((group, mountinfo)) = ns.parked.take() else {
-            return;
+        // Registered before the job reads it (see `Namespace::mountinfo`): what changes
+        // until then is in the job's read, what changes after wakes the reader.
+        let registered = ns.unpark().and_then(|()| ns.mountinfo_for_job());
+        let mountinfo = match registered {
+            Ok(mountinfo) => mountinfo,
+            Err(e) => {
+                tracing::error!(source = NAME, namespace = id, "handing to a job: {e}");
+                return;
+            }
         };
+        let group = ns.take_group();
         ns.busy = true;
         let held = job::Held {
             id,
@@ -164,16 +176,16 @@ impl Reader {
         ns.busy = false;
         ns.mounts = mounts;
         ns.lines = lines;
-        ns.parked = Some((group, mountinfo));
-        if ns.throttled_until.is_none() {
-            if let Err(e) = ns.unpark() {
-                // Unread from now on; its watchers still hear of it when it goes.
-                tracing::error!(
-                    source = NAME,
-                    namespace = id,
-                    "registering its fds again: {e}"
-                );
-            }
+        // The job's duplicate closes; the namespace's own mountinfo stayed registered,
+        // or was parked by a throttle meanwhile, whose end looks again.
+        drop(mountinfo);
+        if let Err(e) = ns.put_group(group) {
+            // Unread from now on; its watchers still hear of it when it goes.
+            tracing::error!(
+                source = NAME,
+                namespace = id,
+                "registering its fanotify group again: {e}"
+            );
         }
         let counters = &self.shared.counters;
         match done.outcome {
