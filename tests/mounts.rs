@@ -1016,6 +1016,72 @@ async fn a_user_past_their_share_is_coalesced_into_lost_and_others_are_not() {
     assert!(counter("namespaces-resynced") >= 1, "{counters:?}");
 }
 
+/// A namespace's first listing is work charged to the user who asks for it, so a user
+/// past their share is refused a new one (`LimitExceeded`, saying when to retry)
+/// rather than having it listed anyway, again and again over namespaces of their own.
+/// Alice churns in her namespace at a 1% share and asks, again and again, to watch a
+/// new namespace of hers; she is refused while she owes. Bob, asking in the meantime,
+/// is not; nor is root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_past_their_share_is_refused_a_new_namespace_and_others_are_not() {
+    let daemon = Daemon::with_polkit("[sources.mounts]\nuser_cpu_percent = 1\n");
+    let alice = common::polkit::user("watchq-alice");
+    let bob = common::polkit::user("watchq-bob");
+    let mut monitor = own_namespace_monitor(&daemon, &alice);
+    let alice_pid = monitor.id();
+    let dir = tempfile::Builder::new()
+        .prefix("watchq-mnt-")
+        .tempdir()
+        .expect("temporary directory");
+    let storm = dir.path().display().to_string();
+    let mut churn = Command::new("nsenter")
+        .args(["-t", &alice_pid.to_string(), "-m", "perl", "-e"])
+        .arg(format!(
+            "my ($s, $d, $t) = (\"watchq-storm\", \"{storm}\", \"tmpfs\"); \
+             while (1) {{ syscall(165, $s, $d, $t, 0, 0) == 0 or die \"mount: $!\"; \
+             syscall(166, $d, 0) == 0 or die \"umount: $!\"; }}"
+        ))
+        .spawn()
+        .expect("nsenter perl");
+    let enter = ["unshare", "-m", "--propagation", "private"];
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let mut attempts = 0;
+    let refusal = loop {
+        let (mut other, first) = common::mounts::start_monitor_as(&daemon, &alice, &enter);
+        let _ = other.kill();
+        let _ = other.wait();
+        attempts += 1;
+        if !first.starts_with("watching") {
+            break first;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "alice, churning past a 1% share, was never refused a new namespace in \
+             {attempts} attempts over 60 s"
+        );
+    };
+    // Bob has spent nothing: his own new namespace is watched while alice owes.
+    let mut bobs = own_namespace_monitor(&daemon, &bob);
+    let _ = bobs.kill();
+    let _ = bobs.wait();
+    let root = Subscriber::new(&daemon).await;
+    let other = Namespace::start();
+    root.watch("mounts", 1, &pid_spec(other.pid())).await;
+    let churned = churn.try_wait().expect("the churn's status");
+    let _ = churn.kill();
+    let _ = churn.wait();
+    assert_eq!(churned, None, "the churn still ran");
+    println!("refused at attempt {attempts}: {refusal}");
+    let _ = monitor.kill();
+    let _ = monitor.wait();
+    assert!(
+        refusal.contains("org.watchq1.Error.LimitExceeded")
+            && refusal.contains("user_cpu_percent")
+            && refusal.contains("can be watched in"),
+        "attempt {attempts}: {refusal}"
+    );
+}
+
 /// What an unprivileged user may learn of other users' mount namespaces. The mounts
 /// source's counters are aggregates (how often some user went over their share, not
 /// who, nor which namespace), so anyone may read them: through the Manager's `Counters`

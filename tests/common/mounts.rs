@@ -172,6 +172,18 @@ pub fn apply(mounts: &mut BTreeMap<u64, Mount>, signals: &[Signal], after: u64) 
 /// program it runs: `unshare -m …` for one of its own, `nsenter -t PID -m` for another
 /// process's), once it says it watches. Its stdout is piped.
 pub fn monitor_as(daemon: &super::Daemon, user: &super::polkit::User, enter: &[&str]) -> Child {
+    let (monitor, first) = start_monitor_as(daemon, user, enter);
+    assert!(first.starts_with("watching"), "as {}: {first}", user.name);
+    monitor
+}
+
+/// [`monitor_as`] that does not judge: the monitor and the first line of its standard
+/// error (`watching ...`, or why it could not watch).
+pub fn start_monitor_as(
+    daemon: &super::Daemon,
+    user: &super::polkit::User,
+    enter: &[&str],
+) -> (Child, String) {
     let (program, args) = enter
         .split_first()
         .expect("a command to enter the namespace");
@@ -191,6 +203,5 @@ pub fn monitor_as(daemon: &super::Daemon, user: &super::polkit::User, enter: &[&
     let first = stderr
         .recv_timeout(TIMEOUT)
         .expect("watchqctl's first line");
-    assert!(first.starts_with("watching"), "as {}: {first}", user.name);
-    monitor
+    (monitor, first)
 }

@@ -84,6 +84,8 @@ struct Bucket {
 pub(super) struct Budget {
     /// CPU seconds per second one user may take.
     rate: f64,
+    /// The same, as configured.
+    percent: u8,
     buckets: HashMap<u32, Bucket>,
 }
 
@@ -91,6 +93,7 @@ impl Budget {
     pub(super) fn new(user_cpu_percent: u8) -> Budget {
         Budget {
             rate: f64::from(user_cpu_percent) / 100.0,
+            percent: user_cpu_percent,
             buckets: HashMap::new(),
         }
     }
@@ -99,6 +102,7 @@ impl Budget {
     /// new share's fill at their next charge.
     pub(super) fn set_share(&mut self, user_cpu_percent: u8) {
         self.rate = f64::from(user_cpu_percent) / 100.0;
+        self.percent = user_cpu_percent;
         tracing::info!(
             source = super::NAME,
             "each user's mount namespaces may now take {user_cpu_percent}% of one CPU"
@@ -117,6 +121,19 @@ impl Budget {
         bucket.balance = (bucket.balance + refill).min(full) - cost.as_secs_f64();
         bucket.at = now;
         (bucket.balance < 0.0).then(|| now + Duration::from_secs_f64(-bucket.balance / self.rate))
+    }
+
+    /// One user's share of one CPU, in percent.
+    pub(super) fn percent(&self) -> u8 {
+        self.percent
+    }
+
+    /// Until when `uid` is over their share at `now`, if they are (charging nothing).
+    pub(super) fn owed_until(&self, uid: u32, now: Instant) -> Option<Instant> {
+        let bucket = self.buckets.get(&uid)?;
+        let balance =
+            bucket.balance + now.saturating_duration_since(bucket.at).as_secs_f64() * self.rate;
+        (balance < 0.0).then(|| now + Duration::from_secs_f64(-balance / self.rate))
     }
 
     /// Forgets users whose bucket is full again, so that the map holds only users who
@@ -150,6 +167,13 @@ mod tests {
         // Half a second later the debt is paid and 40 ms are back.
         assert_eq!(budget.charge(1000, ms(40), start + ms(500)), None);
         assert!(budget.charge(1000, ms(1), start + ms(500)).is_some());
+        // Looking charges nothing: 1 ms owed is paid in 10 ms.
+        assert_eq!(
+            budget.owed_until(1000, start + ms(500)),
+            Some(start + ms(510))
+        );
+        assert_eq!(budget.owed_until(1000, start + ms(510)), None);
+        assert_eq!(budget.owed_until(1001, start), None);
         budget.forget_idle(start + ms(10_000));
         assert!(budget.buckets.is_empty());
     }

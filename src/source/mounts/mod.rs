@@ -198,7 +198,7 @@ enum Control {
         /// The user the namespace's work is charged to.
         uid: u32,
         anchor: OwnedFd,
-        reply: std::sync::mpsc::SyncSender<Result<u64, String>>,
+        reply: std::sync::mpsc::SyncSender<Result<u64, Error>>,
     },
     Release {
         namespace: u64,
@@ -395,8 +395,7 @@ fn arm(shared: &Arc<Shared>, pid: u32, uid: u32) -> Result<ArmedWatch, Error> {
     })?;
     let namespace = answer
         .recv_timeout(ARM_TIMEOUT)
-        .map_err(|e| Error::Unavailable(format!("arming the mount namespace watch: {e}")))?
-        .map_err(Error::Unavailable)?;
+        .map_err(|e| Error::Unavailable(format!("arming the mount namespace watch: {e}")))??;
     Ok(ArmedWatch {
         matcher: Box::new(MountWatch {
             namespace,

@@ -147,7 +147,7 @@ pub(super) enum Wake {
     Done(Box<job::Done>),
 }
 
-pub(super) type Acknowledge = std::sync::mpsc::SyncSender<Result<u64, String>>;
+pub(super) type Acknowledge = std::sync::mpsc::SyncSender<Result<u64, crate::error::Error>>;
 /// Arm requests to answer once the hub applied a message, with their namespace.
 pub(super) type Acks = Option<(Vec<Acknowledge>, u64)>;
 
@@ -360,10 +360,28 @@ impl Reader {
                     let _ = reply.send(Ok(id));
                     return;
                 }
+                // A namespace's first listing is work charged to the user who asks; a
+                // user past their share would have it done anyway, and could have it
+                // done again and again over namespaces of their own.
+                let owed = (uid != 0)
+                    .then(|| self.budget.owed_until(uid, Instant::now()))
+                    .flatten();
+                if let Some(until) = owed {
+                    let _ = reply.send(Err(crate::error::Error::LimitExceeded(format!(
+                        "uid {uid}'s mount namespaces have used their share of the daemon's \
+                         time ({}% of one CPU, [sources.mounts] user_cpu_percent): a new \
+                         namespace can be watched in {} ms",
+                        self.budget.percent(),
+                        until.saturating_duration_since(Instant::now()).as_millis() + 1
+                    ))));
+                    return;
+                }
                 let anchor = match register(anchor, Interest::READABLE) {
                     Ok(anchor) => anchor,
                     Err(e) => {
-                        let _ = reply.send(Err(format!("watching pid {pid}: {e}")));
+                        let _ = reply.send(Err(crate::error::Error::Unavailable(format!(
+                            "watching pid {pid}: {e}"
+                        ))));
                         return;
                     }
                 };
@@ -380,9 +398,9 @@ impl Reader {
                         self.spawn(held, job::Work::List);
                     }
                     Err(e) => {
-                        let _ = reply.send(Err(format!(
+                        let _ = reply.send(Err(crate::error::Error::Unavailable(format!(
                             "watching the mount namespace of pid {pid}: {e}"
-                        )));
+                        ))));
                     }
                 }
             }

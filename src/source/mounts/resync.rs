@@ -168,7 +168,9 @@ impl Reader {
         if let job::Outcome::Listed(Err(e)) = &done.outcome {
             // Never listed: nobody watches it yet.
             for reply in std::mem::take(&mut ns.arming) {
-                let _ = reply.send(Err(format!("listing mount namespace {id}: {e}")));
+                let _ = reply.send(Err(crate::error::Error::Unavailable(format!(
+                    "listing mount namespace {id}: {e}"
+                ))));
             }
             self.namespaces.remove(&id);
             return;
