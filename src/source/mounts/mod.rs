@@ -83,6 +83,7 @@ mod budget;
 mod describe;
 mod job;
 mod lines;
+mod namespace;
 mod reader;
 mod resync;
 pub mod signal;
