@@ -20,6 +20,22 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
     sub.watch("devices", 1, &[("subsystem", Variant::from("block"))])
         .await;
 
+    // The devices source's counters, read twice through one proxy of our client
+    // library (whose `Counters` must not be a cached first read).
+    let manager = watchqd::client::ManagerProxy::builder(&sub.conn)
+        .build()
+        .await
+        .expect("manager proxy");
+    let rejected = || async {
+        let counters = manager.counters().await.expect("Counters");
+        counters
+            .iter()
+            .find(|(source, name, _)| source == "devices" && name == "messages-rejected")
+            .map(|(_, _, n)| *n)
+            .unwrap_or_else(|| panic!("messages-rejected in {counters:?}"))
+    };
+    let rejected_before = rejected().await;
+
     // Root in the initial network namespace can multicast to the kernel's uevent group;
     // a witness socket proves the forgery really reached every listener.
     let witness = uevent_socket(1);
@@ -65,6 +81,11 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
         Some(FORGED),
         "every rejection is counted: {:?}",
         rejections.last()
+    );
+    assert_eq!(
+        rejected().await - rejected_before,
+        FORGED as u64,
+        "the Manager's Counters count every rejection"
     );
     let warned = rejections.iter().filter(|l| l.contains(" WARN ")).count();
     assert_eq!(

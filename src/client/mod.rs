@@ -53,10 +53,12 @@ pub trait Manager {
     fn metrics(&self) -> zbus::Result<String>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
-    #[zbus(property)]
+    /// Read anew at each call: the daemon emits no change of it (a cached value would
+    /// stay what the first read said).
+    #[zbus(property(emits_changed_signal = "false"))]
     fn sources(&self) -> zbus::Result<Vec<SourceInfo>>;
-    /// (source, counter, value).
-    #[zbus(property)]
+    /// (source, counter, value). Read anew at each call, as `sources`.
+    #[zbus(property(emits_changed_signal = "false"))]
     fn counters(&self) -> zbus::Result<Vec<(String, String, u64)>>;
 }
 

@@ -18,6 +18,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
+use nix::libc;
 use nix::sys::socket::{self, ControlMessageOwned, MsgFlags, NetlinkAddr};
 use tokio::io::unix::AsyncFd;
 
@@ -87,6 +88,33 @@ pub enum Datagram {
     /// A datagram not sent by the kernel was dropped and counted (`rejected_origin`):
     /// returned so that the source can say its counter changed.
     Rejected,
+}
+
+/// Attaches a classic BPF `program` to the socket (`SO_ATTACH_FILTER`): the kernel runs
+/// it on each datagram before queueing it, and drops those it returns 0 for.
+pub fn attach_filter(fd: &impl AsRawFd, program: &[libc::sock_filter]) -> io::Result<()> {
+    let len = u16::try_from(program.len())
+        .map_err(|_| io::Error::other("a socket filter has at most 65,535 instructions"))?;
+    let prog = libc::sock_fprog {
+        len,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: `prog` points at `program`, which outlives the call; the kernel copies the
+    // instructions and never writes through the pointer.
+    let rc = unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_FILTER,
+            std::ptr::from_ref(&prog).cast(),
+            libc::socklen_t::try_from(std::mem::size_of::<libc::sock_fprog>())
+                .unwrap_or(libc::socklen_t::MAX),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A non-blocking netlink socket the kernel multicasts to, read with the origin checks.

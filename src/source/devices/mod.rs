@@ -30,20 +30,17 @@ pub mod signal;
 mod sysfs;
 mod udev_db;
 pub mod udev_wire;
+mod uevent_socket;
 mod watch_spec;
 pub mod wire;
 
 use std::collections::HashMap;
 use std::io;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use futures_util::stream;
-use nix::sys::socket::{
-    self, sockopt, AddressFamily, NetlinkAddr, SockFlag, SockProtocol, SockType,
-};
 use tokio::sync::watch;
 
 pub use sysfs::{DeviceDir, Sysfs, SUBSYSTEMS};
@@ -59,9 +56,10 @@ use crate::event::{Attrs, Audience, Change, Object, Record, SourceMsg};
 use crate::policy::{Identity, Scope};
 use crate::sys::lock;
 pub use crate::sys::netlink::Counters;
-use crate::sys::netlink::{Datagram, KernelSocket, Labels, Sender};
+use crate::sys::netlink::{Datagram, KernelSocket, Labels};
 use presence::UdevPresence;
 use udev_db::UdevDb;
+use uevent_socket::{open_socket, size_buffer, LABELS, UDEV_LABELS};
 use wire::Action;
 
 pub const NAME: &str = "devices";
@@ -167,6 +165,21 @@ impl EventSource for Devices {
 
     fn name(&self) -> &'static str {
         NAME
+    }
+
+    /// What its socket took in and dropped (`watchqctl status`, the Manager's
+    /// `Counters`): messages received from the kernel or udevd, messages from anyone
+    /// else rejected, undecodable ones, and the kernel's buffer overflows. On udev's
+    /// group what the socket filter drops in the kernel is never received.
+    fn counters(&self) -> Vec<(&'static str, u64)> {
+        let c = &self.counters;
+        let get = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        vec![
+            ("messages-received", get(&c.received)),
+            ("messages-rejected", get(&c.rejected_origin)),
+            ("messages-malformed", get(&c.malformed)),
+            ("buffer-overflows", get(&c.overflows)),
+        ]
     }
 
     /// A new `receive_buffer` resizes the open socket's buffer (no event lost: the
@@ -352,71 +365,6 @@ impl Monitor {
         }
     }
 }
-
-/// The socket systemd passed for `monitor`'s group (bound by its
-/// `ListenNetlink=kobject-uevent 1` or `2`), or one of our own; and whether it was passed.
-fn open_socket(monitor: Monitor, receive_buffer: usize) -> io::Result<(OwnedFd, bool)> {
-    let (fd, passed) =
-        match activation::passed_socket(activation::NETLINK_KOBJECT_UEVENT, monitor.group())? {
-            Some(fd) => (fd, true),
-            None => {
-                let fd = socket::socket(
-                    AddressFamily::Netlink,
-                    SockType::Raw,
-                    SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-                    SockProtocol::NetlinkKObjectUEvent,
-                )?;
-                (fd, false)
-            }
-        };
-    if receive_buffer > 0 {
-        size_buffer(&fd, receive_buffer, passed)?;
-    }
-    socket::setsockopt(&fd, sockopt::PassCred, &true)?;
-    if !passed {
-        socket::bind(fd.as_raw_fd(), &NetlinkAddr::new(0, monitor.group()))?;
-    }
-    Ok((fd, passed))
-}
-
-/// Gives the socket `receive_buffer` bytes: exactly, for a socket of our own; at least,
-/// for one systemd passed (its `ReceiveBuffer=` is the administrator's too).
-fn size_buffer(fd: &OwnedFd, receive_buffer: usize, passed: bool) -> io::Result<usize> {
-    let got = if passed {
-        activation::raise_receive_buffer(fd, receive_buffer)?
-    } else {
-        activation::set_receive_buffer(fd, receive_buffer)?
-    };
-    if got < receive_buffer {
-        tracing::info!(
-            source = NAME,
-            "uevent socket buffer is {got} bytes, not {receive_buffer}: without CAP_NET_ADMIN the kernel caps it at net.core.rmem_max (ReceiveBuffer= in watchqd.socket sets it under systemd)"
-        );
-    }
-    Ok(got)
-}
-
-/// How the uevent socket is read ([`crate::sys::netlink`]): credentials must say uid 0.
-const LABELS: Labels = Labels {
-    source: NAME,
-    socket: "uevent socket",
-    message: "uevent",
-    datagram: None,
-    warn_truncated: false,
-    check_credentials: true,
-    sender: Sender::Kernel,
-};
-
-/// How udev's group is read: multicast by uid 0, as sd-device accepts it.
-const UDEV_LABELS: Labels = Labels {
-    source: NAME,
-    socket: "udev monitor socket",
-    message: "udev message",
-    datagram: None,
-    warn_truncated: false,
-    check_credentials: true,
-    sender: Sender::RootMulticast,
-};
 
 struct Reader {
     socket: KernelSocket,

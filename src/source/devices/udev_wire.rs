@@ -61,6 +61,54 @@ impl Header {
     }
 }
 
+/// Where the magic and the subsystem hash sit in the header (see the layout above).
+const MAGIC_AT: u32 = 8;
+const SUBSYSTEM_HASH_AT: u32 = 24;
+
+/// A classic BPF program for the udev monitor socket, like the one sd-device attaches:
+/// the kernel drops a udev message (its magic) whose subsystem hash is that of none of
+/// `subsystems`, before the daemon wakes; anything else passes to the checks in user
+/// space, other senders' datagrams included (rejected and counted there). A datagram
+/// too short to hold the hash is dropped by the kernel (a load past its end ends the
+/// program with 0): it could not be an event anyway.
+pub fn subsystem_filter(subsystems: &[&str]) -> Vec<nix::libc::sock_filter> {
+    use nix::libc::sock_filter;
+    // BPF_LD | BPF_W | BPF_ABS: a word at an offset, in network byte order.
+    const LOAD_WORD: u16 = 0x20;
+    // BPF_JMP | BPF_JEQ | BPF_K: jump `jt` instructions on equal, `jf` otherwise.
+    const JUMP_IF_EQUAL: u16 = 0x15;
+    // BPF_RET | BPF_K: accept that many bytes of the datagram (0: drop it).
+    const RETURN: u16 = 0x06;
+    let stmt = |code, k| sock_filter {
+        code,
+        jt: 0,
+        jf: 0,
+        k,
+    };
+    let jump = |k, jt, jf| sock_filter {
+        code: JUMP_IF_EQUAL,
+        jt,
+        jf,
+        k,
+    };
+    // [0] load magic, [1] not ours: pass, [2] load hash, [3, 3 + n) equal: pass,
+    // [3 + n] drop, [4 + n] pass. Jumps count from the next instruction.
+    let n = u8::try_from(subsystems.len())
+        .unwrap_or(u8::MAX - 2)
+        .min(u8::MAX - 2);
+    let mut program = vec![
+        stmt(LOAD_WORD, MAGIC_AT),
+        jump(MAGIC, 0, n + 2),
+        stmt(LOAD_WORD, SUBSYSTEM_HASH_AT),
+    ];
+    for (i, subsystem) in (0..n).zip(subsystems) {
+        program.push(jump(string_hash32(subsystem), n - i, 0));
+    }
+    program.push(stmt(RETURN, 0));
+    program.push(stmt(RETURN, u32::MAX));
+    program
+}
+
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum DecodeError {
     /// Shorter than the header.
@@ -290,6 +338,49 @@ mod tests {
         assert_eq!(string_bloom64("uaccess"), 0x0000_2008_0000_1008);
         assert_eq!(string_bloom64("systemd"), 0x0200_0400_1080_0000);
         assert_eq!(string_bloom64(""), 1);
+    }
+
+    /// Runs the instructions [`subsystem_filter`] uses as the kernel does
+    /// (`net/core/filter.c`, classic BPF): what it returns for `packet`.
+    fn run_filter(program: &[nix::libc::sock_filter], packet: &[u8]) -> u32 {
+        let mut pc = 0;
+        let mut a = 0u32;
+        loop {
+            let op = program[pc];
+            pc += 1;
+            match op.code {
+                0x20 => match packet.get(op.k as usize..op.k as usize + 4) {
+                    Some(word) => a = u32::from_be_bytes(word.try_into().unwrap()),
+                    None => return 0,
+                },
+                0x15 => pc += usize::from(if a == op.k { op.jt } else { op.jf }),
+                0x06 => return op.k,
+                code => panic!("instruction {code:#x} not expected"),
+            }
+        }
+    }
+
+    /// The kernel-side filter passes udev's block and usb messages whole, drops its
+    /// other subsystems' and what is too short to say, and passes what is not udev's.
+    #[test]
+    fn the_socket_filter_passes_block_and_usb_only() {
+        let program = subsystem_filter(&["block", "usb"]);
+        assert_eq!(program.len(), 7);
+        let whole = u32::MAX;
+        for subsystem in ["block", "usb"] {
+            let passed = message(subsystem, None, &[], SDA_ADD);
+            assert_eq!(run_filter(&program, &passed), whole, "{subsystem}");
+        }
+        for subsystem in ["net", "input", "power_supply", "blocks", ""] {
+            let dropped = message(subsystem, None, &[], SDA_ADD);
+            assert_eq!(run_filter(&program, &dropped), 0, "{subsystem}");
+        }
+        let kernel = b"add@/devices/a\0ACTION=add\0DEVPATH=/devices/a\0SUBSYSTEM=net\0SEQNUM=1\0";
+        assert_eq!(run_filter(&program, kernel), whole);
+        let good = message("net", None, &[], SDA_ADD);
+        assert_eq!(run_filter(&program, &good[..20]), 0);
+        assert_eq!(run_filter(&subsystem_filter(&[]), &good), 0);
+        assert_eq!(run_filter(&subsystem_filter(&["net"]), &good), whole);
     }
 
     #[test]
