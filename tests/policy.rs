@@ -164,6 +164,9 @@ async fn serve(
             if let Some(depth) = request["depth"].as_u64() {
                 options.insert("queue-depth", Variant::from(u32::try_from(depth).unwrap()));
             }
+            if let Some(app_id) = request["app-id"].as_str() {
+                options.insert("app-id", Variant::from(app_id.to_owned()));
+            }
             let result = manager.subscribe(options).await;
             if let Ok(path) = &result {
                 let proxy = SubscriptionProxy::builder(conn)
@@ -992,7 +995,7 @@ fn flatpak_apps_are_refused_with_the_portal_error() {
         assert_eq!(answer["err"], SANDBOXED, "{answer}");
         let message = answer["message"].as_str().unwrap();
         assert!(
-            message.contains("org.watchq1.Portal") && message.contains(app),
+            message.contains("org.freedesktop.portal.Watchq") && message.contains(app),
             "{message}"
         );
         let answer = client.ask(json!({"op": "manager-snapshot", "source": "devices"}));
@@ -1009,6 +1012,24 @@ fn flatpak_apps_are_refused_with_the_portal_error() {
     permitted.subscribe();
     assert_eq!(permitted.watch(0, "devices", 1, json!({})), "ok");
     assert_eq!(permitted.watch(0, "block-errors", 2, json!({})), DENIED);
+
+    // `app-id` in Subscribe's options is what the caller says of itself: it decides
+    // nothing. Another app naming the permitted one is still refused; the permitted app
+    // naming another is still let through; either way the log records the claim.
+    let other = "org.watchq.OtherApp";
+    let other_dir = flatpak_root(other);
+    let mut impostor = Client::spawn(&daemon, As::FlatpakChroot(&alice, other_dir.path()));
+    let answer = impostor.ask(json!({"op": "subscribe", "app-id": app}));
+    assert_eq!(answer["err"], SANDBOXED, "{answer}");
+    let answer = permitted.ask(json!({"op": "subscribe", "app-id": other}));
+    assert!(answer["ok"].is_string(), "{answer}");
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("subscribing for an application").count(),
+        1,
+        "one subscription was made with an app-id: {log}"
+    );
+    assert!(log.contains(other), "{log}");
 }
 
 /// Each limit gives LimitExceeded and changes nothing for anyone else.
