@@ -16,6 +16,7 @@
 //! made here, and the hub takes no watch without one.
 
 pub mod authority;
+pub mod flatpak_info;
 pub mod identity;
 
 use crate::error::Error;
