@@ -7,6 +7,7 @@ pub mod ext4;
 pub mod lines;
 pub mod mounts;
 pub mod polkit;
+pub mod portal;
 pub mod private_bus;
 pub mod prometheus;
 pub mod sources;

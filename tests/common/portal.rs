@@ -1,0 +1,269 @@
+//! The portal's test bed, all real: a session `dbus-daemon` of the test's own, the real
+//! `watchq-portal` binary on it (and on the daemon's private system bus), and sandboxed
+//! apps as Flatpak makes them: `bwrap` with a `.flatpak-info` at the root of the
+//! sandbox, a real `xdg-dbus-proxy` (itself in such a sandbox, as Flatpak runs it) with
+//! Flatpak's default filter in front of the session bus, and a GDBus client
+//! (`tests/foreign/portal_client.py`) behind it.
+
+use std::fs;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc::Receiver;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+use super::{lines::lines, repo, Daemon, TIMEOUT};
+
+/// A session bus of the test's own.
+pub struct SessionBus {
+    child: Child,
+    pub address: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl SessionBus {
+    pub fn start() -> SessionBus {
+        let dir = tempfile::Builder::new()
+            .prefix("watchq-session-")
+            .tempdir()
+            .expect("temporary directory");
+        let socket = dir.path().join("bus");
+        let log = fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log");
+        let mut child = Command::new("dbus-daemon")
+            .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
+            .arg(format!("--address=unix:path={}", socket.display()))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .expect("dbus-daemon must be installed");
+        let out = child.stdout.take().expect("stdout");
+        let address = lines(out)
+            .recv_timeout(TIMEOUT)
+            .expect("the session bus printed its address");
+        SessionBus {
+            child,
+            address: address.trim().to_owned(),
+            dir,
+        }
+    }
+}
+
+impl Drop for SessionBus {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `watchq-portal`, serving on `session`, a client of `daemon`'s system bus.
+pub struct Portal {
+    child: Child,
+    pub log: PathBuf,
+}
+
+impl Portal {
+    pub fn start(session: &SessionBus, daemon: &Daemon) -> Portal {
+        let log = session.dir.path().join("watchq-portal.log");
+        let child = Command::new(env!("CARGO_BIN_EXE_watchq-portal"))
+            .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
+            .env("DBUS_SYSTEM_BUS_ADDRESS", daemon.address())
+            .env("RUST_LOG", "watchqd=debug")
+            .stderr(fs::File::create(&log).expect("portal log"))
+            .spawn()
+            .expect("watchq-portal");
+        let portal = Portal { child, log };
+        let deadline = Instant::now() + TIMEOUT;
+        while !portal.log_text().contains("serving") {
+            assert!(
+                Instant::now() < deadline,
+                "the portal did not start: {}",
+                portal.log_text()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        portal
+    }
+
+    pub fn log_text(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Portal {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        if std::thread::panicking() {
+            eprintln!("--- watchq-portal log:\n{}", self.log_text());
+        }
+    }
+}
+
+/// `bwrap` arguments for a Flatpak-like sandbox: the host's /usr read-only, its own
+/// /proc, /dev and /tmp, `dir` shared, `info` at `/.flatpak-info`, a pid namespace;
+/// the caller adds its own options, then `--` and the command.
+fn bwrap(dir: &Path, info: &Path) -> Command {
+    let mut c = Command::new("bwrap");
+    c.args(["--ro-bind", "/usr", "/usr"])
+        .args([
+            "--symlink",
+            "usr/bin",
+            "/bin",
+            "--symlink",
+            "usr/lib",
+            "/lib",
+        ])
+        .args([
+            "--symlink",
+            "usr/lib64",
+            "/lib64",
+            "--symlink",
+            "usr/sbin",
+            "/sbin",
+        ])
+        .args(["--ro-bind", "/etc", "/etc"])
+        .args(["--proc", "/proc", "--dev", "/dev", "--tmpfs", "/tmp"])
+        .arg("--bind")
+        .args([dir, dir])
+        .arg("--ro-bind")
+        .arg(info)
+        .arg("/.flatpak-info")
+        .args(["--unshare-pid", "--die-with-parent"]);
+    c
+}
+
+/// A sandboxed app: its `.flatpak-info`, its bus proxy, and its client.
+pub struct App {
+    proxy: Child,
+    client: Child,
+    stdin: ChildStdin,
+    out: Receiver<String>,
+    /// Everything the client printed, in order.
+    pub seen: Vec<Value>,
+    _dir: tempfile::TempDir,
+}
+
+impl App {
+    /// Starts app `app_id` with `policy` appended to its `.flatpak-info` (a
+    /// `[Policy watchq]` group, or nothing), and has it create a session named `token`.
+    pub fn start(session: &SessionBus, app_id: &str, policy: &str, token: &str) -> App {
+        let dir = tempfile::Builder::new()
+            .prefix("watchq-app-")
+            .tempdir()
+            .expect("temporary directory");
+        let info = dir.path().join("flatpak-info");
+        fs::write(
+            &info,
+            format!(
+                "[Application]\nname={app_id}\nruntime=runtime/org.freedesktop.Platform/x86_64/23.08\n\n\
+                 [Instance]\ninstance-id=42\nsession-bus-proxy=true\n\n{policy}"
+            ),
+        )
+        .expect("write .flatpak-info");
+        let socket = dir.path().join("bus");
+        // Flatpak's default session-bus filter: portals, and nothing else. The proxy's
+        // sandbox sees the real bus socket; the app's sees only the proxy's.
+        let proxy = bwrap(dir.path(), &info)
+            .arg("--bind")
+            .args([session.dir.path(), session.dir.path()])
+            .args(["--", "xdg-dbus-proxy"])
+            .arg(&session.address)
+            .arg(&socket)
+            .args(["--filter", "--talk=org.freedesktop.portal.*"])
+            .stderr(fs::File::create(dir.path().join("proxy.log")).expect("proxy log"))
+            .spawn()
+            .expect("bwrap and xdg-dbus-proxy must be installed");
+        let deadline = Instant::now() + TIMEOUT;
+        while !socket.exists() {
+            assert!(Instant::now() < deadline, "xdg-dbus-proxy made no socket");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let script = repo().join("tests/foreign/portal_client.py");
+        let mut client = bwrap(dir.path(), &info)
+            .args(["--ro-bind"])
+            .arg(&script)
+            .args(["/app/portal_client.py"])
+            .args(["--setenv", "DBUS_SESSION_BUS_ADDRESS"])
+            .arg(format!("unix:path={}", socket.display()))
+            .args(["--", "python3", "/app/portal_client.py", token])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("bwrap and python3-gi must be installed");
+        let stdin = client.stdin.take().expect("stdin");
+        let out = lines(client.stdout.take().expect("stdout"));
+        App {
+            proxy,
+            client,
+            stdin,
+            out,
+            seen: Vec::new(),
+            _dir: dir,
+        }
+    }
+
+    /// The next line the client prints.
+    pub fn next(&mut self, what: &str) -> Value {
+        let line = self
+            .out
+            .recv_timeout(TIMEOUT)
+            .unwrap_or_else(|e| panic!("no {what} ({e}); seen: {:?}", self.seen));
+        let value: Value = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"));
+        self.seen.push(value.clone());
+        value
+    }
+
+    /// Reads lines until `done` holds for one; returns it.
+    pub fn until(&mut self, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+        loop {
+            let value = self.next(what);
+            if done(&value) {
+                return value;
+            }
+        }
+    }
+
+    /// Lines printed within `window`, without waiting for more.
+    pub fn drain_for(&mut self, window: Duration) {
+        let deadline = Instant::now() + window;
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.out.recv_timeout(left) {
+                Ok(line) => self
+                    .seen
+                    .push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}"))),
+                Err(_) => break,
+            }
+        }
+    }
+
+    pub fn command(&mut self, line: &str) {
+        writeln!(self.stdin, "{line}").expect("client stdin");
+    }
+
+    /// The `DeviceEvents` entries for `session`, in order: (action, id, properties).
+    pub fn device_events(&self, session: &str) -> Vec<(String, String, Value)> {
+        self.seen
+            .iter()
+            .filter(|v| v["signal"] == "DeviceEvents" && v["session"] == session)
+            .flat_map(|v| v["events"].as_array().cloned().unwrap_or_default())
+            .map(|e| {
+                (
+                    e[0].as_str().unwrap_or_default().to_owned(),
+                    e[1].as_str().unwrap_or_default().to_owned(),
+                    e[2].clone(),
+                )
+            })
+            .collect()
+    }
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        let _ = self.client.kill();
+        let _ = self.client.wait();
+        let _ = self.proxy.kill();
+        let _ = self.proxy.wait();
+    }
+}
