@@ -9,7 +9,7 @@ mod interface_xml;
 
 use std::time::Duration;
 
-use common::portal::{App, Portal, SessionBus};
+use common::portal::{store_lookup, store_set, AccessDialog, App, Portal, SessionBus};
 use common::*;
 use interface_xml::{document, interface_element, normalized};
 use serde_json::Value;
@@ -21,6 +21,14 @@ const NOT_ALLOWED: &str = "org.freedesktop.portal.Error.NotAllowed";
 /// device among the ids it cannot read.
 const SIZE_MIB: u64 = 13;
 
+/// watchqd on a private system bus, a session bus, and the portal on both.
+fn bed() -> (Daemon, SessionBus, Portal) {
+    let daemon = Daemon::start();
+    let session = SessionBus::start();
+    let portal = Portal::start(&session, &daemon);
+    (daemon, session, portal)
+}
+
 fn is_ours(props: &Value) -> bool {
     props["size"] == SIZE_MIB << 20
 }
@@ -30,9 +38,10 @@ fn is_ours(props: &Value) -> bool {
 /// with no path anywhere; one app cannot close the other's session.
 #[test]
 fn sandboxed_apps_get_a_loop_device_as_add_then_remove_with_opaque_ids() {
-    let daemon = Daemon::start();
-    let session = SessionBus::start();
-    let portal = Portal::start(&session, &daemon);
+    let (daemon, session, portal) = bed();
+    // The user said yes to both before (no dialog runs: asking would be refused).
+    store_set(&session, "devices", "org.watchq.TestA", &["yes"]);
+    store_set(&session, "devices", "org.watchq.TestB", &["yes"]);
     let mut a = App::start(&session, "org.watchq.TestA", DECLARED, "ta");
     let mut b = App::start(&session, "org.watchq.TestB", DECLARED, "tb");
     let a_path = a.until("A's session", |v| {
@@ -128,25 +137,38 @@ fn sandboxed_apps_get_a_loop_device_as_add_then_remove_with_opaque_ids() {
     });
     assert_eq!(closed["closed"], a_path.as_str(), "{closed}");
     disk.detach();
+
+    // B leaves the bus without closing: its session ends too, and with both, their
+    // subscriptions on watchqd.
+    drop(b);
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    while daemon.log_text().matches("subscription closed").count() < 2 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "portal: {}\nwatchqd: {}",
+            portal.log_text(),
+            daemon.log_text()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = portal.log_text();
+    assert_eq!(log.matches("session closed").count(), 2, "{log}");
     assert!(
-        portal.log_text().contains("session closed"),
-        "{}",
-        portal.log_text()
+        log.contains("ending=Asked") && log.contains("ending=OwnerLeft"),
+        "{log}"
     );
 }
 
 /// An app that declared no `[Policy watchq]` is refused, and so is one that declared
-/// only another source; nothing is made on watchqd for either.
+/// only another source, and one the permission store says no for: the user is not
+/// asked, and nothing is made on watchqd for any.
 #[test]
-fn an_app_without_the_declaration_is_refused_with_not_allowed() {
-    let daemon = Daemon::start();
-    let session = SessionBus::start();
-    let portal = Portal::start(&session, &daemon);
+fn undeclared_apps_and_apps_the_store_refuses_get_not_allowed() {
+    let (daemon, session, portal) = bed();
+    let mut dialog = AccessDialog::start(&session, "yes");
     for (policy, token) in [("", "none"), ("[Policy watchq]\nsources=space;\n", "space")] {
         let mut app = App::start(&session, "org.watchq.Undeclared", policy, token);
-        let answer = app.until("the answer", |v| {
-            v.get("created").is_some() || v.get("error").is_some()
-        });
+        let answer = answer(&mut app);
         assert_eq!(answer["error"], NOT_ALLOWED, "{answer}");
         assert!(
             answer["message"]
@@ -156,6 +178,16 @@ fn an_app_without_the_declaration_is_refused_with_not_allowed() {
             "{answer}"
         );
     }
+    store_set(&session, "devices", "org.watchq.Denied", &["no"]);
+    let mut app = App::start(&session, "org.watchq.Denied", DECLARED, "denied");
+    let answer = answer(&mut app);
+    assert_eq!(answer["error"], NOT_ALLOWED, "{answer}");
+    assert_eq!(
+        dialog.asked().len(),
+        0,
+        "the user was asked: {:?}",
+        dialog.asked
+    );
     assert!(
         !portal.log_text().contains("session created"),
         "{}",
@@ -168,14 +200,62 @@ fn an_app_without_the_declaration_is_refused_with_not_allowed() {
     );
 }
 
+fn answer(app: &mut App) -> Value {
+    app.until("the answer", |v| {
+        v.get("created").is_some() || v.get("error").is_some()
+    })
+}
+
+/// An app the store knows nothing of: the user is asked once, through the desktop's
+/// access dialog, and the answer lands in the real xdg-permission-store; yes gives
+/// sessions, no refuses now and later without asking again; taking the permission back
+/// in the store closes the app's running sessions with `Closed`.
+#[test]
+fn the_user_is_asked_once_and_a_revocation_closes_running_sessions() {
+    let (_daemon, session, _portal) = bed();
+
+    let mut dialog = AccessDialog::start(&session, "yes");
+    let mut first = App::start(&session, "org.watchq.Asked", DECLARED, "one");
+    let first_path = answer(&mut first)["created"].as_str().map(str::to_owned);
+    let first_path = first_path.unwrap_or_else(|| panic!("{:?}", first.seen));
+    let mut second = App::start(&session, "org.watchq.Asked", DECLARED, "two");
+    let second_path = answer(&mut second)["created"].as_str().map(str::to_owned);
+    let second_path = second_path.unwrap_or_else(|| panic!("{:?}", second.seen));
+    let asked = dialog.asked().to_vec();
+    assert_eq!(asked.len(), 1, "{asked:?}");
+    assert_eq!(asked[0]["app_id"], "org.watchq.Asked");
+    assert_eq!(
+        store_lookup(&session, "devices")["org.watchq.Asked"],
+        serde_json::json!(["yes"])
+    );
+
+    // Revoked while both sessions run: both close, at once.
+    store_set(&session, "devices", "org.watchq.Asked", &["no"]);
+    for (app, path) in [(&mut first, &first_path), (&mut second, &second_path)] {
+        app.until("Closed", |v| {
+            v["signal"] == "Closed" && v["session"] == path.as_str()
+        });
+    }
+    drop(dialog);
+
+    let mut dialog = AccessDialog::start(&session, "no");
+    for token in ["r1", "r2"] {
+        let mut app = App::start(&session, "org.watchq.Refused", DECLARED, token);
+        assert_eq!(answer(&mut app)["error"], NOT_ALLOWED, "{:?}", app.seen);
+    }
+    assert_eq!(dialog.asked().len(), 1, "asked again: {:?}", dialog.asked);
+    assert_eq!(
+        store_lookup(&session, "devices")["org.watchq.Refused"],
+        serde_json::json!(["no"])
+    );
+}
+
 /// The checked-in `dbus/org.freedesktop.portal.Watchq.xml` is what the portal serves;
 /// an unsandboxed caller (no `.flatpak-info`: the user's own program) gets a session
 /// without declaring anything, with the standard Session interface on it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_portal_serves_its_checked_in_interface_and_host_programs_get_sessions() {
-    let daemon = Daemon::start();
-    let session = SessionBus::start();
-    let _portal = Portal::start(&session, &daemon);
+    let (_daemon, session, _portal) = bed();
     let conn = zbus::connection::Builder::address(session.address.as_str())
         .build()
         .await

@@ -15,6 +15,7 @@ pub mod app_info;
 pub mod devices;
 pub mod error;
 pub mod interface;
+pub mod permissions;
 pub mod session;
 
 use std::collections::HashMap;
@@ -52,6 +53,8 @@ pub enum Ending {
 /// A live session, as the portal keeps it.
 struct Entry {
     owner: OwnedUniqueName,
+    /// The app's id; "" for an unsandboxed program, which the store does not govern.
+    app: String,
     stop: tokio::sync::oneshot::Sender<Ending>,
 }
 
@@ -88,6 +91,7 @@ impl Portal {
         &self,
         path: &str,
         owner: &OwnedUniqueName,
+        app: &str,
     ) -> Result<tokio::sync::oneshot::Receiver<Ending>, PortalError> {
         let mut sessions = self.sessions();
         if sessions.contains_key(path) {
@@ -105,6 +109,7 @@ impl Portal {
             path.to_owned(),
             Entry {
                 owner: owner.clone(),
+                app: app.to_owned(),
                 stop,
             },
         );
@@ -157,6 +162,62 @@ impl Portal {
     }
 }
 
+impl Portal {
+    /// Closes, with `Closed`, the sessions of every app the permission store no longer
+    /// lets see devices, whenever the store says its `watchq` table changed. The
+    /// signal only says when to look: anyone may send one, so the store is asked.
+    /// Runs for the portal's life.
+    ///
+    /// # Errors
+    /// When the signal stream cannot be had or ends.
+    pub async fn close_revoked(self: Arc<Self>) -> zbus::Result<()> {
+        let rule = zbus::MatchRule::builder()
+            .msg_type(zbus::message::Type::Signal)
+            .sender(permissions::STORE)
+            .interface(permissions::STORE)
+            .member("Changed")
+            .arg(0, permissions::TABLE)
+            .build()?;
+        let mut changes =
+            zbus::MessageStream::for_match_rule(rule, &self.session_bus, None).await?;
+        while let Some(change) = changes.next().await {
+            if change.is_err() {
+                continue;
+            }
+            let apps: std::collections::BTreeSet<String> = self
+                .sessions()
+                .values()
+                .filter(|e| !e.app.is_empty())
+                .map(|e| e.app.clone())
+                .collect();
+            if apps.is_empty() {
+                continue;
+            }
+            let store = permissions::PermissionStoreProxy::new(&self.session_bus).await?;
+            for app in apps {
+                let answer = permissions::stored(&store, session::DEVICES, &app).await;
+                if matches!(answer, Ok(permissions::Answer::Yes)) {
+                    continue;
+                }
+                // Revoked, reset, or the store cannot say: fail closed.
+                let revoked: Vec<String> = self
+                    .sessions()
+                    .iter()
+                    .filter(|(_, e)| e.app == app)
+                    .map(|(path, _)| path.clone())
+                    .collect();
+                for path in revoked {
+                    tracing::info!(session = path, app, ?answer, "permission withdrawn");
+                    self.end(&path, Ending::Ended);
+                }
+            }
+        }
+        Err(zbus::Error::Failure(
+            "permission store Changed stream ended".into(),
+        ))
+    }
+}
+
 /// Serves the portal until a task ends: the object first, then the name, as the zbus
 /// book orders it (a call that arrives with the name is served).
 ///
@@ -174,12 +235,17 @@ pub async fn run(portal: Arc<Portal>) -> zbus::Result<()> {
         )
         .await?;
     let reaper = tokio::spawn(Arc::clone(&portal).reap_departed());
+    let revoker = tokio::spawn(Arc::clone(&portal).close_revoked());
     portal.session_bus.request_name(BUS_NAME).await?;
     tracing::info!(name = BUS_NAME, "serving");
     tokio::select! {
         ended = reaper => match ended {
             Ok(result) => result,
             Err(e) => Err(zbus::Error::Failure(format!("reaper task: {e}"))),
+        },
+        ended = revoker => match ended {
+            Ok(result) => result,
+            Err(e) => Err(zbus::Error::Failure(format!("revocation task: {e}"))),
         },
         _ = terminated() => Ok(()),
     }

@@ -42,9 +42,13 @@ pub async fn create(
     let app = app_info::of_peer(&dbus, owner).await?;
     app.declared(DEVICES)?;
     let path = path_for(owner, token);
+    if let AppInfo::Flatpak { app_id, .. } = &app {
+        let request = path.replacen("/session/", "/request/", 1);
+        super::permissions::check(&portal.session_bus, app_id, DEVICES, &request).await?;
+    }
     let object_path = zbus::OwnedObjectPath::try_from(path.clone())
         .map_err(|e| PortalError::InvalidArgument(format!("session path {path}: {e}")))?;
-    let stop = portal.reserve(&path, owner)?;
+    let stop = portal.reserve(&path, owner, app.id())?;
     let subscription = match subscribe(&portal.system_bus, &app).await {
         Ok(s) => s,
         Err(e) => {

@@ -31,7 +31,10 @@ impl SessionBus {
             .expect("temporary directory");
         let socket = dir.path().join("bus");
         let log = fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log");
+        // What the bus activates (xdg-permission-store, from its .service file) inherits
+        // this: the store's database is the test's own, never the machine user's.
         let mut child = Command::new("dbus-daemon")
+            .env("XDG_DATA_HOME", dir.path().join("data"))
             .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
             .arg(format!("--address=unix:path={}", socket.display()))
             .stdout(Stdio::piped())
@@ -70,6 +73,8 @@ impl Portal {
             .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
             .env("DBUS_SYSTEM_BUS_ADDRESS", daemon.address())
             .env("RUST_LOG", "watchqd=debug")
+            // The access dialog is the test's stand-in (tests/foreign/access_dialog.py).
+            .env("WATCHQ_PORTAL_ACCESS", ACCESS_NAME)
             .stderr(fs::File::create(&log).expect("portal log"))
             .spawn()
             .expect("watchq-portal");
@@ -98,6 +103,109 @@ impl Drop for Portal {
         if std::thread::panicking() {
             eprintln!("--- watchq-portal log:\n{}", self.log_text());
         }
+    }
+}
+
+/// The bus name of the test's access dialog.
+pub const ACCESS_NAME: &str = "org.watchq.test.Access";
+
+/// The permission store's `watchq` table entry for `source`: app → permissions, as
+/// the real xdg-permission-store (activated by the session bus) holds it.
+pub fn store_lookup(session: &SessionBus, source: &str) -> Value {
+    let out = Command::new("busctl")
+        .arg(format!("--address={}", session.address))
+        .args([
+            "--json=short",
+            "call",
+            STORE,
+            STORE_PATH,
+            STORE,
+            "Lookup",
+            "ss",
+            "watchq",
+            source,
+        ])
+        .output()
+        .expect("busctl");
+    if !out.status.success() {
+        return Value::Null;
+    }
+    let reply: Value = serde_json::from_slice(&out.stdout).expect("busctl's JSON");
+    reply["data"][0].clone()
+}
+
+/// Sets `app`'s permissions for `source` in the store, as a settings panel or
+/// `flatpak permission-set` would.
+pub fn store_set(session: &SessionBus, source: &str, app: &str, permissions: &[&str]) {
+    let count = permissions.len().to_string();
+    let status = Command::new("busctl")
+        .arg(format!("--address={}", session.address))
+        .args([
+            "call",
+            STORE,
+            STORE_PATH,
+            STORE,
+            "SetPermission",
+            "sbssas",
+            "watchq",
+            "true",
+            source,
+            app,
+        ])
+        .arg(&count)
+        .args(permissions)
+        .status()
+        .expect("busctl");
+    assert!(status.success(), "SetPermission");
+}
+
+const STORE: &str = "org.freedesktop.impl.portal.PermissionStore";
+const STORE_PATH: &str = "/org/freedesktop/impl/portal/PermissionStore";
+
+/// The desktop's access dialog, answering every question with `answer`.
+pub struct AccessDialog {
+    child: Child,
+    out: Receiver<String>,
+    /// The questions asked so far, as printed.
+    pub asked: Vec<Value>,
+}
+
+impl AccessDialog {
+    pub fn start(session: &SessionBus, answer: &str) -> AccessDialog {
+        let mut child = Command::new("/usr/bin/python3")
+            .arg(repo().join("tests/foreign/access_dialog.py"))
+            .args([ACCESS_NAME, answer])
+            .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3-gi");
+        let out = lines(child.stdout.take().expect("stdout"));
+        let ready = out
+            .recv_timeout(TIMEOUT)
+            .expect("the access dialog owns its name");
+        assert!(ready.contains("ready"), "{ready}");
+        AccessDialog {
+            child,
+            out,
+            asked: Vec::new(),
+        }
+    }
+
+    /// Every question asked until now (the answers were sent before the portal went on,
+    /// so they have all been printed).
+    pub fn asked(&mut self) -> &[Value] {
+        while let Ok(line) = self.out.recv_timeout(Duration::from_millis(100)) {
+            self.asked
+                .push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("{line}: {e}")));
+        }
+        &self.asked
+    }
+}
+
+impl Drop for AccessDialog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
@@ -187,7 +295,7 @@ impl App {
             .args(["/app/portal_client.py"])
             .args(["--setenv", "DBUS_SESSION_BUS_ADDRESS"])
             .arg(format!("unix:path={}", socket.display()))
-            .args(["--", "python3", "/app/portal_client.py", token])
+            .args(["--", "/usr/bin/python3", "/app/portal_client.py", token])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .spawn()
