@@ -290,17 +290,9 @@ async fn the_portal_serves_its_checked_in_interface_and_host_programs_get_sessio
         document(&live)
     );
 
-    let reply = conn
-        .call_method(
-            Some("org.freedesktop.portal.Watchq"),
-            "/org/freedesktop/portal/watchq",
-            Some("org.freedesktop.portal.Watchq"),
-            "CreateSession",
-            &(std::collections::HashMap::<String, zbus::Variant<'_>>::new(),),
-        )
+    let path = common::portal::host_session(&conn)
         .await
         .expect("a host program gets a session");
-    let path: zbus::OwnedObjectPath = reply.body().deserialize().unwrap();
     let session_xml = introspect(path.to_string()).await;
     let element = interface_element(&session_xml, "org.freedesktop.portal.Session")
         .expect("the session object serves org.freedesktop.portal.Session");

@@ -24,18 +24,52 @@ pub struct SessionBus {
 }
 
 impl SessionBus {
+    /// A session bus as the desktop's: Debian's session configuration, which activates
+    /// the services installed in /usr/share/dbus-1/services (xdg-permission-store).
     pub fn start() -> SessionBus {
+        SessionBus::spawn(|c, _| {
+            c.arg("--session");
+        })
+    }
+
+    /// A session bus that activates only the services in `services` (a directory of
+    /// `.service` files), with `DBUS_SYSTEM_BUS_ADDRESS` set to `system` for them.
+    pub fn with_services(services: &Path, system: &str) -> SessionBus {
+        SessionBus::spawn(|c, dir| {
+            let config = dir.join("session.conf");
+            fs::write(
+                &config,
+                format!(
+                    "<!DOCTYPE busconfig PUBLIC \"-//freedesktop//DTD D-Bus Bus Configuration 1.0//EN\"\n \
+                     \"http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd\">\n\
+                     <busconfig><type>session</type><auth>EXTERNAL</auth>\
+                     <listen>unix:path={}</listen><servicedir>{}</servicedir>\
+                     <policy context=\"default\"><allow send_destination=\"*\" eavesdrop=\"true\"/>\
+                     <allow eavesdrop=\"true\"/><allow own=\"*\"/></policy></busconfig>\n",
+                    dir.join("bus").display(),
+                    services.display()
+                ),
+            )
+            .expect("write session.conf");
+            c.arg(format!("--config-file={}", config.display()))
+                .env("DBUS_SYSTEM_BUS_ADDRESS", system);
+        })
+    }
+
+    fn spawn(configure: impl FnOnce(&mut Command, &Path)) -> SessionBus {
         let dir = tempfile::Builder::new()
             .prefix("watchq-session-")
             .tempdir()
             .expect("temporary directory");
         let socket = dir.path().join("bus");
         let log = fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log");
+        let mut command = Command::new("dbus-daemon");
         // What the bus activates (xdg-permission-store, from its .service file) inherits
         // this: the store's database is the test's own, never the machine user's.
-        let mut child = Command::new("dbus-daemon")
-            .env("XDG_DATA_HOME", dir.path().join("data"))
-            .args(["--session", "--nofork", "--nopidfile", "--print-address=1"])
+        command.env("XDG_DATA_HOME", dir.path().join("data"));
+        configure(&mut command, dir.path());
+        let mut child = command
+            .args(["--nofork", "--nopidfile", "--print-address=1"])
             .arg(format!("--address=unix:path={}", socket.display()))
             .stdout(Stdio::piped())
             .stderr(log)
@@ -104,6 +138,20 @@ impl Drop for Portal {
             eprintln!("--- watchq-portal log:\n{}", self.log_text());
         }
     }
+}
+
+/// `CreateSession` from an unsandboxed program (the test itself) on `conn`.
+pub async fn host_session(conn: &zbus::Connection) -> zbus::Result<zbus::OwnedObjectPath> {
+    let reply = conn
+        .call_method(
+            Some("org.freedesktop.portal.Watchq"),
+            "/org/freedesktop/portal/watchq",
+            Some("org.freedesktop.portal.Watchq"),
+            "CreateSession",
+            &(std::collections::HashMap::<String, zbus::Variant<'_>>::new(),),
+        )
+        .await?;
+    reply.body().deserialize()
 }
 
 /// The bus name of the test's access dialog.
