@@ -301,3 +301,54 @@ async fn the_portal_serves_its_checked_in_interface_and_host_programs_get_sessio
         "{element}"
     );
 }
+
+/// watchqd restarting under a session loses events: the app hears `Lost`, then every
+/// current device again as "add" (ids of devices still there kept, a device that came
+/// meanwhile new), as after any loss.
+#[test]
+fn after_watchqd_restarts_the_app_hears_lost_then_the_devices_again_under_their_ids() {
+    let (mut daemon, session, _portal) = bed();
+    store_set(&session, "devices", "org.watchq.Restarts", &["yes"]);
+    let mut app = App::start(&session, "org.watchq.Restarts", DECLARED, "r");
+    let path = answer(&mut app)["created"].as_str().map(str::to_owned);
+    let path = path.unwrap_or_else(|| panic!("{:?}", app.seen));
+    app.until("the snapshot batch", |v| v["signal"] == "DeviceEvents");
+    let kept = LoopDevice::attach(SIZE_MIB);
+    let added = app.until("the add", |v| {
+        v["events"]
+            .as_array()
+            .is_some_and(|e| e.iter().any(|e| e[0] == "add" && is_ours(&e[2])))
+    });
+    let kept_id = added["events"]
+        .as_array()
+        .and_then(|e| e.iter().find(|e| is_ours(&e[2])))
+        .map(|e| e[1].clone())
+        .unwrap();
+
+    daemon.crash();
+    // Attached while watchqd is away: no event will ever say so.
+    let meanwhile = LoopDevice::attach(11);
+    daemon.restart();
+    app.until("Lost", |v| {
+        v["signal"] == "Lost" && v["session"] == path.as_str()
+    });
+    let batch = app.until("the batch after Lost", |v| {
+        v["signal"] == "DeviceEvents" && v["session"] == path.as_str()
+    });
+    let events = batch["events"].as_array().cloned().unwrap_or_default();
+    let ours: Vec<&Value> = events.iter().filter(|e| is_ours(&e[2])).collect();
+    assert_eq!(ours.len(), 1, "{batch}");
+    assert_eq!(
+        (&ours[0][0], &ours[0][1]),
+        (&Value::from("add"), &kept_id),
+        "{batch}"
+    );
+    let new: Vec<&Value> = events
+        .iter()
+        .filter(|e| e[2]["size"] == 11u64 << 20)
+        .collect();
+    assert_eq!(new.len(), 1, "{batch}");
+    assert_eq!(new[0][0], "add", "{batch}");
+    assert_ne!(new[0][1], kept_id, "{batch}");
+    drop((kept, meanwhile));
+}
