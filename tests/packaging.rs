@@ -205,11 +205,8 @@ async fn the_portal_is_started_by_the_session_bus_and_its_user_unit_verifies() {
     )
     .unwrap();
     let session = common::portal::SessionBus::with_services(services.path(), daemon.address());
-    let conn = zbus::connection::Builder::address(session.address.as_str())
-        .build()
-        .await
-        .unwrap();
-    let path = common::portal::host_session(&conn)
+    let conn = session.connect().await;
+    let path = common::portal::host_session(&conn, std::collections::HashMap::new())
         .await
         .expect("the bus started the portal, which made a session");
     assert!(

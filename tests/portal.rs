@@ -256,10 +256,7 @@ fn the_user_is_asked_once_and_a_revocation_closes_running_sessions() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_portal_serves_its_checked_in_interface_and_host_programs_get_sessions() {
     let (_daemon, session, _portal) = bed();
-    let conn = zbus::connection::Builder::address(session.address.as_str())
-        .build()
-        .await
-        .unwrap();
+    let conn = session.connect().await;
     let introspect = |path: String| {
         let conn = conn.clone();
         async move {
@@ -290,7 +287,7 @@ async fn the_portal_serves_its_checked_in_interface_and_host_programs_get_sessio
         document(&live)
     );
 
-    let path = common::portal::host_session(&conn)
+    let path = common::portal::host_session(&conn, std::collections::HashMap::new())
         .await
         .expect("a host program gets a session");
     let session_xml = introspect(path.to_string()).await;
@@ -351,4 +348,62 @@ fn after_watchqd_restarts_the_app_hears_lost_then_the_devices_again_under_their_
     assert_eq!(new[0][0], "add", "{batch}");
     assert_ne!(new[0][1], kept_id, "{batch}");
     drop((kept, meanwhile));
+}
+
+async fn create(
+    conn: &zbus::Connection,
+    options: std::collections::HashMap<&str, zbus::Variant<'_>>,
+) -> Result<String, String> {
+    match common::portal::host_session(conn, options).await {
+        Ok(path) => Ok(path.to_string()),
+        Err(e) => Err(error_name(Err::<(), _>(e))),
+    }
+}
+
+/// Bad options are refused with InvalidArgument and a connection holds at most 8
+/// sessions (NotAllowed past that, room again after a Close); refusals make nothing on
+/// watchqd.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_options_and_too_many_sessions_are_refused_and_change_nothing() {
+    use std::collections::HashMap;
+    use zbus::Variant;
+    let (daemon, session, _portal) = bed();
+    let conn = session.connect().await;
+    let token = |t: &str| HashMap::from([("session_handle_token", Variant::from(t.to_owned()))]);
+    const INVALID: &str = "org.freedesktop.portal.Error.InvalidArgument";
+    for bad in [
+        HashMap::from([("bogus", Variant::from(1u32))]),
+        HashMap::from([("session_handle_token", Variant::from(5u32))]),
+        token("a/b"),
+        token(""),
+        token(&"x".repeat(65)),
+    ] {
+        assert_eq!(create(&conn, bad).await, Err(INVALID.to_owned()));
+    }
+    let mut paths = Vec::new();
+    for i in 0..8 {
+        paths.push(create(&conn, token(&format!("s{i}"))).await.unwrap());
+    }
+    assert_eq!(create(&conn, token("s0")).await, Err(INVALID.to_owned()));
+    assert_eq!(
+        create(&conn, token("s8")).await,
+        Err(NOT_ALLOWED.to_owned())
+    );
+    let deadline = std::time::Instant::now() + TIMEOUT;
+    let subscribed = || daemon.log_text().matches(" subscribed ").count();
+    while subscribed() < 8 && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(subscribed(), 8, "{}", daemon.log_text());
+
+    conn.call_method(
+        Some("org.freedesktop.portal.Watchq"),
+        paths[0].as_str(),
+        Some("org.freedesktop.portal.Session"),
+        "Close",
+        &(),
+    )
+    .await
+    .unwrap();
+    assert!(create(&conn, token("s8")).await.is_ok());
 }

@@ -87,6 +87,16 @@ impl SessionBus {
     }
 }
 
+impl SessionBus {
+    /// A connection of the test's own, an unsandboxed program's.
+    pub async fn connect(&self) -> zbus::Connection {
+        zbus::connection::Builder::address(self.address.as_str())
+            .build()
+            .await
+            .expect("connect to the session bus")
+    }
+}
+
 impl Drop for SessionBus {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -141,14 +151,17 @@ impl Drop for Portal {
 }
 
 /// `CreateSession` from an unsandboxed program (the test itself) on `conn`.
-pub async fn host_session(conn: &zbus::Connection) -> zbus::Result<zbus::OwnedObjectPath> {
+pub async fn host_session(
+    conn: &zbus::Connection,
+    options: std::collections::HashMap<&str, zbus::Variant<'_>>,
+) -> zbus::Result<zbus::OwnedObjectPath> {
     let reply = conn
         .call_method(
             Some("org.freedesktop.portal.Watchq"),
             "/org/freedesktop/portal/watchq",
             Some("org.freedesktop.portal.Watchq"),
             "CreateSession",
-            &(std::collections::HashMap::<String, zbus::Variant<'_>>::new(),),
+            &(options,),
         )
         .await?;
     reply.body().deserialize()
