@@ -100,14 +100,7 @@ fn sandboxed_apps_get_a_loop_device_as_add_then_remove_with_opaque_ids() {
             .collect();
         assert_eq!(about, ["add", "remove"], "{:?}", app.seen);
         // Only its own session's signals reach an app.
-        assert!(
-            app.seen
-                .iter()
-                .filter(|v| v.get("signal").is_some())
-                .all(|v| v["session"] == path.as_str()),
-            "{:?}",
-            app.seen
-        );
+        app.assert_only_session(path);
         let text = serde_json::to_string(&app.seen).unwrap();
         assert!(
             !text.contains("/sys") && !text.contains("/dev/") && !text.contains("/devices/"),
@@ -406,4 +399,65 @@ async fn bad_options_and_too_many_sessions_are_refused_and_change_nothing() {
     .await
     .unwrap();
     assert!(create(&conn, token("s8")).await.is_ok());
+}
+
+/// Two users, each with their own session bus and portal running as them (the portal
+/// subscribes to watchqd as its user, which polkit allows for devices): a sandboxed
+/// app in each session gets the loop device under an id of its own session, and
+/// nothing of the other's.
+#[test]
+fn two_users_portals_each_serve_their_own_apps() {
+    let daemon = Daemon::with_polkit("");
+    let alice = common::polkit::user("watchq-alice");
+    let root_session = SessionBus::start();
+    let alice_session = SessionBus::start_as(Some(&alice));
+    let _root_portal = Portal::start(&root_session, &daemon);
+    let alice_portal = Portal::start(&alice_session, &daemon);
+    store_set(&root_session, "devices", "org.watchq.Root", &["yes"]);
+    store_set(&alice_session, "devices", "org.watchq.Alice", &["yes"]);
+    let mut apps = Vec::new();
+    for (session, app_id) in [
+        (&root_session, "org.watchq.Root"),
+        (&alice_session, "org.watchq.Alice"),
+    ] {
+        let mut app = App::start(session, app_id, DECLARED, "u");
+        let path = answer(&mut app)["created"].as_str().map(str::to_owned);
+        let path = path.unwrap_or_else(|| panic!("{app_id}: {:?}", app.seen));
+        app.until("the snapshot batch", |v| v["signal"] == "DeviceEvents");
+        apps.push((app, path));
+    }
+    let disk = LoopDevice::attach(SIZE_MIB);
+    let mut ids = Vec::new();
+    for (app, path) in &mut apps {
+        let added = app.until("the add", |v| {
+            v["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e[0] == "add" && is_ours(&e[2])))
+        });
+        assert_eq!(added["session"], path.as_str(), "{added}");
+        ids.push(
+            added["events"]
+                .as_array()
+                .and_then(|e| e.iter().find(|e| is_ours(&e[2])))
+                .map(|e| e[1].clone())
+                .unwrap(),
+        );
+    }
+    disk.detach();
+    assert_ne!(ids[0], ids[1]);
+    for ((app, path), id) in apps.iter_mut().zip(&ids) {
+        app.until("the remove", |v| {
+            v["events"]
+                .as_array()
+                .is_some_and(|e| e.iter().any(|e| e[0] == "remove" && e[1] == *id))
+        });
+        app.assert_only_session(path);
+    }
+    // Alice's portal subscribed as alice.
+    assert!(
+        daemon.log_text().contains(&format!("uid={}", alice.uid)),
+        "{}\n{}",
+        daemon.log_text(),
+        alice_portal.log_text()
+    );
 }

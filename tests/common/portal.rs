@@ -14,20 +14,49 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+use super::polkit::User;
 use super::{lines::lines, repo, Daemon, TIMEOUT};
+
+/// Runs `command` as `user` (root when `None`).
+fn as_user<'c>(command: &'c mut Command, user: Option<&User>) -> &'c mut Command {
+    use std::os::unix::process::CommandExt;
+    if let Some(user) = user {
+        command.uid(user.uid).gid(user.gid);
+    }
+    command
+}
+
+/// A temporary directory `user` owns.
+fn owned_dir(prefix: &str, user: Option<&User>) -> tempfile::TempDir {
+    let dir = tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .expect("temporary directory");
+    if let Some(user) = user {
+        std::os::unix::fs::chown(dir.path(), Some(user.uid), Some(user.gid)).expect("chown");
+    }
+    dir
+}
 
 /// A session bus of the test's own.
 pub struct SessionBus {
     child: Child,
     pub address: String,
     pub dir: tempfile::TempDir,
+    /// Whose session it is: everything started on it runs as this user (root if none).
+    pub user: Option<User>,
 }
 
 impl SessionBus {
     /// A session bus as the desktop's: Debian's session configuration, which activates
     /// the services installed in /usr/share/dbus-1/services (xdg-permission-store).
     pub fn start() -> SessionBus {
-        SessionBus::spawn(|c, _| {
+        SessionBus::start_as(None)
+    }
+
+    /// `user`'s session bus (root's when `None`).
+    pub fn start_as(user: Option<&User>) -> SessionBus {
+        SessionBus::spawn(user, |c, _| {
             c.arg("--session");
         })
     }
@@ -35,7 +64,7 @@ impl SessionBus {
     /// A session bus that activates only the services in `services` (a directory of
     /// `.service` files), with `DBUS_SYSTEM_BUS_ADDRESS` set to `system` for them.
     pub fn with_services(services: &Path, system: &str) -> SessionBus {
-        SessionBus::spawn(|c, dir| {
+        SessionBus::spawn(None, |c, dir| {
             let config = dir.join("session.conf");
             fs::write(
                 &config,
@@ -56,14 +85,12 @@ impl SessionBus {
         })
     }
 
-    fn spawn(configure: impl FnOnce(&mut Command, &Path)) -> SessionBus {
-        let dir = tempfile::Builder::new()
-            .prefix("watchq-session-")
-            .tempdir()
-            .expect("temporary directory");
+    fn spawn(user: Option<&User>, configure: impl FnOnce(&mut Command, &Path)) -> SessionBus {
+        let dir = owned_dir("watchq-session-", user);
         let socket = dir.path().join("bus");
         let log = fs::File::create(dir.path().join("dbus-daemon.log")).expect("bus log");
         let mut command = Command::new("dbus-daemon");
+        as_user(&mut command, user);
         // What the bus activates (xdg-permission-store, from its .service file) inherits
         // this: the store's database is the test's own, never the machine user's.
         command.env("XDG_DATA_HOME", dir.path().join("data"));
@@ -83,6 +110,7 @@ impl SessionBus {
             child,
             address: address.trim().to_owned(),
             dir,
+            user: user.cloned(),
         }
     }
 }
@@ -113,15 +141,18 @@ pub struct Portal {
 impl Portal {
     pub fn start(session: &SessionBus, daemon: &Daemon) -> Portal {
         let log = session.dir.path().join("watchq-portal.log");
-        let child = Command::new(env!("CARGO_BIN_EXE_watchq-portal"))
-            .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
-            .env("DBUS_SYSTEM_BUS_ADDRESS", daemon.address())
-            .env("RUST_LOG", "watchqd=debug")
-            // The access dialog is the test's stand-in (tests/foreign/access_dialog.py).
-            .env("WATCHQ_PORTAL_ACCESS", ACCESS_NAME)
-            .stderr(fs::File::create(&log).expect("portal log"))
-            .spawn()
-            .expect("watchq-portal");
+        let child = as_user(
+            &mut Command::new(env!("CARGO_BIN_EXE_watchq-portal")),
+            session.user.as_ref(),
+        )
+        .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
+        .env("DBUS_SYSTEM_BUS_ADDRESS", daemon.address())
+        .env("RUST_LOG", "watchqd=debug")
+        // The access dialog is the test's stand-in (tests/foreign/access_dialog.py).
+        .env("WATCHQ_PORTAL_ACCESS", ACCESS_NAME)
+        .stderr(fs::File::create(&log).expect("portal log"))
+        .spawn()
+        .expect("watchq-portal");
         let portal = Portal { child, log };
         let deadline = Instant::now() + TIMEOUT;
         while !portal.log_text().contains("serving") {
@@ -173,7 +204,7 @@ pub const ACCESS_NAME: &str = "org.watchq.test.Access";
 /// The permission store's `watchq` table entry for `source`: app → permissions, as
 /// the real xdg-permission-store (activated by the session bus) holds it.
 pub fn store_lookup(session: &SessionBus, source: &str) -> Value {
-    let out = Command::new("busctl")
+    let out = as_user(&mut Command::new("busctl"), session.user.as_ref())
         .arg(format!("--address={}", session.address))
         .args([
             "--json=short",
@@ -199,7 +230,7 @@ pub fn store_lookup(session: &SessionBus, source: &str) -> Value {
 /// `flatpak permission-set` would.
 pub fn store_set(session: &SessionBus, source: &str, app: &str, permissions: &[&str]) {
     let count = permissions.len().to_string();
-    let status = Command::new("busctl")
+    let status = as_user(&mut Command::new("busctl"), session.user.as_ref())
         .arg(format!("--address={}", session.address))
         .args([
             "call",
@@ -233,7 +264,7 @@ pub struct AccessDialog {
 
 impl AccessDialog {
     pub fn start(session: &SessionBus, answer: &str) -> AccessDialog {
-        let mut child = Command::new("/usr/bin/python3")
+        let mut child = as_user(&mut Command::new("/usr/bin/python3"), session.user.as_ref())
             .arg(repo().join("tests/foreign/access_dialog.py"))
             .args([ACCESS_NAME, answer])
             .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
@@ -273,8 +304,9 @@ impl Drop for AccessDialog {
 /// `bwrap` arguments for a Flatpak-like sandbox: the host's /usr read-only, its own
 /// /proc, /dev and /tmp, `dir` shared, `info` at `/.flatpak-info`, a pid namespace;
 /// the caller adds its own options, then `--` and the command.
-fn bwrap(dir: &Path, info: &Path) -> Command {
+fn bwrap(dir: &Path, info: &Path, user: Option<&User>) -> Command {
     let mut c = Command::new("bwrap");
+    as_user(&mut c, user);
     c.args(["--ro-bind", "/usr", "/usr"])
         .args([
             "--symlink",
@@ -318,10 +350,8 @@ impl App {
     /// Starts app `app_id` with `policy` appended to its `.flatpak-info` (a
     /// `[Policy watchq]` group, or nothing), and has it create a session named `token`.
     pub fn start(session: &SessionBus, app_id: &str, policy: &str, token: &str) -> App {
-        let dir = tempfile::Builder::new()
-            .prefix("watchq-app-")
-            .tempdir()
-            .expect("temporary directory");
+        let user = session.user.as_ref();
+        let dir = owned_dir("watchq-app-", user);
         let info = dir.path().join("flatpak-info");
         fs::write(
             &info,
@@ -334,7 +364,7 @@ impl App {
         let socket = dir.path().join("bus");
         // Flatpak's default session-bus filter: portals, and nothing else. The proxy's
         // sandbox sees the real bus socket; the app's sees only the proxy's.
-        let proxy = bwrap(dir.path(), &info)
+        let proxy = bwrap(dir.path(), &info, user)
             .arg("--bind")
             .args([session.dir.path(), session.dir.path()])
             .args(["--", "xdg-dbus-proxy"])
@@ -350,7 +380,7 @@ impl App {
             std::thread::sleep(Duration::from_millis(10));
         }
         let script = repo().join("tests/foreign/portal_client.py");
-        let mut client = bwrap(dir.path(), &info)
+        let mut client = bwrap(dir.path(), &info, user)
             .args(["--ro-bind"])
             .arg(&script)
             .args(["/app/portal_client.py"])
@@ -405,6 +435,19 @@ impl App {
                 Err(_) => break,
             }
         }
+    }
+
+    /// Every signal the app received was about `session`: nothing of other sessions
+    /// reached it.
+    pub fn assert_only_session(&self, session: &str) {
+        assert!(
+            self.seen
+                .iter()
+                .filter(|v| v.get("signal").is_some())
+                .all(|v| v["session"] == session),
+            "{:?}",
+            self.seen
+        );
     }
 
     pub fn command(&mut self, line: &str) {
