@@ -10,6 +10,7 @@ mod interface_xml;
 use std::time::Duration;
 
 use common::portal::{store_lookup, store_set, AccessDialog, App, Portal, SessionBus};
+use common::scope::Scope;
 use common::*;
 use interface_xml::{document, interface_element, normalized};
 use serde_json::Value;
@@ -161,15 +162,7 @@ fn undeclared_apps_and_apps_the_store_refuses_get_not_allowed() {
     let mut dialog = AccessDialog::start(&session, "yes");
     for (policy, token) in [("", "none"), ("[Policy watchq]\nsources=space;\n", "space")] {
         let mut app = App::start(&session, "org.watchq.Undeclared", policy, token);
-        let answer = answer(&mut app);
-        assert_eq!(answer["error"], NOT_ALLOWED, "{answer}");
-        assert!(
-            answer["message"]
-                .as_str()
-                .unwrap_or_default()
-                .contains("--add-policy=watchq.sources=devices"),
-            "{answer}"
-        );
+        refused_saying(&mut app, "--add-policy=watchq.sources=devices");
     }
     store_set(&session, "devices", "org.watchq.Denied", &["no"]);
     let mut app = App::start(&session, "org.watchq.Denied", DECLARED, "denied");
@@ -190,6 +183,19 @@ fn undeclared_apps_and_apps_the_store_refuses_get_not_allowed() {
         !daemon.log_text().contains("subscribed"),
         "{}",
         daemon.log_text()
+    );
+}
+
+/// The app's CreateSession was refused with NotAllowed, the message saying `says`.
+fn refused_saying(app: &mut App, says: &str) {
+    let answer = answer(app);
+    assert_eq!(answer["error"], NOT_ALLOWED, "{answer}");
+    assert!(
+        answer["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains(says),
+        "{answer}"
     );
 }
 
@@ -459,5 +465,34 @@ fn two_users_portals_each_serve_their_own_apps() {
         "{}\n{}",
         daemon.log_text(),
         alice_portal.log_text()
+    );
+}
+
+/// A snap app has no `.flatpak-info` but must not pass for an unsandboxed program:
+/// a process in a snap's scope is refused, and so is one in a Flatpak app's scope
+/// whose root shows no `.flatpak-info`.
+#[test]
+fn a_snap_or_a_flatpak_scope_without_flatpak_info_is_not_taken_for_the_host() {
+    let (_daemon, session, portal) = bed();
+    for (scope, token, says) in [
+        ("snap.watchqtest.app", "snap", "snap watchqtest"),
+        (
+            "app-flatpak-org.watchq.Scoped",
+            "scoped",
+            "Flatpak app org.watchq.Scoped",
+        ),
+    ] {
+        let mut app = App::start_waiting(&session, token);
+        let cgroup = Scope::enter(scope, app.pid());
+        app.go();
+        refused_saying(&mut app, says);
+        // The process first: a cgroup with a process in it cannot be removed.
+        drop(app);
+        drop(cgroup);
+    }
+    assert!(
+        !portal.log_text().contains("session created"),
+        "{}",
+        portal.log_text()
     );
 }

@@ -166,7 +166,7 @@ pub fn parse_label(raw: &[u8]) -> Option<String> {
 }
 
 /// The snap a `snap.<name>.<app>` AppArmor label belongs to.
-fn snap_of_label(label: &str) -> Option<String> {
+pub fn snap_of_label(label: &str) -> Option<String> {
     label
         .strip_prefix("snap.")
         .and_then(|rest| rest.split('.').next())

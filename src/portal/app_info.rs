@@ -92,9 +92,19 @@ pub async fn of_peer(
         None => crate::sys::pidfd::open(pid).map_err(|e| refuse(format!("pidfd of {pid}: {e}")))?,
     };
     let info = read_flatpak_info(pid).map_err(refuse)?;
+    let other = match &info {
+        Some(_) => None,
+        None => other_sandbox(pid).map_err(refuse)?,
+    };
     if crate::sys::pidfd::exited(&pidfd).unwrap_or(true) {
         return Err(refuse(format!(
             "process {pid} exited while being inspected"
+        )));
+    }
+    if let Some(sandbox) = other {
+        // Not the host, and not a sandbox the portal can read the declaration of.
+        return Err(PortalError::NotAllowed(format!(
+            "{sandbox}: only Flatpak apps and unsandboxed programs are served so far"
         )));
     }
     Ok(match info {
@@ -108,6 +118,27 @@ pub async fn of_peer(
             sources: info.policy("watchq", "sources"),
         },
     })
+}
+
+/// A sandbox without `.flatpak-info` that must not pass for the host: a snap (by its
+/// cgroup or its AppArmor label), or a Flatpak scope whose root shows no `.flatpak-info`.
+fn other_sandbox(pid: u32) -> Result<Option<String>, String> {
+    use crate::policy::identity::{parse_cgroup, parse_label, snap_of_label};
+    let cgroup = std::fs::read_to_string(format!("/proc/{pid}/cgroup"))
+        .map_err(|e| format!("/proc/{pid}/cgroup: {e}"))?;
+    let facts = parse_cgroup(&cgroup);
+    if let Some(app) = facts.flatpak_app {
+        return Ok(Some(format!("Flatpak app {app} without /.flatpak-info")));
+    }
+    // No label (no LSM, EINVAL/ENOENT) is no snap.
+    let label = std::fs::read(format!("/proc/{pid}/attr/current"))
+        .ok()
+        .as_deref()
+        .and_then(parse_label);
+    Ok(facts
+        .snap
+        .or_else(|| label.as_deref().and_then(snap_of_label))
+        .map(|snap| format!("snap {snap}")))
 }
 
 /// `/proc/PID/root/.flatpak-info`: `None` when there is none.

@@ -10,6 +10,7 @@ pub mod polkit;
 pub mod portal;
 pub mod private_bus;
 pub mod prometheus;
+pub mod scope;
 pub mod sources;
 
 use std::collections::{BTreeMap, HashMap};

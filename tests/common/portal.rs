@@ -337,7 +337,8 @@ fn bwrap(dir: &Path, info: &Path, user: Option<&User>) -> Command {
 
 /// A sandboxed app: its `.flatpak-info`, its bus proxy, and its client.
 pub struct App {
-    proxy: Child,
+    /// The bus proxy of a sandboxed app; none for an unsandboxed program.
+    proxy: Option<Child>,
     client: Child,
     stdin: ChildStdin,
     out: Receiver<String>,
@@ -380,7 +381,7 @@ impl App {
             std::thread::sleep(Duration::from_millis(10));
         }
         let script = repo().join("tests/foreign/portal_client.py");
-        let mut client = bwrap(dir.path(), &info, user)
+        let client = bwrap(dir.path(), &info, user)
             .args(["--ro-bind"])
             .arg(&script)
             .args(["/app/portal_client.py"])
@@ -391,6 +392,10 @@ impl App {
             .stdout(Stdio::piped())
             .spawn()
             .expect("bwrap and python3-gi must be installed");
+        App::of(client, Some(proxy), dir)
+    }
+
+    fn of(mut client: Child, proxy: Option<Child>, dir: tempfile::TempDir) -> App {
         let stdin = client.stdin.take().expect("stdin");
         let out = lines(client.stdout.take().expect("stdout"));
         App {
@@ -401,6 +406,34 @@ impl App {
             seen: Vec::new(),
             _dir: dir,
         }
+    }
+
+    /// An unsandboxed program on the session bus itself that waits for [`App::go`]
+    /// before it creates its session.
+    pub fn start_waiting(session: &SessionBus, token: &str) -> App {
+        let client = as_user(&mut Command::new("/usr/bin/python3"), session.user.as_ref())
+            .arg(repo().join("tests/foreign/portal_client.py"))
+            .args([token, "--wait"])
+            .env("DBUS_SESSION_BUS_ADDRESS", &session.address)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3-gi");
+        App::of(
+            client,
+            None,
+            owned_dir("watchq-app-", session.user.as_ref()),
+        )
+    }
+
+    /// The client's pid.
+    pub fn pid(&self) -> u32 {
+        self.client.id()
+    }
+
+    /// Lets a client started with [`App::start_waiting`] create its session.
+    pub fn go(&mut self) {
+        self.command("go");
     }
 
     /// The next line the client prints.
@@ -475,7 +508,9 @@ impl Drop for App {
     fn drop(&mut self) {
         let _ = self.client.kill();
         let _ = self.client.wait();
-        let _ = self.proxy.kill();
-        let _ = self.proxy.wait();
+        if let Some(proxy) = &mut self.proxy {
+            let _ = proxy.kill();
+            let _ = proxy.wait();
+        }
     }
 }

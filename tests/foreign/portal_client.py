@@ -3,7 +3,7 @@
 through PyGObject, on the session bus in $DBUS_SESSION_BUS_ADDRESS (the sandbox's
 xdg-dbus-proxy).
 
-    portal_client.py TOKEN
+    portal_client.py TOKEN [--wait]
 
 Subscribes to the portal's signals (naming the portal as sender, so GDBus drops
 signals from anyone else), calls CreateSession with session_handle_token TOKEN, and
@@ -11,7 +11,8 @@ prints one JSON line per thing that happens, flushed at once:
   {"created": PATH} or {"error": NAME, "message": TEXT}
   {"signal": "DeviceEvents"|"Lost"|"Closed", "session": PATH, "events": [...]}
   {"closed": PATH} or {"close-error": NAME, "path": PATH} for a Close it was told to make
-Reads commands on stdin, one per line: "close PATH" calls Close on PATH; "quit" exits.
+With --wait, it reads one line on stdin before CreateSession (so that the test can
+move it into a cgroup first). Reads commands on stdin, one per line: "close PATH" calls Close on PATH; "quit" exits.
 """
 
 import json
@@ -47,6 +48,8 @@ def main():
                          on_portal_signal)
     bus.signal_subscribe(NAME, "org.freedesktop.portal.Session", "Closed", None, None,
                          Gio.DBusSignalFlags.NONE, on_session_signal)
+    if sys.argv[2:] == ["--wait"]:
+        sys.stdin.readline()
     try:
         reply = bus.call_sync(NAME, PATH, IFACE, "CreateSession",
                               GLib.Variant("(a{sv})", ({"session_handle_token":
