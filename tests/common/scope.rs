@@ -26,8 +26,16 @@ impl Scope {
 
 impl Drop for Scope {
     fn drop(&mut self) {
-        // Removable once its process is gone: drop the process first.
-        let _ = std::fs::remove_dir(&self.dir);
+        // Removable once its process is gone (drop the process first); the kernel may
+        // take a moment after the reaping to see the cgroup empty (EBUSY meanwhile).
+        for _ in 0..50 {
+            match std::fs::remove_dir(&self.dir) {
+                Err(e) if e.raw_os_error() == Some(nix::libc::EBUSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                _ => break,
+            }
+        }
         if let Some(parent) = self.dir.parent() {
             let _ = std::fs::remove_dir(parent);
         }
