@@ -5,7 +5,8 @@
 //! [`policy`] (who may watch and see what), [`dispatch`] (fan-out into bounded
 //! per-subscription outboxes), [`bus`] (the `org.watchq1` objects and signal delivery),
 //! [`daemon`] (the supervisor), [`consumers`] (the daemon's own uses of events: unit
-//! rules, journal records) and [`config`].
+//! rules, journal records) and [`config`]; [`portal`] is `watchq-portal`, the session-bus
+//! service through which sandboxed apps get device events.
 
 pub mod activation;
 pub mod bus;
@@ -21,6 +22,7 @@ pub mod filter;
 pub mod glob;
 pub mod logging;
 pub mod policy;
+pub mod portal;
 pub mod signal;
 pub mod source;
 pub mod sys;

@@ -73,6 +73,19 @@ fn expected() -> Vec<(String, String, u32)> {
     let mut files = vec![
         ("/usr/libexec/watchqd".to_owned(), 0o755),
         ("/usr/bin/watchqctl".to_owned(), 0o755),
+        ("/usr/libexec/watchq-portal".to_owned(), 0o755),
+        (
+            "/usr/lib/systemd/user/watchq-portal.service".to_owned(),
+            0o644,
+        ),
+        (
+            "/usr/share/dbus-1/services/org.freedesktop.portal.Watchq.service".to_owned(),
+            0o644,
+        ),
+        (
+            "/usr/share/dbus-1/interfaces/org.freedesktop.portal.Watchq.xml".to_owned(),
+            0o644,
+        ),
         (
             "/usr/share/dbus-1/system-services/org.watchq1.service".to_owned(),
             0o644,
@@ -104,7 +117,8 @@ fn expected() -> Vec<(String, String, u32)> {
         ("/usr/share/doc/watchqd/README.md".to_owned(), 0o644),
         ("/usr/share/doc/watchqd/copyright".to_owned(), 0o644),
     ];
-    for unit in dir_names("systemd", |_| true) {
+    // System units; systemd/user/ is listed above.
+    for unit in units() {
         files.push((format!("/lib/systemd/system/{unit}"), 0o644));
     }
     for xml in dir_names("dbus", |n| {
@@ -141,7 +155,7 @@ fn dir_names(dir: &str, keep: impl Fn(&str) -> bool) -> Vec<String> {
 }
 
 fn units() -> Vec<String> {
-    dir_names("systemd", |_| true)
+    dir_names("systemd", |n| n != "user")
 }
 
 /// `rwxr-xr-x` → 0o755.

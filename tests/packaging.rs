@@ -149,3 +149,69 @@ fn the_readme_run_command_serves_real_events_on_a_private_bus() {
         "the private bus kept running after Ctrl-C"
     );
 }
+
+/// The portal as installed: its `systemd --user` unit verifies, its session-bus
+/// activation file names that unit and the binary the unit runs, and a session bus that
+/// reads the file starts the portal when a program first calls it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_portal_is_started_by_the_session_bus_and_its_user_unit_verifies() {
+    let unit = std::fs::read_to_string(repo().join("systemd/user/watchq-portal.service")).unwrap();
+    let activation =
+        std::fs::read_to_string(repo().join("dbus/org.freedesktop.portal.Watchq.service")).unwrap();
+    for line in [
+        "Type=dbus",
+        "BusName=org.freedesktop.portal.Watchq",
+        "ExecStart=/usr/libexec/watchq-portal",
+    ] {
+        assert!(unit.lines().any(|l| l == line), "unit: {line}");
+    }
+    for line in [
+        "Name=org.freedesktop.portal.Watchq",
+        "Exec=/usr/libexec/watchq-portal",
+        "SystemdService=watchq-portal.service",
+    ] {
+        assert!(
+            activation.lines().any(|l| l == line),
+            "activation file: {line}"
+        );
+    }
+    let binary = env!("CARGO_BIN_EXE_watchq-portal");
+    let dir = tempfile::tempdir().unwrap();
+    let runtime = tempfile::tempdir().unwrap();
+    let unit_path = dir.path().join("watchq-portal.service");
+    std::fs::write(
+        &unit_path,
+        unit.replace("/usr/libexec/watchq-portal", binary),
+    )
+    .unwrap();
+    // A user manager's view; its runtime directory is all it needs to exist.
+    let out = Command::new("systemd-analyze")
+        .args(["--user", "verify", "--man=no"])
+        .arg(&unit_path)
+        .env("XDG_RUNTIME_DIR", runtime.path())
+        .output()
+        .expect("systemd-analyze (package systemd)");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.is_empty(), "{stderr}");
+
+    // Activation, for real: no portal runs until the call.
+    let daemon = Daemon::start();
+    let services = tempfile::tempdir().unwrap();
+    std::fs::write(
+        services
+            .path()
+            .join("org.freedesktop.portal.Watchq.service"),
+        activation.replace("/usr/libexec/watchq-portal", binary),
+    )
+    .unwrap();
+    let session = common::portal::SessionBus::with_services(services.path(), daemon.address());
+    let conn = session.connect().await;
+    let path = common::portal::host_session(&conn, std::collections::HashMap::new())
+        .await
+        .expect("the bus started the portal, which made a session");
+    assert!(
+        path.as_str()
+            .starts_with("/org/freedesktop/portal/watchq/session/"),
+        "{path}"
+    );
+}

@@ -21,6 +21,7 @@ use zbus::{MatchRule, MessageStream, Variant};
 
 use common::ext4::Ext4;
 use common::polkit::{pkaction, user, User};
+use common::scope::Scope;
 use common::*;
 use watchqd::client::{ManagerProxy, SubscriptionProxy};
 use watchqd::policy::{Answer, Authority, Polkit, WATCH_RULES};
@@ -163,6 +164,9 @@ async fn serve(
             let mut options = HashMap::new();
             if let Some(depth) = request["depth"].as_u64() {
                 options.insert("queue-depth", Variant::from(u32::try_from(depth).unwrap()));
+            }
+            if let Some(app_id) = request["app-id"].as_str() {
+                options.insert("app-id", Variant::from(app_id.to_owned()));
             }
             let result = manager.subscribe(options).await;
             if let Ok(path) = &result {
@@ -915,39 +919,6 @@ fn polkit_unreachable_fails_closed_and_decisions_last_for_the_connection() {
     assert_eq!(root.watch(0, "devices", 1, json!({})), "ok");
 }
 
-/// A fake Flatpak app: a cgroup named like Flatpak's scopes, moved into before the
-/// client speaks. Removed on drop.
-struct FlatpakScope {
-    dir: std::path::PathBuf,
-}
-
-impl FlatpakScope {
-    fn enter(app: &str, pid: u32) -> FlatpakScope {
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
-        let cgroup2 = mountinfo
-            .lines()
-            .find(|l| l.contains(" - cgroup2 "))
-            .and_then(|l| l.split_whitespace().nth(4))
-            .expect("a cgroup2 mount");
-        let dir = std::path::PathBuf::from(cgroup2)
-            .join(format!("watchq-test-{}.slice", std::process::id()))
-            .join(format!("app-flatpak-{app}-{pid}.scope"));
-        std::fs::create_dir_all(&dir).expect("create cgroup");
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).expect("move into cgroup");
-        FlatpakScope { dir }
-    }
-}
-
-impl Drop for FlatpakScope {
-    fn drop(&mut self) {
-        // The client is gone by now (dropped first); an empty cgroup can be removed.
-        let _ = std::fs::remove_dir(&self.dir);
-        if let Some(parent) = self.dir.parent() {
-            let _ = std::fs::remove_dir(parent);
-        }
-    }
-}
-
 fn flatpak_root(app: &str) -> tempfile::TempDir {
     let dir = tempfile::Builder::new()
         .prefix("watchq-flatpak-")
@@ -980,19 +951,19 @@ fn flatpak_apps_are_refused_with_the_portal_error() {
     let root_dir = flatpak_root(app);
     let mut chrooted = Client::spawn(&daemon, As::FlatpakChroot(&alice, root_dir.path()));
     let mut scoped = Client::spawn(&daemon, As::User(&alice));
-    let _scope = FlatpakScope::enter(app, scoped.pid());
+    let _scope = Scope::enter(&format!("app-flatpak-{app}"), scoped.pid());
     let both_dir = flatpak_root(app);
     let mut both = Client::spawn(&daemon, As::FlatpakChroot(&alice, both_dir.path()));
-    let _both_scope = FlatpakScope::enter(app, both.pid());
+    let _both_scope = Scope::enter(&format!("app-flatpak-{app}"), both.pid());
     let mut root_app = Client::spawn(&daemon, As::Root);
-    let _root_scope = FlatpakScope::enter(app, root_app.pid());
+    let _root_scope = Scope::enter(&format!("app-flatpak-{app}"), root_app.pid());
 
     for client in [&mut chrooted, &mut scoped, &mut both, &mut root_app] {
         let answer = client.ask(json!({"op": "subscribe"}));
         assert_eq!(answer["err"], SANDBOXED, "{answer}");
         let message = answer["message"].as_str().unwrap();
         assert!(
-            message.contains("org.watchq1.Portal") && message.contains(app),
+            message.contains("org.freedesktop.portal.Watchq") && message.contains(app),
             "{message}"
         );
         let answer = client.ask(json!({"op": "manager-snapshot", "source": "devices"}));
@@ -1009,6 +980,24 @@ fn flatpak_apps_are_refused_with_the_portal_error() {
     permitted.subscribe();
     assert_eq!(permitted.watch(0, "devices", 1, json!({})), "ok");
     assert_eq!(permitted.watch(0, "block-errors", 2, json!({})), DENIED);
+
+    // `app-id` in Subscribe's options is what the caller says of itself: it decides
+    // nothing. Another app naming the permitted one is still refused; the permitted app
+    // naming another is still let through; either way the log records the claim.
+    let other = "org.watchq.OtherApp";
+    let other_dir = flatpak_root(other);
+    let mut impostor = Client::spawn(&daemon, As::FlatpakChroot(&alice, other_dir.path()));
+    let answer = impostor.ask(json!({"op": "subscribe", "app-id": app}));
+    assert_eq!(answer["err"], SANDBOXED, "{answer}");
+    let answer = permitted.ask(json!({"op": "subscribe", "app-id": other}));
+    assert!(answer["ok"].is_string(), "{answer}");
+    let log = daemon.log_text();
+    assert_eq!(
+        log.matches("subscribing for an application").count(),
+        1,
+        "one subscription was made with an app-id: {log}"
+    );
+    assert!(log.contains(other), "{log}");
 }
 
 /// Each limit gives LimitExceeded and changes nothing for anyone else.

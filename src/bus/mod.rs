@@ -166,8 +166,10 @@ impl Service {
         sender: &UniqueName<'_>,
         options: &HashMap<String, OwnedVariant>,
     ) -> Result<(crate::dispatch::Subscribed, u32), BusError> {
-        let depth = subscribe_options(options)?;
+        let SubscribeOptions { depth, app_id } = subscribe_options(options)?;
         let identity = self.identity(sender).await?;
+        // The app id is what a caller says of itself (the portal, for the app it serves):
+        // it goes to the log for people to read, and never into a decision.
         self.authorizer.subscribe(&identity)?;
         tracing::debug!(
             owner = %sender,
@@ -179,7 +181,17 @@ impl Service {
             "caller identified"
         );
         let uid = identity.uid;
-        Ok((self.hub.subscribe(identity, depth)?, uid))
+        let subscribed = self.hub.subscribe(identity, depth)?;
+        if let Some(app_id) = app_id {
+            tracing::info!(
+                subscription = subscribed.id,
+                owner = %sender,
+                uid,
+                app_id,
+                "subscribing for an application (as the caller says; decides nothing)"
+            );
+        }
+        Ok((subscribed, uid))
     }
 
     /// The owner may have left before [`Service::reap_departed`] could see it go.
@@ -244,30 +256,61 @@ impl Service {
     }
 }
 
-/// Reads `Subscribe`'s options: only `queue-depth` (u) so far, whose range the hub
-/// checks. Public so that the fuzzer runs exactly what the daemon runs.
+/// `Subscribe`'s options as read.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SubscribeOptions {
+    /// `queue-depth` (u), whose range the hub checks.
+    pub depth: Option<usize>,
+    /// `app-id` (s): the application a portal subscribes for, as the portal established
+    /// it. Logged only: any caller can write any string here, so no decision reads it.
+    pub app_id: Option<String>,
+}
+
+/// Reads `Subscribe`'s options: `queue-depth` (u) and `app-id` (s). Public so that the
+/// fuzzer runs exactly what the daemon runs.
 pub fn subscribe_options(
     options: &HashMap<String, OwnedVariant>,
-) -> Result<Option<usize>, BusError> {
-    let mut depth = None;
+) -> Result<SubscribeOptions, BusError> {
+    let mut read = SubscribeOptions::default();
     for (key, value) in options {
         match key.as_str() {
             "queue-depth" => {
-                let requested = u32::try_from(value.clone()).map_err(|_| {
-                    Error::InvalidArgument(format!(
-                        "option 'queue-depth' must be a u32 (D-Bus type 'u'), got '{}'",
-                        value.value_signature()
-                    ))
-                })?;
-                depth = Some(usize::try_from(requested).unwrap_or(usize::MAX));
+                let requested: u32 = typed_option(key, value, "a u32 (D-Bus type 'u')")?;
+                read.depth = Some(usize::try_from(requested).unwrap_or(usize::MAX));
+            }
+            "app-id" => {
+                let app_id: String = typed_option(key, value, "a string (D-Bus type 's')")?;
+                // Bounded like a bus name: it only ever lands in a log line.
+                if app_id.len() > 255 {
+                    return Err(Error::InvalidArgument(
+                        "option 'app-id' is longer than 255 bytes".to_owned(),
+                    )
+                    .into());
+                }
+                read.app_id = Some(app_id);
             }
             other => {
                 return Err(Error::InvalidArgument(format!(
-                    "unknown Subscribe option '{other}'; known: queue-depth"
+                    "unknown Subscribe option '{other}'; known: queue-depth, app-id"
                 ))
                 .into())
             }
         }
     }
-    Ok(depth)
+    Ok(read)
+}
+
+/// An option's value as `T`, or the error naming what it must be.
+fn typed_option<T: TryFrom<OwnedVariant>>(
+    key: &str,
+    value: &OwnedVariant,
+    must_be: &str,
+) -> Result<T, BusError> {
+    T::try_from(value.clone()).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "option '{key}' must be {must_be}, got '{}'",
+            value.value_signature()
+        ))
+        .into()
+    })
 }

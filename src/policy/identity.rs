@@ -150,20 +150,7 @@ pub fn parse_cgroup(text: &str) -> CgroupFacts {
 /// The app id in a `.flatpak-info` keyfile: `name` in `[Application]`, or `runtime` in
 /// `[Runtime]` for a bare runtime.
 pub fn parse_flatpak_info(text: &str) -> Option<String> {
-    let mut group = "";
-    for line in text.lines().map(str::trim) {
-        if let Some(g) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
-            group = g;
-        } else if let Some((key, value)) = line.split_once('=') {
-            match (group, key.trim()) {
-                ("Application", "name") | ("Runtime", "runtime") => {
-                    return Some(value.trim().to_owned())
-                }
-                _ => {}
-            }
-        }
-    }
-    None
+    super::flatpak_info::FlatpakInfo::parse(text).ok()?.app_id
 }
 
 /// An LSM label as the kernel prints it: trailing NUL and newline removed, and the
@@ -179,7 +166,7 @@ pub fn parse_label(raw: &[u8]) -> Option<String> {
 }
 
 /// The snap a `snap.<name>.<app>` AppArmor label belongs to.
-fn snap_of_label(label: &str) -> Option<String> {
+pub fn snap_of_label(label: &str) -> Option<String> {
     label
         .strip_prefix("snap.")
         .and_then(|rest| rest.split('.').next())

@@ -16,6 +16,7 @@
 //! made here, and the hub takes no watch without one.
 
 pub mod authority;
+pub mod flatpak_info;
 pub mod identity;
 
 use crate::error::Error;
@@ -25,8 +26,9 @@ use crate::glob::Pattern;
 pub use authority::{Answer, Authority, Authorizer, Polkit};
 pub use identity::{Identity, Sandbox, SandboxKind};
 
-/// The session-bus service sandboxed applications are sent to (a later issue builds it).
-pub const PORTAL_NAME: &str = "org.watchq1.Portal";
+/// The session-bus service sandboxed applications are sent to: `watchq-portal`
+/// (`src/portal/`), whose well-known name this is.
+pub const PORTAL_NAME: &str = "org.freedesktop.portal.Watchq";
 
 /// What part of a source a watch covers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]

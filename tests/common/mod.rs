@@ -7,8 +7,10 @@ pub mod ext4;
 pub mod lines;
 pub mod mounts;
 pub mod polkit;
+pub mod portal;
 pub mod private_bus;
 pub mod prometheus;
+pub mod scope;
 pub mod sources;
 
 use std::collections::{BTreeMap, HashMap};
