@@ -186,6 +186,19 @@ fn undeclared_apps_and_apps_the_store_refuses_get_not_allowed() {
     );
 }
 
+/// A sandbox whose `/.flatpak-info` is a FIFO (nobody writes to it) is refused as not
+/// a regular file, at once: opened without blocking, it cannot hold the portal, whose
+/// other apps' sessions go on being made.
+#[test]
+fn a_fifo_for_flatpak_info_is_refused_and_holds_nothing_up() {
+    let (_daemon, session, _portal) = bed();
+    let mut hostile = App::start_with_fifo_info(&session, "fifo");
+    refused_saying(&mut hostile, "not a regular file");
+    let mut host = App::start_waiting(&session, "after");
+    host.go();
+    assert!(answer(&mut host)["created"].is_string(), "{:?}", host.seen);
+}
+
 /// The app's CreateSession was refused with NotAllowed, the message saying `says`.
 fn refused_saying(app: &mut App, says: &str) {
     let answer = answer(app);

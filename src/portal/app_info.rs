@@ -151,9 +151,17 @@ fn read_flatpak_info(pid: u32) -> Result<Option<FlatpakInfo>, String> {
     )
     .map_err(|e| format!("{root_path}: {e}"))?;
     // Beneath the app's root, following no link: a sandbox could otherwise point its
-    // `.flatpak-info` at some other file the portal may read.
+    // `.flatpak-info` at some other file the portal may read. Without blocking: a FIFO
+    // there would otherwise hold the open, and the portal, until someone wrote to it
+    // (it is refused below as not a regular file).
     let how = OpenHow::new()
-        .flags(OFlag::O_RDONLY | OFlag::O_CLOEXEC | OFlag::O_NOCTTY | OFlag::O_NOFOLLOW)
+        .flags(
+            OFlag::O_RDONLY
+                | OFlag::O_CLOEXEC
+                | OFlag::O_NOCTTY
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK,
+        )
         .resolve(ResolveFlag::RESOLVE_NO_SYMLINKS | ResolveFlag::RESOLVE_BENEATH);
     let fd = match nix::fcntl::openat2(&root, ".flatpak-info", how) {
         Ok(fd) => fd,

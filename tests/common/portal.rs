@@ -351,8 +351,7 @@ impl App {
     /// Starts app `app_id` with `policy` appended to its `.flatpak-info` (a
     /// `[Policy watchq]` group, or nothing), and has it create a session named `token`.
     pub fn start(session: &SessionBus, app_id: &str, policy: &str, token: &str) -> App {
-        let user = session.user.as_ref();
-        let dir = owned_dir("watchq-app-", user);
+        let dir = owned_dir("watchq-app-", session.user.as_ref());
         let info = dir.path().join("flatpak-info");
         fs::write(
             &info,
@@ -362,6 +361,21 @@ impl App {
             ),
         )
         .expect("write .flatpak-info");
+        App::start_in(session, dir, &info, token)
+    }
+
+    /// A hostile sandbox whose `/.flatpak-info` is a FIFO nobody writes to.
+    pub fn start_with_fifo_info(session: &SessionBus, token: &str) -> App {
+        let dir = owned_dir("watchq-app-", session.user.as_ref());
+        let info = dir.path().join("flatpak-info");
+        nix::unistd::mkfifo(&info, nix::sys::stat::Mode::from_bits_truncate(0o644))
+            .expect("mkfifo");
+        App::start_in(session, dir, &info, token)
+    }
+
+    fn start_in(session: &SessionBus, dir: tempfile::TempDir, info: &Path, token: &str) -> App {
+        let user = session.user.as_ref();
+        let info = info.to_path_buf();
         let socket = dir.path().join("bus");
         // Flatpak's default session-bus filter: portals, and nothing else. The proxy's
         // sandbox sees the real bus socket; the app's sees only the proxy's.
