@@ -204,36 +204,47 @@ impl Task {
     }
 
     /// The snapshot as a batch of "add"s (after `Lost` when `lost`); returns the
-    /// subscription's sequence number it is valid at.
+    /// subscription's sequence number it is valid at. A loss numbered after the
+    /// snapshot, heard while it was taken, takes another (after another `Lost`).
     async fn resync(&mut self, sub: &mut Subscription, lost: bool) -> zbus::Result<u64> {
-        let (seq, objects, early) = snapshot(sub).await?;
-        if lost {
-            let emitter = unicast(&self.portal, super::PATH, &self.owner)?;
-            WatchqObject::lost(&emitter, ObjectPath::try_from(self.path.as_str())?).await?;
-        }
-        let offered = objects
-            .into_iter()
-            .filter_map(|(id, _, attributes, _)| {
-                let subsystem = attributes
-                    .get("subsystem")
-                    .and_then(|v| <&str>::try_from(&**v).ok())
-                    .unwrap_or_default()
-                    .to_owned();
-                let attributes = attributes.into_iter().collect();
-                devices::view(&subsystem, &attributes, false).map(|props| (id, props))
-            })
-            .collect();
-        let batch = self.known.resync(offered);
-        self.send(batch).await?;
-        // Events that came while the snapshot was taken: those numbered after it.
-        for message in early {
-            if let Some(Ok(event)) = client::event::<DeviceChanged>(&message) {
-                if event.seq > seq {
-                    self.forward(event).await?;
+        let mut lost = lost;
+        loop {
+            let (seq, objects, early) = snapshot(sub).await?;
+            if lost {
+                let emitter = unicast(&self.portal, super::PATH, &self.owner)?;
+                WatchqObject::lost(&emitter, ObjectPath::try_from(self.path.as_str())?).await?;
+            }
+            let offered = objects
+                .into_iter()
+                .filter_map(|(id, _, attributes, _)| {
+                    let subsystem = attributes
+                        .get("subsystem")
+                        .and_then(|v| <&str>::try_from(&**v).ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    let attributes = attributes.into_iter().collect();
+                    devices::view(&subsystem, &attributes, false).map(|props| (id, props))
+                })
+                .collect();
+            let batch = self.known.resync(offered);
+            self.send(batch).await?;
+            // Events that came while the snapshot was taken: those numbered after it.
+            let mut lost_since = false;
+            for message in early {
+                match client::event::<DeviceChanged>(&message) {
+                    Some(Ok(event)) if event.seq > seq => self.forward(event).await?,
+                    Some(_) => {}
+                    None if is_member(&message, "Lost") => {
+                        lost_since |= lost_seq(&message).is_none_or(|at| at > seq);
+                    }
+                    None => {}
                 }
             }
+            if !lost_since {
+                return Ok(seq);
+            }
+            lost = true;
         }
-        Ok(seq)
     }
 
     async fn send(&self, events: Vec<DeviceEvent>) -> zbus::Result<()> {
@@ -241,6 +252,14 @@ impl Task {
         WatchqObject::device_events(&emitter, ObjectPath::try_from(self.path.as_str())?, events)
             .await
     }
+}
+
+/// The sequence number a `Lost` signal carries (`seq`, `count`, `source`, `reason`).
+fn lost_seq(message: &zbus::Message) -> Option<u64> {
+    let body = message.body();
+    body.deserialize::<(u64, u64, &str, &str)>()
+        .ok()
+        .map(|(seq, ..)| seq)
 }
 
 fn is_member(message: &zbus::Message, member: &str) -> bool {
