@@ -1,0 +1,316 @@
+//! watchqd's label rules against a real security module: the full-OS guest booted with
+//! AppArmor (`lsm=apparmor`), enforcing, two test profiles loaded with `apparmor_parser`,
+//! and `watchqctl` run under them with `aa-exec` against the system bus's dbus-daemon,
+//! polkitd and the freshly built (debug) watchqd. One boot for the whole binary.
+//!
+//! What it shows (issue 21): the label is what the daemon sees (`watchqctl status` prints
+//! it, and every decision is logged with it at debug level); a `[[policy.rules]]` deny
+//! rule refuses a confined client even as root; a permit rule lets it through to polkit,
+//! which still says no to what the caller's uid may not watch; a subscriber whose label a
+//! reloaded rule denies loses its watch and gets none of the later events.
+//! Run with: `cargo test --test guest_lsm` (as root, after `tests/vm/setup-host`).
+
+#[path = "common/vm.rs"]
+mod vm;
+
+use vm::{ok, sh};
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+const STEP: Duration = Duration::from_secs(120);
+
+/// A profile that allows everything a bus client needs (and more), with `extra` rules.
+/// The test's profiles differ only by name, so that the rules below
+/// tell them apart by label alone.
+fn profile(name: &str, extra: &str) -> String {
+    format!(
+        "profile {name} flags=(enforce) {{
+  include <abstractions/base>
+{extra}  /usr/local/bin/watchqctl mrix,
+  /usr/local/bin/watchqd mr,
+  /** r,
+  /run/dbus/system_bus_socket rw,
+  unix,
+  dbus,
+  network unix,
+  signal,
+}}
+"
+    )
+}
+
+/// The profiles loaded into the guest.
+fn profiles() -> String {
+    [
+        "abi <abi/3.0>,\ninclude <tunables/global>\n".to_owned(),
+        profile("watchqd-test-denied", ""),
+        profile("watchqd-test-permitted", ""),
+    ]
+    .join("\n")
+}
+
+/// The configuration: the denied profile is refused everything (root too); the permitted
+/// one gets `permitted` (`verdict = "permit"`: on to polkit). The first matching rule
+/// decides.
+fn rules(permitted: &str) -> String {
+    format!(
+        r#"
+[policy]
+refuse_sandboxed = true
+
+[[policy.rules]]
+label = "watchqd-test-denied"
+verdict = "deny"
+
+[[policy.rules]]
+label = "watchqd-test-perm*"
+{permitted}
+"#
+    )
+}
+
+/// Waits (bounded) until `path` in the guest's directory holds `needle`; its text.
+fn wait_for_file(guest: &vm::Guest, name: &str, needle: &str) -> String {
+    let path = guest.dir().join(name);
+    let deadline = Instant::now() + STEP;
+    loop {
+        let text = fs::read_to_string(&path).unwrap_or_default();
+        if text.contains(needle) {
+            return text;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no '{needle}' in {name} within {STEP:?}:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Sets the guest up: binaries, bus policy, polkit actions, profiles, watchqd running.
+fn set_up(guest: &vm::Guest) {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let copies = [
+        (env!("CARGO_BIN_EXE_watchqd"), "watchqd"),
+        (env!("CARGO_BIN_EXE_watchqctl"), "watchqctl"),
+    ];
+    for (from, to) in copies {
+        fs::copy(from, guest.dir().join(to)).unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    }
+    for (from, to) in [
+        ("dbus/org.watchq1.conf", "org.watchq1.conf"),
+        ("polkit/org.watchq1.policy", "org.watchq1.policy"),
+    ] {
+        fs::copy(repo.join(from), guest.dir().join(to))
+            .unwrap_or_else(|e| panic!("copy {from}: {e}"));
+    }
+    fs::write(guest.dir().join("profiles"), profiles()).expect("write profiles");
+    fs::write(
+        guest.dir().join("watchqd.toml"),
+        rules("verdict = \"permit\""),
+    )
+    .expect("write watchqd.toml");
+    ok(
+        guest,
+        "install -m 0755 watchqd watchqctl /usr/local/bin/ && \
+         install -m 0644 org.watchq1.conf /usr/share/dbus-1/system.d/ && \
+         install -m 0644 org.watchq1.policy /usr/share/polkit-1/actions/ && \
+         systemctl reload dbus && \
+         install -m 0644 profiles /etc/apparmor.d/watchqd-test && \
+         apparmor_parser -r -W /etc/apparmor.d/watchqd-test",
+    );
+    let profiles = ok(
+        guest,
+        "aa-enabled && cat /sys/kernel/security/apparmor/profiles",
+    );
+    for name in [
+        "watchqd-test-denied (enforce)",
+        "watchqd-test-permitted (enforce)",
+    ] {
+        assert!(profiles.contains(name), "{name} not loaded:\n{profiles}");
+    }
+}
+
+/// `watchqctl ARGS` as `user` (root or alice) under the AppArmor profile `profile`.
+fn confined(user: &str, profile: &str, args: &str) -> String {
+    let inner = format!("aa-exec -p {profile} -- /usr/local/bin/watchqctl {args}");
+    if user == "root" {
+        inner
+    } else {
+        format!("su {user} -s /bin/sh -c '{inner}'")
+    }
+}
+
+#[test]
+fn apparmor_labels_decide() {
+    let start = Instant::now();
+    let guest = vm::Guest::boot(&vm::BootOptions::new().os().lsm("apparmor"))
+        .unwrap_or_else(|e| panic!("booting the full-OS guest with AppArmor: {e}"));
+    println!("boot → agent ready: {:.1} s", start.elapsed().as_secs_f64());
+    let lsm = ok(&guest, "cat /sys/kernel/security/lsm");
+    assert_eq!(lsm, "capability,apparmor", "active security modules");
+    set_up(&guest);
+
+    let _daemon = guest
+        .spawn(
+            &[
+                "sh",
+                "-c",
+                "echo $$ >daemon.pid; exec /usr/local/bin/watchqd --config watchqd.toml \
+                 --log-level debug >daemon.out 2>daemon.err",
+            ],
+            &[],
+        )
+        .expect("start watchqd");
+    ok(
+        &guest,
+        "for i in $(seq 600); do \
+           busctl --system status org.watchq1 >/dev/null 2>&1 && exit 0; sleep 0.1; \
+         done; cat daemon.err; exit 1",
+    );
+
+    // The label as the daemon sees it, for the caller's own connection.
+    let status = ok(
+        &guest,
+        &confined("root", "watchqd-test-denied", "status --json"),
+    );
+    let status: serde_json::Value = serde_json::from_str(status.trim())
+        .unwrap_or_else(|e| panic!("watchqctl status --json ({e}): {status}"));
+    assert_eq!(
+        status["caller"]["label"], "watchqd-test-denied",
+        "the caller as the daemon saw it: {status}"
+    );
+    assert_eq!(status["caller"]["uid"], "0", "{status}");
+    let text = ok(
+        &guest,
+        &confined("alice", "watchqd-test-permitted", "status"),
+    );
+    assert!(
+        text.contains("caller: uid 1000, security label watchqd-test-permitted"),
+        "watchqctl status as alice, confined:\n{text}"
+    );
+
+    // deny: refused even as root.
+    let denied = sh(
+        &guest,
+        // Bounded: a monitor let through would run until stopped.
+        &format!(
+            "timeout 60 {}",
+            confined("root", "watchqd-test-denied", "monitor --bus devices")
+        ),
+    );
+    assert!(
+        !denied.success() && denied.stderr.contains("denied to uid 0 by rule 1"),
+        "root under the denied profile: {denied}"
+    );
+    // permit: through to polkit, which lets alice watch devices but not block errors.
+    let refused = sh(
+        &guest,
+        &format!(
+            "timeout 60 {}",
+            confined(
+                "alice",
+                "watchqd-test-permitted",
+                "monitor --bus block-errors"
+            )
+        ),
+    );
+    assert!(
+        !refused.success() && refused.stderr.contains("org.watchq1.watch-block-errors"),
+        "alice under the permitted profile, block errors: {refused}"
+    );
+    let _monitor = guest
+        .spawn(
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "echo $$ >monitor.pid; exec {} >monitor.out 2>monitor.err",
+                    confined(
+                        "alice",
+                        "watchqd-test-permitted",
+                        "monitor --bus --json --match subsystem=block devices"
+                    )
+                ),
+            ],
+            &[],
+        )
+        .expect("start the permitted monitor");
+    // watchqctl says so on stderr once its watch is set.
+    wait_for_file(&guest, "monitor.err", "watching devices");
+    ok(
+        &guest,
+        "truncate -s 8M /var/tmp/a.img && losetup -f --show /var/tmp/a.img >loop-a",
+    );
+    let loop_a = fs::read_to_string(guest.dir().join("loop-a")).expect("loop-a");
+    let seen = wait_for_file(
+        &guest,
+        "monitor.out",
+        loop_a.trim().trim_start_matches("/dev/"),
+    );
+    println!("the permitted subscriber saw:\n{seen}");
+
+    // Every decision was logged at debug with the label.
+    let log = fs::read_to_string(guest.dir().join("daemon.err")).expect("daemon.err");
+    for (label, outcome) in [
+        ("watchqd-test-denied", "policy: refused"),
+        ("watchqd-test-permitted", "policy: allowed"),
+        ("watchqd-test-permitted", "policy: refused"),
+    ] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains(outcome) && l.contains(&format!("label=\"{label}\""))),
+            "no '{outcome}' logged with label {label}:\n{log}"
+        );
+    }
+
+    // A reloaded rule denies the permitted label the devices source: its watch ends,
+    // and the next device event never reaches it.
+    fs::write(
+        guest.dir().join("watchqd.toml"),
+        // After the reload: the permitted profile is denied the devices source.
+        rules("sources = [\"devices\"]\nverdict = \"deny\""),
+    )
+    .expect("rewrite watchqd.toml");
+    ok(&guest, "kill -HUP $(cat daemon.pid)");
+    wait_for_file(&guest, "monitor.out", "policy-changed");
+    ok(
+        &guest,
+        "truncate -s 8M /var/tmp/b.img && losetup -f --show /var/tmp/b.img >loop-b",
+    );
+    let loop_b = fs::read_to_string(guest.dir().join("loop-b")).expect("loop-b");
+    let loop_b = loop_b.trim().trim_start_matches("/dev/").to_owned();
+    // An unconfined root subscriber that receives loop-b's event proves it was published
+    // (after the reload): the denied subscriber's watch was gone by then.
+    let witness = ok(
+        &guest,
+        &format!(
+            "timeout 60 /usr/local/bin/watchqctl monitor --bus --json --match subsystem=block \
+               devices >witness.out 2>witness.err & \
+             for i in $(seq 600); do grep -q 'watching devices' witness.err && break; sleep 0.1; done; \
+             losetup -c /dev/{loop_b} && truncate -s 16M /var/tmp/b.img && losetup -c /dev/{loop_b}; \
+             for i in $(seq 600); do grep -q '{loop_b}' witness.out && break; sleep 0.1; done; \
+             cat witness.out"
+        ),
+    );
+    assert!(
+        witness.contains(&loop_b),
+        "the witness saw no {loop_b} event: {witness}"
+    );
+    let after = fs::read_to_string(guest.dir().join("monitor.out")).expect("monitor.out");
+    let removed = after.find("policy-changed").expect("WatchRemoved");
+    assert!(
+        !after[removed..].contains(&loop_b),
+        "a label-denied subscriber received an event of {loop_b}:\n{after}"
+    );
+    // su waits for its command; systemd's shutdown would wait for su.
+    ok(
+        &guest,
+        "kill $(cat monitor.pid daemon.pid); \
+         for pid in $(cat monitor.pid daemon.pid); do \
+           while kill -0 $pid 2>/dev/null; do sleep 0.1; done; \
+         done",
+    );
+    guest.shutdown().expect("guest shutdown");
+    println!("whole test: {:.1} s", start.elapsed().as_secs_f64());
+}
