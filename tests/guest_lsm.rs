@@ -7,7 +7,9 @@
 //! it, and every decision is logged with it at debug level); a `[[policy.rules]]` deny
 //! rule refuses a confined client even as root; a permit rule lets it through to polkit,
 //! which still says no to what the caller's uid may not watch; a subscriber whose label a
-//! reloaded rule denies loses its watch and gets none of the later events.
+//! reloaded rule denies loses its watch and gets none of the later events; a key watch is
+//! set by the daemon's helper running under the subscriber's profile (the profile's audit
+//! rule records it there).
 //! Run with: `cargo test --test guest_lsm` (as root, after `tests/vm/setup-host`).
 
 #[path = "common/vm.rs"]
@@ -21,7 +23,7 @@ use std::time::{Duration, Instant};
 const STEP: Duration = Duration::from_secs(120);
 
 /// A profile that allows everything a bus client needs (and more), with `extra` rules.
-/// The test's profiles differ only by name, so that the rules below
+/// The test's profiles differ only by name (and an audit rule), so that the rules below
 /// tell them apart by label alone.
 fn profile(name: &str, extra: &str) -> String {
     format!(
@@ -45,7 +47,9 @@ fn profiles() -> String {
     [
         "abi <abi/3.0>,\ninclude <tunables/global>\n".to_owned(),
         profile("watchqd-test-denied", ""),
-        profile("watchqd-test-permitted", ""),
+        // Logged for every process under this profile that starts through ld.so: who ran
+        // under it (comm) shows in the kernel's audit records.
+        profile("watchqd-test-permitted", "  audit /etc/ld.so.cache r,\n"),
     ]
     .join("\n")
 }
@@ -264,6 +268,35 @@ fn apparmor_labels_decide() {
         );
     }
 
+    // Key watches are set by a helper (the daemon's binary, run again) under the
+    // subscriber's label: the profile's audit rule records it running there.
+    let _keys = guest
+        .spawn(
+            &[
+                "sh",
+                "-c",
+                &format!(
+                    "echo $$ >keys.pid; exec {} >keys.out 2>keys.err",
+                    confined("alice", "watchqd-test-permitted", "monitor --bus keys")
+                ),
+            ],
+            &[],
+        )
+        .expect("start the permitted key monitor");
+    wait_for_file(&guest, "keys.err", "watching keys");
+    let audit = ok(
+        &guest,
+        "{ dmesg; journalctl -b --no-pager -o cat; } | grep 'apparmor=\"AUDIT\"' || true",
+    );
+    let helper_under_label = |line: &&str| {
+        line.contains("profile=\"watchqd-test-permitted\"") && line.contains("comm=\"watchqd\"")
+    };
+    assert!(
+        audit.lines().any(|line| helper_under_label(&line)),
+        "no audit record of the key watch helper (comm watchqd) under \
+         watchqd-test-permitted:\n{audit}"
+    );
+
     // A reloaded rule denies the permitted label the devices source: its watch ends,
     // and the next device event never reaches it.
     fs::write(
@@ -306,8 +339,8 @@ fn apparmor_labels_decide() {
     // su waits for its command; systemd's shutdown would wait for su.
     ok(
         &guest,
-        "kill $(cat monitor.pid daemon.pid); \
-         for pid in $(cat monitor.pid daemon.pid); do \
+        "kill $(cat monitor.pid keys.pid daemon.pid); \
+         for pid in $(cat monitor.pid keys.pid daemon.pid); do \
            while kill -0 $pid 2>/dev/null; do sleep 0.1; done; \
          done",
     );
