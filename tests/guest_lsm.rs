@@ -9,7 +9,9 @@
 //! which still says no to what the caller's uid may not watch; a subscriber whose label a
 //! reloaded rule denies loses its watch and gets none of the later events; a key watch is
 //! set by the daemon's helper running under the subscriber's profile (the profile's audit
-//! rule records it there).
+//! rule records it there). With SELinux (enforcing, a test policy module): a subscriber in
+//! a domain denied `key { view }` on a key is refused its watch, the same subscriber in
+//! `unconfined_t` is allowed.
 //! Run with: `cargo test --test guest_lsm` (as root, after `tests/vm/setup-host`).
 
 #[path = "common/vm.rs"]
@@ -168,6 +170,33 @@ fn confined(user: &str, profile: &str, args: &str) -> String {
         format!("su {user} -s /bin/sh -c '{inner}'")
     }
 }
+
+/// A test domain for SELinux: `watchqd_test_t` is unconfined (it may do what
+/// `unconfined_t` may) except that it may not view keys labelled `watchqd_key_t` (not a
+/// `domain`, so unconfined's key rules do not cover it), the label of keys created in that
+/// permissive domain; `unconfined_t` may. The agent's `initrc_t` is made permissive so that it keeps its 9p
+/// directory when the guest enforces.
+const SELINUX_MODULE: &str = "
+(type watchqd_test_t)
+(roletype system_r watchqd_test_t)
+(typeattributeset domain (watchqd_test_t))
+(typeattributeset unconfined_domain_type (watchqd_test_t))
+(typeattributeset kern_unconfined (watchqd_test_t))
+(typeattributeset files_unconfined_type (watchqd_test_t))
+(typeattributeset filesystem_unconfined_type (watchqd_test_t))
+(typeattributeset devices_unconfined_type (watchqd_test_t))
+(typeattributeset corenet_unconfined_type (watchqd_test_t))
+(typeattributeset dbusd_unconfined (watchqd_test_t))
+(typeattributeset process_uncond_exempt (watchqd_test_t))
+(allow watchqd_test_t bin_t (file (entrypoint execute read open getattr map)))
+(type watchqd_key_t)
+(roletype system_r watchqd_key_t)
+(typepermissive watchqd_key_t)
+(allow watchqd_key_t bin_t (file (entrypoint execute read open getattr map)))
+(allow unconfined_t watchqd_key_t (key (view read search)))
+(allow unconfined_t bin_t (file (entrypoint)))
+(typepermissive initrc_t)
+";
 
 /// The full-OS guest with the security module `lsm` active.
 fn boot(lsm: &str) -> vm::Guest {
@@ -366,11 +395,14 @@ fn apparmor_labels_decide() {
 }
 
 /// The full-OS guest with SELinux: Debian's reference policy loaded, the image labelled at
-/// build (permissive at boot; the issue's enforcing key test needs a policy module for the
-/// agent's 9p directory and a test domain, not written yet). What the bus reports as a
-/// client's LinuxSecurityLabel is the label watchqd sees and `watchqctl status` prints.
+/// build. What the bus reports as a client's LinuxSecurityLabel is the label watchqd sees
+/// and `watchqctl status` prints. Then enforcing, with [`SELINUX_MODULE`]: alice in
+/// `watchqd_test_t` is refused the watch of her own key labelled `watchqd_key_t` (the
+/// helper ran in her domain and the kernel's `key { view }` check said no), alice in
+/// `unconfined_t` is allowed. The daemon runs in the agent's `initrc_t`, which the module
+/// makes permissive: without the transition the helper's check passes there.
 #[test]
-fn selinux_labels_reach_the_daemon() {
+fn selinux_labels_and_key_watches() {
     let start = Instant::now();
     let guest = boot("selinux");
     let facts = ok(
@@ -398,6 +430,53 @@ fn selinux_labels_reach_the_daemon() {
         status["caller"]["label"],
         own.as_str(),
         "the caller as the daemon saw it: {status}"
+    );
+    // Enforcing, with a test domain that may not view keys labelled watchqd_key_t.
+    fs::write(guest.dir().join("watchqd_test.cil"), SELINUX_MODULE).expect("write the module");
+    ok(
+        &guest,
+        "semodule -i watchqd_test.cil && setenforce 1 && getenforce",
+    );
+    let key = ok(
+        &guest,
+        "setpriv --reuid 1000 --regid 1000 --init-groups \
+           runcon -t watchqd_key_t keyctl add user watchqd-test secret @u",
+    );
+    let key = key.trim();
+    // alice's `watchqctl monitor keys` in `domain`: its first line (an error, or the
+    // "watching" note once the watch is set). In /run: enforcing, no new file can be made
+    // in the unlabelled 9p directory.
+    let as_alice = |domain: &str| {
+        ok(
+            &guest,
+            &format!(
+                "setpriv --reuid 1000 --regid 1000 --init-groups runcon -t {domain} \
+                   /usr/local/bin/watchqctl monitor --bus keys --match serial={key} \
+                   >/run/{domain}.out 2>&1 & pid=$!; \
+                 for i in $(seq 600); do [ -s /run/{domain}.out ] && break; sleep 0.1; done; \
+                 kill $pid 2>/dev/null; head -n 1 /run/{domain}.out"
+            ),
+        )
+    };
+    let confined = as_alice("watchqd_test_t");
+    let unconfined = as_alice("unconfined_t");
+    let avc = sh(
+        &guest,
+        "journalctl -b --no-pager -o cat | grep 'avc: .*tclass=key'",
+    );
+    println!(
+        "watchqd_test_t: {confined}unconfined_t: {unconfined}{}",
+        avc.stdout
+    );
+    assert!(
+        confined.contains("the kernel refused KEYCTL_WATCH_KEY"),
+        "alice in watchqd_test_t watching key {key}: {confined}\n{}",
+        avc.stdout
+    );
+    assert!(
+        unconfined.starts_with("watching keys"),
+        "alice in unconfined_t watching key {key}: {unconfined}\n{}",
+        avc.stdout
     );
     ok(
         &guest,
