@@ -77,7 +77,12 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
     let version = manager.version().await.map_err(|e| describe(&e))?;
     let sources = manager.sources().await.map_err(|e| describe(&e))?;
     let counters = manager.counters().await.map_err(|e| describe(&e))?;
-    let me = manager.caller().await.map_err(|e| describe(&e))?;
+    // A daemon older than Caller (or a bus policy without it) still gets a status.
+    let me = manager
+        .caller()
+        .await
+        .map_err(|e| describe(&e))
+        .unwrap_or_else(|e| HashMap::from([("error".to_owned(), e)]));
     let label = me.get("label").map_or("none", String::as_str);
     let counters_of = |source: &str| -> Vec<(&str, u64)> {
         counters
@@ -102,10 +107,13 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
     }
     println!("watchqd {version}");
     // This connection as the daemon's policy sees it.
-    println!(
-        "  caller: uid {}, security label {label}",
-        me.get("uid").map_or("?", String::as_str)
-    );
+    match me.get("error") {
+        Some(error) => println!("  caller: unknown ({error})"),
+        None => println!(
+            "  caller: uid {}, security label {label}",
+            me.get("uid").map_or("?", String::as_str)
+        ),
+    }
     for source in sources {
         if source.available {
             println!(
