@@ -212,6 +212,41 @@ fn boot_run_poweroff_cycle() {
     );
 }
 
+/// The kernel has AppArmor and SELinux built in, exclusive, picked per boot: a default boot
+/// runs with neither (`lsm=capability`, the suite as it always ran), `.lsm(..)` enables one,
+/// and a process then has that module's label (`attr/current`).
+#[test]
+fn security_module_per_boot() {
+    let script = "cat /sys/kernel/security/lsm; echo; cat /proc/self/attr/current 2>&1 || true";
+    let boots: [(Option<&'static str>, &'static str, &'static str); 3] = [
+        (None, "capability\n", "Invalid argument"),
+        (Some("apparmor"), "capability,apparmor\n", "unconfined\n"),
+        (Some("selinux"), "capability,selinux\n", "kernel"),
+    ];
+    let guests: Vec<_> = boots
+        .into_iter()
+        .map(|(lsm, want_lsm, want_label)| {
+            std::thread::spawn(move || {
+                let mut options = vm::BootOptions::new();
+                if let Some(lsm) = lsm {
+                    options = options.lsm(lsm);
+                }
+                let guest = vm::Guest::boot(&options)
+                    .unwrap_or_else(|e| panic!("booting with lsm {lsm:?}: {e}"));
+                let out = guest.run(&["sh", "-c", script]).expect("run sh");
+                guest.shutdown().expect("guest shutdown");
+                assert!(out.success(), "{out}");
+                let (active, label) = out.stdout.split_once('\n').unwrap_or(("", ""));
+                assert_eq!(format!("{active}\n"), want_lsm, "lsm {lsm:?}: {out}");
+                assert!(label.contains(want_label), "lsm {lsm:?}: {out}");
+            })
+        })
+        .collect();
+    for guest in guests {
+        guest.join().expect("a boot's thread panicked");
+    }
+}
+
 #[test]
 fn qemu_failure_is_reported_with_its_log() {
     let err = vm::Guest::boot(&vm::BootOptions::new().device("no-such-device"))

@@ -9,6 +9,8 @@
 #[path = "common/vm.rs"]
 mod vm;
 
+use vm::{ok, sh};
+
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -24,20 +26,6 @@ fn boot(options: &vm::BootOptions) -> vm::Guest {
         vm::Guest::boot(options).unwrap_or_else(|e| panic!("booting the full-OS guest: {e}"));
     println!("boot → agent ready: {:.1} s", start.elapsed().as_secs_f64());
     guest
-}
-
-/// `sh -c SCRIPT` in the guest as root, whatever its status.
-fn sh(guest: &vm::Guest, script: &str) -> vm::Output {
-    guest
-        .run(&["sh", "-c", script])
-        .unwrap_or_else(|e| panic!("running '{script}' in the guest: {e}"))
-}
-
-/// `sh -c SCRIPT` in the guest as root; it must succeed. Returns its stdout.
-fn ok(guest: &vm::Guest, script: &str) -> String {
-    let out = sh(guest, script);
-    assert!(out.success(), "{out}");
-    out.stdout
 }
 
 /// `NAME=VALUE` lines (`systemctl show`) as a lookup.

@@ -1225,10 +1225,22 @@ async fn another_user_reads_aggregate_mount_counters_and_nothing_of_alices() {
         mounts["counters"]["users-throttled"].as_u64() >= Some(1),
         "bob sees that a throttle happened: {mounts}"
     );
+    // The sources' part says nothing of alice; the caller's part is bob himself, as the
+    // daemon sees him (Manager.Caller), and only him.
     assert_eq!(
-        tells(&status.to_string()),
+        tells(&status["sources"].to_string()),
         Vec::<String>::new(),
         "status as bob"
+    );
+    assert_eq!(
+        status["caller"]["uid"],
+        bob.uid.to_string(),
+        "status as bob: {status}"
+    );
+    assert_eq!(
+        tells(&status["caller"].to_string()),
+        vec!["a uid (uid)".to_owned()],
+        "status as bob: {status}"
     );
 
     let (ok, counters, err) = as_bob(

@@ -77,6 +77,13 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
     let version = manager.version().await.map_err(|e| describe(&e))?;
     let sources = manager.sources().await.map_err(|e| describe(&e))?;
     let counters = manager.counters().await.map_err(|e| describe(&e))?;
+    // A daemon older than Caller (or a bus policy without it) still gets a status.
+    let me = manager
+        .caller()
+        .await
+        .map_err(|e| describe(&e))
+        .unwrap_or_else(|e| HashMap::from([("error".to_owned(), e)]));
+    let label = me.get("label").map_or("none", String::as_str);
     let counters_of = |source: &str| -> Vec<(&str, u64)> {
         counters
             .iter()
@@ -87,6 +94,7 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
     if json {
         let value = serde_json::json!({
             "version": version,
+            "caller": me,
             "sources": sources.iter().map(|s| serde_json::json!({
                 "name": s.name, "available": s.available, "reason": s.reason, "subtypes": s.subtypes,
                 "counters": counters_of(&s.name).into_iter()
@@ -98,6 +106,14 @@ async fn status(manager: &ManagerProxy<'_>, json: bool) -> Result<(), String> {
         return Ok(());
     }
     println!("watchqd {version}");
+    // This connection as the daemon's policy sees it.
+    match me.get("error") {
+        Some(error) => println!("  caller: unknown ({error})"),
+        None => println!(
+            "  caller: uid {}, security label {label}",
+            me.get("uid").map_or("?", String::as_str)
+        ),
+    }
     for source in sources {
         if source.available {
             println!(

@@ -65,6 +65,32 @@ impl Manager {
         Ok((seq, objects.into_iter().map(SnapshotObject::from).collect()))
     }
 
+    /// The caller as watchqd sees it, what its policy decides on: from the bus
+    /// (GetConnectionCredentials) and the caller's process, never from the message. Keys
+    /// "uid", and where known "pid", "label" (the security label: SELinux context,
+    /// AppArmor profile), "unit", "session", "sandbox". Anyone may ask about themselves.
+    async fn caller(
+        &self,
+        #[zbus(header)] header: Header<'_>,
+    ) -> Result<HashMap<String, String>, BusError> {
+        let sender = super::sender(&header)?;
+        let identity = self.service.identity(sender).await?;
+        let mut out = HashMap::from([("uid".to_owned(), identity.uid.to_string())]);
+        let known = [
+            ("pid", identity.pid.map(|p| p.to_string())),
+            ("label", identity.label),
+            ("unit", identity.unit),
+            ("session", identity.session),
+            ("sandbox", identity.sandbox.map(|s| s.describe())),
+        ];
+        for (key, value) in known {
+            if let Some(value) = value {
+                out.insert(key.to_owned(), value);
+            }
+        }
+        Ok(out)
+    }
+
     /// The daemon's counters in Prometheus' text format, the text of the file it writes
     /// for node_exporter's textfile collector (`[metrics]`): events delivered and lost,
     /// errors seen, subscriptions, sources. Anyone may read it, as anyone may read that

@@ -51,6 +51,9 @@ pub trait Manager {
     ) -> zbus::Result<(OwnedObjectPath, zbus::OwnedFd)>;
     fn snapshot(&self, source: &str) -> zbus::Result<(u64, Vec<ReceivedObject>)>;
     fn metrics(&self) -> zbus::Result<String>;
+    /// The caller as the daemon sees it: "uid", and where known "pid", "label", "unit",
+    /// "session", "sandbox".
+    fn caller(&self) -> zbus::Result<HashMap<String, String>>;
     #[zbus(property)]
     fn version(&self) -> zbus::Result<String>;
     /// Read anew at each call: the daemon emits no change of it (a cached value would

@@ -149,16 +149,31 @@ impl Authorizer {
     /// May this caller subscribe (or use the Manager's snapshot)?
     pub fn subscribe(&self, caller: &Identity) -> Result<(), Error> {
         let request = Request::Subscribe;
-        match decide(&self.config(), caller, request) {
+        let result = match decide(&self.config(), caller, request) {
             Ok(_) => Ok(()),
             Err(denial) => Err(denial_error(caller, request, &denial)),
-        }
+        };
+        log_decision(caller, "subscribe", &result);
+        result
     }
 
     /// Authorizes a watch of `source` at `scope`, asking polkit when the table says so.
     /// `live` tells whether the caller's connection still holds state here; an answer is
     /// remembered only then (checked under the cache lock, see [`Authorizer::forget`]).
     pub async fn watch(
+        &self,
+        caller: &Identity,
+        source: &str,
+        scope: Scope,
+        live: impl Fn() -> bool,
+    ) -> Result<Grant, Error> {
+        let result = self.judge_watch(caller, source, scope, live).await;
+        let what = format!("watch {source} ({} scope)", scope.as_str());
+        log_decision(caller, &what, &result);
+        result
+    }
+
+    async fn judge_watch(
         &self,
         caller: &Identity,
         source: &str,
@@ -228,5 +243,21 @@ impl Authorizer {
     /// Cached decisions, for tests and status.
     pub fn cached(&self) -> usize {
         self.lock().cache.len()
+    }
+}
+
+/// Every decision at debug level, with the caller's security label as the daemon saw it
+/// (from the bus's `LinuxSecurityLabel`, else the process's `attr/current`).
+fn log_decision<T>(caller: &Identity, what: &str, result: &Result<T, Error>) {
+    let label = caller.label.as_deref().unwrap_or("");
+    match result {
+        Ok(_) => tracing::debug!(
+            caller = %caller.unique_name, uid = caller.uid, label, request = what,
+            "policy: allowed"
+        ),
+        Err(e) => tracing::debug!(
+            caller = %caller.unique_name, uid = caller.uid, label, request = what,
+            "policy: refused: {e}"
+        ),
     }
 }

@@ -185,6 +185,7 @@ pub fn blkdebug_blockdev(node_name: &str, image: &Path, sector: u64, errno: i32)
 pub struct BootOptions {
     hotplug: bool,
     os: bool,
+    lsm: Option<String>,
     qemu_args: Vec<String>,
 }
 
@@ -208,6 +209,14 @@ impl BootOptions {
         self
     }
 
+    /// Boot with this security module active (`lsm=` on the kernel command line: `apparmor`
+    /// or `selinux`; the kernel has both, exclusive). Without it the guest runs with none
+    /// (`lsm=capability`), as the suite always has.
+    pub fn lsm(mut self, lsm: &str) -> Self {
+        self.lsm = Some(lsm.into());
+        self
+    }
+
     /// Add a block node at boot (see [`raw_blockdev`], [`blkdebug_blockdev`]).
     pub fn blockdev(mut self, json: &Value) -> Self {
         self.qemu_args.push("-blockdev".into());
@@ -227,6 +236,20 @@ impl BootOptions {
         self.qemu_args.push(arg.into());
         self
     }
+}
+
+/// `sh -c SCRIPT` in the guest as root, whatever its status; panics when it cannot run.
+pub fn sh(guest: &Guest, script: &str) -> Output {
+    guest
+        .run(&["sh", "-c", script])
+        .unwrap_or_else(|e| panic!("running '{script}' in the guest: {e}"))
+}
+
+/// `sh -c SCRIPT` in the guest as root; it must succeed. Returns its stdout.
+pub fn ok(guest: &Guest, script: &str) -> String {
+    let out = sh(guest, script);
+    assert!(out.success(), "{out}");
+    out.stdout
 }
 
 /// The result of a command run in the guest.
@@ -377,6 +400,9 @@ impl Guest {
         }
         if let Some(image) = &os_image {
             cmd.arg("--os-image").arg(image);
+        }
+        if let Some(lsm) = &options.lsm {
+            cmd.arg("--lsm").arg(lsm);
         }
         for arg in &options.qemu_args {
             cmd.arg("--qemu-arg").arg(arg);

@@ -11,9 +11,15 @@
 //! daemon forking. It first joins a new anonymous session keyring, so it does not possess
 //! the daemon's keyrings (possession would grant more than the subscriber has).
 //!
-//! Protocol: arguments `--keys-helper OP UID GID GROUPS TARGET` where OP is `watch` or
+//! The helper also takes the subscriber's security label (SELinux context, AppArmor
+//! profile), so that the kernel's `watch_key` security hook judges the subscriber too: after
+//! dropping to its credentials it sets that label for its next exec and executes itself
+//! once more ([`super::label`]). When the label cannot be taken the watch is refused.
+//!
+//! Protocol: arguments `--keys-helper OP UID GID GROUPS TARGET LABEL` where OP is `watch` or
 //! `unwatch`, GROUPS a comma-separated list (possibly empty), TARGET `user`, `persistent`
-//! or a serial. One JSON line on stdout: `{"serial", "description", "outcome"}` (outcome
+//! or a serial, LABEL `-` (none to take), `label:TEXT` (take it), or `taken` (the second
+//! run, already with the credentials and the label). One JSON line on stdout: `{"serial", "description", "outcome"}` (outcome
 //! `watched`, `shared` when this pipe already watched the key, `unwatched`), or
 //! `{"errno", "step", "message"}` with exit status 1.
 
@@ -73,6 +79,9 @@ pub struct Creds {
     pub uid: u32,
     pub gid: u32,
     pub groups: Vec<u32>,
+    /// The subscriber's security label, which the helper takes before it sets a watch
+    /// (see [`super::label`]).
+    pub label: Option<String>,
 }
 
 /// What a key's `KEYCTL_DESCRIBE` says: `type;uid;gid;perm;description`.
@@ -129,6 +138,12 @@ pub fn run(
         .try_clone()
         .map_err(|e| Error::Unavailable(format!("cannot pass the notification pipe: {e}")))?;
     let groups: Vec<String> = creds.groups.iter().map(u32::to_string).collect();
+    let own = super::label::own_label();
+    let label = creds
+        .label
+        .as_deref()
+        .filter(|label| super::label::needs_transition(Some(label), own.as_deref()));
+    let label_arg = label.map_or_else(|| "-".to_owned(), |label| format!("label:{label}"));
     let output = Command::new(exe)
         .arg(HELPER_ARG)
         .arg(op)
@@ -136,6 +151,7 @@ pub fn run(
         .arg(creds.gid.to_string())
         .arg(groups.join(","))
         .arg(target.as_arg())
+        .arg(&label_arg)
         .env_clear()
         .stdin(Stdio::from(pipe))
         .stdout(Stdio::piped())
@@ -149,6 +165,15 @@ pub fn run(
         })?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     let answer: serde_json::Value = serde_json::from_str(stdout.trim()).map_err(|e| {
+        if let Some(label) = label {
+            // Killed in its exec under the label (the label's policy refused the binary).
+            return Error::AccessDenied(format!(
+                "the key watch helper could not run under your security label {label} \
+                 ({e}; status {}, stderr: {}); refusing the watch",
+                output.status,
+                String::from_utf8_lossy(&output.stderr).trim()
+            ));
+        }
         Error::Unavailable(format!(
             "the key watch helper gave no answer ({e}; status {}, stderr: {})",
             output.status,
@@ -164,6 +189,14 @@ pub fn run(
             creds.uid
         );
         let errno = i32::try_from(errno).unwrap_or(0);
+        if step.contains("security label") {
+            return Err(Error::AccessDenied(format!(
+                "the key watch helper cannot take your security label {} ({step}: {message}); \
+                 refusing the watch rather than setting it under the daemon's label (the \
+                 daemon's own domain must be allowed to change to it on exec; see the README)",
+                label.unwrap_or("?")
+            )));
+        }
         if step.starts_with("set") {
             return Err(Error::Unavailable(format!(
                 "the key watch helper cannot take uid {}'s credentials ({step}: {message}); \
@@ -237,6 +270,56 @@ fn describe(serial: i32) -> Result<String, i32> {
     Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
+/// Drops to the subscriber's uid, gid and groups.
+fn become_subscriber(uid: &str, gid: &str, groups: &str) -> Result<(), ExitCode> {
+    let parsed = (
+        uid.parse::<u32>(),
+        gid.parse::<u32>(),
+        groups
+            .split(',')
+            .filter(|g| !g.is_empty())
+            .map(str::parse::<u32>)
+            .collect::<Result<Vec<_>, _>>(),
+    );
+    let (Ok(uid), Ok(gid), Ok(groups)) = parsed else {
+        return Err(fail("arguments", libc::EINVAL));
+    };
+    let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw).collect();
+    if let Err(e) = nix::unistd::setgroups(&groups) {
+        return Err(fail("setgroups", e as i32));
+    }
+    let gid = Gid::from_raw(gid);
+    if let Err(e) = nix::unistd::setresgid(gid, gid, gid) {
+        return Err(fail("setresgid", e as i32));
+    }
+    let uid = Uid::from_raw(uid);
+    if let Err(e) = nix::unistd::setresuid(uid, uid, uid) {
+        return Err(fail("setresuid", e as i32));
+    }
+    Ok(())
+}
+
+/// Sets `label` for the next exec and executes this helper again, as `taken`. Returns
+/// only on failure.
+fn exec_under_label(label: &str, args: [&String; 5]) -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    if let Err(errno) = super::label::set_exec_label(label) {
+        return fail("setting the caller's security label for exec", errno);
+    }
+    // By its path, so that it keeps its name (comm) in the kernel's records.
+    let exe = std::env::current_exe().unwrap_or_else(|_| "/proc/self/exe".into());
+    let error = Command::new(exe)
+        .arg(HELPER_ARG)
+        .args(args)
+        .arg("taken")
+        .env_clear()
+        .exec();
+    fail(
+        "executing under the caller's security label",
+        error.raw_os_error().unwrap_or(libc::EIO),
+    )
+}
+
 fn fail(step: &str, errno: i32) -> ExitCode {
     let message = std::io::Error::from_raw_os_error(errno).to_string();
     println!(
@@ -250,34 +333,20 @@ fn fail(step: &str, errno: i32) -> ExitCode {
 /// The helper's `main`: `args` are what follows [`HELPER_ARG`]. Must run before the
 /// daemon starts any thread.
 pub fn helper_main(args: &[String]) -> ExitCode {
-    let [op, uid, gid, groups, target] = args else {
+    let [op, uid, gid, groups, target, label] = args else {
         return fail("arguments", libc::EINVAL);
     };
-    let parsed = (
-        uid.parse::<u32>(),
-        gid.parse::<u32>(),
-        groups
-            .split(',')
-            .filter(|g| !g.is_empty())
-            .map(str::parse::<u32>)
-            .collect::<Result<Vec<_>, _>>(),
-        Target::parse(target),
-    );
-    let (Ok(uid), Ok(gid), Ok(groups), Some(target)) = parsed else {
+    if label != "taken" {
+        if let Err(code) = become_subscriber(uid, gid, groups) {
+            return code;
+        }
+        if let Some(label) = label.strip_prefix("label:") {
+            return exec_under_label(label, [op, uid, gid, groups, target]);
+        }
+    }
+    let Some(target) = Target::parse(target) else {
         return fail("arguments", libc::EINVAL);
     };
-    let groups: Vec<Gid> = groups.into_iter().map(Gid::from_raw).collect();
-    if let Err(e) = nix::unistd::setgroups(&groups) {
-        return fail("setgroups", e as i32);
-    }
-    let gid = Gid::from_raw(gid);
-    if let Err(e) = nix::unistd::setresgid(gid, gid, gid) {
-        return fail("setresgid", e as i32);
-    }
-    let uid = Uid::from_raw(uid);
-    if let Err(e) = nix::unistd::setresuid(uid, uid, uid) {
-        return fail("setresuid", e as i32);
-    }
     // A new anonymous session keyring: stop possessing the daemon's.
     if let Err(errno) = keyctl(KEYCTL_JOIN_SESSION_KEYRING, 0, 0, 0) {
         return fail("joining a session keyring", errno);

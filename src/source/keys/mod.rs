@@ -48,6 +48,7 @@
 //! and description are included when known from a subscriber's own `KEYCTL_DESCRIBE`.
 
 pub mod helper;
+mod label;
 mod reader;
 mod request;
 pub mod signal;
@@ -336,7 +337,12 @@ fn creds_for(uid: u32, requester: Option<&Identity>) -> Creds {
             .map(|groups| groups.into_iter().map(|g| g.as_raw()).collect())
             .unwrap_or_default(),
     };
-    Creds { uid, gid, groups }
+    Creds {
+        uid,
+        gid,
+        groups,
+        label: None,
+    }
 }
 
 fn arm(
@@ -344,13 +350,16 @@ fn arm(
     request: KeyWatchRequest,
     requester: &Identity,
 ) -> Result<ArmedWatch, Error> {
-    let (creds, requester) = match request.uid {
+    let (mut creds, requester_uid) = match request.uid {
         Some(uid) => (creds_for(uid, None), None),
         None => (
             creds_for(requester.uid, Some(requester)),
             Some(requester.uid),
         ),
     };
+    // The kernel's security hook judges the helper by its label: the requester's.
+    creds.label = requester.label.clone();
+    let requester = requester_uid;
     let mut running_guard = lock(&shared.running);
     let running = running_guard
         .as_mut()
