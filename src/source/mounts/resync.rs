@@ -2,7 +2,7 @@
 //! the resync that ends a throttle or a kernel queue overflow (see the `budget` module).
 
 use super::budget::Counters;
-use super::reader::Reader;
+use super::reader::{reread_interval, Reader};
 use super::*;
 
 use std::time::Instant;
@@ -218,7 +218,14 @@ impl Reader {
                 ));
             }
             job::Outcome::Reread(records) => {
-                ns.last_reread = Some((Instant::now(), done.took));
+                let ended = Instant::now();
+                ns.last_reread = Some((ended, done.took));
+                // A `POLLPRI` during the job scheduled the next reread from the one before
+                // it, whose interval has passed: paced from this one instead (back to back,
+                // rereads took 3% of a paced churn's time in CI, against the 2% bound).
+                if let Some(due) = ns.reread_due.as_mut() {
+                    *due = (*due).max(ended + reread_interval(done.took));
+                }
                 counters.reread(done.cost);
                 self.pending
                     .extend(records.into_iter().map(|r| (SourceMsg::Record(r), None)));
