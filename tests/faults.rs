@@ -26,14 +26,7 @@ async fn a_forged_uevent_from_userspace_is_not_delivered() {
         .build()
         .await
         .expect("manager proxy");
-    let rejected = || async {
-        let counters = manager.counters().await.expect("Counters");
-        counters
-            .iter()
-            .find(|(source, name, _)| source == "devices" && name == "messages-rejected")
-            .map(|(_, _, n)| *n)
-            .unwrap_or_else(|| panic!("messages-rejected in {counters:?}"))
-    };
+    let rejected = || common::sources::counter(&manager, "devices", "messages-rejected");
     let rejected_before = rejected().await;
 
     // Root in the initial network namespace can multicast to the kernel's uevent group;

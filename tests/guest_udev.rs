@@ -146,7 +146,7 @@ mod inside {
     use watchqd::source::devices::udev_wire::string_hash32;
     use zbus::Variant;
 
-    use super::common::sources::source_info;
+    use super::common::sources::{counter, source_info};
     use super::common::*;
     use super::vm;
 
@@ -261,14 +261,7 @@ mod inside {
                 .build()
                 .await
                 .expect("manager proxy");
-            let received = || async {
-                let counters = manager.counters().await.expect("Counters");
-                counters
-                    .iter()
-                    .find(|(source, name, _)| source == "devices" && name == "messages-received")
-                    .map(|(_, _, n)| *n)
-                    .unwrap_or_else(|| panic!("messages-received in {counters:?}"))
-            };
+            let received = || counter(&manager, "devices", "messages-received");
             let mem = std::fs::read_dir("/sys/class/mem").map_or(0, Iterator::count);
             assert!(mem > 0, "no mem devices to trigger");
             let before = received().await;
